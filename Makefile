@@ -1,0 +1,65 @@
+# Keyway: the two commands a newcomer runs are `make demo` and `make test`.
+# Everything else here is a step of those two, or a convenience for developers.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The collection is importable as ansible_collections.keyway.ipsec through a
+# symlink to this checkout; nothing is installed by hand.
+COLLECTIONS := $(CURDIR)/.collections
+export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+export PYTHONPATH := $(COLLECTIONS)
+LAB_HOSTS ?= 4
+export KEYWAY_LAB_HOSTS := $(LAB_HOSTS)
+PYTEST_ARGS ?=
+
+.PHONY: help venv deps collection test test-host lint demo lab-up lab-down build clean
+
+help:
+	@echo "make demo      build the netns lab, run the site playbook, show the result"
+	@echo "make test      install what the tests need and run every tier"
+	@echo "make lab-down  remove the lab (namespaces, links, processes, files)"
+	@echo "make lint      ruff"
+	@echo "make build     ansible-galaxy collection build into build/"
+
+$(VENV)/.deps: pyproject.toml tools/pydeps.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $$($(PYTHON) tools/pydeps.py test)
+	touch $@
+
+venv: $(VENV)/.deps
+
+collection:
+	@mkdir -p $(COLLECTIONS)/ansible_collections/keyway
+	@ln -sfn $(CURDIR) $(COLLECTIONS)/ansible_collections/keyway/ipsec
+
+# Debian packages of the tiers that run on this host (tools/apt-deps.sh lists them).
+deps: venv collection
+	tools/apt-deps.sh host
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: deps lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: venv collection
+	$(PY) -m ansible_collections.keyway.ipsec.plugins.module_utils.lab up --hosts $(LAB_HOSTS)
+	$(VENV)/bin/ansible-playbook -i inventory/lab playbooks/site.yml
+	$(VENV)/bin/ansible-playbook -i inventory/lab playbooks/lab_status.yml
+
+lab-up: venv collection
+	$(PY) -m ansible_collections.keyway.ipsec.plugins.module_utils.lab up --hosts $(LAB_HOSTS)
+
+lab-down: venv collection
+	$(PY) -m ansible_collections.keyway.ipsec.plugins.module_utils.lab down
+
+build: venv
+	mkdir -p build
+	$(VENV)/bin/ansible-galaxy collection build --force --output-path build .
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache .hypothesis
