@@ -1,0 +1,1 @@
+"""Data planes: where Child SAs and policies live (kernel XFRM, userspace ESP, a fake)."""
