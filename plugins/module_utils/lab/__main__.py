@@ -51,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"lab {args.name}: not up")
                 return 1
             missing = set(plan.namespaces()) - existing_namespaces()
-            print(
-                f"lab {plan.name}: {'DEGRADED, missing ' + ', '.join(sorted(missing)) if missing else 'up'}"
-            )
+            health = f"DEGRADED, missing {', '.join(sorted(missing))}" if missing else "up"
+            print(f"lab {plan.name}: {health}")
             _print_hosts(plan)
     except LabError as exc:
         print(f"lab: error: {exc}", file=sys.stderr)

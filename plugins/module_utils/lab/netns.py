@@ -23,14 +23,32 @@ IP = shutil.which("ip", path="/usr/sbin:/sbin:/usr/bin:/bin") or "ip"
 STOP_GRACE_SECONDS = 5.0
 
 
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+
+
+def _effective_capabilities() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
 def require_privileges() -> None:
     """Raise LabError unless this process can create namespaces and links."""
-    if os.geteuid() != 0:
+    caps = _effective_capabilities()
+    missing = [
+        name
+        for name, bit in (("CAP_SYS_ADMIN", CAP_SYS_ADMIN), ("CAP_NET_ADMIN", CAP_NET_ADMIN))
+        if not caps & (1 << bit)
+    ]
+    if missing:
         raise LabError(
-            "the lab needs root (CAP_SYS_ADMIN for namespaces, CAP_NET_ADMIN for links); "
-            "run it as root, e.g. sudo make demo"
+            f"the lab needs root privileges ({' and '.join(missing)} missing: namespaces "
+            "take CAP_SYS_ADMIN, links CAP_NET_ADMIN); run it as root, e.g. sudo make demo"
         )
-    if not os.path.exists(IP) and shutil.which("ip") is None:
+    if not os.path.exists(IP):
         raise LabError("iproute2's `ip` command is missing: apt-get install iproute2")
 
 
@@ -225,6 +243,8 @@ def lab_down(name: str = DEFAULT_LAB, root: str = DEFAULT_ROOT) -> dict:
             _delete_namespace(netns)
             removed.append(netns)
     shutil.rmtree(Path(root) / name, ignore_errors=True)
+    with contextlib.suppress(OSError):  # the root folder goes with its last lab
+        Path(root).rmdir()
     return {"changed": True, "removed": removed}
 
 

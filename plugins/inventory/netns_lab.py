@@ -1,0 +1,88 @@
+# Copyright: Keyway developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Inventory of the netns lab: one host per lab namespace."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+name: netns_lab
+short_description: Hosts of Keyway's netns lab
+description:
+  - Lists the hosts of a Keyway lab (network namespaces on the controller, built by
+    C(make lab-up)) with their namespace, addresses, site subnets and per-host
+    config, state and run folders as host variables.
+  - The hosts come from the lab's state file when the lab is up, otherwise from the
+    lab plan for O(hosts) hosts (the same computation the lab builder uses).
+  - The inventory file name must end in C(netns_lab.yml) or C(netns_lab.yaml).
+author: Keyway developers
+version_added: 0.1.0
+options:
+  plugin:
+    description: The name of this plugin.
+    required: true
+    choices: [keyway.ipsec.netns_lab]
+  lab:
+    description: Name of the lab.
+    type: str
+    default: lab
+    env:
+      - name: KEYWAY_LAB_NAME
+  root:
+    description: Folder holding the lab's state and per-host folders.
+    type: path
+    default: /run/keyway-lab
+    env:
+      - name: KEYWAY_LAB_ROOT
+  hosts:
+    description: Number of hosts when the lab is not up yet.
+    type: int
+    default: 4
+    env:
+      - name: KEYWAY_LAB_HOSTS
+"""
+
+EXAMPLES = r"""
+# inventory/lab/lab.netns_lab.yml
+plugin: keyway.ipsec.netns_lab
+lab: lab
+"""
+
+from ansible.errors import AnsibleParserError
+from ansible.plugins.inventory import BaseInventoryPlugin
+
+from ansible_collections.keyway.ipsec.plugins.module_utils.lab.netns import lab_plan_of
+from ansible_collections.keyway.ipsec.plugins.module_utils.lab.plan import LabError, plan_lab
+
+
+class InventoryModule(BaseInventoryPlugin):
+    NAME = "keyway.ipsec.netns_lab"
+
+    def verify_file(self, path):
+        return super().verify_file(path) and path.endswith(("netns_lab.yml", "netns_lab.yaml"))
+
+    def parse(self, inventory, loader, path, cache=True):
+        super().parse(inventory, loader, path, cache)
+        self._read_config_data(path)
+        name, root = self.get_option("lab"), self.get_option("root")
+        try:
+            plan = lab_plan_of(name, root) or plan_lab(self.get_option("hosts"), name, root)
+        except LabError as exc:
+            raise AnsibleParserError(f"keyway.ipsec.netns_lab: {exc}") from exc
+        group = self.inventory.add_group("lab")
+        for host in plan.hosts:
+            self.inventory.add_host(host.name, group=group)
+            for key, value in {
+                "keyway_netns": host.netns,
+                "keyway_lab_name": plan.name,
+                "keyway_lab_index": host.index,
+                "keyway_lab_ipv4": host.ipv4,
+                "keyway_lab_ipv6": host.ipv6,
+                "keyway_lab_site4": host.site4,
+                "keyway_lab_site6": host.site6,
+                "keyway_lab_site4_address": host.site4_address,
+                "keyway_lab_site6_address": host.site6_address,
+                "keyway_config_dir": host.config_dir,
+                "keyway_state_dir": host.state_dir,
+                "keyway_run_dir": host.run_dir,
+            }.items():
+                self.inventory.set_variable(host.name, key, value)
