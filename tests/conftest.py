@@ -35,6 +35,7 @@ def _ensure_collection_path() -> None:
 _ensure_collection_path()
 
 from tests.fixtures.netns import netns_hosts  # noqa: F401  (a fixture for every tier)
+from tests.fixtures.strongswan import charon_factory  # noqa: F401
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

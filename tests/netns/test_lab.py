@@ -18,21 +18,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.lab.netns import (
 )
 from ansible_collections.keyway.ipsec.plugins.module_utils.lab.plan import LabError, plan_lab
 from tests.conftest import ROOT, require_root
-from tests.fixtures.netns import in_netns, unique_lab_name
-
-UDP_ECHO = """
-import socket, sys
-fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
-s = socket.socket(fam, socket.SOCK_DGRAM); s.bind((sys.argv[1], 7007))
-print('ready', flush=True)
-data, peer = s.recvfrom(100); s.sendto(data[::-1], peer)
-"""
-UDP_ASK = """
-import socket, sys
-fam = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET
-s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(5)
-s.sendto(b'keyway', (sys.argv[1], 7007)); print(s.recvfrom(100)[0].decode())
-"""
+from tests.fixtures.netns import in_netns, udp_exchange, unique_lab_name
 
 
 @pytest.fixture
@@ -50,28 +36,12 @@ def lab(tmp_path):
         lab_down(plans[0].name, str(tmp_path))
 
 
-def _udp_roundtrip(client_ns: str, server_ns: str, address: str) -> str:
-    server = subprocess.Popen(
-        ["ip", "netns", "exec", server_ns, sys.executable, "-c", UDP_ECHO, address],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout.readline().strip() == "ready"
-        reply = in_netns(client_ns, sys.executable, "-c", UDP_ASK, address, timeout=30)
-        assert reply.returncode == 0, reply.stderr
-        return reply.stdout.strip()
-    finally:
-        server.kill()
-        server.wait()
-
-
 def test_lab_hosts_reach_each_other_over_ipv4_and_ipv6(lab):
     plan, result = lab(3)
     assert result["changed"] and len(result["created"]) == 4  # switch + 3 hosts
     h1, _, h3 = plan.hosts
-    assert _udp_roundtrip(h1.netns, h3.netns, h3.ipv4) == "yawyek"
-    assert _udp_roundtrip(h3.netns, h1.netns, h1.ipv6) == "yawyek"
+    assert udp_exchange(h1.netns, h3.netns, h1.ipv4, h3.ipv4, b"keyway") == b"yawyek"
+    assert udp_exchange(h3.netns, h1.netns, h3.ipv6, h1.ipv6, b"keyway") == b"yawyek"
     addrs = in_netns(h1.netns, "ip", "-brief", "address", "show", "site0").stdout
     assert "10.1.0.1/24" in addrs and "fd00:1::1/64" in addrs
     for host in plan.hosts:
