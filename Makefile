@@ -15,7 +15,7 @@ LAB_HOSTS ?= 4
 export KEYWAY_LAB_HOSTS := $(LAB_HOSTS)
 PYTEST_ARGS ?=
 
-.PHONY: help venv deps collection test test-host lint demo lab-up lab-down build clean
+.PHONY: help venv deps collection test test-kernel lint demo lab-up lab-down build clean
 
 help:
 	@echo "make demo      build the netns lab, run the site playbook, show the result"
@@ -43,8 +43,16 @@ deps: venv collection
 lint: venv
 	$(VENV)/bin/ruff check .
 
+# Host tiers first (unit, netns, interop), then the kernel tier in one VM boot.
 test: deps lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not kernel" $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-kernel
+
+# The real-kernel tier: tools/vm-setup.sh fetches the kernel and virtme-ng, then the
+# guest runs tests/kernel in one pytest process; its exit code is the tier's result.
+test-kernel: venv collection
+	tools/vm-setup.sh
+	tools/vm_run.py --timeout 1800 -- python -m pytest -m kernel tests/kernel -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: venv collection
 	$(PY) -m ansible_collections.keyway.ipsec.plugins.module_utils.lab up --hosts $(LAB_HOSTS)
