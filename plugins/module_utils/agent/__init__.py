@@ -1,0 +1,1 @@
+"""keywayd: the keying agent (config, asyncio shell, control socket)."""

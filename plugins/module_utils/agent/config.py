@@ -1,0 +1,650 @@
+"""keywayd's configuration: YAML in, validated frozen dataclasses out.
+
+The file describes connections much as swanctl.conf does (strongSwan users should feel
+at home), in YAML:
+
+    dataplane: auto                      # kernel | userspace | auto
+    connections:
+      h1-h2:
+        local_addrs: [192.0.2.11]
+        remote_addrs: [192.0.2.12]
+        local: {id: h1.lab, auth: psk}
+        remote: {id: h2.lab, auth: psk}
+        psk_file: /etc/keyway/secrets/h1-h2.psk   # or psk: "...", file then 0600
+        proposals: [aes256gcm16-prfsha384-x25519]
+        rekey_time: 4h
+        children:
+          sites:
+            local_ts: [10.1.0.0/24]
+            remote_ts: [10.2.0.0/24]
+            esp_proposals: [aes256gcm16]
+            start_action: start
+
+The same parser serves the agent (load and reload) and the Ansible module that writes
+the file (validate before it replaces anything), so both agree on what is valid. Every
+problem found is reported with its path (`connections.h1-h2.children.sites.local_ts[0]`)
+in one ConfigError; a bad file never replaces a good running config. Secrets are held in
+`Secret`, whose repr and str never show the value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:  # PyYAML is a runtime dependency; the C loader is faster where built.
+    import yaml
+
+    _YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+except ImportError:  # pragma: no cover - reported when a file is actually loaded
+    yaml = None
+
+DATAPLANES = ("kernel", "userspace", "auto")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+AUTH_METHODS = ("psk", "pubkey")
+UNIQUE_POLICIES = ("no", "never", "keep", "replace")
+CHILD_MODES = ("tunnel", "transport", "pass", "drop")
+START_ACTIONS = ("none", "trap", "start")
+DPD_ACTIONS = ("clear", "trap", "restart")
+ENCAP_MODES = ("auto", "force", "no")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_DURATION = re.compile(r"^(\d+)\s*([smhd]?)$")
+_SIZE = re.compile(r"^(\d+)\s*([kKmMgGtT]?)$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MIN_PSK_LENGTH = 16
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `problems` lists (path, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]], source: str = "config"):
+        self.problems = problems
+        self.source = source
+        lines = [f"{path}: {message}" if path else message for path, message in problems]
+        super().__init__(f"{source}: {len(problems)} problem(s):\n  " + "\n  ".join(lines))
+
+
+class Secret:
+    """A secret value (PSK, key password) that never shows itself in logs or reprs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes):
+        self._value = value
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    id: str
+    auth: str = "psk"
+    certs: tuple[str, ...] = ()  # own certificate chain (pubkey), leaf first
+    key: str = ""  # private key file (pubkey)
+    cacerts: tuple[str, ...] = ()  # trust anchors for the peer (pubkey)
+
+
+@dataclass(frozen=True)
+class ChildConfig:
+    name: str
+    local_ts: tuple[str, ...]
+    remote_ts: tuple[str, ...]
+    mode: str = "tunnel"
+    esp_proposals: tuple[str, ...] = ("aes256gcm16",)
+    ah_proposals: tuple[str, ...] = ()
+    rekey_time: int = 3600
+    life_time: int = 0  # 0: rekey_time + 10%
+    rand_time: int = -1  # -1: life_time - rekey_time
+    rekey_bytes: int = 0
+    life_bytes: int = 0
+    rekey_packets: int = 0
+    life_packets: int = 0
+    start_action: str = "none"
+    close_action: str = "none"
+    dpd_action: str = "clear"
+    replay_window: int = 128
+    updown: str = ""
+
+    @property
+    def protocol(self) -> str:
+        return "ah" if self.ah_proposals else "esp"
+
+
+@dataclass(frozen=True)
+class ConnectionConfig:
+    name: str
+    local_addrs: tuple[str, ...]
+    remote_addrs: tuple[str, ...]
+    local: AuthConfig
+    remote: AuthConfig
+    children: tuple[ChildConfig, ...]
+    psk: Secret | None = field(default=None, repr=False)
+    version: int = 2
+    local_port: int = 500
+    remote_port: int = 500
+    proposals: tuple[str, ...] = ("aes256gcm16-prfsha384-x25519",)
+    encap: str = "auto"
+    dpd_delay: int = 30
+    dpd_timeout: int = 150
+    rekey_time: int = 14400
+    reauth_time: int = 0
+    over_time: int = 0  # 0: 10% of the larger of rekey_time and reauth_time
+    rand_time: int = -1  # -1: over_time
+    keyingtries: int = 1  # 0: forever
+    unique: str = "no"
+    if_id_in: int = 0
+    if_id_out: int = 0
+    mark_in: tuple[int, int] | None = None
+    mark_out: tuple[int, int] | None = None
+    allow_weak: bool = False
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    connections: tuple[ConnectionConfig, ...] = ()
+    dataplane: str = "auto"
+    log_level: str = "info"
+    control_socket: str = "/run/keyway/keywayd.sock"
+    state_dir: str = "/var/lib/keyway"
+    ike_port: int = 500
+    nat_t_port: int = 4500
+    half_open_cookie_threshold: int = 100
+    fragment_size: int = 1280
+
+    def connection(self, name: str) -> ConnectionConfig:
+        for conn in self.connections:
+            if conn.name == name:
+                return conn
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class ConfigChanges:
+    """What a reload changes: by connection name."""
+
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+    unchanged: tuple[str, ...]
+
+
+def diff_configs(old: AgentConfig, new: AgentConfig) -> ConfigChanges:
+    """Connections added, removed, changed and unchanged from `old` to `new` (a reload
+    leaves the unchanged ones and their SAs alone)."""
+    before = {c.name: c for c in old.connections}
+    after = {c.name: c for c in new.connections}
+    return ConfigChanges(
+        added=tuple(sorted(after.keys() - before.keys())),
+        removed=tuple(sorted(before.keys() - after.keys())),
+        changed=tuple(sorted(n for n in before.keys() & after.keys() if before[n] != after[n])),
+        unchanged=tuple(sorted(n for n in before.keys() & after.keys() if before[n] == after[n])),
+    )
+
+
+# A hook for proposal validation: (proposal string, "ike" | "esp" | "ah", allow_weak)
+# -> None, raising ValueError with the reason. The IKE layer registers its parser.
+ProposalValidator = Callable[[str, str, bool], None]
+
+
+def _default_proposal_validator(text: str, kind: str, allow_weak: bool) -> None:
+    from ..ike.proposals import parse_proposal_string  # imported late: no cycle
+
+    parse_proposal_string(text, kind, allow_weak=allow_weak)
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+class _Reader:
+    """Walks the raw YAML, collecting problems with their paths instead of stopping."""
+
+    def __init__(self, validate_proposal: ProposalValidator, base_dir: Path):
+        self.problems: list[tuple[str, str]] = []
+        self.validate_proposal = validate_proposal
+        self.base_dir = base_dir
+
+    def problem(self, path: str, message: str) -> None:
+        self.problems.append((path, message))
+
+    def mapping(self, raw: Any, path: str, known: set[str]) -> dict:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.problem(path, f"must be a mapping, got {type(raw).__name__}")
+            return {}
+        for key in raw:
+            if not isinstance(key, str) or key not in known:
+                close = sorted(known)
+                self.problem(
+                    _join(path, key),
+                    f"unknown key (known: {', '.join(close)})",
+                )
+        return raw
+
+    def choice(self, raw: dict, key: str, path: str, choices: tuple[str, ...], default: str) -> str:
+        value = raw.get(key, default)
+        if isinstance(value, bool):  # YAML reads bare no/yes as booleans
+            value = "yes" if value else "no"
+        if value not in choices:
+            self.problem(_join(path, key), f"{value!r} is not one of {', '.join(choices)}")
+            return default
+        return value
+
+    def integer(self, raw: dict, key: str, path: str, default: int, lo: int, hi: int) -> int:
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            self.problem(_join(path, key), f"{value!r} must be an integer from {lo} to {hi}")
+            return default
+        return value
+
+    def boolean(self, raw: dict, key: str, path: str, default: bool) -> bool:
+        value = raw.get(key, default)
+        if not isinstance(value, bool):
+            self.problem(_join(path, key), f"{value!r} must be true or false")
+            return default
+        return value
+
+    def _scaled(self, raw: dict, key: str, path: str, default: int, pattern, units, what) -> int:
+        value = raw.get(key, default)
+        if isinstance(value, bool):
+            self.problem(_join(path, key), f"{value!r} is not a {what}")
+            return default
+        if isinstance(value, int):
+            if value < 0:
+                self.problem(_join(path, key), f"{value!r} must not be negative")
+                return default
+            return value
+        match = pattern.match(str(value).strip())
+        if not match:
+            self.problem(_join(path, key), f"{value!r} is not a {what}")
+            return default
+        return int(match[1]) * units[match[2].lower()]
+
+    def duration(self, raw: dict, key: str, path: str, default: int) -> int:
+        return self._scaled(
+            raw,
+            key,
+            path,
+            default,
+            _DURATION,
+            _DURATION_UNITS,
+            "duration (seconds, or a number with s, m, h or d)",
+        )
+
+    def size(self, raw: dict, key: str, path: str, default: int) -> int:
+        return self._scaled(
+            raw,
+            key,
+            path,
+            default,
+            _SIZE,
+            _SIZE_UNITS,
+            "size (a number, optionally with k, M, G or T)",
+        )
+
+    def strings(self, raw: dict, key: str, path: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = raw.get(key, default)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            self.problem(_join(path, key), "must be a string or a list of strings")
+            return default
+        return tuple(value)
+
+    def addresses(self, raw: dict, key: str, path: str, required: bool) -> tuple[str, ...]:
+        values = self.strings(raw, key, path, ())
+        if required and not values and key in raw:
+            self.problem(_join(path, key), "must list at least one address")
+        elif required and key not in raw:
+            self.problem(_join(path, key), "is required")
+        for i, value in enumerate(values):
+            if value in ("%any", "%any4", "%any6"):
+                continue
+            try:
+                ipaddress.ip_address(value)
+            except ValueError:
+                self.problem(f"{path}.{key}[{i}]", f"{value!r} is not an IP address")
+        return values
+
+    def selectors(self, raw: dict, key: str, path: str) -> tuple[str, ...]:
+        """Traffic selectors: prefixes (a bare address means that one host)."""
+        values = self.strings(raw, key, path, ())
+        if key not in raw:
+            self.problem(_join(path, key), "is required")
+        prefixes = []
+        for i, value in enumerate(values):
+            try:
+                prefixes.append(str(ipaddress.ip_network(value, strict=True)))
+            except ValueError as exc:
+                self.problem(f"{path}.{key}[{i}]", f"{value!r} is not a valid prefix ({exc})")
+        return tuple(prefixes)
+
+    def proposals(
+        self, raw: dict, key: str, path: str, kind: str, default: tuple[str, ...], allow_weak: bool
+    ) -> tuple[str, ...]:
+        values = self.strings(raw, key, path, default)
+        if key in raw and not values:
+            self.problem(_join(path, key), "must list at least one proposal")
+        for i, value in enumerate(values):
+            try:
+                self.validate_proposal(value, kind, allow_weak)
+            except ValueError as exc:
+                self.problem(f"{path}.{key}[{i}]", str(exc))
+        return values
+
+    def secret_file(self, value: Any, path: str) -> Secret | None:
+        if not isinstance(value, str) or not value:
+            self.problem(path, "must be a file path")
+            return None
+        file = Path(value) if os.path.isabs(value) else self.base_dir / value
+        try:
+            info = file.stat()
+        except OSError as exc:
+            self.problem(path, f"cannot read {file}: {exc.strerror}")
+            return None
+        if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            self.problem(
+                path,
+                f"{file} is readable by others "
+                f"(mode {stat.S_IMODE(info.st_mode):04o}); make it 0600",
+            )
+            return None
+        data = file.read_bytes().strip()
+        return Secret(data)
+
+
+def _auth(reader: _Reader, raw: Any, path: str) -> AuthConfig:
+    raw = reader.mapping(raw, path, {"id", "auth", "certs", "key", "cacerts"})
+    ident = raw.get("id")
+    if not isinstance(ident, str) or not ident:
+        reader.problem(f"{path}.id", "is required (an IP address, FQDN, user@FQDN or DN)")
+        ident = ""
+    auth = reader.choice(raw, "auth", path, AUTH_METHODS, "psk")
+    certs = reader.strings(raw, "certs", path, ())
+    cacerts = reader.strings(raw, "cacerts", path, ())
+    key = raw.get("key", "")
+    return AuthConfig(id=ident, auth=auth, certs=certs, key=key, cacerts=cacerts)
+
+
+_CHILD_KEYS = {
+    "local_ts",
+    "remote_ts",
+    "mode",
+    "esp_proposals",
+    "ah_proposals",
+    "rekey_time",
+    "life_time",
+    "rand_time",
+    "rekey_bytes",
+    "life_bytes",
+    "rekey_packets",
+    "life_packets",
+    "start_action",
+    "close_action",
+    "dpd_action",
+    "replay_window",
+    "updown",
+}
+_CONNECTION_KEYS = {
+    "version",
+    "local_addrs",
+    "remote_addrs",
+    "local_port",
+    "remote_port",
+    "local",
+    "remote",
+    "psk",
+    "psk_file",
+    "proposals",
+    "encap",
+    "dpd_delay",
+    "dpd_timeout",
+    "rekey_time",
+    "reauth_time",
+    "over_time",
+    "rand_time",
+    "keyingtries",
+    "unique",
+    "if_id_in",
+    "if_id_out",
+    "mark_in",
+    "mark_out",
+    "children",
+    "allow_weak",
+}
+_AGENT_KEYS = {
+    "connections",
+    "dataplane",
+    "log_level",
+    "control_socket",
+    "state_dir",
+    "ike_port",
+    "nat_t_port",
+    "half_open_cookie_threshold",
+    "fragment_size",
+}
+
+
+def _child(reader: _Reader, name: str, raw: Any, path: str, allow_weak: bool) -> ChildConfig:
+    raw = reader.mapping(raw, path, _CHILD_KEYS)
+    mode = reader.choice(raw, "mode", path, CHILD_MODES, "tunnel")
+    if "esp_proposals" in raw and "ah_proposals" in raw:
+        reader.problem(path, "esp_proposals and ah_proposals exclude each other")
+    ah = reader.proposals(raw, "ah_proposals", path, "ah", (), allow_weak)
+    esp = (
+        ()
+        if ah
+        else reader.proposals(raw, "esp_proposals", path, "esp", ("aes256gcm16",), allow_weak)
+    )
+    rekey_time = reader.duration(raw, "rekey_time", path, 3600)
+    life_time = reader.duration(raw, "life_time", path, 0) or rekey_time + rekey_time // 10
+    rand_time = reader.duration(raw, "rand_time", path, -1) if "rand_time" in raw else -1
+    if rand_time < 0:
+        rand_time = life_time - rekey_time
+    if rekey_time and life_time <= rekey_time:
+        reader.problem(f"{path}.life_time", f"must be above rekey_time ({rekey_time}s)")
+    rekey_bytes = reader.size(raw, "rekey_bytes", path, 0)
+    life_bytes = reader.size(raw, "life_bytes", path, 0)
+    if rekey_bytes and life_bytes and life_bytes <= rekey_bytes:
+        reader.problem(f"{path}.life_bytes", "must be above rekey_bytes")
+    rekey_packets = reader.size(raw, "rekey_packets", path, 0)
+    life_packets = reader.size(raw, "life_packets", path, 0)
+    if rekey_packets and life_packets and life_packets <= rekey_packets:
+        reader.problem(f"{path}.life_packets", "must be above rekey_packets")
+    return ChildConfig(
+        name=name,
+        local_ts=reader.selectors(raw, "local_ts", path),
+        remote_ts=reader.selectors(raw, "remote_ts", path),
+        mode=mode,
+        esp_proposals=esp,
+        ah_proposals=ah,
+        rekey_time=rekey_time,
+        life_time=life_time,
+        rand_time=rand_time,
+        rekey_bytes=rekey_bytes,
+        life_bytes=life_bytes,
+        rekey_packets=rekey_packets,
+        life_packets=life_packets,
+        start_action=reader.choice(raw, "start_action", path, START_ACTIONS, "none"),
+        close_action=reader.choice(raw, "close_action", path, START_ACTIONS, "none"),
+        dpd_action=reader.choice(raw, "dpd_action", path, DPD_ACTIONS, "clear"),
+        replay_window=reader.integer(raw, "replay_window", path, 128, 0, 4096),
+        updown=raw.get("updown", "") if isinstance(raw.get("updown", ""), str) else "",
+    )
+
+
+def _mark(reader: _Reader, raw: dict, key: str, path: str) -> tuple[int, int] | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    text = str(value)
+    try:
+        mark, _, mask = text.partition("/")
+        return int(mark, 0), int(mask, 0) if mask else 0xFFFFFFFF
+    except ValueError:
+        reader.problem(_join(path, key), f"{value!r} is not MARK or MARK/MASK")
+        return None
+
+
+def _connection(reader: _Reader, name: str, raw: Any, file_private: bool) -> ConnectionConfig:
+    path = f"connections.{name}"
+    if not _NAME.match(name):
+        reader.problem(path, "connection names use letters, digits, '_', '.', '-' (64 at most)")
+    raw = reader.mapping(raw, path, _CONNECTION_KEYS)
+    allow_weak = reader.boolean(raw, "allow_weak", path, False)
+    local = _auth(reader, raw.get("local"), f"{path}.local")
+    remote = _auth(reader, raw.get("remote"), f"{path}.remote")
+    psk = None
+    if "psk" in raw and "psk_file" in raw:
+        reader.problem(path, "psk and psk_file exclude each other")
+    elif "psk" in raw:
+        value = raw["psk"]
+        if not isinstance(value, str) or not value:
+            reader.problem(f"{path}.psk", "must be a non-empty string")
+        elif not file_private:
+            reader.problem(
+                f"{path}.psk",
+                "an inline PSK needs the config file to be 0600; fix its mode or use psk_file",
+            )
+        else:
+            psk = Secret(value.encode())
+    elif "psk_file" in raw:
+        psk = reader.secret_file(raw["psk_file"], f"{path}.psk_file")
+    if "psk" in (local.auth, remote.auth):
+        if psk is None and not any(p[0].startswith(f"{path}.psk") for p in reader.problems):
+            reader.problem(path, "auth psk needs psk or psk_file")
+        elif psk is not None and len(psk.reveal()) < MIN_PSK_LENGTH and not allow_weak:
+            reader.problem(
+                f"{path}.psk",
+                f"is shorter than {MIN_PSK_LENGTH} bytes; use a longer one (or allow_weak: true)",
+            )
+    for side in (local, remote):
+        if side.auth == "pubkey" and side is local and (not side.certs or not side.key):
+            reader.problem(f"{path}.local", "auth pubkey needs certs and key")
+        if side.auth == "pubkey" and side is remote and not side.cacerts:
+            reader.problem(f"{path}.remote", "auth pubkey needs cacerts to verify the peer")
+    rekey_time = reader.duration(raw, "rekey_time", path, 14400)
+    reauth_time = reader.duration(raw, "reauth_time", path, 0)
+    over_time = reader.duration(raw, "over_time", path, 0) or max(rekey_time, reauth_time) // 10
+    rand_time = (
+        reader.duration(raw, "rand_time", path, over_time) if "rand_time" in raw else over_time
+    )
+    children_raw = raw.get("children", {})
+    children = []
+    if not isinstance(children_raw, dict):
+        reader.problem(f"{path}.children", "must be a mapping of child names to children")
+    else:
+        for child_name, child_raw in children_raw.items():
+            child_path = f"{path}.children.{child_name}"
+            if not isinstance(child_name, str) or not _NAME.match(child_name):
+                reader.problem(child_path, "child names use letters, digits, '_', '.', '-'")
+                continue
+            children.append(_child(reader, child_name, child_raw, child_path, allow_weak))
+    version = raw.get("version", 2)
+    if version != 2:
+        reader.problem(f"{path}.version", f"{version!r}: keywayd speaks IKEv2 only (2)")
+    return ConnectionConfig(
+        name=name,
+        local_addrs=reader.addresses(raw, "local_addrs", path, required=False) or ("%any",),
+        remote_addrs=reader.addresses(raw, "remote_addrs", path, required=True),
+        local=local,
+        remote=remote,
+        children=tuple(children),
+        psk=psk,
+        local_port=reader.integer(raw, "local_port", path, 500, 1, 65535),
+        remote_port=reader.integer(raw, "remote_port", path, 500, 1, 65535),
+        proposals=reader.proposals(
+            raw, "proposals", path, "ike", ("aes256gcm16-prfsha384-x25519",), allow_weak
+        ),
+        encap=reader.choice(raw, "encap", path, ENCAP_MODES, "auto"),
+        dpd_delay=reader.duration(raw, "dpd_delay", path, 30),
+        dpd_timeout=reader.duration(raw, "dpd_timeout", path, 150),
+        rekey_time=rekey_time,
+        reauth_time=reauth_time,
+        over_time=over_time,
+        rand_time=rand_time,
+        keyingtries=reader.integer(raw, "keyingtries", path, 1, 0, 1 << 16),
+        unique=reader.choice(raw, "unique", path, UNIQUE_POLICIES, "no"),
+        if_id_in=reader.integer(raw, "if_id_in", path, 0, 0, 0xFFFFFFFF),
+        if_id_out=reader.integer(raw, "if_id_out", path, 0, 0, 0xFFFFFFFF),
+        mark_in=_mark(reader, raw, "mark_in", path),
+        mark_out=_mark(reader, raw, "mark_out", path),
+        allow_weak=allow_weak,
+    )
+
+
+def parse_config(
+    raw: Any,
+    *,
+    source: str = "config",
+    file_private: bool = True,
+    base_dir: Path | None = None,
+    validate_proposal: ProposalValidator | None = None,
+) -> AgentConfig:
+    """Validate an already-loaded YAML document; raise ConfigError listing every problem."""
+    reader = _Reader(validate_proposal or _default_proposal_validator, base_dir or Path("/"))
+    raw = reader.mapping(raw, "", _AGENT_KEYS)
+    connections_raw = raw.get("connections", {})
+    connections = []
+    if not isinstance(connections_raw, dict):
+        reader.problem("connections", "must be a mapping of connection names to connections")
+    else:
+        for name, conn_raw in connections_raw.items():
+            connections.append(_connection(reader, str(name), conn_raw, file_private))
+    config = AgentConfig(
+        connections=tuple(connections),
+        dataplane=reader.choice(raw, "dataplane", "", DATAPLANES, "auto"),
+        log_level=reader.choice(raw, "log_level", "", LOG_LEVELS, "info"),
+        control_socket=str(raw.get("control_socket", "/run/keyway/keywayd.sock")),
+        state_dir=str(raw.get("state_dir", "/var/lib/keyway")),
+        ike_port=reader.integer(raw, "ike_port", "", 500, 1, 65535),
+        nat_t_port=reader.integer(raw, "nat_t_port", "", 4500, 1, 65535),
+        half_open_cookie_threshold=reader.integer(
+            raw, "half_open_cookie_threshold", "", 100, 0, 1 << 20
+        ),
+        fragment_size=reader.integer(raw, "fragment_size", "", 1280, 576, 65535),
+    )
+    if reader.problems:
+        raise ConfigError(reader.problems, source)
+    return config
+
+
+def load_config(path: str | os.PathLike, **kwargs: Any) -> AgentConfig:
+    """Read and validate a config file; ConfigError on any problem (file untouched)."""
+    file = Path(path)
+    if yaml is None:
+        raise ConfigError([("", "PyYAML is not installed")], str(file))
+    try:
+        text = file.read_text()
+        mode = stat.S_IMODE(file.stat().st_mode)
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read: {exc.strerror}")], str(file)) from exc
+    try:
+        raw = yaml.load(text, Loader=_YamlLoader)  # a SafeLoader
+    except yaml.YAMLError as exc:
+        # The YAML error quotes the offending line, which may hold a secret: say where.
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown place"
+        raise ConfigError([("", f"not valid YAML at {where}")], str(file)) from None
+    private = not mode & (stat.S_IRWXG | stat.S_IRWXO)
+    return parse_config(raw, source=str(file), file_private=private, base_dir=file.parent, **kwargs)

@@ -1,0 +1,172 @@
+"""keywayd's config parser: defaults, every problem with its path, secrets kept secret."""
+
+from __future__ import annotations
+
+import copy
+import os
+import textwrap
+
+import pytest
+import yaml
+
+from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import (
+    ConfigError,
+    diff_configs,
+    load_config,
+    parse_config,
+)
+
+PSK = "correct-horse-battery-staple-42"
+
+
+def accept_all(text: str, kind: str, allow_weak: bool) -> None:
+    """Proposal validation is the IKE layer's; these tests exercise the config's own."""
+    if "des" in text and not allow_weak:
+        raise ValueError(f"{text!r}: 3DES is weak; set allow_weak: true to use it")
+
+
+def conf(text: str):
+    return yaml.safe_load(textwrap.dedent(text))
+
+
+GOOD = f"""
+dataplane: userspace
+connections:
+  h1-h2:
+    local_addrs: [192.0.2.11]
+    remote_addrs: [192.0.2.12, "2001:db8::12"]
+    local: {{id: h1.lab}}
+    remote: {{id: h2.lab}}
+    psk: {PSK}
+    rekey_time: 2h
+    children:
+      sites:
+        local_ts: [10.1.0.0/24, "fd00:1::/64"]
+        remote_ts: 10.2.0.0/24
+        rekey_time: 30m
+        rekey_bytes: 1G
+        start_action: start
+"""
+
+
+def test_good_config_gets_swanctl_like_defaults():
+    config = parse_config(conf(GOOD), validate_proposal=accept_all)
+    assert config.dataplane == "userspace"
+    (conn,) = config.connections
+    assert conn.remote_addrs == ("192.0.2.12", "2001:db8::12")
+    assert conn.psk.reveal() == PSK.encode()
+    assert (conn.rekey_time, conn.over_time, conn.rand_time) == (7200, 720, 720)
+    assert conn.proposals == ("aes256gcm16-prfsha384-x25519",)
+    (child,) = conn.children
+    assert child.local_ts == ("10.1.0.0/24", "fd00:1::/64")
+    assert child.remote_ts == ("10.2.0.0/24",)
+    assert (child.rekey_time, child.life_time, child.rand_time) == (1800, 1980, 180)
+    assert child.rekey_bytes == 1 << 30
+    assert (child.mode, child.protocol, child.esp_proposals) == ("tunnel", "esp", ("aes256gcm16",))
+
+
+def test_every_problem_is_reported_with_its_path():
+    bad = conf("""
+        dataplane: ebpf
+        colour: blue
+        connections:
+          a:
+            remote_addrs: [192.0.2.300]
+            local: {auth: psk}
+            remote: {id: b}
+            psk: correct-horse-battery-staple-42
+            rekey_time: 3 weeks
+            unique: yes
+            proposals: [3des-sha1-modp1024]
+            children:
+              c:
+                local_ts: [10.1.0.1/24]
+                mode: tunel
+                life_bytes: 10
+                rekey_bytes: 20
+    """)
+    with pytest.raises(ConfigError) as caught:
+        parse_config(bad, validate_proposal=accept_all)
+    problems = dict(caught.value.problems)
+    assert "ebpf" in problems["dataplane"]
+    assert problems["colour"].startswith("unknown key")
+    assert "192.0.2.300" in problems["connections.a.remote_addrs[0]"]
+    assert problems["connections.a.local.id"].startswith("is required")
+    assert "duration" in problems["connections.a.rekey_time"]
+    assert "3DES is weak" in problems["connections.a.proposals[0]"]
+    assert "host bits set" in problems["connections.a.children.c.local_ts[0]"]
+    assert problems["connections.a.children.c.remote_ts"] == "is required"
+    assert "tunel" in problems["connections.a.children.c.mode"]
+    assert "above rekey_bytes" in problems["connections.a.children.c.life_bytes"]
+    assert "'yes' is not one of no, never" in problems["connections.a.unique"]
+    assert len(caught.value.problems) >= 10
+
+
+def test_weak_proposals_pass_with_explicit_opt_in():
+    raw = conf(GOOD)
+    raw["connections"]["h1-h2"]["proposals"] = ["3des-sha1-modp1024"]
+    with pytest.raises(ConfigError, match="allow_weak"):
+        parse_config(raw, validate_proposal=accept_all)
+    raw["connections"]["h1-h2"]["allow_weak"] = True
+    conn = parse_config(raw, validate_proposal=accept_all).connections[0]
+    assert conn.proposals == ("3des-sha1-modp1024",)
+
+
+def test_secrets_never_show_in_reprs_or_errors():
+    config = parse_config(conf(GOOD), validate_proposal=accept_all)
+    assert PSK not in repr(config) and PSK not in str(config.connections[0].psk)
+    raw = conf(GOOD)
+    raw["connections"]["h1-h2"]["psk"] = "short-secret"
+    raw["connections"]["h1-h2"]["rekey_time"] = "soon"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, validate_proposal=accept_all)
+    assert "short-secret" not in str(caught.value)
+    assert "shorter than 16 bytes" in dict(caught.value.problems)["connections.h1-h2.psk"]
+
+
+def test_inline_psk_needs_a_private_file_and_psk_files_must_be_private(tmp_path):
+    path = tmp_path / "keywayd.yaml"
+    path.write_text(GOOD)
+    os.chmod(path, 0o644)
+    with pytest.raises(ConfigError, match="inline PSK needs the config file to be 0600"):
+        load_config(path, validate_proposal=accept_all)
+    os.chmod(path, 0o600)
+    assert load_config(path, validate_proposal=accept_all).connections[0].psk.reveal()
+
+    secret = tmp_path / "h1-h2.psk"
+    secret.write_text(PSK + "\n")
+    os.chmod(secret, 0o640)
+    path.write_text(GOOD.replace(f"psk: {PSK}", "psk_file: h1-h2.psk"))
+    os.chmod(path, 0o644)  # no secret inside: any mode will do
+    with pytest.raises(ConfigError, match=r"readable by others \(mode 0640\); make it 0600"):
+        load_config(path, validate_proposal=accept_all)
+    os.chmod(secret, 0o600)
+    conn = load_config(path, validate_proposal=accept_all).connections[0]
+    assert conn.psk.reveal() == PSK.encode()
+
+
+def test_yaml_syntax_errors_say_where_but_not_what(tmp_path):
+    path = tmp_path / "keywayd.yaml"
+    path.write_text(f"connections:\n  a:\n    psk: [{PSK}\n")
+    os.chmod(path, 0o600)
+    with pytest.raises(ConfigError, match="not valid YAML at line") as caught:
+        load_config(path, validate_proposal=accept_all)
+    assert PSK not in str(caught.value)
+
+
+def test_reload_diff_names_only_what_changed():
+    old = parse_config(conf(GOOD), validate_proposal=accept_all)
+    raw = conf(GOOD)
+    raw["connections"]["h1-h3"] = {
+        **copy.deepcopy(raw["connections"]["h1-h2"]),
+        "remote_addrs": ["192.0.2.13"],
+    }
+    mid = parse_config(raw, validate_proposal=accept_all)
+    assert diff_configs(old, mid).added == ("h1-h3",)
+    assert diff_configs(old, mid).unchanged == ("h1-h2",)
+    raw["connections"]["h1-h2"]["children"]["sites"]["rekey_time"] = "20m"
+    new = parse_config(raw, validate_proposal=accept_all)
+    changes = diff_configs(mid, new)
+    assert (changes.changed, changes.unchanged) == (("h1-h2",), ("h1-h3",))
+    gone = diff_configs(new, old)
+    assert (gone.removed, gone.changed) == (("h1-h3",), ("h1-h2",))
