@@ -170,3 +170,14 @@ def test_reload_diff_names_only_what_changed():
     assert (changes.changed, changes.unchanged) == (("h1-h2",), ("h1-h3",))
     gone = diff_configs(new, old)
     assert (gone.removed, gone.changed) == (("h1-h3",), ("h1-h2",))
+
+
+def test_the_ike_layer_validates_proposals_by_default():
+    raw = conf(GOOD)
+    raw["connections"]["h1-h2"]["proposals"] = ["aes256gcm16-prfsha384"]
+    raw["connections"]["h1-h2"]["children"]["sites"]["esp_proposals"] = ["aes128-md5"]
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw)
+    problems = dict(caught.value.problems)
+    assert "needs a key exchange group" in problems["connections.h1-h2.proposals[0]"]
+    assert "weak" in problems["connections.h1-h2.children.sites.esp_proposals[0]"]
