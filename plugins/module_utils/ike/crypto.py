@@ -242,11 +242,13 @@ class AeadSkCipher:
     _counter: int = 0
 
     def __post_init__(self) -> None:
-        key, self._salt = self.key[: self.encr.key_size], self.key[self.encr.key_size :]
+        self._key, self._salt = self.key[: self.encr.key_size], self.key[self.encr.key_size :]
         if self.encr.id == EncrId.CHACHA20_POLY1305:
-            self._aead = ChaCha20Poly1305(key)
-        else:
-            self._aead = AESGCM(key)
+            self._aead = ChaCha20Poly1305(self._key)
+        elif self.encr.icv_size == 16:
+            self._aead = AESGCM(self._key)
+        else:  # GCM with a truncated ICV: AESGCM only does 16-byte tags
+            self._aead = None
 
     def _padded(self, plaintext: bytes) -> bytes:
         # RFC 5282 3: no block alignment needed; the pad length byte is still there.
@@ -255,20 +257,39 @@ class AeadSkCipher:
     def sealed_length(self, plaintext_len: int) -> int:
         return self.encr.iv_size + plaintext_len + 1 + self.encr.icv_size
 
+    def seal_raw(self, iv: bytes, data: bytes, aad: bytes) -> bytes:
+        """ciphertext || ICV of `data` under nonce salt || iv (no IKE padding)."""
+        if self._aead is not None:
+            return self._aead.encrypt(self._salt + iv, data, aad)
+        enc = Cipher(algorithms.AES(self._key), modes.GCM(self._salt + iv)).encryptor()
+        enc.authenticate_additional_data(aad)
+        ct = enc.update(data) + enc.finalize()
+        return ct + enc.tag[: self.encr.icv_size]
+
+    def open_raw(self, iv: bytes, sealed: bytes, aad: bytes) -> bytes:
+        try:
+            if self._aead is not None:
+                return self._aead.decrypt(self._salt + iv, sealed, aad)
+            icv = self.encr.icv_size
+            if len(sealed) < icv:
+                raise IkeIntegrityError("SK body shorter than its ICV")
+            mode = modes.GCM(self._salt + iv, sealed[-icv:], min_tag_length=icv)
+            dec = Cipher(algorithms.AES(self._key), mode).decryptor()
+            dec.authenticate_additional_data(aad)
+            return dec.update(sealed[:-icv]) + dec.finalize()
+        except InvalidTag:
+            raise IkeIntegrityError("SK ICV check failed") from None
+
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         self._counter += 1
         iv = struct.pack("!Q", self._counter)
-        return iv + self._aead.encrypt(self._salt + iv, self._padded(plaintext), aad)
+        return iv + self.seal_raw(iv, self._padded(plaintext), aad)
 
     def open(self, body: bytes, aad: bytes) -> bytes:
         if len(body) < self.encr.iv_size + 1 + self.encr.icv_size:
             raise IkeIntegrityError(f"SK body of {len(body)} bytes is too short")
         iv = body[: self.encr.iv_size]
-        try:
-            plain = self._aead.decrypt(self._salt + iv, body[self.encr.iv_size :], aad)
-        except InvalidTag:
-            raise IkeIntegrityError("SK ICV check failed") from None
-        return _strip_padding(plain)
+        return _strip_padding(self.open_raw(iv, body[self.encr.iv_size :], aad))
 
 
 @dataclass
@@ -381,26 +402,47 @@ class KeyExchange:
     """One side of a key exchange: `public` (the KE payload data) and the shared secret
     with a peer's public value, each checked as its group requires."""
 
-    def __init__(self, group: int, allow_weak: bool = False):
+    def __init__(self, group: int, allow_weak: bool = False, private: bytes | None = None):
+        """A fresh key pair; `private` fixes the private value (test vectors only)."""
         check_strength("ke", group, allow_weak)
         self.group = group
         if group in (KeGroup.MODP_1536, KeGroup.MODP_2048, KeGroup.MODP_3072, KeGroup.MODP_4096):
             with warnings.catch_warnings():
                 warnings.filterwarnings(**_FFDH_DEPRECATION)
-                self._private = _dh_parameters(group).generate_private_key()
+                params = _dh_parameters(group)
+                if private is None:
+                    self._private = params.generate_private_key()
+                else:
+                    x = int.from_bytes(private, "big")
+                    y = pow(2, x, modp_prime(group))
+                    public = dh.DHPublicNumbers(y, params.parameter_numbers())
+                    self._private = dh.DHPrivateNumbers(x, public).private_key()
             self._size = (modp_prime(group).bit_length() + 7) // 8
             y = self._private.public_key().public_numbers().y
             self.public = y.to_bytes(self._size, "big")
         elif group in _CURVES:
-            self._private = ec.generate_private_key(_CURVES[group]())
+            curve = _CURVES[group]()
+            self._private = (
+                ec.generate_private_key(curve)
+                if private is None
+                else ec.derive_private_key(int.from_bytes(private, "big"), curve)
+            )
             self.public = self._private.public_key().public_bytes(
                 _serialization.Encoding.X962, _serialization.PublicFormat.UncompressedPoint
             )[1:]
         elif group == KeGroup.CURVE25519:
-            self._private = x25519.X25519PrivateKey.generate()
+            self._private = (
+                x25519.X25519PrivateKey.generate()
+                if private is None
+                else x25519.X25519PrivateKey.from_private_bytes(private)
+            )
             self.public = self._private.public_key().public_bytes_raw()
         elif group == KeGroup.CURVE448:
-            self._private = x448.X448PrivateKey.generate()
+            self._private = (
+                x448.X448PrivateKey.generate()
+                if private is None
+                else x448.X448PrivateKey.from_private_bytes(private)
+            )
             self.public = self._private.public_key().public_bytes_raw()
         else:
             raise UnsupportedAlgorithmError(
