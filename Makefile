@@ -15,7 +15,7 @@ LAB_HOSTS ?= 4
 export KEYWAY_LAB_HOSTS := $(LAB_HOSTS)
 PYTEST_ARGS ?=
 
-.PHONY: help venv deps collection test test-kernel lint demo lab-up lab-down build clean
+.PHONY: help venv deps collection test test-kernel lint fuzz demo lab-up lab-down build clean
 
 help:
 	@echo "make demo      build the netns lab, run the site playbook, show the result"
@@ -23,6 +23,7 @@ help:
 	@echo "make lab-down  remove the lab (namespaces, links, processes, files)"
 	@echo "make lint      ruff"
 	@echo "make build     ansible-galaxy collection build into build/"
+	@echo "make fuzz      fuzz the IKE decoder for FUZZ_SECONDS (default 60)"
 
 $(VENV)/.deps: pyproject.toml tools/pydeps.py
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +65,12 @@ lab-up: venv collection
 
 lab-down: venv collection
 	$(PY) -m ansible_collections.keyway.ipsec.plugins.module_utils.lab down
+
+# Fuzz the IKE decoder for FUZZ_SECONDS (atheris, coverage-guided).
+FUZZ_SECONDS ?= 60
+fuzz: venv collection
+	$(PY) -m pip install --quiet $$($(PYTHON) tools/pydeps.py fuzz | tail -n 1)
+	$(PY) tools/fuzz_ike.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
 
 build: venv
 	mkdir -p build
