@@ -146,3 +146,9 @@ def test_modp_primes_are_rfc3526_safe_primes(group):
     assert text.endswith(RFC3526_TAILS[group])
     for n in (p, (p - 1) // 2):  # Fermat tests: a safe prime passes for any base
         assert all(pow(a, n - 1, n) == 1 for a in (2, 3, 5, 7))
+
+
+@pytest.mark.parametrize(("name", "v"), cases("rfc7748_5_2"))
+def test_rfc7748_scalar_multiplication(name, v):
+    kx = crypto.KeyExchange(v["group"], private=H(v["scalar"]))
+    assert kx.shared_secret(H(v["u"])) == H(v["out"])
