@@ -4,42 +4,20 @@ from __future__ import annotations
 
 from tests.fixtures.capture import Capture
 from tests.fixtures.netns import udp_exchange
-from tests.fixtures.strongswan import psk_connection
+from tests.fixtures.strongswan import site_to_site_pair
+
+PSK = "harness-psk-0123456789"
 
 
 def test_two_charons_establish_a_child_sa_over_libipsec(netns_hosts, charon_factory):
-    plan = netns_hosts(2)
-    a, b = plan.hosts
-    common = dict(
-        psk="harness-psk-0123456789",
+    a, b = netns_hosts(2).hosts
+    charon_a, charon_b = site_to_site_pair(
+        charon_factory,
+        a,
+        b,
+        psk=PSK,
         proposals="aes128gcm16-prfsha256-x25519",
         esp_proposals="aes128gcm16",
-    )
-    charon_b = charon_factory(
-        b.netns,
-        psk_connection(
-            name="kw",
-            local_addr=b.ipv4,
-            remote_addr=a.ipv4,
-            local_id="b.lab",
-            remote_id="a.lab",
-            local_ts=b.site4,
-            remote_ts=a.site4,
-            **common,
-        ),
-    )
-    charon_a = charon_factory(
-        a.netns,
-        psk_connection(
-            name="kw",
-            local_addr=a.ipv4,
-            remote_addr=b.ipv4,
-            local_id="a.lab",
-            remote_id="b.lab",
-            local_ts=a.site4,
-            remote_ts=b.site4,
-            **common,
-        ),
     )
     charon_a.swanctl("--initiate", "--child", "kw", timeout=30)
     sas_a, sas_b = charon_a.list_sas(), charon_b.list_sas()
@@ -48,38 +26,14 @@ def test_two_charons_establish_a_child_sa_over_libipsec(netns_hosts, charon_fact
 
 
 def test_traffic_between_charon_sites_is_esp_in_udp_on_the_wire(netns_hosts, charon_factory):
-    plan = netns_hosts(2)
-    a, b = plan.hosts
-    common = dict(
-        psk="harness-psk-0123456789",
+    a, b = netns_hosts(2).hosts
+    charon_a, _ = site_to_site_pair(
+        charon_factory,
+        a,
+        b,
+        psk=PSK,
         proposals="aes256gcm16-prfsha384-ecp384",
         esp_proposals="aes256gcm16",
-    )
-    charon_factory(
-        b.netns,
-        psk_connection(
-            name="kw",
-            local_addr=b.ipv4,
-            remote_addr=a.ipv4,
-            local_id="b.lab",
-            remote_id="a.lab",
-            local_ts=b.site4,
-            remote_ts=a.site4,
-            **common,
-        ),
-    )
-    charon_a = charon_factory(
-        a.netns,
-        psk_connection(
-            name="kw",
-            local_addr=a.ipv4,
-            remote_addr=b.ipv4,
-            local_id="a.lab",
-            remote_id="b.lab",
-            local_ts=a.site4,
-            remote_ts=b.site4,
-            **common,
-        ),
     )
     charon_a.swanctl("--initiate", "--child", "kw", timeout=30)
     marker = b"keyway-plaintext-marker"

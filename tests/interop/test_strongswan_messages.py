@@ -17,7 +17,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.ike.constants import 
     TransformType,
 )
 from tests.fixtures.capture import Capture
-from tests.fixtures.strongswan import logged_chunks, psk_connection
+from tests.fixtures.strongswan import logged_chunks, site_to_site_pair
 
 PSK = "interop-psk-9f8e7d6c5b4a"
 
@@ -50,35 +50,15 @@ def _chunk(chunks, label: str) -> bytes:
     ],
 )
 def test_strongswan_exchange_decodes_and_verifies(netns_hosts, charon_factory, proposal, esp):
-    plan = netns_hosts(2)
-    a, b = plan.hosts
-    common = dict(psk=PSK, proposals=proposal, esp_proposals=esp)
-    charon_factory(
-        b.netns,
-        psk_connection(
-            name="kw",
-            local_addr=b.ipv4,
-            remote_addr=a.ipv4,
-            local_id="b.lab",
-            remote_id="a.lab",
-            local_ts=b.site4,
-            remote_ts=a.site4,
-            **common,
-        ),
-    )
-    initiator = charon_factory(
-        a.netns,
-        psk_connection(
-            name="kw",
-            local_addr=a.ipv4,
-            remote_addr=b.ipv4,
-            local_id="a.lab",
-            remote_id="b.lab",
-            local_ts=a.site4,
-            remote_ts=b.site4,
-            **common,
-        ),
-        ike_log_level=4,
+    a, b = netns_hosts(2).hosts
+    initiator, _ = site_to_site_pair(
+        charon_factory,
+        a,
+        b,
+        psk=PSK,
+        proposals=proposal,
+        esp_proposals=esp,
+        initiator_log_level=4,
     )
     with Capture(a.netns, "eth0") as cap:
         initiator.swanctl("--initiate", "--child", "kw", timeout=30)
@@ -132,7 +112,7 @@ def test_strongswan_exchange_decodes_and_verifies(netns_hosts, charon_factory, p
     inner_resp = codec.open_encrypted(raw[3], auth_resp, out_r)
     idi = next(p for p in inner_req if isinstance(p, codec.IDi))
     idr = next(p for p in inner_resp if isinstance(p, codec.IDr))
-    assert (idi.to_text(), idr.to_text()) == ("a.lab", "b.lab")
+    assert (idi.to_text(), idr.to_text()) == (f"{a.name}.lab", f"{b.name}.lab")
     assert any(isinstance(p, codec.TSi) for p in inner_req)
     auth_i = next(p for p in inner_req if isinstance(p, codec.AUTH))
     auth_r = next(p for p in inner_resp if isinstance(p, codec.AUTH))
