@@ -1,0 +1,792 @@
+"""The sans-IO IKEv2 engine: IKE_SA_INIT and IKE_AUTH (PSK) with the first Child SA.
+
+    engine = Engine(local_address)                       # one per local address/port
+    engine.add_connection(IkeConnection(...))
+    engine.initiate("h1-h2", now)                        # queue an IKE_SA_INIT request
+    engine.receive(data, src, now)                       # a datagram from the network
+    engine.tick(now)                                     # timers (retransmission)
+    engine.next_deadline() -> float | None               # when to call tick next
+    engine.pop_datagrams() -> [Datagram]; engine.pop_events() -> [Event]
+
+Callers own sockets and clocks. Malformed or unexpected input is logged once with its
+reason and dropped (or answered as RFC 7296 says), leaving every other SA untouched.
+Not yet here (see the engine issue): CREATE_CHILD_SA (rekeys), INFORMATIONAL (delete,
+DPD), cookies under load, certificates, fragmentation on send, collisions.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .. import codec, crypto
+from ..constants import (
+    AuthMethod,
+    EsnId,
+    ExchangeType,
+    HeaderFlag,
+    IdType,
+    IntegId,
+    NotifyType,
+    ProtocolId,
+    TransformType,
+    TsType,
+)
+from ..proposals import describe, parse_proposal_string, proposal_acceptable, select_proposal
+from .events import (
+    Address,
+    AuthFailed,
+    ChildSaReady,
+    Datagram,
+    Event,
+    IkeSaUp,
+    NegotiationFailed,
+    PeerDead,
+)
+from .retransmit import RetransmitPolicy
+
+log = logging.getLogger("keyway.ike")
+NONCE_SIZE = 32
+MAX_HALF_OPEN = 1024  # responder state for unauthenticated peers is bounded
+
+
+@dataclass(frozen=True)
+class ChildParams:
+    name: str
+    local_ts: tuple[str, ...]
+    remote_ts: tuple[str, ...]
+    esp_proposals: tuple[str, ...] = ("aes256gcm16",)
+    mode: str = "tunnel"
+
+
+@dataclass(frozen=True)
+class IkeConnection:
+    name: str
+    remote_address: Address
+    local_id: str
+    remote_id: str
+    psk: bytes = field(repr=False)
+    proposals: tuple[str, ...] = ("aes256gcm16-prfsha384-x25519",)
+    children: tuple[ChildParams, ...] = ()
+    allow_weak: bool = False
+    retransmit: RetransmitPolicy = field(default_factory=RetransmitPolicy)
+
+
+def encode_id(text: str) -> tuple[int, bytes]:
+    """An identity as (ID type, data): addresses, user@FQDN, FQDN."""
+    try:
+        address = ipaddress.ip_address(text)
+        return (IdType.IPV4_ADDR if address.version == 4 else IdType.IPV6_ADDR), address.packed
+    except ValueError:
+        pass
+    return (IdType.RFC822_ADDR if "@" in text else IdType.FQDN), text.encode()
+
+
+def _ts_from_prefix(prefix: str) -> codec.TrafficSelector:
+    net = ipaddress.ip_network(prefix)
+    ts_type = TsType.IPV4_ADDR_RANGE if net.version == 4 else TsType.IPV6_ADDR_RANGE
+    return codec.TrafficSelector(ts_type, 0, 0, 65535, str(net[0]), str(net[-1]))
+
+
+def narrow(
+    offered: list[codec.TrafficSelector], allowed: tuple[str, ...]
+) -> list[codec.TrafficSelector]:
+    """The parts of the peer's selectors our configuration allows (RFC 7296 2.9)."""
+    result = []
+    for ts in offered:
+        for prefix in allowed:
+            mine = _ts_from_prefix(prefix)
+            if mine.ts_type != ts.ts_type:
+                continue
+            start = max(ipaddress.ip_address(ts.start_addr), ipaddress.ip_address(mine.start_addr))
+            end = min(ipaddress.ip_address(ts.end_addr), ipaddress.ip_address(mine.end_addr))
+            if start > end:
+                continue
+            result.append(
+                codec.TrafficSelector(
+                    ts.ts_type, ts.ip_proto, ts.start_port, ts.end_port, str(start), str(end)
+                )
+            )
+    return result
+
+
+def ts_to_prefixes(selectors: list[codec.TrafficSelector]) -> tuple[str, ...]:
+    out = []
+    for ts in selectors:
+        for net in ipaddress.summarize_address_range(
+            ipaddress.ip_address(ts.start_addr), ipaddress.ip_address(ts.end_addr)
+        ):
+            out.append(str(net))
+    return tuple(out)
+
+
+@dataclass
+class _Request:
+    data: bytes
+    message_id: int
+    sent_at: float
+    attempt: int = 0
+
+
+class IkeSa:
+    """One IKE SA on one side: its keys, message IDs, and the exchange in flight."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        conn: IkeConnection | None,
+        initiator: bool,
+        remote: Address,
+        spi_i: bytes,
+        spi_r: bytes,
+    ):
+        self.engine, self.conn, self.initiator, self.remote = engine, conn, initiator, remote
+        self.spi_i, self.spi_r = spi_i, spi_r
+        self.state = "init"
+        self.next_mid = 0
+        self.request: _Request | None = None
+        self.last_response: tuple[int, bytes] | None = None
+        self.keys: crypto.IkeKeys | None = None
+        self.out: object = None
+        self.inbound: object = None
+        self.prf: crypto.Prf | None = None
+        self.nonce_i = self.nonce_r = b""
+        self.init_request = self.init_response = b""
+        self.kx: crypto.KeyExchange | None = None
+        self.ke_group: int | None = None
+        self.cookie: bytes = b""
+        self.chosen_ike: codec.Proposal | None = None
+        self.child_spi = b""
+        self.child_params: ChildParams | None = None
+        self.remote_id = ""
+
+    @property
+    def local_spi(self) -> bytes:
+        return self.spi_i if self.initiator else self.spi_r
+
+    def _header(self, exchange: int, mid: int, response: bool) -> codec.Header:
+        flags = (HeaderFlag.INITIATOR if self.initiator else 0) | (
+            HeaderFlag.RESPONSE if response else 0
+        )
+        return codec.Header(self.spi_i, self.spi_r, exchange, flags, mid)
+
+    def _send_request(self, data: bytes, now: float) -> None:
+        self.request = _Request(data, self.next_mid, now)
+        self.next_mid += 1
+        self.engine._emit(data, self.remote)
+
+    def _send_response(self, mid: int, data: bytes) -> None:
+        self.last_response = (mid, data)
+        self.engine._emit(data, self.remote)
+
+    # ------------------------------------------------------------ initiator
+
+    def start(self, now: float, group: int | None = None) -> None:
+        conn = self.conn
+        specs = [
+            parse_proposal_string(p, "ike", allow_weak=conn.allow_weak) for p in conn.proposals
+        ]
+        self.ke_group = group or specs[0].ke[0]
+        self.kx = crypto.key_exchange(self.ke_group, allow_weak=conn.allow_weak)
+        self.nonce_i = os.urandom(NONCE_SIZE)
+        payloads: list[codec.Payload] = []
+        if self.cookie:
+            payloads.append(codec.Notify(type=NotifyType.COOKIE, data=self.cookie))
+        payloads += [
+            codec.SA(proposals=[s.to_proposal(i + 1) for i, s in enumerate(specs)]),
+            codec.KE(group=self.ke_group, data=self.kx.public),
+            codec.Nonce(data=self.nonce_i),
+            *self.engine._nat_notifies(self.spi_i, bytes(8), self.remote),
+            codec.Notify(type=NotifyType.IKEV2_FRAGMENTATION_SUPPORTED),
+        ]
+        self.next_mid = 0
+        data = codec.encode_message(
+            codec.Message(self._header(ExchangeType.IKE_SA_INIT, 0, False), payloads)
+        )
+        self.init_request = data
+        self._send_request(data, now)
+
+    def _on_init_response(self, msg: codec.Message, data: bytes, now: float) -> None:
+        conn = self.conn
+        for notify in msg.all(codec.Notify):
+            if notify.type == NotifyType.INVALID_KE_PAYLOAD and len(notify.data) == 2:
+                (group,) = struct.unpack("!H", notify.data)
+                offered = {
+                    g
+                    for p in conn.proposals
+                    for g in parse_proposal_string(p, "ike", allow_weak=True).ke
+                }
+                if group in offered and group != self.ke_group:
+                    log.info("%s: peer asks for KE group %d, retrying", conn.name, group)
+                    self.start(now, group)
+                    return
+            if notify.type == NotifyType.COOKIE and not self.cookie:
+                self.cookie = notify.data
+                self.start(now, self.ke_group)
+                return
+            if notify.is_error:
+                self._fail(
+                    f"peer refused IKE_SA_INIT: {NotifyType(notify.type).name}"
+                    if notify.type in NotifyType._value2member_map_
+                    else f"peer refused IKE_SA_INIT: notify {notify.type}",
+                    notify.type,
+                )
+                return
+        sa, ke, nonce = msg.get(codec.SA), msg.get(codec.KE), msg.get(codec.Nonce)
+        if not (sa and ke and nonce) or len(sa.proposals) != 1:
+            self._fail("IKE_SA_INIT response lacks SA, KE or Nonce")
+            return
+        ours = [
+            parse_proposal_string(p, "ike", allow_weak=conn.allow_weak).to_proposal(i + 1)
+            for i, p in enumerate(conn.proposals)
+        ]
+        chosen = sa.proposals[0]
+        if not proposal_acceptable(ours, chosen):
+            self._fail(f"peer chose a proposal we did not offer: {describe(chosen)}")
+            return
+        self.request = None
+        self.spi_r = msg.header.spi_r
+        self.engine._index(self)
+        self.init_response = data
+        self.nonce_r = nonce.data
+        self._derive(chosen, ke, msg)
+        if self.state == "failed":
+            return
+        self._send_auth_request(now)
+
+    def _derive(self, chosen: codec.Proposal, ke: codec.KE, msg: codec.Message) -> None:
+        by_type = {t.type: t for t in chosen.transforms}
+        try:
+            if by_type[TransformType.KE].id != ke.group or ke.group != self.kx.group:
+                raise crypto.IkeCryptoError("KE payload group differs from the chosen group")
+            shared = self.kx.shared_secret(ke.data)
+            self.prf = crypto.prf_for(by_type[TransformType.PRF].id, self.conn.allow_weak)
+            encr_t = by_type[TransformType.ENCR]
+            encr = crypto.encr_for(encr_t.id, encr_t.key_length, self.conn.allow_weak)
+            integ_t = by_type.get(TransformType.INTEG)
+            integ = crypto.integ_for(integ_t.id if integ_t else IntegId.NONE, self.conn.allow_weak)
+        except (crypto.IkeCryptoError, KeyError) as exc:
+            self._fail(f"cannot use the negotiated suite: {exc}")
+            return
+        self.chosen_ike = chosen
+        self.keys = crypto.derive_ike_keys(
+            self.prf, encr, integ, shared, self.nonce_i, self.nonce_r, self.spi_i, self.spi_r
+        )
+        self.out, self.inbound = crypto.sk_ciphers(self.keys, encr, integ, self.initiator)
+
+    def _child_sa_payloads(self, params: ChildParams, number_from: int = 1) -> codec.SA:
+        specs = [
+            parse_proposal_string(p, "esp", allow_weak=self.conn.allow_weak)
+            for p in params.esp_proposals
+        ]
+        self.child_spi = self.engine.allocate_spi()
+        return codec.SA(
+            proposals=[s.to_proposal(i + number_from, self.child_spi) for i, s in enumerate(specs)]
+        )
+
+    def _send_auth_request(self, now: float) -> None:
+        conn = self.conn
+        id_type, id_data = encode_id(conn.local_id)
+        idi = codec.IDi(id_type=id_type, data=id_data)
+        auth = crypto.psk_auth(
+            self.prf, conn.psk, self.init_request, self.nonce_r, self.keys.sk_pi, idi.encode_body()
+        )
+        inner: list[codec.Payload] = [
+            idi,
+            codec.IDr(*encode_id(conn.remote_id)),
+            codec.AUTH(kind=AuthMethod.PSK, data=auth),
+        ]
+        if conn.children:
+            params = self.child_params = conn.children[0]
+            if params.mode == "transport":
+                inner.append(codec.Notify(type=NotifyType.USE_TRANSPORT_MODE))
+            inner += [
+                self._child_sa_payloads(params),
+                codec.TSi(selectors=[_ts_from_prefix(p) for p in params.local_ts]),
+                codec.TSr(selectors=[_ts_from_prefix(p) for p in params.remote_ts]),
+            ]
+        self.state = "auth"
+        header = self._header(ExchangeType.IKE_AUTH, self.next_mid, False)
+        self._send_request(codec.seal_message(header, inner, self.out), now)
+
+    def _on_auth_response(self, inner: list[codec.Payload], now: float) -> None:
+        conn = self.conn
+        self.request = None
+        notifies = [p for p in inner if isinstance(p, codec.Notify)]
+        if any(n.type == NotifyType.AUTHENTICATION_FAILED for n in notifies):
+            self._auth_failed("peer reports AUTHENTICATION_FAILED (wrong PSK or identity?)")
+            return
+        idr = next((p for p in inner if isinstance(p, codec.IDr)), None)
+        auth = next((p for p in inner if isinstance(p, codec.AUTH)), None)
+        if idr is None or auth is None:
+            self._auth_failed("IKE_AUTH response lacks IDr or AUTH")
+            return
+        if idr.to_text() != conn.remote_id:
+            self._auth_failed(f"peer identity {idr.to_text()!r} is not {conn.remote_id!r}")
+            return
+        if auth.kind != AuthMethod.PSK or not crypto.verify_psk_auth(
+            self.prf,
+            conn.psk,
+            auth.data,
+            self.init_response,
+            self.nonce_i,
+            self.keys.sk_pr,
+            idr.encode_body(),
+        ):
+            self._auth_failed("responder's AUTH does not verify with our PSK")
+            return
+        self.remote_id = idr.to_text()
+        self._up()
+        if self.child_params is None:
+            return
+        errors = [n for n in notifies if n.is_error]
+        sa = next((p for p in inner if isinstance(p, codec.SA)), None)
+        tsi = next((p for p in inner if isinstance(p, codec.TSi)), None)
+        tsr = next((p for p in inner if isinstance(p, codec.TSr)), None)
+        if errors or not (sa and tsi and tsr) or len(sa.proposals) != 1:
+            reason = (
+                NotifyType(errors[0].type).name
+                if errors and errors[0].type in NotifyType._value2member_map_
+                else "no child SA in the response"
+            )
+            self.engine._event(
+                NegotiationFailed(conn.name, f"child {self.child_params.name}: {reason}")
+            )
+            return
+        self._child_ready(
+            sa.proposals[0],
+            tsi.selectors,
+            tsr.selectors,
+            any(n.type == NotifyType.USE_TRANSPORT_MODE for n in notifies),
+        )
+
+    def _child_ready(self, chosen: codec.Proposal, tsi, tsr, transport: bool) -> None:
+        by_type = {t.type: t for t in chosen.transforms}
+        encr_t = by_type[TransformType.ENCR]
+        integ_t = by_type.get(TransformType.INTEG)
+        encr = crypto.encr_for(encr_t.id, encr_t.key_length, self.conn.allow_weak)
+        integ = crypto.integ_for(integ_t.id if integ_t else IntegId.NONE, self.conn.allow_weak)
+        keys = crypto.derive_child_keys(
+            self.prf, self.keys.sk_d, encr, integ, self.nonce_i, self.nonce_r
+        )
+        esn = by_type.get(TransformType.ESN)
+        local, remote = (tsi, tsr) if self.initiator else (tsr, tsi)
+        key_out, ik_out, key_in, ik_in = (
+            (keys.encr_i, keys.integ_i, keys.encr_r, keys.integ_r)
+            if self.initiator
+            else (keys.encr_r, keys.integ_r, keys.encr_i, keys.integ_i)
+        )
+        params = self.child_params
+        self.engine._event(
+            ChildSaReady(
+                connection=self.conn.name,
+                child=params.name,
+                protocol="esp",
+                mode="transport" if transport else "tunnel",
+                spi_in=int.from_bytes(self.child_spi, "big"),
+                spi_out=int.from_bytes(chosen.spi, "big"),
+                local_ts=ts_to_prefixes(local),
+                remote_ts=ts_to_prefixes(remote),
+                proposal=describe(chosen),
+                encr_id=encr_t.id,
+                encr_key_bits=encr_t.key_length,
+                integ_id=integ_t.id if integ_t else IntegId.NONE,
+                key_out=key_out,
+                integ_key_out=ik_out,
+                key_in=key_in,
+                integ_key_in=ik_in,
+                esn=bool(esn and esn.id == EsnId.ESN),
+            )
+        )
+
+    # ------------------------------------------------------------ responder
+
+    def on_init_request(self, msg: codec.Message, data: bytes, now: float) -> None:
+        sa, ke, nonce = msg.get(codec.SA), msg.get(codec.KE), msg.get(codec.Nonce)
+        if not (sa and ke and nonce):
+            self._answer_init_error(msg, NotifyType.INVALID_SYNTAX)
+            return
+        candidates = self.engine._connections_for(self.remote)
+        ours = []
+        for conn in candidates:
+            ours += [
+                parse_proposal_string(p, "ike", allow_weak=conn.allow_weak).to_proposal(
+                    len(ours) + 1
+                )
+                for p in conn.proposals
+            ]
+        chosen = select_proposal(ours, sa.proposals)
+        if chosen is None:
+            log.info(
+                "IKE_SA_INIT from %s: no proposal chosen (offered %s)",
+                self.remote,
+                ", ".join(describe(p) for p in sa.proposals),
+            )
+            self._answer_init_error(msg, NotifyType.NO_PROPOSAL_CHOSEN)
+            return
+        group = next(t.id for t in chosen.transforms if t.type == TransformType.KE)
+        if ke.group != group:
+            self._answer_init_error(msg, NotifyType.INVALID_KE_PAYLOAD, struct.pack("!H", group))
+            return
+        self.conn = next((c for c in candidates if c.allow_weak), candidates[0])
+        self.kx = crypto.key_exchange(group, allow_weak=True)
+        self.nonce_i, self.nonce_r = nonce.data, os.urandom(NONCE_SIZE)
+        self.init_request = data
+        self._derive(chosen, ke, msg)
+        if self.state == "failed":
+            self._answer_init_error(msg, NotifyType.INVALID_SYNTAX)
+            return
+        payloads = [
+            codec.SA(proposals=[chosen]),
+            codec.KE(group=group, data=self.kx.public),
+            codec.Nonce(data=self.nonce_r),
+            *self.engine._nat_notifies(self.spi_i, self.spi_r, self.remote),
+            codec.Notify(type=NotifyType.IKEV2_FRAGMENTATION_SUPPORTED),
+        ]
+        data_out = codec.encode_message(
+            codec.Message(self._header(ExchangeType.IKE_SA_INIT, 0, True), payloads)
+        )
+        self.init_response = data_out
+        self.state = "auth"
+        self.next_mid = 1
+        self._send_response(0, data_out)
+
+    def _answer_init_error(self, msg: codec.Message, notify: int, data: bytes = b"") -> None:
+        header = codec.Header(
+            msg.header.spi_i, bytes(8), ExchangeType.IKE_SA_INIT, HeaderFlag.RESPONSE, 0
+        )
+        self.engine._emit(
+            codec.encode_message(codec.Message(header, [codec.Notify(type=notify, data=data)])),
+            self.remote,
+        )
+        self.state = "failed"
+        self.engine._forget(self)
+
+    def on_auth_request(self, inner: list[codec.Payload], mid: int, now: float) -> None:
+        idi = next((p for p in inner if isinstance(p, codec.IDi)), None)
+        auth = next((p for p in inner if isinstance(p, codec.AUTH)), None)
+        if idi is None or auth is None:
+            self._respond_auth_failed(mid, "IKE_AUTH request lacks IDi or AUTH")
+            return
+        peer_id = idi.to_text()
+        conn = next(
+            (c for c in self.engine._connections_for(self.remote) if c.remote_id == peer_id), None
+        )
+        if conn is None:
+            self._respond_auth_failed(mid, f"no connection for peer identity {peer_id!r}")
+            return
+        self.conn = conn
+        if auth.kind != AuthMethod.PSK or not crypto.verify_psk_auth(
+            self.prf,
+            conn.psk,
+            auth.data,
+            self.init_request,
+            self.nonce_r,
+            self.keys.sk_pi,
+            idi.encode_body(),
+        ):
+            self._respond_auth_failed(
+                mid, f"AUTH of {peer_id!r} does not verify with the PSK of connection {conn.name!r}"
+            )
+            return
+        self.remote_id = peer_id
+        id_type, id_data = encode_id(conn.local_id)
+        idr = codec.IDr(id_type=id_type, data=id_data)
+        my_auth = crypto.psk_auth(
+            self.prf, conn.psk, self.init_response, self.nonce_i, self.keys.sk_pr, idr.encode_body()
+        )
+        reply: list[codec.Payload] = [idr, codec.AUTH(kind=AuthMethod.PSK, data=my_auth)]
+        child = self._responder_child(inner)
+        reply += child[0]
+        self._send_response(
+            mid, codec.seal_message(self._header(ExchangeType.IKE_AUTH, mid, True), reply, self.out)
+        )
+        self._up()
+        if child[1] is not None:
+            self._child_ready(*child[1])
+
+    def _responder_child(self, inner: list[codec.Payload]):
+        sa = next((p for p in inner if isinstance(p, codec.SA)), None)
+        tsi = next((p for p in inner if isinstance(p, codec.TSi)), None)
+        tsr = next((p for p in inner if isinstance(p, codec.TSr)), None)
+        if not (sa and tsi and tsr):
+            return [], None  # childless
+        transport = any(
+            isinstance(p, codec.Notify) and p.type == NotifyType.USE_TRANSPORT_MODE for p in inner
+        )
+        for params in self.conn.children:
+            ours = [
+                parse_proposal_string(p, "esp", allow_weak=self.conn.allow_weak).to_proposal(i + 1)
+                for i, p in enumerate(params.esp_proposals)
+            ]
+            chosen = select_proposal(ours, sa.proposals)
+            if chosen is None:
+                continue
+            new_tsi = narrow(tsi.selectors, params.remote_ts)
+            new_tsr = narrow(tsr.selectors, params.local_ts)
+            if not new_tsi or not new_tsr:
+                continue
+            self.child_params = params
+            peer_spi = chosen.spi
+            self.child_spi = self.engine.allocate_spi()
+            mine = codec.Proposal(chosen.number, ProtocolId.ESP, self.child_spi, chosen.transforms)
+            use_transport = transport and params.mode == "transport"
+            payloads = [codec.Notify(type=NotifyType.USE_TRANSPORT_MODE)] if use_transport else []
+            payloads += [
+                codec.SA(proposals=[mine]),
+                codec.TSi(selectors=new_tsi),
+                codec.TSr(selectors=new_tsr),
+            ]
+            chosen_with_peer_spi = codec.Proposal(
+                chosen.number, ProtocolId.ESP, peer_spi, chosen.transforms
+            )
+            return payloads, (chosen_with_peer_spi, new_tsi, new_tsr, use_transport)
+        proposals_ok = any(
+            select_proposal(
+                [
+                    parse_proposal_string(p, "esp", allow_weak=self.conn.allow_weak).to_proposal(1)
+                    for p in c.esp_proposals
+                ],
+                sa.proposals,
+            )
+            for c in self.conn.children
+        )
+        notify = NotifyType.TS_UNACCEPTABLE if proposals_ok else NotifyType.NO_PROPOSAL_CHOSEN
+        log.info("%s: child SA refused: %s", self.conn.name, notify.name)
+        return [codec.Notify(type=notify)], None
+
+    def _respond_auth_failed(self, mid: int, reason: str) -> None:
+        log.warning("IKE_AUTH from %s failed: %s", self.remote, reason)
+        self._send_response(
+            mid,
+            codec.seal_message(
+                self._header(ExchangeType.IKE_AUTH, mid, True),
+                [codec.Notify(type=NotifyType.AUTHENTICATION_FAILED)],
+                self.out,
+            ),
+        )
+        self.engine._event(AuthFailed(self.conn.name if self.conn else "?", reason))
+        self.state = "failed"
+
+    # ------------------------------------------------------------ common
+
+    def _up(self) -> None:
+        self.state = "established"
+        self.engine._event(
+            IkeSaUp(
+                self.conn.name,
+                self.spi_i,
+                self.spi_r,
+                self.initiator,
+                describe(self.chosen_ike),
+                self.remote_id,
+            )
+        )
+
+    def _auth_failed(self, reason: str) -> None:
+        log.warning("%s: authentication failed: %s", self.conn.name, reason)
+        self.engine._event(AuthFailed(self.conn.name, reason))
+        self.state = "failed"
+        self.request = None
+        self.engine._forget(self)
+
+    def _fail(self, reason: str, notify: int | None = None) -> None:
+        log.warning("%s: %s", self.conn.name if self.conn else self.remote, reason)
+        if self.conn is not None and self.initiator:
+            self.engine._event(NegotiationFailed(self.conn.name, reason, notify))
+        self.state = "failed"
+        self.request = None
+        self.engine._forget(self)
+
+    def deadline(self) -> float | None:
+        if self.request is None:
+            return None
+        policy = self.conn.retransmit
+        return self.request.sent_at + policy.interval(self.request.attempt)
+
+    def tick(self, now: float) -> None:
+        req = self.request
+        if req is None:
+            return
+        policy = self.conn.retransmit
+        if now < req.sent_at + policy.interval(req.attempt):
+            return
+        if req.attempt >= policy.tries:
+            log.warning("%s: no answer after %d retransmissions", self.conn.name, policy.tries)
+            self.engine._event(PeerDead(self.conn.name, self.spi_i, self.spi_r))
+            self.state = "failed"
+            self.request = None
+            self.engine._forget(self)
+            return
+        req.attempt += 1
+        req.sent_at = now
+        self.engine._emit(req.data, self.remote)
+
+
+class Engine:
+    """All IKE SAs behind one local address; see the module docstring."""
+
+    def __init__(
+        self,
+        local: Address,
+        spi_allocator: Callable[[], bytes] | None = None,
+        max_half_open: int = MAX_HALF_OPEN,
+    ):
+        self.local = local
+        self.connections: dict[str, IkeConnection] = {}
+        self._by_spi: dict[bytes, IkeSa] = {}
+        self._half_open: dict[tuple[bytes, Address], IkeSa] = {}
+        self._datagrams: list[Datagram] = []
+        self._events: list[Event] = []
+        self._spi_allocator = spi_allocator or (lambda: os.urandom(4))
+        self.max_half_open = max_half_open
+
+    # public API
+    def add_connection(self, conn: IkeConnection) -> None:
+        self.connections[conn.name] = conn
+
+    def initiate(self, name: str, now: float) -> IkeSa:
+        sa = IkeSa(
+            self,
+            self.connections[name],
+            True,
+            self.connections[name].remote_address,
+            os.urandom(8),
+            bytes(8),
+        )
+        self._by_spi[sa.spi_i] = sa
+        sa.start(now)
+        return sa
+
+    def receive(self, data: bytes, src: Address, now: float) -> None:
+        try:
+            msg = codec.decode_message(data)
+        except codec.IkeDecodeError as exc:
+            log.info("dropped datagram from %s: %s", src, exc)
+            return
+        h = msg.header
+        if h.is_response:
+            sa = self._by_spi.get(h.spi_i)
+            if sa is None or not sa.initiator:
+                log.info("response from %s for unknown IKE SA %s", src, h.spi_i.hex())
+                return
+            self._on_response(sa, msg, data, now)
+        elif h.exchange == ExchangeType.IKE_SA_INIT and h.spi_r == bytes(8):
+            key = (h.spi_i, src)
+            sa = self._half_open.get(key)
+            if sa is not None:  # a retransmitted request: the same answer again
+                if sa.last_response:
+                    self._emit(sa.last_response[1], src)
+                return
+            if not self._connections_for(src):
+                log.info("IKE_SA_INIT from %s matches no connection", src)
+                return
+            if len(self._half_open) >= self.max_half_open:
+                log.warning(
+                    "half-open limit %d reached: dropping IKE_SA_INIT from %s",
+                    self.max_half_open,
+                    src,
+                )
+                return
+            sa = IkeSa(self, None, False, src, h.spi_i, os.urandom(8))
+            self._half_open[key] = sa
+            self._by_spi[sa.spi_r] = sa
+            sa.on_init_request(msg, data, now)
+        else:
+            sa = self._by_spi.get(h.spi_r)
+            if sa is None or sa.initiator:
+                log.info("request from %s for unknown IKE SA %s", src, h.spi_r.hex())
+                return
+            self._on_request(sa, msg, data, now)
+
+    def tick(self, now: float) -> None:
+        for sa in list(self._by_spi.values()):
+            sa.tick(now)
+
+    def next_deadline(self) -> float | None:
+        deadlines = [d for sa in self._by_spi.values() if (d := sa.deadline()) is not None]
+        return min(deadlines, default=None)
+
+    def pop_datagrams(self) -> list[Datagram]:
+        out, self._datagrams = self._datagrams, []
+        return out
+
+    def pop_events(self) -> list[Event]:
+        out, self._events = self._events, []
+        return out
+
+    def sas(self) -> list[IkeSa]:
+        return list({id(s): s for s in self._by_spi.values()}.values())
+
+    def allocate_spi(self) -> bytes:
+        return self._spi_allocator()
+
+    # internals used by IkeSa
+    def _on_response(self, sa: IkeSa, msg: codec.Message, data: bytes, now: float) -> None:
+        h = msg.header
+        if sa.request is None or h.message_id != sa.request.message_id:
+            log.info("%s: unexpected response id %d", sa.conn.name, h.message_id)
+            return
+        if h.exchange == ExchangeType.IKE_SA_INIT and sa.state == "init":
+            sa._on_init_response(msg, data, now)
+        elif h.exchange == ExchangeType.IKE_AUTH and sa.state == "auth":
+            try:
+                inner = codec.open_encrypted(data, msg, sa.inbound)
+            except codec.IkeDecodeError as exc:
+                log.info("%s: dropped IKE_AUTH response: %s", sa.conn.name, exc)
+                return
+            sa._on_auth_response(inner, now)
+
+    def _on_request(self, sa: IkeSa, msg: codec.Message, data: bytes, now: float) -> None:
+        h = msg.header
+        if sa.last_response and h.message_id == sa.last_response[0]:
+            self._emit(sa.last_response[1], sa.remote)  # retransmitted request
+            return
+        if h.message_id != sa.next_mid:
+            log.info("request id %d outside the window (expected %d)", h.message_id, sa.next_mid)
+            return
+        try:
+            inner = codec.open_encrypted(data, msg, sa.inbound)
+        except codec.IkeDecodeError as exc:
+            log.info("dropped request from %s: %s", sa.remote, exc)
+            return
+        if h.exchange == ExchangeType.IKE_AUTH and sa.state == "auth":
+            sa.next_mid += 1
+            self._half_open.pop((sa.spi_i, sa.remote), None)
+            sa.on_auth_request(inner, h.message_id, now)
+        else:
+            log.info("%s: exchange %d in state %s not handled yet", sa.remote, h.exchange, sa.state)
+
+    def _connections_for(self, remote: Address) -> list[IkeConnection]:
+        return [c for c in self.connections.values() if c.remote_address[0] == remote[0]]
+
+    def _nat_notifies(self, spi_i: bytes, spi_r: bytes, remote: Address) -> list[codec.Notify]:
+        def digest(address: Address) -> bytes:
+            import hashlib
+
+            packed = ipaddress.ip_address(address[0]).packed
+            return hashlib.sha1(spi_i + spi_r + packed + struct.pack("!H", address[1])).digest()
+
+        return [
+            codec.Notify(type=NotifyType.NAT_DETECTION_SOURCE_IP, data=digest(self.local)),
+            codec.Notify(type=NotifyType.NAT_DETECTION_DESTINATION_IP, data=digest(remote)),
+        ]
+
+    def _index(self, sa: IkeSa) -> None:
+        self._by_spi[sa.local_spi] = sa
+
+    def _forget(self, sa: IkeSa) -> None:
+        for key in [k for k, v in self._by_spi.items() if v is sa]:
+            del self._by_spi[key]
+        for key in [k for k, v in self._half_open.items() if v is sa]:
+            del self._half_open[key]
+
+    def _emit(self, data: bytes, dst: Address) -> None:
+        self._datagrams.append(Datagram(data, self.local, dst))
+
+    def _event(self, event: Event) -> None:
+        self._events.append(event)

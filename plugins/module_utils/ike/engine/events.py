@@ -1,0 +1,79 @@
+"""What the engine tells its shell: datagrams to send and protocol events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+Address = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Datagram:
+    data: bytes
+    src: Address
+    dst: Address
+
+
+@dataclass(frozen=True)
+class IkeSaUp:
+    connection: str
+    spi_i: bytes
+    spi_r: bytes
+    initiator: bool
+    proposal: str  # strongSwan-style name of the chosen suite
+    remote_id: str
+
+
+@dataclass(frozen=True)
+class ChildSaReady:
+    """A Child SA to install: the shell hands it to the data plane. Keys are the
+    outbound and inbound ones from this side's point of view."""
+
+    connection: str
+    child: str
+    protocol: str  # esp | ah
+    mode: str  # tunnel | transport
+    spi_in: int
+    spi_out: int
+    local_ts: tuple[str, ...]
+    remote_ts: tuple[str, ...]
+    proposal: str
+    encr_id: int
+    encr_key_bits: int | None
+    integ_id: int
+    key_out: bytes = field(repr=False)
+    integ_key_out: bytes = field(repr=False)
+    key_in: bytes = field(repr=False)
+    integ_key_in: bytes = field(repr=False)
+    esn: bool = False
+
+
+@dataclass(frozen=True)
+class IkeSaDown:
+    connection: str
+    spi_i: bytes
+    spi_r: bytes
+    reason: str
+
+
+@dataclass(frozen=True)
+class AuthFailed:
+    connection: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class PeerDead:
+    connection: str
+    spi_i: bytes
+    spi_r: bytes
+
+
+@dataclass(frozen=True)
+class NegotiationFailed:
+    connection: str
+    reason: str
+    notify: int | None = None
+
+
+Event = IkeSaUp | ChildSaReady | IkeSaDown | AuthFailed | PeerDead | NegotiationFailed

@@ -1,0 +1,236 @@
+"""Two engines establish IKE and Child SAs through a fake network with a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.core import (
+    ChildParams,
+    Engine,
+    IkeConnection,
+)
+from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events import (
+    AuthFailed,
+    ChildSaReady,
+    IkeSaUp,
+    NegotiationFailed,
+    PeerDead,
+)
+from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.retransmit import (
+    RetransmitPolicy,
+)
+from ansible_collections.keyway.ipsec.plugins.module_utils.ike.proposals import (
+    describe,
+    parse_proposal_string,
+)
+from tests.fixtures.fakenet import FakeNetwork, Impairment
+
+A, B = ("192.0.2.11", 500), ("192.0.2.12", 500)
+PSK = b"fake-network-psk-0123456789"
+
+
+def conn(local_id, remote_id, remote, local_ts, remote_ts, **kw) -> IkeConnection:
+    kw.setdefault("proposals", ("aes256gcm16-prfsha384-x25519",))
+    child = ChildParams(
+        "sites", local_ts, remote_ts, kw.pop("esp", ("aes256gcm16",)), kw.pop("mode", "tunnel")
+    )
+    return IkeConnection(
+        "h1-h2",
+        remote,
+        local_id,
+        remote_id,
+        kw.pop("psk", PSK),
+        children=(child,),
+        retransmit=RetransmitPolicy(0.5, 2.0, 4),
+        **kw,
+    )
+
+
+class Pair:
+    def __init__(self, net: FakeNetwork, conn_a: IkeConnection, conn_b: IkeConnection):
+        self.net = net
+        self.a, self.b = Engine(A), Engine(B)
+        self.a.add_connection(conn_a)
+        self.b.add_connection(conn_b)
+        self.events = {A: [], B: []}
+        net.attach(A, lambda d, s, _dst, now: self.a.receive(d, s, now))
+        net.attach(B, lambda d, s, _dst, now: self.b.receive(d, s, now))
+
+    def pump(self, until: float = 60.0) -> None:
+        """Run network and timers until nothing is left to do (or `until`)."""
+        while True:
+            for engine in (self.a, self.b):
+                for dgram in engine.pop_datagrams():
+                    self.net.send(dgram.data, dgram.src, dgram.dst)
+                self.events[engine.local] += engine.pop_events()
+            nxt = [
+                t
+                for t in (self.net.next_delivery(), self.a.next_deadline(), self.b.next_deadline())
+                if t is not None
+            ]
+            if not nxt or min(nxt) > until:
+                return
+            step = min(nxt)
+            self.net.deliver_until(step)
+            self.a.tick(self.net.now)
+            self.b.tick(self.net.now)
+
+
+def lab_pair(impairment=None, **overrides) -> Pair:
+    net = FakeNetwork(seed=overrides.pop("seed", 1), impairment=impairment or Impairment())
+    ca = conn("h1.lab", "h2.lab", B, ("10.1.0.0/24",), ("10.2.0.0/24",), **overrides)
+    cb = conn(
+        "h2.lab",
+        "h1.lab",
+        A,
+        ("10.2.0.0/24",),
+        ("10.1.0.0/24",),
+        **{k: v for k, v in overrides.items() if k != "psk_b"},
+    )
+    return Pair(net, ca, cb)
+
+
+def of(events, kind):
+    return [e for e in events if isinstance(e, kind)]
+
+
+@pytest.mark.parametrize(
+    "suite",
+    ["aes256gcm16-prfsha384-x25519", "aes128-sha256-ecp256", "chacha20poly1305-prfsha256-x448"],
+)
+def test_establish_ike_and_child_sa(suite):
+    pair = lab_pair(proposals=(suite,))
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    ups_a, ups_b = of(pair.events[A], IkeSaUp), of(pair.events[B], IkeSaUp)
+    canonical = describe(parse_proposal_string(suite, "ike").to_proposal())
+    assert len(ups_a) == len(ups_b) == 1 and ups_a[0].proposal == canonical
+    assert (ups_a[0].spi_i, ups_a[0].spi_r) == (ups_b[0].spi_i, ups_b[0].spi_r)
+    (ca,), (cb,) = of(pair.events[A], ChildSaReady), of(pair.events[B], ChildSaReady)
+    assert (ca.spi_in, ca.spi_out) == (cb.spi_out, cb.spi_in)
+    assert (ca.key_out, ca.key_in) == (cb.key_in, cb.key_out)
+    assert ca.local_ts == ("10.1.0.0/24",) and cb.local_ts == ("10.2.0.0/24",)
+    assert ca.mode == cb.mode == "tunnel"
+
+
+def test_establish_through_loss_duplication_and_reordering():
+    for seed in range(10):
+        pair = lab_pair(Impairment(loss=0.25, duplicate=0.3, reorder=0.4), seed=seed)
+        pair.a.initiate("h1-h2", 0.0)
+        pair.pump()
+        ready = of(pair.events[A], ChildSaReady), of(pair.events[B], ChildSaReady)
+        # Exactly one Child SA each side: duplicates and retransmissions create none.
+        assert len(ready[0]) == len(ready[1]) == 1, seed
+        assert ready[0][0].key_out == ready[1][0].key_in
+        assert len(of(pair.events[B], IkeSaUp)) == 1
+
+
+def test_invalid_ke_payload_retry_in_the_responder_s_group():
+    net = FakeNetwork()
+    ca = conn(
+        "h1.lab",
+        "h2.lab",
+        B,
+        ("10.1.0.0/24",),
+        ("10.2.0.0/24",),
+        proposals=("aes256gcm16-prfsha384-x25519-ecp384",),
+    )
+    cb = conn(
+        "h2.lab",
+        "h1.lab",
+        A,
+        ("10.2.0.0/24",),
+        ("10.1.0.0/24",),
+        proposals=("aes256gcm16-prfsha384-ecp384",),
+    )
+    pair = Pair(net, ca, cb)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    (up,) = of(pair.events[A], IkeSaUp)
+    assert up.proposal == "aes256gcm16-prfsha384-ecp384"
+
+
+def test_wrong_psk_fails_on_both_sides_with_a_reason():
+    net = FakeNetwork()
+    ca = conn("h1.lab", "h2.lab", B, ("10.1.0.0/24",), ("10.2.0.0/24",))
+    cb = conn(
+        "h2.lab", "h1.lab", A, ("10.2.0.0/24",), ("10.1.0.0/24",), psk=b"another-psk-entirely-0000"
+    )
+    pair = Pair(net, ca, cb)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    (fail_b,) = of(pair.events[B], AuthFailed)
+    assert "does not verify with the PSK" in fail_b.reason
+    (fail_a,) = of(pair.events[A], AuthFailed)
+    assert "AUTHENTICATION_FAILED" in fail_a.reason
+    assert not of(pair.events[A], IkeSaUp) and not of(pair.events[B], IkeSaUp)
+    assert not pair.a.sas() and pair.b.next_deadline() is None
+
+
+def test_no_common_proposal():
+    net = FakeNetwork()
+    ca = conn(
+        "h1.lab",
+        "h2.lab",
+        B,
+        ("10.1.0.0/24",),
+        ("10.2.0.0/24",),
+        proposals=("aes128gcm16-prfsha256-x25519",),
+    )
+    cb = conn(
+        "h2.lab",
+        "h1.lab",
+        A,
+        ("10.2.0.0/24",),
+        ("10.1.0.0/24",),
+        proposals=("aes256gcm16-prfsha384-ecp384",),
+    )
+    pair = Pair(net, ca, cb)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    (failed,) = of(pair.events[A], NegotiationFailed)
+    assert "NO_PROPOSAL_CHOSEN" in failed.reason
+    assert not pair.b.sas()  # the responder kept no state
+
+
+def test_traffic_selectors_are_narrowed_and_mismatches_refused():
+    net = FakeNetwork()
+    ca = conn("h1.lab", "h2.lab", B, ("10.1.0.0/16",), ("10.2.0.0/16",))
+    cb = conn("h2.lab", "h1.lab", A, ("10.2.0.0/24",), ("10.1.0.0/24",))
+    pair = Pair(net, ca, cb)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    (child,) = of(pair.events[A], ChildSaReady)
+    assert (child.local_ts, child.remote_ts) == (("10.1.0.0/24",), ("10.2.0.0/24",))
+
+    ca = conn("h1.lab", "h2.lab", B, ("10.1.0.0/24",), ("10.9.0.0/24",))
+    pair = Pair(FakeNetwork(), ca, cb)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    assert of(pair.events[A], IkeSaUp)  # the IKE SA stands
+    (failed,) = of(pair.events[A], NegotiationFailed)
+    assert "TS_UNACCEPTABLE" in failed.reason
+
+
+def test_silent_peer_is_declared_dead_after_the_retransmissions():
+    pair = lab_pair(Impairment(drop_if=lambda d, s, dst: dst == B))
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump(until=100)
+    (dead,) = of(pair.events[A], PeerDead)
+    sent = [entry for entry in pair.net.log if entry[1] == A]
+    assert len(sent) == 1 + 4  # first send and four retransmissions
+    assert pair.net.now == pytest.approx(0.5 * (1 + 2 + 4 + 8 + 16), abs=0.1)
+    assert dead.connection == "h1-h2"
+
+
+def test_garbage_and_replays_leave_state_alone():
+    pair = lab_pair()
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    sas_before = [(s.spi_i, s.spi_r, s.state) for s in pair.b.sas()]
+    for junk in (b"", b"\x00" * 28, bytes(range(200))):
+        pair.b.receive(junk, A, 100.0)
+    first_request = next(e[3] for e in pair.net.log if e[1] == A)
+    pair.b.receive(first_request, A, 101.0)  # a stale IKE_SA_INIT retransmission
+    assert [(s.spi_i, s.spi_r, s.state) for s in pair.b.sas()] >= sas_before
+    assert not of(pair.b.pop_events(), ChildSaReady)
