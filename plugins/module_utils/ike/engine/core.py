@@ -16,6 +16,7 @@ DPD), cookies under load, certificates, fragmentation on send, collisions.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import os
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 from .. import codec, crypto
 from ..constants import (
+    NAT_T_PORT,
     AuthMethod,
     EsnId,
     ExchangeType,
@@ -163,6 +165,7 @@ class IkeSa:
         self.child_spi = b""
         self.child_params: ChildParams | None = None
         self.remote_id = ""
+        self.nat = False
 
     @property
     def local_spi(self) -> bytes:
@@ -251,6 +254,12 @@ class IkeSa:
         self.request = None
         self.spi_r = msg.header.spi_r
         self.engine._index(self)
+        if self.engine._nat_detected(msg, self.spi_i, self.spi_r, self.remote):
+            # RFC 7296 2.23: behind a NAT (or a peer that says so, like strongSwan's
+            # libipsec), continue on the NAT-T port with the non-ESP marker.
+            log.info("%s: NAT detected, moving to port %d", conn.name, NAT_T_PORT)
+            self.remote = (self.remote[0], NAT_T_PORT)
+            self.nat = True
         self.init_response = data
         self.nonce_r = nonce.data
         self._derive(chosen, ke, msg)
@@ -701,7 +710,7 @@ class Engine:
             if sa is None or sa.initiator:
                 log.info("request from %s for unknown IKE SA %s", src, h.spi_r.hex())
                 return
-            self._on_request(sa, msg, data, now)
+            self._on_request(sa, msg, data, src, now)
 
     def tick(self, now: float) -> None:
         for sa in list(self._by_spi.values()):
@@ -741,10 +750,12 @@ class Engine:
                 return
             sa._on_auth_response(inner, now)
 
-    def _on_request(self, sa: IkeSa, msg: codec.Message, data: bytes, now: float) -> None:
+    def _on_request(
+        self, sa: IkeSa, msg: codec.Message, data: bytes, src: Address, now: float
+    ) -> None:
         h = msg.header
         if sa.last_response and h.message_id == sa.last_response[0]:
-            self._emit(sa.last_response[1], sa.remote)  # retransmitted request
+            self._emit(sa.last_response[1], src)  # retransmitted request
             return
         if h.message_id != sa.next_mid:
             log.info("request id %d outside the window (expected %d)", h.message_id, sa.next_mid)
@@ -754,6 +765,9 @@ class Engine:
         except codec.IkeDecodeError as exc:
             log.info("dropped request from %s: %s", sa.remote, exc)
             return
+        # Answer where the request came from: a peer behind NAT (or one that floated
+        # to the NAT-T port, RFC 7296 2.23) is only reachable there.
+        sa.remote = src
         if h.exchange == ExchangeType.IKE_AUTH and sa.state == "auth":
             sa.next_mid += 1
             self._half_open.pop((sa.spi_i, sa.remote), None)
@@ -764,17 +778,35 @@ class Engine:
     def _connections_for(self, remote: Address) -> list[IkeConnection]:
         return [c for c in self.connections.values() if c.remote_address[0] == remote[0]]
 
-    def _nat_notifies(self, spi_i: bytes, spi_r: bytes, remote: Address) -> list[codec.Notify]:
-        def digest(address: Address) -> bytes:
-            import hashlib
+    def _nat_notifies(
+        self, spi_i: bytes, spi_r: bytes, remote: Address, swap: bool = False
+    ) -> list[codec.Notify]:
+        """NAT_DETECTION_SOURCE/DESTINATION_IP for a message to `remote`; with swap, the
+        values a message from `remote` to us should carry."""
 
+        def digest(address: Address) -> bytes:
             packed = ipaddress.ip_address(address[0]).packed
+            # SHA-1 is what RFC 7296 2.23 prescribes here (not a security function).
             return hashlib.sha1(spi_i + spi_r + packed + struct.pack("!H", address[1])).digest()
 
+        src, dst = (remote, self.local) if swap else (self.local, remote)
         return [
-            codec.Notify(type=NotifyType.NAT_DETECTION_SOURCE_IP, data=digest(self.local)),
-            codec.Notify(type=NotifyType.NAT_DETECTION_DESTINATION_IP, data=digest(remote)),
+            codec.Notify(type=NotifyType.NAT_DETECTION_SOURCE_IP, data=digest(src)),
+            codec.Notify(type=NotifyType.NAT_DETECTION_DESTINATION_IP, data=digest(dst)),
         ]
+
+    def _nat_detected(
+        self, msg: codec.Message, spi_i: bytes, spi_r: bytes, remote: Address
+    ) -> bool:
+        """True if the peer's NAT_DETECTION hashes do not match the addresses we use."""
+        expected_src, expected_dst = (
+            n.data for n in self._nat_notifies(spi_i, spi_r, remote, swap=True)
+        )
+        src = [n.data for n in msg.notifies(NotifyType.NAT_DETECTION_SOURCE_IP)]
+        dst = [n.data for n in msg.notifies(NotifyType.NAT_DETECTION_DESTINATION_IP)]
+        if not src and not dst:
+            return False
+        return expected_src not in src or expected_dst not in dst
 
     def _index(self, sa: IkeSa) -> None:
         self._by_spi[sa.local_spi] = sa

@@ -1,0 +1,114 @@
+"""The asyncio shell around the sans-IO engine: UDP 500 and 4500, and the engine's timer.
+
+    runner = UdpRunner(engine, "192.0.2.11", on_event=print)
+    await runner.start(); ...; await runner.stop()
+
+IKE on the NAT-T port carries a 4-byte zero non-ESP marker (RFC 3948); anything else
+arriving there is ESP in UDP and goes to `esp_handler` (the userspace data plane), or
+is dropped when there is none. keywayd grows from this (the agent issue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from ..ike.constants import IKE_PORT, NAT_T_PORT, NON_ESP_MARKER
+from ..ike.engine.core import Engine
+from ..ike.engine.events import Event
+
+log = logging.getLogger("keyway.agent")
+
+
+class _Endpoint(asyncio.DatagramProtocol):
+    def __init__(self, on_datagram: Callable[[bytes, tuple], None]):
+        self.on_datagram = on_datagram
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        self.on_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.info("UDP error: %s", exc)  # e.g. ICMP port unreachable: retransmits cope
+
+
+class UdpRunner:
+    def __init__(
+        self,
+        engine: Engine,
+        host: str,
+        *,
+        ike_port: int = IKE_PORT,
+        nat_t_port: int = NAT_T_PORT,
+        on_event: Callable[[Event], None] | None = None,
+        esp_handler: Callable[[bytes, tuple], None] | None = None,
+    ):
+        self.engine, self.host = engine, host
+        self.ike_port, self.nat_t_port = ike_port, nat_t_port
+        self.on_event = on_event or (lambda event: None)
+        self.esp_handler = esp_handler
+        self._ike: _Endpoint | None = None
+        self._nat_t: _Endpoint | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        _, self._ike = await self._loop.create_datagram_endpoint(
+            lambda: _Endpoint(self._on_ike), local_addr=(self.host, self.ike_port)
+        )
+        _, self._nat_t = await self._loop.create_datagram_endpoint(
+            lambda: _Endpoint(self._on_nat_t), local_addr=(self.host, self.nat_t_port)
+        )
+
+    async def stop(self) -> None:
+        if self._timer:
+            self._timer.cancel()
+        for endpoint in (self._ike, self._nat_t):
+            if endpoint and endpoint.transport:
+                endpoint.transport.close()
+
+    def now(self) -> float:
+        return self._loop.time()
+
+    def initiate(self, name: str) -> None:
+        self.engine.initiate(name, self.now())
+        self.pump()
+
+    def _on_ike(self, data: bytes, addr: tuple) -> None:
+        self.engine.receive(data, (addr[0], addr[1]), self.now())
+        self.pump()
+
+    def _on_nat_t(self, data: bytes, addr: tuple) -> None:
+        if data[:4] == NON_ESP_MARKER:
+            self.engine.receive(data[4:], (addr[0], addr[1]), self.now())
+            self.pump()
+        elif data == b"\xff":
+            return  # NAT keepalive
+        elif self.esp_handler is not None:
+            self.esp_handler(data, addr)
+
+    def pump(self) -> None:
+        """Send what the engine queued, deliver its events, re-arm its timer."""
+        for dgram in self.engine.pop_datagrams():
+            if dgram.dst[1] == self.nat_t_port:
+                self._nat_t.transport.sendto(NON_ESP_MARKER + dgram.data, dgram.dst)
+            else:
+                self._ike.transport.sendto(dgram.data, dgram.dst)
+        for event in self.engine.pop_events():
+            self.on_event(event)
+        if self._timer:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.engine.next_deadline()
+        if deadline is not None:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.engine.tick(self.now())
+        self.pump()

@@ -1,0 +1,110 @@
+"""keyway's engine against Debian's charon: IKE SA and first Child SA, both roles."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.fixtures.ike_peer import IkePeer
+from tests.fixtures.strongswan import psk_connection
+
+PSK = "engine-interop-psk-5a6b7c8d"
+SUITES = [
+    ("aes256gcm16-prfsha384-ecp384", "aes256gcm16"),
+    ("aes128gcm16-prfsha256-x25519", "aes128gcm16"),
+    ("chacha20poly1305-prfsha256-x25519", "chacha20poly1305"),
+    ("aes256-sha256-modp3072", "aes256-sha256"),
+]
+
+
+def keyway_spec(me, peer, proposal, esp, initiate: bool) -> dict:
+    return {
+        "local": me.ipv4,
+        "initiate": ["kw"] if initiate else [],
+        "connections": [
+            {
+                "name": "kw",
+                "remote": peer.ipv4,
+                "local_id": f"{me.name}.lab",
+                "remote_id": f"{peer.name}.lab",
+                "psk": PSK,
+                "proposals": [proposal],
+                "children": [
+                    {
+                        "name": "kw",
+                        "local_ts": [me.site4],
+                        "remote_ts": [peer.site4],
+                        "esp_proposals": [esp],
+                    }
+                ],
+            }
+        ],
+    }
+
+
+def charon_conf(me, peer, proposal, esp) -> str:
+    return psk_connection(
+        name="kw",
+        local_addr=me.ipv4,
+        remote_addr=peer.ipv4,
+        local_id=f"{me.name}.lab",
+        remote_id=f"{peer.name}.lab",
+        local_ts=me.site4,
+        remote_ts=peer.site4,
+        psk=PSK,
+        proposals=proposal,
+        esp_proposals=esp,
+    )
+
+
+def charon_child(sas: str) -> dict:
+    installed = [c for c in re.findall(r"kw-\d+ \{([^{}]*)", sas) if "state=INSTALLED" in c]
+    assert installed, sas
+    return dict(re.findall(r"([\w-]+)=(\S+)", installed[0]))
+
+
+@pytest.mark.parametrize(("proposal", "esp"), SUITES)
+def test_keyway_initiates_to_charon(netns_hosts, charon_factory, proposal, esp):
+    a, b = netns_hosts(2).hosts
+    charon = charon_factory(b.netns, charon_conf(b, a, proposal, esp))
+    peer = IkePeer(a.netns, keyway_spec(a, b, proposal, esp, initiate=True))
+    try:
+        child = peer.wait_for("ChildSaReady")
+    finally:
+        peer.stop()
+    sas = charon.list_sas()
+    assert "state=ESTABLISHED" in sas, sas
+    theirs = charon_child(sas)
+    assert int(theirs["spi-in"], 16) == child["spi_out"]
+    assert int(theirs["spi-out"], 16) == child["spi_in"]
+    assert child["local_ts"] == [a.site4] and child["remote_ts"] == [b.site4]
+
+
+@pytest.mark.parametrize(("proposal", "esp"), SUITES[:2])
+def test_charon_initiates_to_keyway(netns_hosts, charon_factory, proposal, esp):
+    a, b = netns_hosts(2).hosts
+    peer = IkePeer(a.netns, keyway_spec(a, b, proposal, esp, initiate=False))
+    try:
+        charon = charon_factory(b.netns, charon_conf(b, a, proposal, esp))
+        charon.swanctl("--initiate", "--child", "kw", timeout=30)
+        child = peer.wait_for("ChildSaReady")
+        up = next(e for e in peer.seen if e["event"] == "IkeSaUp")
+    finally:
+        peer.stop()
+    assert up["initiator"] is False and up["remote_id"] == f"{b.name}.lab"
+    theirs = charon_child(charon.list_sas())
+    assert int(theirs["spi-in"], 16) == child["spi_out"]
+    assert int(theirs["spi-out"], 16) == child["spi_in"]
+
+
+def test_wrong_psk_is_refused_by_both(netns_hosts, charon_factory):
+    a, b = netns_hosts(2).hosts
+    proposal, esp = SUITES[1]
+    charon_factory(b.netns, charon_conf(b, a, proposal, esp).replace(PSK, "not-the-psk-0000"))
+    peer = IkePeer(a.netns, keyway_spec(a, b, proposal, esp, initiate=True))
+    try:
+        failed = peer.wait_for("AuthFailed")
+    finally:
+        peer.stop()
+    assert "AUTHENTICATION_FAILED" in failed["reason"]
