@@ -1,0 +1,549 @@
+"""The userspace ESP/AH data plane: IPsec over a TUN device, for kernels without ESP.
+
+How the agent uses it::
+
+    plane = UserspacePlane(tun_name="kw-esp0")      # own_udp_port=4500 only in tests
+    await plane.start(on_event)                      # opens TUN + raw ESP/AH sockets
+    plane.install_sa(SaSpec(...)); plane.install_policy(PolicySpec(...))
+    # the agent owns UDP 4500 (shared with IKE); for every datagram it receives there:
+    plane.handle_udp_encap(datagram, src_ip, dst_ip)  # returns False if not ESP (IKE)
+    plane.sa_counters(sa_id); plane.drops            # per-SA and per-reason counters
+    await plane.stop()                               # closes sockets, removes routes
+
+Outbound: PROTECT policies (direction OUT) put a route for their destination prefix into
+the TUN device; every packet read from it is matched against the OUT policies (most
+specific first): PROTECT seals it with the newest SA of the template's reqid and sends
+it through a raw socket (or, for UDP-encapsulated SAs, through `udp_sender` or the
+plane's own UDP socket); PASS sends it in the clear; DROP drops it. A PROTECT policy with
+no SA raises an AcquireEvent. Inbound: ESP/AH from raw sockets and ESP-in-UDP handed in
+are found by (dst, proto, SPI), verified, replay-checked, checked against the SA's
+selector and written to the TUN device. Events (ExpireEvent soft/hard from the byte,
+packet and time lifetimes, SeqOverflowEvent, AcquireEvent) go to the sink given to
+start(). Bad packets never raise: they are counted in `drops` by reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import os
+import secrets
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..esp import packet as pk
+from ..esp import tun
+from .base import (
+    AcquireEvent,
+    DataPlane,
+    DataPlaneError,
+    Direction,
+    EventSink,
+    ExpireEvent,
+    IpsecProto,
+    Mode,
+    PolicyAction,
+    PolicyId,
+    PolicySpec,
+    SaCounters,
+    SaId,
+    SaSpec,
+    Selector,
+    SeqOverflowEvent,
+    is_keyway_reqid,
+)
+
+BATCH = 64  # packets handled per readiness callback before yielding to the loop
+# Rekey this many sequence numbers before the counter would run out (RFC 4303 3.3.3).
+SEQ_OVERFLOW_MARGIN = 1 << 16
+
+UdpSender = Callable[[bytes, str, int], None]  # (esp, peer address, peer port)
+
+
+@dataclass
+class _Sa:
+    spec: SaSpec
+    crypto: pk.SaCrypto = field(repr=False)
+    add_time: float
+    bytes: int = 0
+    packets: int = 0
+    replay_dropped: int = 0
+    integrity_failed: int = 0
+    use_time: float = 0.0
+    soft_sent: bool = False
+    overflow_sent: bool = False
+    selector: _CompiledSelector | None = None
+
+
+def _net(prefix: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    return ipaddress.ip_network(prefix, strict=False)
+
+
+class _CompiledSelector:
+    __slots__ = ("dport", "dst", "proto", "sport", "src")
+
+    def __init__(self, sel: Selector) -> None:
+        self.src, self.dst = _net(sel.src), _net(sel.dst)
+        self.proto, self.sport, self.dport = sel.proto, sel.sport, sel.dport
+
+    def matches(self, ip: pk.IpPacket) -> bool:
+        if self.src.version != ip.version:
+            return False
+        if (
+            ipaddress.ip_address(ip.src) not in self.src
+            or ipaddress.ip_address(ip.dst) not in self.dst
+        ):
+            return False
+        if self.proto and self.proto != ip.proto:
+            return False
+        return not (self.sport and self.sport != ip.sport) and not (
+            self.dport and self.dport != ip.dport
+        )
+
+    def specificity(self) -> int:
+        return self.src.prefixlen + self.dst.prefixlen + (8 if self.proto else 0)
+
+
+class UserspacePlane(DataPlane):
+    name = "userspace"
+
+    def __init__(
+        self,
+        tun_name: str = "kw-esp0",
+        own_udp_port: int | None = None,
+        udp_sender: UdpSender | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.tun_name = tun_name
+        self.own_udp_port = own_udp_port
+        self.udp_sender = udp_sender
+        self.clock = clock
+        self.drops: collections.Counter[str] = collections.Counter()
+        self._sas: dict[SaId, _Sa] = {}
+        self._inbound: dict[tuple[bytes, int, int], _Sa] = {}
+        self._policies: dict[PolicyId, tuple[PolicySpec, _CompiledSelector]] = {}
+        self._out_order: list[tuple[PolicySpec, _CompiledSelector]] = []
+        self._routes: set[str] = set()
+        self._events: EventSink = lambda event: None
+        self._acquired: dict[int, float] = {}
+        self._tun_fd = -1
+        self._tun_dev = ""
+        self._socks: list[socket.socket] = []
+        self._senders: dict[int, socket.socket] = {}
+        self._udp: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self, events: EventSink) -> None:
+        self._events = events
+        loop = self._loop = asyncio.get_running_loop()
+        try:
+            self._tun_fd, self._tun_dev = tun.open_tun(self.tun_name)
+        except tun.TunError as exc:
+            raise DataPlaneError(str(exc)) from None
+        for family in (socket.AF_INET, socket.AF_INET6):
+            self._senders[family] = tun.raw_sender(family)
+            for proto in (pk.IPPROTO_ESP, pk.IPPROTO_AH):
+                sock = tun.raw_receiver(family, proto)
+                self._socks.append(sock)
+                loop.add_reader(sock.fileno(), self._on_raw, sock, family)
+        if self.own_udp_port is not None:
+            self._udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self._udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._udp.bind(("0.0.0.0", self.own_udp_port))
+            self._udp.setblocking(False)
+            loop.add_reader(self._udp.fileno(), self._on_udp)
+        loop.add_reader(self._tun_fd, self._on_tun)
+        for policy, _ in self._out_order:
+            self._route_for(policy)
+        self._tick()
+
+    async def stop(self) -> None:
+        loop = self._loop
+        if self._timer:
+            self._timer.cancel()
+        for sock in [*self._socks, *([self._udp] if self._udp else [])]:
+            if loop:
+                loop.remove_reader(sock.fileno())
+            sock.close()
+        for sock in self._senders.values():
+            sock.close()
+        self._socks.clear()
+        self._senders.clear()
+        self._udp = None
+        for prefix in sorted(self._routes):
+            tun.del_route(prefix, self._tun_dev)
+        self._routes.clear()
+        if self._tun_fd >= 0:
+            if loop:
+                loop.remove_reader(self._tun_fd)
+            os.close(self._tun_fd)  # the device disappears with its last fd
+            self._tun_fd = -1
+
+    # -- SAs ---------------------------------------------------------------------------
+
+    def allocate_spi(self, src: str, dst: str, proto: IpsecProto, reqid: int) -> int:
+        while True:
+            spi = secrets.randbelow(0xFFFFFFFF - 0x100) + 0x100  # 1..255 are reserved
+            if SaId(dst, proto, spi) not in self._sas:
+                return spi
+
+    def install_sa(self, sa: SaSpec) -> None:
+        if sa.id in self._sas:
+            raise DataPlaneError(f"SA {sa.dst}/{sa.proto}/0x{sa.spi:08x} exists")
+        try:
+            crypto = pk.SaCrypto(
+                spi=sa.spi,
+                ah=sa.proto == IpsecProto.AH,
+                tunnel=sa.mode == Mode.TUNNEL,
+                enc_alg=sa.enc_alg,
+                enc_key=sa.enc_key,
+                integ_alg=sa.integ_alg,
+                integ_key=sa.integ_key,
+                esn=sa.esn,
+                replay_window=max(sa.replay_window, 32),
+                outer_src=sa.src,
+                outer_dst=sa.dst,
+                icv_bits=sa.icv_bits,
+            )
+        except pk.SaConfigError as exc:
+            raise DataPlaneError(f"SA 0x{sa.spi:08x}: {exc}") from None
+        try:
+            selector = _CompiledSelector(sa.selector) if sa.selector else None
+        except ValueError as exc:
+            raise DataPlaneError(f"SA 0x{sa.spi:08x} selector: {exc}") from None
+        entry = _Sa(sa, crypto, add_time=self.clock(), selector=selector)
+        self._sas[sa.id] = entry
+        proto = pk.IPPROTO_AH if sa.proto == IpsecProto.AH else pk.IPPROTO_ESP
+        self._inbound[(ipaddress.ip_address(sa.dst).packed, proto, sa.spi)] = entry
+
+    def update_sa(self, sa: SaSpec) -> None:
+        entry = self._sas.get(sa.id)
+        if entry is None:
+            raise DataPlaneError(f"no SA 0x{sa.spi:08x} to update")
+        entry.spec = sa  # keys and algorithms stay those of the SaCrypto (immutable)
+
+    def delete_sa(self, sa: SaId) -> None:
+        entry = self._sas.pop(sa, None)
+        if entry is None:
+            raise DataPlaneError(f"no SA {sa.dst}/{sa.proto}/0x{sa.spi:08x}")
+        proto = pk.IPPROTO_AH if sa.proto == IpsecProto.AH else pk.IPPROTO_ESP
+        self._inbound.pop((ipaddress.ip_address(sa.dst).packed, proto, sa.spi), None)
+
+    def list_sas(self) -> list[SaSpec]:
+        return [e.spec for e in self._sas.values() if is_keyway_reqid(e.spec.reqid)]
+
+    def sa_counters(self, sa: SaId) -> SaCounters:
+        e = self._sas.get(sa)
+        if e is None:
+            raise DataPlaneError(f"no SA {sa.dst}/{sa.proto}/0x{sa.spi:08x}")
+        return SaCounters(
+            e.bytes, e.packets, e.replay_dropped, e.integrity_failed, e.add_time, e.use_time
+        )
+
+    # -- policies ----------------------------------------------------------------------
+
+    def install_policy(self, policy: PolicySpec) -> None:
+        try:
+            compiled = _CompiledSelector(policy.selector)
+        except ValueError as exc:
+            raise DataPlaneError(f"policy selector: {exc}") from None
+        if policy.action == PolicyAction.PROTECT and not policy.templates:
+            raise DataPlaneError("a PROTECT policy needs a template")
+        self._policies[policy.id] = (policy, compiled)
+        self._reorder()
+        if policy.direction == Direction.OUT and self._tun_fd >= 0:
+            self._route_for(policy)
+
+    def remove_policy(self, policy: PolicyId) -> None:
+        if self._policies.pop(policy, None) is None:
+            raise DataPlaneError(f"no policy {policy.selector} {policy.direction}")
+        self._reorder()
+        prefix = str(_net(policy.selector.dst))
+        still = any(str(_net(p.selector.dst)) == prefix for p, _ in self._out_order)
+        if prefix in self._routes and not still:
+            tun.del_route(prefix, self._tun_dev)
+            self._routes.discard(prefix)
+
+    def list_policies(self) -> list[PolicySpec]:
+        return [p for p, _ in self._policies.values()]
+
+    def flush_owned(self) -> None:
+        for sa_id in [i for i, e in self._sas.items() if is_keyway_reqid(e.spec.reqid)]:
+            self.delete_sa(sa_id)
+        for pid in list(self._policies):
+            self.remove_policy(pid)
+
+    def _reorder(self) -> None:
+        outs = [v for v in self._policies.values() if v[0].direction == Direction.OUT]
+        # Explicit priority (lower first, as XFRM) then the most specific selector.
+        outs.sort(key=lambda v: (v[0].priority or 0x10000, -v[1].specificity()))
+        self._out_order = outs
+
+    def _route_for(self, policy: PolicySpec) -> None:
+        if policy.direction != Direction.OUT or policy.action != PolicyAction.PROTECT:
+            return
+        prefix = str(_net(policy.selector.dst))
+        if prefix not in self._routes:
+            try:
+                tun.add_route(prefix, self._tun_dev)
+            except tun.TunError as exc:
+                raise DataPlaneError(str(exc)) from None
+            self._routes.add(prefix)
+
+    # -- outbound ----------------------------------------------------------------------
+
+    def _on_tun(self) -> None:
+        for _ in range(BATCH):
+            try:
+                data = os.read(self._tun_fd, 65535)
+            except BlockingIOError:
+                return
+            except OSError:
+                self.drops["tun_read"] += 1
+                return
+            self.handle_outbound(data)
+
+    def handle_outbound(self, data: bytes) -> None:
+        """One packet the kernel routed into the TUN device: protect, pass or drop."""
+        try:
+            ip = pk.IpPacket(data)
+        except pk.Drop as drop:
+            self.drops[drop.reason] += 1
+            return
+        for policy, sel in self._out_order:
+            if not sel.matches(ip):
+                continue
+            if policy.action == PolicyAction.DROP:
+                self.drops[pk.POLICY] += 1
+            elif policy.action == PolicyAction.PASS:
+                self._send_raw(data, socket.inet_ntop(_fam(ip.dst), ip.dst), _fam(ip.dst))
+            else:
+                self._protect_out(policy, ip, data)
+            return
+        self.drops["no_policy"] += 1
+
+    def _protect_out(self, policy: PolicySpec, ip: pk.IpPacket, data: bytes) -> None:
+        tmpl = policy.templates[0]
+        entry = self._outbound_sa(tmpl.reqid, tmpl.proto, tmpl.dst or None)
+        if entry is None:
+            self.drops["no_sa"] += 1
+            now = self.clock()
+            if now - self._acquired.get(tmpl.reqid, -1e9) > 1.0:  # rate-limited like XFRM
+                self._acquired[tmpl.reqid] = now
+                src = socket.inet_ntop(_fam(ip.src), ip.src)
+                dst = socket.inet_ntop(_fam(ip.dst), ip.dst)
+                self._events(AcquireEvent(policy.selector, tmpl.reqid, src, dst))
+            return
+        spec, crypto = entry.spec, entry.crypto
+        try:
+            seq = crypto.next_seq()
+        except pk.Drop:
+            self.drops[pk.SEQ_OVERFLOW] += 1
+            self._overflow(entry)
+            return
+        if seq >= crypto.seq_limit - SEQ_OVERFLOW_MARGIN:
+            self._overflow(entry)
+        encap = spec.encap
+        try:
+            out = pk.protect(crypto, data, (encap.sport, encap.dport) if encap else None, seq=seq)
+        except pk.Drop as drop:
+            self.drops[drop.reason] += 1
+            return
+        self._account(entry, len(data))
+        family = _fam_str(spec.dst)
+        if encap is None:
+            self._send_raw(out, spec.dst, family)
+            return
+        esp = out[(20 if family == socket.AF_INET else 40) + 8 :]
+        if self.udp_sender is not None:
+            self.udp_sender(esp, spec.dst, encap.dport)
+        elif self._udp is not None and family == socket.AF_INET:
+            try:
+                self._udp.sendto(esp, (spec.dst, encap.dport))
+            except OSError:
+                self.drops["send"] += 1
+        else:
+            self._send_raw(out, spec.dst, family)
+
+    def _outbound_sa(self, reqid: int, proto: IpsecProto, dst: str | None) -> _Sa | None:
+        best = None
+        for entry in self._sas.values():
+            s = entry.spec
+            wanted = s.reqid == reqid and s.proto == proto and (dst is None or s.dst == dst)
+            # The newest SA wins (make-before-break rekeying).
+            if wanted and (best is None or entry.add_time >= best.add_time):
+                best = entry
+        return best
+
+    def _send_raw(self, data: bytes, dst: str, family: int) -> None:
+        sock = self._senders.get(family)
+        try:
+            if sock is None:
+                raise OSError("plane not started")
+            sock.sendto(data, (dst, 0))
+        except OSError:
+            self.drops["send"] += 1
+
+    # -- inbound -----------------------------------------------------------------------
+
+    def _on_raw(self, sock: socket.socket, family: int) -> None:
+        for _ in range(BATCH):
+            try:
+                if family == socket.AF_INET:
+                    data = sock.recv(65535)
+                    self.handle_ipv4(data)
+                else:
+                    data, anc, _, addr = sock.recvmsg(65535, 64)
+                    dst = next((a[2][:16] for a in anc if a[1] == socket.IPV6_PKTINFO), None)
+                    if dst is None:
+                        self.drops[pk.TRUNCATED] += 1
+                        continue
+                    self.handle_ipsec(
+                        sock.proto, data, socket.inet_pton(family, addr[0]), dst, None
+                    )
+            except BlockingIOError:
+                return
+            except OSError:
+                self.drops["recv"] += 1
+                return
+
+    def _on_udp(self) -> None:
+        for _ in range(BATCH):
+            try:
+                data, (src, _port) = self._udp.recvfrom(65535)
+            except (BlockingIOError, AttributeError):
+                return
+            except OSError:
+                self.drops["recv"] += 1
+                return
+            local = self._udp.getsockname()[0]
+            self.handle_udp_encap(data, src, local if local != "0.0.0.0" else None)
+
+    def handle_ipv4(self, data: bytes) -> None:
+        """A whole IPv4 packet carrying ESP or AH (as a raw IPv4 socket delivers it)."""
+        try:
+            ip = pk.IpPacket(data)
+        except pk.Drop as drop:
+            self.drops[drop.reason] += 1
+            return
+        header = bytes(ip.data[: ip.header_len])
+        self.handle_ipsec(ip.proto, ip.payload, ip.src, ip.dst, header)
+
+    def handle_udp_encap(self, datagram: bytes, src: str, dst: str | None) -> bool:
+        """A UDP 4500 payload (no UDP header) from `src` to local `dst`. Returns False if
+        it is not ESP (IKE with the non-ESP marker, or a NAT keepalive): the caller keeps
+        it. `dst` None: find the SA by SPI alone among UDP-encapsulated SAs."""
+        kind = pk.classify_udp_4500(datagram)
+        if kind in ("ike", "keepalive"):
+            return False
+        if kind != "esp":
+            self.drops[pk.TRUNCATED] += 1
+            return True
+        src_b = ipaddress.ip_address(src).packed
+        if dst is None:
+            spi = struct.unpack_from("!I", datagram, 0)[0]
+            entry = next(
+                (e for e in self._sas.values() if e.spec.spi == spi and e.spec.encap), None
+            )
+            dst_b = ipaddress.ip_address(entry.spec.dst).packed if entry else src_b
+        else:
+            dst_b = ipaddress.ip_address(dst).packed
+        self.handle_ipsec(pk.IPPROTO_ESP, datagram, src_b, dst_b, None)
+        return True
+
+    def handle_ipsec(
+        self, proto: int, data: bytes | memoryview, src: bytes, dst: bytes, header: bytes | None
+    ) -> None:
+        """ESP or AH (from its header on) addressed to `dst`: verify, decrypt, deliver."""
+        if len(data) < 8:
+            self.drops[pk.TRUNCATED] += 1
+            return
+        spi = struct.unpack_from("!I", data, 4 if proto == pk.IPPROTO_AH else 0)[0]
+        entry = self._inbound.get((dst, proto, spi))
+        if entry is None:
+            self.drops[pk.BAD_SPI] += 1
+            return
+        try:
+            if proto == pk.IPPROTO_AH:
+                inner, _ = pk.unprotect_ah(entry.crypto, header, data, src, dst)
+            else:
+                inner, _ = pk.unprotect_esp(entry.crypto, data, src, dst)
+            ip = pk.IpPacket(inner)
+        except pk.Drop as drop:
+            self.drops[drop.reason] += 1
+            if drop.reason == pk.REPLAY:
+                entry.replay_dropped += 1
+            elif drop.reason == pk.ICV:
+                entry.integrity_failed += 1
+            return
+        if entry.selector is not None and not entry.selector.matches(ip):
+            self.drops[pk.SELECTOR] += 1  # RFC 4301 5.2: inner header must match the SA
+            return
+        self._account(entry, len(inner))
+        try:
+            os.write(self._tun_fd, inner)
+        except OSError:
+            self.drops["tun_write"] += 1
+
+    # -- lifetimes and events ------------------------------------------------------------
+
+    def _account(self, entry: _Sa, size: int) -> None:
+        entry.bytes += size
+        entry.packets += 1
+        if not entry.use_time:
+            entry.use_time = self.clock()
+        lt = entry.spec.lifetime
+        if (lt.hard_bytes and entry.bytes >= lt.hard_bytes) or (
+            lt.hard_packets and entry.packets >= lt.hard_packets
+        ):
+            self._expire(entry, hard=True)
+        elif not entry.soft_sent and (
+            (lt.soft_bytes and entry.bytes >= lt.soft_bytes)
+            or (lt.soft_packets and entry.packets >= lt.soft_packets)
+        ):
+            self._expire(entry, hard=False)
+
+    def _expire(self, entry: _Sa, hard: bool) -> None:
+        sa_id = entry.spec.id
+        if hard:
+            if sa_id in self._sas:
+                self.delete_sa(sa_id)
+                self._events(ExpireEvent(sa_id, True, entry.spec.reqid))
+        else:
+            entry.soft_sent = True
+            self._events(ExpireEvent(sa_id, False, entry.spec.reqid))
+
+    def _overflow(self, entry: _Sa) -> None:
+        if not entry.overflow_sent:
+            entry.overflow_sent = True
+            self._events(SeqOverflowEvent(entry.spec.id, entry.spec.reqid))
+
+    def check_lifetimes(self) -> None:
+        """Time-based soft and hard expiry (called every second by the plane's timer)."""
+        now = self.clock()
+        for entry in list(self._sas.values()):
+            lt, age = entry.spec.lifetime, now - entry.add_time
+            if lt.hard_seconds and age >= lt.hard_seconds:
+                self._expire(entry, hard=True)
+            elif lt.soft_seconds and age >= lt.soft_seconds and not entry.soft_sent:
+                self._expire(entry, hard=False)
+
+    def _tick(self) -> None:
+        self.check_lifetimes()
+        if self._loop is not None:
+            self._timer = self._loop.call_later(1.0, self._tick)
+
+
+def _fam(addr: bytes) -> int:
+    return socket.AF_INET if len(addr) == 4 else socket.AF_INET6
+
+
+def _fam_str(addr: str) -> int:
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
