@@ -11,7 +11,9 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.core impor
 )
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events import (
     AuthFailed,
+    ChildSaDeleted,
     ChildSaReady,
+    IkeSaDown,
     IkeSaUp,
     NegotiationFailed,
     PeerDead,
@@ -234,3 +236,62 @@ def test_garbage_and_replays_leave_state_alone():
     pair.b.receive(first_request, A, 101.0)  # a stale IKE_SA_INIT retransmission
     assert [(s.spi_i, s.spi_r, s.state) for s in pair.b.sas()] >= sas_before
     assert not of(pair.b.pop_events(), ChildSaReady)
+
+
+def established() -> Pair:
+    pair = lab_pair()
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    assert of(pair.events[A], ChildSaReady) and of(pair.events[B], ChildSaReady)
+    return pair
+
+
+@pytest.mark.parametrize("side", ["initiator", "responder"])
+def test_delete_ike_sa_from_either_side_removes_everything(side):
+    pair = established()
+    engine = pair.a if side == "initiator" else pair.b
+    engine.delete_ike_sa(engine.sas()[0], pair.net.now)
+    pair.pump(until=pair.net.now + 30)
+    for addr, engine_ in ((A, pair.a), (B, pair.b)):
+        (down,) = of(pair.events[addr], IkeSaDown)
+        assert down.reason == ("deleted by us" if engine_ is engine else "deleted by peer")
+        assert len(of(pair.events[addr], ChildSaDeleted)) == 1
+        assert not engine_.sas()
+
+
+@pytest.mark.parametrize("side", ["initiator", "responder"])
+def test_delete_child_sa_keeps_the_ike_sa(side):
+    pair = established()
+    engine = pair.a if side == "initiator" else pair.b
+    sa = engine.sas()[0]
+    (spi_in,) = sa.children
+    engine.delete_child_sa(sa, spi_in, pair.net.now)
+    pair.pump(until=pair.net.now + 30)
+    (gone_a,), (gone_b,) = of(pair.events[A], ChildSaDeleted), of(pair.events[B], ChildSaDeleted)
+    assert (gone_a.spi_in, gone_a.spi_out) == (gone_b.spi_out, gone_b.spi_in)
+    assert not of(pair.events[A], IkeSaDown) and not of(pair.events[B], IkeSaDown)
+    assert pair.a.sas()[0].state == pair.b.sas()[0].state == "established"
+    assert not pair.a.sas()[0].children and not pair.b.sas()[0].children
+
+
+def test_dead_peer_detection():
+    pair = established()
+    pair.a.check_liveness(pair.a.sas()[0], pair.net.now)
+    pair.pump(until=pair.net.now + 30)
+    assert not of(pair.events[A], PeerDead)  # answered
+    pair.net.impairment.drop_if = lambda d, s, dst: dst == A  # now B's answers vanish
+    pair.a.check_liveness(pair.a.sas()[0], pair.net.now)
+    pair.pump(until=pair.net.now + 100)
+    (dead,) = of(pair.events[A], PeerDead)
+    assert dead.connection == "h1-h2" and not pair.a.sas()
+
+
+def test_queued_requests_wait_for_the_window():
+    pair = established()
+    sa = pair.a.sas()[0]
+    (spi_in,) = sa.children
+    pair.a.check_liveness(sa, pair.net.now)
+    pair.a.delete_child_sa(sa, spi_in, pair.net.now)  # queued behind the DPD
+    pair.a.delete_ike_sa(sa, pair.net.now)
+    pair.pump(until=pair.net.now + 30)
+    assert [type(e).__name__ for e in pair.events[B][-2:]] == ["ChildSaDeleted", "IkeSaDown"]

@@ -42,9 +42,11 @@ from ..proposals import describe, parse_proposal_string, proposal_acceptable, se
 from .events import (
     Address,
     AuthFailed,
+    ChildSaDeleted,
     ChildSaReady,
     Datagram,
     Event,
+    IkeSaDown,
     IkeSaUp,
     NegotiationFailed,
     PeerDead,
@@ -132,6 +134,8 @@ class _Request:
     message_id: int
     sent_at: float
     attempt: int = 0
+    kind: str = ""  # init | auth | delete_ike | delete_child | dpd
+    arg: object = None
 
 
 class IkeSa:
@@ -149,8 +153,11 @@ class IkeSa:
         self.engine, self.conn, self.initiator, self.remote = engine, conn, initiator, remote
         self.spi_i, self.spi_r = spi_i, spi_r
         self.state = "init"
-        self.next_mid = 0
+        self.send_mid = 0  # id of our next request
+        self.recv_mid = 0  # id of the peer's next request
         self.request: _Request | None = None
+        self.pending: list[tuple[str, object]] = []  # requests waiting for the window
+        self.children: dict[int, ChildSaReady] = {}  # by inbound SPI
         self.last_response: tuple[int, bytes] | None = None
         self.keys: crypto.IkeKeys | None = None
         self.out: object = None
@@ -177,9 +184,9 @@ class IkeSa:
         )
         return codec.Header(self.spi_i, self.spi_r, exchange, flags, mid)
 
-    def _send_request(self, data: bytes, now: float) -> None:
-        self.request = _Request(data, self.next_mid, now)
-        self.next_mid += 1
+    def _send_request(self, data: bytes, now: float, kind: str = "", arg: object = None) -> None:
+        self.request = _Request(data, self.send_mid, now, kind=kind, arg=arg)
+        self.send_mid += 1
         self.engine._emit(data, self.remote)
 
     def _send_response(self, mid: int, data: bytes) -> None:
@@ -206,7 +213,7 @@ class IkeSa:
             *self.engine._nat_notifies(self.spi_i, bytes(8), self.remote),
             codec.Notify(type=NotifyType.IKEV2_FRAGMENTATION_SUPPORTED),
         ]
-        self.next_mid = 0
+        self.send_mid = 0
         data = codec.encode_message(
             codec.Message(self._header(ExchangeType.IKE_SA_INIT, 0, False), payloads)
         )
@@ -319,7 +326,7 @@ class IkeSa:
                 codec.TSr(selectors=[_ts_from_prefix(p) for p in params.remote_ts]),
             ]
         self.state = "auth"
-        header = self._header(ExchangeType.IKE_AUTH, self.next_mid, False)
+        header = self._header(ExchangeType.IKE_AUTH, self.send_mid, False)
         self._send_request(codec.seal_message(header, inner, self.out), now)
 
     def _on_auth_response(self, inner: list[codec.Payload], now: float) -> None:
@@ -390,7 +397,7 @@ class IkeSa:
             else (keys.encr_r, keys.integ_r, keys.encr_i, keys.integ_i)
         )
         params = self.child_params
-        self.engine._event(
+        self._add_child(
             ChildSaReady(
                 connection=self.conn.name,
                 child=params.name,
@@ -461,7 +468,7 @@ class IkeSa:
         )
         self.init_response = data_out
         self.state = "auth"
-        self.next_mid = 1
+        self.recv_mid = 1
         self._send_response(0, data_out)
 
     def _answer_init_error(self, msg: codec.Message, notify: int, data: bytes = b"") -> None:
@@ -581,6 +588,93 @@ class IkeSa:
         self.engine._event(AuthFailed(self.conn.name if self.conn else "?", reason))
         self.state = "failed"
 
+    # ------------------------------------------------------------ INFORMATIONAL
+
+    def _add_child(self, child: ChildSaReady) -> None:
+        self.children[child.spi_in] = child
+        self.engine._event(child)
+
+    def queue(self, kind: str, now: float, arg: object = None) -> None:
+        """Start an INFORMATIONAL exchange now, or once the one in flight is done."""
+        if self.state != "established":
+            raise ValueError(f"IKE SA is {self.state}, not established")
+        if self.request is not None:
+            self.pending.append((kind, arg))
+            return
+        if kind == "delete_ike":
+            inner: list[codec.Payload] = [codec.Delete(protocol=ProtocolId.IKE)]
+        elif kind == "delete_child":
+            inner = [codec.Delete(protocol=ProtocolId.ESP, spis=[struct.pack("!I", arg)])]
+        else:  # dpd: an empty INFORMATIONAL
+            inner = []
+        header = self._header(ExchangeType.INFORMATIONAL, self.send_mid, False)
+        self._send_request(codec.seal_message(header, inner, self.out), now, kind, arg)
+
+    def _on_informational_response(self, inner: list[codec.Payload], now: float) -> None:
+        req, self.request = self.request, None
+        if req.kind == "delete_ike":
+            self._down("deleted by us")
+            return
+        if req.kind == "delete_child":
+            child = self.children.pop(req.arg, None)
+            if child is not None:
+                self.engine._event(
+                    ChildSaDeleted(
+                        self.conn.name, child.child, child.spi_in, child.spi_out, "deleted by us"
+                    )
+                )
+        if self.pending:
+            kind, arg = self.pending.pop(0)
+            self.queue(kind, now, arg)
+
+    def on_informational_request(self, inner: list[codec.Payload], mid: int) -> None:
+        deletes = [p for p in inner if isinstance(p, codec.Delete)]
+        reply: list[codec.Payload] = []
+        if any(d.protocol == ProtocolId.IKE for d in deletes):
+            self._send_response(
+                mid,
+                codec.seal_message(
+                    self._header(ExchangeType.INFORMATIONAL, mid, True), [], self.out
+                ),
+            )
+            self._down("deleted by peer")
+            return
+        ours = []
+        for delete in deletes:
+            for spi in delete.spis:
+                if len(spi) != 4:
+                    continue
+                peer_spi = int.from_bytes(spi, "big")
+                child = next((c for c in self.children.values() if c.spi_out == peer_spi), None)
+                if child is None:
+                    continue  # already gone: nothing to answer for it (RFC 7296 1.4.1)
+                del self.children[child.spi_in]
+                ours.append(struct.pack("!I", child.spi_in))
+                self.engine._event(
+                    ChildSaDeleted(
+                        self.conn.name, child.child, child.spi_in, child.spi_out, "deleted by peer"
+                    )
+                )
+        if ours:
+            reply.append(codec.Delete(protocol=ProtocolId.ESP, spis=ours))
+        self._send_response(
+            mid,
+            codec.seal_message(
+                self._header(ExchangeType.INFORMATIONAL, mid, True), reply, self.out
+            ),
+        )
+
+    def _down(self, reason: str) -> None:
+        for child in list(self.children.values()):
+            self.engine._event(
+                ChildSaDeleted(self.conn.name, child.child, child.spi_in, child.spi_out, reason)
+            )
+        self.children.clear()
+        self.engine._event(IkeSaDown(self.conn.name, self.spi_i, self.spi_r, reason))
+        self.state = "deleted"
+        self.request = None
+        self.engine._forget(self)
+
     # ------------------------------------------------------------ common
 
     def _up(self) -> None:
@@ -678,39 +772,53 @@ class Engine:
             log.info("dropped datagram from %s: %s", src, exc)
             return
         h = msg.header
+        if h.exchange == ExchangeType.IKE_SA_INIT and not h.is_response:
+            if h.spi_r != bytes(8):
+                log.info("IKE_SA_INIT request from %s with a responder SPI: dropped", src)
+                return
+            self._on_init_request(msg, data, src, now)
+            return
+        # The I flag says the sender is the original initiator: then our SPI is SPIr.
+        local_spi = h.spi_r if h.is_initiator else h.spi_i
+        sa = self._by_spi.get(local_spi)
+        if sa is None or sa.initiator == h.is_initiator:
+            log.info("message from %s for unknown IKE SA %s", src, local_spi.hex())
+            return
         if h.is_response:
-            sa = self._by_spi.get(h.spi_i)
-            if sa is None or not sa.initiator:
-                log.info("response from %s for unknown IKE SA %s", src, h.spi_i.hex())
-                return
             self._on_response(sa, msg, data, now)
-        elif h.exchange == ExchangeType.IKE_SA_INIT and h.spi_r == bytes(8):
-            key = (h.spi_i, src)
-            sa = self._half_open.get(key)
-            if sa is not None:  # a retransmitted request: the same answer again
-                if sa.last_response:
-                    self._emit(sa.last_response[1], src)
-                return
-            if not self._connections_for(src):
-                log.info("IKE_SA_INIT from %s matches no connection", src)
-                return
-            if len(self._half_open) >= self.max_half_open:
-                log.warning(
-                    "half-open limit %d reached: dropping IKE_SA_INIT from %s",
-                    self.max_half_open,
-                    src,
-                )
-                return
-            sa = IkeSa(self, None, False, src, h.spi_i, os.urandom(8))
-            self._half_open[key] = sa
-            self._by_spi[sa.spi_r] = sa
-            sa.on_init_request(msg, data, now)
         else:
-            sa = self._by_spi.get(h.spi_r)
-            if sa is None or sa.initiator:
-                log.info("request from %s for unknown IKE SA %s", src, h.spi_r.hex())
-                return
             self._on_request(sa, msg, data, src, now)
+
+    def _on_init_request(self, msg: codec.Message, data: bytes, src: Address, now: float) -> None:
+        h = msg.header
+        key = (h.spi_i, src)
+        sa = self._half_open.get(key)
+        if sa is not None:  # a retransmitted request: the same answer again
+            if sa.last_response:
+                self._emit(sa.last_response[1], src)
+            return
+        if not self._connections_for(src):
+            log.info("IKE_SA_INIT from %s matches no connection", src)
+            return
+        if len(self._half_open) >= self.max_half_open:
+            log.warning(
+                "half-open limit %d reached: dropping IKE_SA_INIT from %s", self.max_half_open, src
+            )
+            return
+        sa = IkeSa(self, None, False, src, h.spi_i, os.urandom(8))
+        self._half_open[key] = sa
+        self._by_spi[sa.spi_r] = sa
+        sa.on_init_request(msg, data, now)
+
+    def delete_ike_sa(self, sa: IkeSa, now: float) -> None:
+        sa.queue("delete_ike", now)
+
+    def delete_child_sa(self, sa: IkeSa, spi_in: int, now: float) -> None:
+        sa.queue("delete_child", now, spi_in)
+
+    def check_liveness(self, sa: IkeSa, now: float) -> None:
+        """Dead peer detection: an empty INFORMATIONAL; PeerDead if it goes unanswered."""
+        sa.queue("dpd", now)
 
     def tick(self, now: float) -> None:
         for sa in list(self._by_spi.values()):
@@ -749,6 +857,13 @@ class Engine:
                 log.info("%s: dropped IKE_AUTH response: %s", sa.conn.name, exc)
                 return
             sa._on_auth_response(inner, now)
+        elif h.exchange == ExchangeType.INFORMATIONAL and sa.state == "established":
+            try:
+                inner = codec.open_encrypted(data, msg, sa.inbound)
+            except codec.IkeDecodeError as exc:
+                log.info("%s: dropped INFORMATIONAL response: %s", sa.conn.name, exc)
+                return
+            sa._on_informational_response(inner, now)
 
     def _on_request(
         self, sa: IkeSa, msg: codec.Message, data: bytes, src: Address, now: float
@@ -757,8 +872,8 @@ class Engine:
         if sa.last_response and h.message_id == sa.last_response[0]:
             self._emit(sa.last_response[1], src)  # retransmitted request
             return
-        if h.message_id != sa.next_mid:
-            log.info("request id %d outside the window (expected %d)", h.message_id, sa.next_mid)
+        if h.message_id != sa.recv_mid:
+            log.info("request id %d outside the window (expected %d)", h.message_id, sa.recv_mid)
             return
         try:
             inner = codec.open_encrypted(data, msg, sa.inbound)
@@ -769,9 +884,23 @@ class Engine:
         # to the NAT-T port, RFC 7296 2.23) is only reachable there.
         sa.remote = src
         if h.exchange == ExchangeType.IKE_AUTH and sa.state == "auth":
-            sa.next_mid += 1
+            sa.recv_mid += 1
             self._half_open.pop((sa.spi_i, sa.remote), None)
             sa.on_auth_request(inner, h.message_id, now)
+        elif h.exchange == ExchangeType.INFORMATIONAL and sa.state == "established":
+            sa.recv_mid += 1
+            sa.on_informational_request(inner, h.message_id)
+        elif h.exchange == ExchangeType.CREATE_CHILD_SA and sa.state == "established":
+            # Rekeying is not built yet: say so in protocol terms, keep the SA.
+            sa.recv_mid += 1
+            sa._send_response(
+                h.message_id,
+                codec.seal_message(
+                    sa._header(ExchangeType.CREATE_CHILD_SA, h.message_id, True),
+                    [codec.Notify(type=NotifyType.NO_ADDITIONAL_SAS)],
+                    sa.out,
+                ),
+            )
         else:
             log.info("%s: exchange %d in state %s not handled yet", sa.remote, h.exchange, sa.state)
 

@@ -49,6 +49,15 @@ class ChildSaReady:
 
 
 @dataclass(frozen=True)
+class ChildSaDeleted:
+    connection: str
+    child: str
+    spi_in: int
+    spi_out: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class IkeSaDown:
     connection: str
     spi_i: bytes
@@ -76,4 +85,6 @@ class NegotiationFailed:
     notify: int | None = None
 
 
-Event = IkeSaUp | ChildSaReady | IkeSaDown | AuthFailed | PeerDead | NegotiationFailed
+Event = (
+    IkeSaUp | ChildSaReady | ChildSaDeleted | IkeSaDown | AuthFailed | PeerDead | NegotiationFailed
+)
