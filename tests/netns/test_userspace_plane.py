@@ -53,7 +53,8 @@ c.sendall(data[::-1]); c.close()
 """
 TCP_CLIENT = r"""
 import socket, sys
-c = socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=20, source_address=(sys.argv[1], 0))
+c = socket.create_connection(
+    (sys.argv[2], int(sys.argv[3])), timeout=20, source_address=(sys.argv[1], 0))
 payload = bytes.fromhex(sys.argv[4]) * int(sys.argv[5]); c.sendall(payload); data = b""
 while len(data) < len(payload):
     chunk = c.recv(65536)

@@ -1,0 +1,230 @@
+"""UserspacePlane logic without I/O: the TUN device is a pipe, ESP-in-UDP goes through the
+udp_sender hook, the clock is fake. Policies, SA lookup, selectors, lifetimes, events and
+per-reason drop counters."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+
+from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.base import (
+    KEYWAY_REQID_MIN,
+    AcquireEvent,
+    DataPlaneError,
+    Direction,
+    ExpireEvent,
+    IpsecProto,
+    Lifetime,
+    Mode,
+    PolicyAction,
+    PolicySpec,
+    SaId,
+    SaSpec,
+    Selector,
+    SeqOverflowEvent,
+    Template,
+    UdpEncap,
+)
+from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.userspace import (
+    UserspacePlane,
+)
+from ansible_collections.keyway.ipsec.plugins.module_utils.esp import packet as pk
+
+REQID = KEYWAY_REQID_MIN + 7
+A, B = "192.0.2.11", "192.0.2.12"
+
+
+class Clock:
+    now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def udp_packet(src: str, dst: str, payload: bytes, dport: int = 7) -> bytes:
+    udp = struct.pack("!HHHH", 1234, dport, 8 + len(payload), 0) + payload
+    return pk.ipv4_header(pk._addr(src), pk._addr(dst), 17, len(udp)) + udp
+
+
+def sa(src, dst, spi, key, sel_src, sel_dst, lifetime=Lifetime(), esn=True) -> SaSpec:
+    return SaSpec(
+        src=src, dst=dst, proto=IpsecProto.ESP, spi=spi, mode=Mode.TUNNEL, reqid=REQID,
+        enc_alg="aes-gcm-16", enc_key=key, selector=Selector(sel_src, sel_dst),
+        encap=UdpEncap(), lifetime=lifetime, esn=esn,
+    )  # fmt: skip
+
+
+class Pair:
+    """Two planes wired back to back through their udp_sender hooks."""
+
+    def __init__(self, lifetime: Lifetime = Lifetime(), esn: bool = True) -> None:
+        self.clock = Clock()
+        self.events: list = []
+        self.wire: list[tuple[bytes, str, int]] = []
+        self.a = UserspacePlane(udp_sender=lambda *x: self.wire.append(x), clock=self.clock)
+        self.b = UserspacePlane(udp_sender=lambda *x: self.wire.append(x), clock=self.clock)
+        self.a._events = self.events.append
+        k1, k2 = os.urandom(20), os.urandom(20)
+        self.a.install_sa(sa(A, B, 0x1001, k1, "10.1.0.0/24", "10.2.0.0/24", lifetime, esn))
+        self.b.install_sa(sa(A, B, 0x1001, k1, "10.1.0.0/24", "10.2.0.0/24", lifetime, esn))
+        self.b.install_sa(sa(B, A, 0x2001, k2, "10.2.0.0/24", "10.1.0.0/24"))
+        self.a.install_sa(sa(B, A, 0x2001, k2, "10.2.0.0/24", "10.1.0.0/24"))
+        self.a.install_policy(
+            PolicySpec(Selector("10.1.0.0/24", "10.2.0.0/24"), Direction.OUT,
+                       templates=(Template(IpsecProto.ESP, Mode.TUNNEL, REQID, A, B),))
+        )  # fmt: skip
+        self.r, w = os.pipe()
+        os.set_blocking(self.r, False)
+        self.b._tun_fd = w
+
+    def send(self, inner: bytes) -> bytes | None:
+        """a -> wire -> b; the packet b wrote to its TUN, or None."""
+        self.a.handle_outbound(inner)
+        while self.wire:
+            esp, dst, port = self.wire.pop(0)
+            assert (dst, port) == (B, 4500)
+            self.last = esp
+            self.b.handle_udp_encap(esp, A, B)
+        try:
+            return os.read(self.r, 65535)
+        except BlockingIOError:
+            return None
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.b._tun_fd)
+
+
+@pytest.fixture
+def pair():
+    p = Pair()
+    yield p
+    p.close()
+
+
+def test_protected_packet_arrives_and_counters_count(pair: Pair) -> None:
+    inner = udp_packet("10.1.0.1", "10.2.0.1", b"hello")
+    assert pair.send(inner) == inner
+    c = pair.b.sa_counters(SaId(B, IpsecProto.ESP, 0x1001))
+    assert (c.packets, c.bytes, c.use_time) == (1, len(inner), 1000.0)
+    # Replay of the same datagram: dropped, counted per reason and per SA.
+    pair.b.handle_udp_encap(pair.last, A, B)
+    assert pair.b.drops["replay"] == 1
+    assert pair.b.sa_counters(SaId(B, IpsecProto.ESP, 0x1001)).replay_dropped == 1
+
+
+def test_unknown_spi_bad_icv_and_garbage_are_counted_never_raised(pair: Pair) -> None:
+    pair.a.handle_outbound(udp_packet("10.1.0.1", "10.2.0.1", b"x"))
+    esp = bytearray(pair.wire.pop()[0])
+    esp[-1] ^= 1
+    pair.b.handle_udp_encap(bytes(esp), A, B)
+    pair.b.handle_udp_encap(b"\0\0\x99\x99" + bytes(40), A, B)
+    pair.b.handle_udp_encap(b"\1\2\3", A, B)
+    pair.b.handle_ipv4(b"\x45\0\0\x05")
+    pair.a.handle_outbound(b"\x99garbage")
+    assert pair.b.drops["icv"] == 1 and pair.b.drops["bad_spi"] == 1
+    assert pair.b.drops["truncated"] == 2
+    assert pair.a.drops["unsupported"] == 1
+
+
+def test_ike_and_keepalives_are_handed_back(pair: Pair) -> None:
+    assert pair.b.handle_udp_encap(b"\0\0\0\0ike...", A, B) is False
+    assert pair.b.handle_udp_encap(b"\xff", A, B) is False
+    assert not pair.b.drops
+
+
+def test_selector_mismatch_inside_a_valid_sa_is_dropped(pair: Pair) -> None:
+    # The sender's policy is wide; the receiving SA only admits 10.1/24 -> 10.2/24.
+    pair.a.install_policy(
+        PolicySpec(Selector("10.9.0.0/24", "10.2.0.0/24"), Direction.OUT,
+                   templates=(Template(IpsecProto.ESP, Mode.TUNNEL, REQID, A, B),))
+    )  # fmt: skip
+    assert pair.send(udp_packet("10.9.0.1", "10.2.0.1", b"spoof")) is None
+    assert pair.b.drops["selector"] == 1
+
+
+def test_policy_actions_and_acquire(pair: Pair) -> None:
+    pair.a.install_policy(
+        PolicySpec(Selector("10.1.0.0/24", "10.2.0.5/32"), Direction.OUT, PolicyAction.DROP)
+    )
+    assert pair.send(udp_packet("10.1.0.1", "10.2.0.5", b"no")) is None
+    assert pair.a.drops["policy"] == 1  # the /32 DROP beats the /24 PROTECT
+    pair.a.handle_outbound(udp_packet("10.7.0.1", "10.8.0.1", b"?"))
+    assert pair.a.drops["no_policy"] == 1
+    pair.a.install_policy(
+        PolicySpec(Selector("10.1.0.0/24", "10.3.0.0/24"), Direction.OUT,
+                   templates=(Template(IpsecProto.ESP, Mode.TUNNEL, REQID + 1, A, B),))
+    )  # fmt: skip
+    pair.a.handle_outbound(udp_packet("10.1.0.1", "10.3.0.1", b"?"))
+    pair.a.handle_outbound(udp_packet("10.1.0.1", "10.3.0.1", b"?"))
+    acquires = [e for e in pair.events if isinstance(e, AcquireEvent)]
+    assert len(acquires) == 1 and acquires[0].reqid == REQID + 1  # rate-limited
+    assert pair.a.drops["no_sa"] == 2
+
+
+def test_packet_and_byte_lifetimes_raise_soft_then_hard_expire() -> None:
+    p = Pair(Lifetime(soft_packets=2, hard_packets=3))
+    try:
+        inner = udp_packet("10.1.0.1", "10.2.0.1", b"life")
+        p.send(inner)
+        assert p.events == []
+        p.send(inner)
+        assert [(type(e), e.hard) for e in p.events] == [(ExpireEvent, False)]
+        p.send(inner)
+        assert [(type(e), e.hard) for e in p.events][-1] == (ExpireEvent, True)
+        assert p.send(inner) is None  # the SA is gone: acquire
+        assert isinstance(p.events[-1], AcquireEvent)
+    finally:
+        p.close()
+
+
+def test_time_lifetimes() -> None:
+    p = Pair(Lifetime(soft_seconds=10, hard_seconds=20))
+    try:
+        p.a.check_lifetimes()
+        assert p.events == []
+        p.clock.now += 10
+        p.a.check_lifetimes()
+        p.a.check_lifetimes()
+        assert [e.hard for e in p.events] == [False]
+        p.clock.now += 10
+        p.a.check_lifetimes()
+        assert [e.hard for e in p.events] == [False, True]
+        assert [s.spi for s in p.a.list_sas()] == [0x2001]
+    finally:
+        p.close()
+
+
+def test_sequence_overflow_raises_rekey_event_and_refuses_to_wrap() -> None:
+    p = Pair(esn=False)
+    try:
+        entry = next(e for e in p.a._sas.values() if e.spec.spi == 0x1001)
+        entry.crypto.seq = 0xFFFFFFFF - 2
+        inner = udp_packet("10.1.0.1", "10.2.0.1", b"s")
+        p.a.handle_outbound(inner)
+        assert [type(e) for e in p.events] == [SeqOverflowEvent]
+        p.a.handle_outbound(inner)
+        p.a.handle_outbound(inner)
+        assert p.a.drops["seq_overflow"] == 1
+        assert len(p.wire) == 2 and entry.crypto.seq == 0xFFFFFFFF
+    finally:
+        p.close()
+
+
+def test_errors_are_typed_and_keyless(pair: Pair) -> None:
+    key = bytes(range(5))
+    with pytest.raises(DataPlaneError, match="aes-gcm-16 needs") as info:
+        pair.a.install_sa(sa(A, B, 0x3001, key, "10.1.0.0/24", "10.2.0.0/24"))
+    assert key.hex() not in str(info.value)
+    with pytest.raises(DataPlaneError, match="exists"):
+        pair.a.install_sa(sa(A, B, 0x1001, os.urandom(20), "10.1.0.0/24", "10.2.0.0/24"))
+    with pytest.raises(DataPlaneError, match="selector"):
+        pair.a.install_policy(
+            PolicySpec(Selector("10.1.0.0/33", "x"), Direction.OUT, PolicyAction.PASS)
+        )
+    for entry in pair.a._sas.values():
+        assert entry.spec.enc_key.hex() not in repr(entry)
+    pair.a.flush_owned()
+    assert pair.a.list_sas() == [] and pair.a.list_policies() == []
