@@ -34,6 +34,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.esp import packet as 
 
 REQID = KEYWAY_REQID_MIN + 7
 A, B = "192.0.2.11", "192.0.2.12"
+NO_LIMIT = Lifetime()
 
 
 class Clock:
@@ -48,7 +49,7 @@ def udp_packet(src: str, dst: str, payload: bytes, dport: int = 7) -> bytes:
     return pk.ipv4_header(pk._addr(src), pk._addr(dst), 17, len(udp)) + udp
 
 
-def sa(src, dst, spi, key, sel_src, sel_dst, lifetime=Lifetime(), esn=True) -> SaSpec:
+def sa(src, dst, spi, key, sel_src, sel_dst, lifetime=NO_LIMIT, esn=True) -> SaSpec:
     return SaSpec(
         src=src, dst=dst, proto=IpsecProto.ESP, spi=spi, mode=Mode.TUNNEL, reqid=REQID,
         enc_alg="aes-gcm-16", enc_key=key, selector=Selector(sel_src, sel_dst),
@@ -59,7 +60,7 @@ def sa(src, dst, spi, key, sel_src, sel_dst, lifetime=Lifetime(), esn=True) -> S
 class Pair:
     """Two planes wired back to back through their udp_sender hooks."""
 
-    def __init__(self, lifetime: Lifetime = Lifetime(), esn: bool = True) -> None:
+    def __init__(self, lifetime: Lifetime = NO_LIMIT, esn: bool = True) -> None:
         self.clock = Clock()
         self.events: list = []
         self.wire: list[tuple[bytes, str, int]] = []
