@@ -108,3 +108,40 @@ def test_wrong_psk_is_refused_by_both(netns_hosts, charon_factory):
     finally:
         peer.stop()
     assert "AUTHENTICATION_FAILED" in failed["reason"]
+
+
+def _established(netns_hosts, charon_factory):
+    a, b = netns_hosts(2).hosts
+    proposal, esp = SUITES[1]
+    charon = charon_factory(b.netns, charon_conf(b, a, proposal, esp))
+    peer = IkePeer(a.netns, keyway_spec(a, b, proposal, esp, initiate=True))
+    peer.wait_for("ChildSaReady")
+    return charon, peer
+
+
+def test_deletes_and_liveness_with_charon(netns_hosts, charon_factory):
+    charon, peer = _established(netns_hosts, charon_factory)
+    try:
+        peer.command("dpd")  # charon answers an empty INFORMATIONAL
+        peer.command("delete_child")
+        gone = peer.wait_for("ChildSaDeleted")
+        assert gone["reason"] == "deleted by us"
+        sas = charon.list_sas()
+        assert "state=ESTABLISHED" in sas and "state=INSTALLED" not in sas, sas
+        peer.command("delete_ike")
+        assert peer.wait_for("IkeSaDown")["reason"] == "deleted by us"
+        assert "state=ESTABLISHED" not in charon.list_sas()
+        assert not any(e["event"] == "PeerDead" for e in peer.seen)
+    finally:
+        peer.stop()
+
+
+def test_charon_deletes_and_keyway_follows(netns_hosts, charon_factory):
+    charon, peer = _established(netns_hosts, charon_factory)
+    try:
+        charon.swanctl("--terminate", "--child", "kw", timeout=30)
+        assert peer.wait_for("ChildSaDeleted")["reason"] == "deleted by peer"
+        charon.swanctl("--terminate", "--ike", "kw", timeout=30)
+        assert peer.wait_for("IkeSaDown")["reason"] == "deleted by peer"
+    finally:
+        peer.stop()
