@@ -8,6 +8,7 @@ multi-threaded interpreter, and it is killed by PID like any lab process."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import subprocess
@@ -42,7 +43,8 @@ while True:
 
 TCP_SERVER = r"""
 import socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); print("ready", flush=True)
 c, _ = s.accept(); data = b""
 while len(data) < int(sys.argv[3]):
@@ -65,35 +67,56 @@ print("ok" if data == payload[::-1] else "mismatch %d" % len(data))
 
 INJECT = r"""
 import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
 for pkt in sys.argv[2:]:
     s.sendto(bytes.fromhex(pkt), (sys.argv[1], 0))
 """
 
 
-def _sa(src, dst, spi, reqid, sel_src, sel_dst, key, udp):
+CASES = {  # name: (proto, ESP-in-UDP, IP version)
+    "esp4": ("esp", False, 4),
+    "esp-in-udp4": ("esp", True, 4),
+    "ah4": ("ah", False, 4),
+    "esp6": ("esp", False, 6),
+}
+
+
+def _sa(src, dst, spi, reqid, sel_src, sel_dst, key, proto, udp):
+    keys = (
+        {"integ_alg": "hmac-sha2-256-128", "integ_key": key.hex()}
+        if proto == "ah"
+        else {"enc_alg": "aes-gcm-16", "enc_key": key[:20].hex()}
+    )
     return {
-        "src": src, "dst": dst, "spi": spi, "reqid": reqid, "mode": "tunnel",
-        "enc_alg": "aes-gcm-16", "enc_key": key.hex(),
-        "selector": {"src": sel_src, "dst": sel_dst},
+        "src": src, "dst": dst, "spi": spi, "reqid": reqid, "mode": "tunnel", "proto": proto,
+        **keys, "selector": {"src": sel_src, "dst": sel_dst},
         "encap": {"sport": 4500, "dport": 4500} if udp else None,
     }  # fmt: skip
 
 
-def _config(me, peer, out_spi, in_spi, key_out, key_in, udp):
+def _addrs(host, version):
+    if version == 4:
+        return host.ipv4, host.site4, host.site4_address
+    return host.ipv6, host.site6, host.site6_address
+
+
+def _config(me, peer, out_spi, in_spi, key_out, key_in, case):
+    proto, udp, version = CASES[case]
     reqid = KEYWAY_REQID_MIN + 1
+    (me_ip, me_site, _), (peer_ip, peer_site, _) = _addrs(me, version), _addrs(peer, version)
     return {
         "tun": "kwesp0",
         "own_udp_port": 4500 if udp else None,
         "sas": [
-            _sa(me.ipv4, peer.ipv4, out_spi, reqid, me.site4, peer.site4, key_out, udp),
-            _sa(peer.ipv4, me.ipv4, in_spi, reqid, peer.site4, me.site4, key_in, udp),
+            _sa(me_ip, peer_ip, out_spi, reqid, me_site, peer_site, key_out, proto, udp),
+            _sa(peer_ip, me_ip, in_spi, reqid, peer_site, me_site, key_in, proto, udp),
         ],
         "policies": [
             {
-                "selector": {"src": me.site4, "dst": peer.site4},
+                "selector": {"src": me_site, "dst": peer_site},
                 "direction": "out",
-                "templates": [{"reqid": reqid, "src": me.ipv4, "dst": peer.ipv4}],
+                "templates": [{"reqid": reqid, "proto": proto, "src": me_ip, "dst": peer_ip}],
             }
         ],
     }
@@ -129,24 +152,26 @@ class Runner:
 
 
 def _ip_packets(frames: list[str]) -> list[bytes]:
-    out = []
-    for f in frames:
-        frame = bytes.fromhex(f)
-        if frame[12:14] == b"\x08\x00":
-            out.append(frame[14:])
-    return out
+    """IPv4 and IPv6 packets (Ethernet header removed) from captured frames."""
+    return [
+        frame[14:]
+        for frame in map(bytes.fromhex, frames)
+        if frame[12:14] in (b"\x08\x00", b"\x86\xdd")
+    ]
 
 
-@pytest.mark.parametrize("udp", [False, True], ids=["esp", "esp-in-udp"])
-def test_site_to_site_through_userspace_esp(netns_hosts, udp: bool) -> None:
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_site_to_site_through_userspace_plane(netns_hosts, case: str) -> None:
+    proto, udp, version = CASES[case]
     plan = netns_hosts(2)
     h1, h2 = plan.hosts
-    k12, k21 = os.urandom(20), os.urandom(20)
+    (_, _, h1_site), (h2_ip, h2_site_net, h2_site) = _addrs(h1, version), _addrs(h2, version)
+    k12, k21 = os.urandom(32), os.urandom(32)
     runners = []
     capture = None
     try:
-        runners.append(Runner(h1.netns, _config(h1, h2, 0x1001, 0x2001, k12, k21, udp)))
-        runners.append(Runner(h2.netns, _config(h2, h1, 0x2001, 0x1001, k21, k12, udp)))
+        runners.append(Runner(h1.netns, _config(h1, h2, 0x1001, 0x2001, k12, k21, case)))
+        runners.append(Runner(h2.netns, _config(h2, h1, 0x2001, 0x1001, k21, k12, case)))
         capture = subprocess.Popen(
             ["ip", "netns", "exec", h1.netns, sys.executable, "-c", CAPTURE],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -154,21 +179,18 @@ def test_site_to_site_through_userspace_esp(netns_hosts, udp: bool) -> None:
         assert capture.stdout.readline().strip() == "ready"
 
         marker = b"KEYWAY-PLAINTEXT-MARKER"
-        assert (
-            udp_exchange(h1.netns, h2.netns, h1.site4_address, h2.site4_address, marker)
-            == marker[::-1]
-        )
+        assert udp_exchange(h1.netns, h2.netns, h1_site, h2_site, marker) == marker[::-1]
 
         server = subprocess.Popen(
             ["ip", "netns", "exec", h2.netns, sys.executable, "-c", TCP_SERVER,
-             h2.site4_address, "7008", str(len(marker) * 4000)],
+             h2_site, "7008", str(len(marker) * 4000)],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
             assert server.stdout.readline().strip() == "ready"
             client = in_netns(
-                h1.netns, sys.executable, "-c", TCP_CLIENT, h1.site4_address,
-                h2.site4_address, "7008", marker.hex(), "4000", timeout=60,
+                h1.netns, sys.executable, "-c", TCP_CLIENT, h1_site,
+                h2_site, "7008", marker.hex(), "4000", timeout=60,
             )  # fmt: skip
             assert client.stdout.strip() == "ok", client.stderr
         finally:
@@ -179,39 +201,45 @@ def test_site_to_site_through_userspace_esp(netns_hosts, udp: bool) -> None:
         capture.stdin.flush()
         packets = _ip_packets(json.loads(capture.stdout.readline()))
         capture.wait()
-        to_peer = [p for p in packets if p[16:20] == bytes(map(int, h2.ipv4.split(".")))]
+        peer = ipaddress.ip_address(h2_ip).packed
+        hlen = 20 if version == 4 else 40
+        to_peer = [p for p in packets if (p[16:20] if version == 4 else p[24:40]) == peer]
         assert len(to_peer) > 20
-        for p in packets:
-            assert marker not in p and marker[::-1] not in p
-            assert p[12:16] != bytes([10, 1, 0, 1]), "an inner address left in the clear"
+        inner_src = ipaddress.ip_address(h1_site).packed
         for p in to_peer:
+            next_header = p[9] if version == 4 else p[6]
             if udp:
-                assert p[9] == 17 and p[20:24] == b"\x11\x94\x11\x94"  # UDP 4500 -> 4500
+                assert next_header == 17 and p[20:24] == b"\x11\x94\x11\x94"  # 4500 -> 4500
                 assert p[28:32] == b"\0\0\x10\x01"  # SPI, not the non-ESP marker
+            elif proto == "ah":
+                assert next_header == 51 and p[hlen + 4 : hlen + 8] == b"\0\0\x10\x01"
             else:
-                assert p[9] == 50 and p[20:24] == b"\0\0\x10\x01"
+                assert next_header == 50 and p[hlen : hlen + 4] == b"\0\0\x10\x01"
+        if proto == "esp":  # encrypted: neither the payload nor the inner header shows
+            for p in packets:
+                assert marker not in p and marker[::-1] not in p
+                assert inner_src not in p, "an inner address left in the clear"
+        else:  # AH authenticates only: the payload is visible, but only inside AH
+            assert any(marker in p for p in to_peer)
 
         before = runners[1].stats()
         replayed = to_peer[-1]
-        # A fresh sequence number (so the window lets it by) on a flipped ciphertext byte.
+        # A fresh sequence number (so the window lets it by) on a flipped payload byte.
         corrupted = bytearray(replayed)
-        seq_at = 32 if udp else 24
+        seq_at = {"esp": hlen + 4, "ah": hlen + 8}[proto] + (8 if udp else 0)
         seq = int.from_bytes(corrupted[seq_at : seq_at + 4], "big")
         corrupted[seq_at : seq_at + 4] = (seq + 100).to_bytes(4, "big")
-        corrupted[seq_at + 20] ^= 0x01
+        corrupted[-20] ^= 0x01
         if udp:  # veth offload leaves a partial UDP checksum in captures: send none (IPv4)
             replayed = replayed[:26] + b"\0\0" + replayed[28:]
             corrupted[26:28] = b"\0\0"
         inject = in_netns(
-            h1.netns, sys.executable, "-c", INJECT, h2.ipv4, replayed.hex(), bytes(corrupted).hex()
+            h1.netns, sys.executable, "-c", INJECT, h2_ip, replayed.hex(), bytes(corrupted).hex()
         )
         assert inject.returncode == 0, inject.stderr
         # The injected packets queue ahead of this exchange on the same path and socket,
         # so once it is through they have been judged.
-        assert (
-            udp_exchange(h1.netns, h2.netns, h1.site4_address, h2.site4_address, b"after")
-            == b"retfa"
-        )
+        assert udp_exchange(h1.netns, h2.netns, h1_site, h2_site, b"after") == b"retfa"
         after = runners[1].stats()
         assert after["drops"].get("replay", 0) == before["drops"].get("replay", 0) + 1
         assert after["drops"].get("icv", 0) == before["drops"].get("icv", 0) + 1
@@ -225,5 +253,5 @@ def test_site_to_site_through_userspace_esp(netns_hosts, udp: bool) -> None:
         for r in runners:
             r.close()
     # The routes went away with the planes.
-    routes = in_netns(h1.netns, "ip", "route", "show", h2.site4).stdout
+    routes = in_netns(h1.netns, "ip", f"-{version}", "route", "show", h2_site_net).stdout
     assert "kwesp0" not in routes
