@@ -145,3 +145,30 @@ def test_charon_deletes_and_keyway_follows(netns_hosts, charon_factory):
         assert peer.wait_for("IkeSaDown")["reason"] == "deleted by peer"
     finally:
         peer.stop()
+
+
+@pytest.mark.parametrize("pfs", [False, True])
+def test_child_rekeys_both_ways_with_charon(netns_hosts, charon_factory, pfs):
+    a, b = netns_hosts(2).hosts
+    proposal, esp = "aes128gcm16-prfsha256-x25519", "aes128gcm16" + ("-x25519" if pfs else "")
+    charon = charon_factory(b.netns, charon_conf(b, a, proposal, esp))
+    peer = IkePeer(a.netns, keyway_spec(a, b, proposal, esp, initiate=True))
+    try:
+        first = peer.wait_for("ChildSaReady")
+        peer.command("rekey_child")  # keyway rekeys
+        second = peer.wait_for("ChildSaReady")
+        assert second["rekeyed_from"] == first["spi_in"]
+        assert peer.wait_for("ChildSaDeleted")["spi_in"] == first["spi_in"]
+        theirs = charon_child(charon.list_sas())
+        assert int(theirs["spi-in"], 16) == second["spi_out"]
+        assert int(theirs["spi-out"], 16) == second["spi_in"]
+
+        charon.swanctl("--rekey", "--child", "kw", timeout=30)  # charon rekeys
+        third = peer.wait_for("ChildSaReady")
+        assert third["rekeyed_from"] == second["spi_in"]
+        deleted = peer.wait_for("ChildSaDeleted")
+        assert (deleted["spi_in"], deleted["reason"]) == (second["spi_in"], "deleted by peer")
+        theirs = charon_child(charon.list_sas())
+        assert int(theirs["spi-in"], 16) == third["spi_out"]
+    finally:
+        peer.stop()

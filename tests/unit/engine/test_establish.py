@@ -295,3 +295,41 @@ def test_queued_requests_wait_for_the_window():
     pair.a.delete_ike_sa(sa, pair.net.now)
     pair.pump(until=pair.net.now + 30)
     assert [type(e).__name__ for e in pair.events[B][-2:]] == ["ChildSaDeleted", "IkeSaDown"]
+
+
+@pytest.mark.parametrize("side", ["initiator", "responder"])
+@pytest.mark.parametrize("esp", [("aes256gcm16",), ("aes128gcm16-x25519",)])
+def test_child_rekey_make_before_break(side, esp):
+    pair = lab_pair(esp=esp)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    engine = pair.a if side == "initiator" else pair.b
+    sa = engine.sas()[0]
+    (old_spi,) = sa.children
+    first = {addr: of(pair.events[addr], ChildSaReady)[0] for addr in (A, B)}
+    engine.rekey_child_sa(sa, old_spi, pair.net.now)
+    pair.pump(until=pair.net.now + 30)
+    new = {addr: of(pair.events[addr], ChildSaReady)[1] for addr in (A, B)}
+    assert (new[A].spi_in, new[A].spi_out) == (new[B].spi_out, new[B].spi_in)
+    assert new[A].key_out == new[B].key_in and new[A].key_out != first[A].key_out
+    assert new[A].rekeyed_from == first[A].spi_in and new[B].rekeyed_from == first[B].spi_in
+    for addr, eng in ((A, pair.a), (B, pair.b)):
+        (gone,) = of(pair.events[addr], ChildSaDeleted)
+        assert gone.spi_in == first[addr].spi_in
+        # The new SA was announced before the old one went (make-before-break).
+        kinds = [type(e).__name__ for e in pair.events[addr]]
+        assert kinds.index("ChildSaDeleted") > len(kinds) - 1 - kinds[::-1].index("ChildSaReady")
+        assert list(eng.sas()[0].children) == [new[addr].spi_in]
+
+
+def test_rekey_of_an_unknown_child_is_refused_and_changes_nothing():
+    pair = established()
+    sa_a = pair.a.sas()[0]
+    (spi,) = sa_a.children
+    real = sa_a.children[spi]
+    sa_a.children[spi] = type(real)(**{**real.__dict__, "spi_in": 1})  # peer can't know it
+    sa_a.children = {1: sa_a.children[spi]}
+    pair.a.rekey_child_sa(sa_a, 1, pair.net.now)
+    pair.pump(until=pair.net.now + 30)
+    assert of(pair.events[A], NegotiationFailed)[-1].reason == "child rekey: CHILD_SA_NOT_FOUND"
+    assert len(pair.b.sas()[0].children) == 1

@@ -380,43 +380,242 @@ class IkeSa:
             any(n.type == NotifyType.USE_TRANSPORT_MODE for n in notifies),
         )
 
-    def _child_ready(self, chosen: codec.Proposal, tsi, tsr, transport: bool) -> None:
+    def _child_ready(
+        self,
+        chosen: codec.Proposal,
+        tsi,
+        tsr,
+        transport: bool,
+        *,
+        exchange_initiator: bool | None = None,
+        nonces: tuple[bytes, bytes] | None = None,
+        shared: bytes = b"",
+        params: ChildParams | None = None,
+        my_spi: bytes | None = None,
+        rekeyed_from: int = 0,
+    ) -> ChildSaReady:
+        """Derive and announce a Child SA. For IKE_AUTH the roles and nonces are the IKE
+        SA's; for CREATE_CHILD_SA they are the exchange's own (RFC 7296 2.17)."""
+        i_side = self.initiator if exchange_initiator is None else exchange_initiator
+        ni, nr = nonces or (self.nonce_i, self.nonce_r)
         by_type = {t.type: t for t in chosen.transforms}
         encr_t = by_type[TransformType.ENCR]
         integ_t = by_type.get(TransformType.INTEG)
         encr = crypto.encr_for(encr_t.id, encr_t.key_length, self.conn.allow_weak)
         integ = crypto.integ_for(integ_t.id if integ_t else IntegId.NONE, self.conn.allow_weak)
-        keys = crypto.derive_child_keys(
-            self.prf, self.keys.sk_d, encr, integ, self.nonce_i, self.nonce_r
-        )
+        keys = crypto.derive_child_keys(self.prf, self.keys.sk_d, encr, integ, ni, nr, shared)
         esn = by_type.get(TransformType.ESN)
-        local, remote = (tsi, tsr) if self.initiator else (tsr, tsi)
+        local, remote = (tsi, tsr) if i_side else (tsr, tsi)
         key_out, ik_out, key_in, ik_in = (
             (keys.encr_i, keys.integ_i, keys.encr_r, keys.integ_r)
-            if self.initiator
+            if i_side
             else (keys.encr_r, keys.integ_r, keys.encr_i, keys.integ_i)
         )
-        params = self.child_params
-        self._add_child(
-            ChildSaReady(
-                connection=self.conn.name,
-                child=params.name,
-                protocol="esp",
-                mode="transport" if transport else "tunnel",
-                spi_in=int.from_bytes(self.child_spi, "big"),
-                spi_out=int.from_bytes(chosen.spi, "big"),
-                local_ts=ts_to_prefixes(local),
-                remote_ts=ts_to_prefixes(remote),
-                proposal=describe(chosen),
-                encr_id=encr_t.id,
-                encr_key_bits=encr_t.key_length,
-                integ_id=integ_t.id if integ_t else IntegId.NONE,
-                key_out=key_out,
-                integ_key_out=ik_out,
-                key_in=key_in,
-                integ_key_in=ik_in,
-                esn=bool(esn and esn.id == EsnId.ESN),
+        params = params or self.child_params
+        child = ChildSaReady(
+            connection=self.conn.name,
+            child=params.name,
+            protocol="esp",
+            mode="transport" if transport else "tunnel",
+            spi_in=int.from_bytes(my_spi or self.child_spi, "big"),
+            spi_out=int.from_bytes(chosen.spi, "big"),
+            local_ts=ts_to_prefixes(local),
+            remote_ts=ts_to_prefixes(remote),
+            proposal=describe(chosen),
+            encr_id=encr_t.id,
+            encr_key_bits=encr_t.key_length,
+            integ_id=integ_t.id if integ_t else IntegId.NONE,
+            key_out=key_out,
+            integ_key_out=ik_out,
+            key_in=key_in,
+            integ_key_in=ik_in,
+            esn=bool(esn and esn.id == EsnId.ESN),
+            rekeyed_from=rekeyed_from,
+        )
+        self._add_child(child)
+        return child
+
+    # ------------------------------------------------------------ CREATE_CHILD_SA
+
+    def _params_of(self, child: ChildSaReady) -> ChildParams:
+        return next((c for c in self.conn.children if c.name == child.child), self.conn.children[0])
+
+    def _send_rekey_child(self, spi_in: int, now: float) -> None:
+        old = self.children[spi_in]
+        params = self._params_of(old)
+        specs = [
+            parse_proposal_string(p, "esp", allow_weak=self.conn.allow_weak)
+            for p in params.esp_proposals
+        ]
+        new_spi = self.engine.allocate_spi()
+        nonce = os.urandom(NONCE_SIZE)
+        kx = None
+        inner: list[codec.Payload] = [
+            codec.Notify(
+                type=NotifyType.REKEY_SA, protocol=ProtocolId.ESP, spi=struct.pack("!I", spi_in)
+            ),
+        ]
+        if old.mode == "transport":
+            inner.append(codec.Notify(type=NotifyType.USE_TRANSPORT_MODE))
+        inner += [
+            codec.SA(proposals=[s.to_proposal(i + 1, new_spi) for i, s in enumerate(specs)]),
+            codec.Nonce(data=nonce),
+        ]
+        if specs[0].ke:  # PFS: a KE payload in the first proposal's group
+            kx = crypto.key_exchange(specs[0].ke[0], allow_weak=self.conn.allow_weak)
+            inner.append(codec.KE(group=kx.group, data=kx.public))
+        inner += [
+            codec.TSi(selectors=[_ts_from_prefix(p) for p in old.local_ts]),
+            codec.TSr(selectors=[_ts_from_prefix(p) for p in old.remote_ts]),
+        ]
+        header = self._header(ExchangeType.CREATE_CHILD_SA, self.send_mid, False)
+        self._send_request(
+            codec.seal_message(header, inner, self.out),
+            now,
+            "rekey_child",
+            (spi_in, new_spi, nonce, kx, params),
+        )
+
+    def _on_rekey_child_response(self, inner: list[codec.Payload], now: float) -> None:
+        req, self.request = self.request, None
+        spi_in, new_spi, ni, kx, params = req.arg
+        errors = [p for p in inner if isinstance(p, codec.Notify) and p.is_error]
+        sa = next((p for p in inner if isinstance(p, codec.SA)), None)
+        nonce = next((p for p in inner if isinstance(p, codec.Nonce)), None)
+        tsi = next((p for p in inner if isinstance(p, codec.TSi)), None)
+        tsr = next((p for p in inner if isinstance(p, codec.TSr)), None)
+        ke = next((p for p in inner if isinstance(p, codec.KE)), None)
+        if errors or not (sa and nonce and tsi and tsr) or len(sa.proposals) != 1:
+            name = (
+                NotifyType(errors[0].type).name
+                if errors and errors[0].type in NotifyType._value2member_map_
+                else "incomplete response"
             )
+            self.engine._event(NegotiationFailed(self.conn.name, f"child rekey: {name}"))
+        else:
+            try:
+                shared = kx.shared_secret(ke.data) if kx and ke else b""
+            except crypto.IkeCryptoError as exc:
+                self.engine._event(NegotiationFailed(self.conn.name, f"child rekey: {exc}"))
+            else:
+                transport = any(
+                    isinstance(p, codec.Notify) and p.type == NotifyType.USE_TRANSPORT_MODE
+                    for p in inner
+                )
+                self._child_ready(
+                    sa.proposals[0],
+                    tsi.selectors,
+                    tsr.selectors,
+                    transport,
+                    exchange_initiator=True,
+                    nonces=(ni, nonce.data),
+                    shared=shared,
+                    params=params,
+                    my_spi=new_spi,
+                    rekeyed_from=spi_in,
+                )
+                # Make-before-break: the new SA is announced; now retire the old one.
+                self.pending.insert(0, ("delete_child", spi_in))
+        if self.pending:
+            kind, arg = self.pending.pop(0)
+            self.queue(kind, now, arg)
+
+    def on_create_child_request(self, inner: list[codec.Payload], mid: int) -> None:
+        rekey = next(
+            (p for p in inner if isinstance(p, codec.Notify) and p.type == NotifyType.REKEY_SA),
+            None,
+        )
+        sa = next((p for p in inner if isinstance(p, codec.SA)), None)
+        nonce = next((p for p in inner if isinstance(p, codec.Nonce)), None)
+        tsi = next((p for p in inner if isinstance(p, codec.TSi)), None)
+        tsr = next((p for p in inner if isinstance(p, codec.TSr)), None)
+        ke = next((p for p in inner if isinstance(p, codec.KE)), None)
+
+        def refuse(notify: int, data: bytes = b"") -> None:
+            self._send_response(
+                mid,
+                codec.seal_message(
+                    self._header(ExchangeType.CREATE_CHILD_SA, mid, True),
+                    [codec.Notify(type=notify, data=data)],
+                    self.out,
+                ),
+            )
+
+        if rekey is None or any(
+            isinstance(p, codec.Notify)
+            and p.type == NotifyType.REKEY_SA
+            and p.protocol == ProtocolId.IKE
+            for p in inner
+        ):
+            refuse(NotifyType.NO_ADDITIONAL_SAS)  # new children and IKE rekeys: not yet
+            return
+        if not (sa and nonce and tsi and tsr):
+            refuse(NotifyType.INVALID_SYNTAX)
+            return
+        peer_old = int.from_bytes(rekey.spi, "big") if len(rekey.spi) == 4 else -1
+        old = next((c for c in self.children.values() if c.spi_out == peer_old), None)
+        if old is None:
+            refuse(NotifyType.CHILD_SA_NOT_FOUND)
+            return
+        params = self._params_of(old)
+        ours = [
+            parse_proposal_string(p, "esp", allow_weak=self.conn.allow_weak).to_proposal(i + 1)
+            for i, p in enumerate(params.esp_proposals)
+        ]
+        chosen = select_proposal(ours, sa.proposals)
+        if chosen is None:
+            refuse(NotifyType.NO_PROPOSAL_CHOSEN)
+            return
+        group = next((t.id for t in chosen.transforms if t.type == TransformType.KE), None)
+        shared, reply_ke = b"", []
+        if group is not None:
+            if ke is None or ke.group != group:
+                refuse(NotifyType.INVALID_KE_PAYLOAD, struct.pack("!H", group))
+                return
+            kx = crypto.key_exchange(group, allow_weak=self.conn.allow_weak)
+            try:
+                shared = kx.shared_secret(ke.data)
+            except crypto.IkeCryptoError:
+                refuse(NotifyType.INVALID_SYNTAX)
+                return
+            reply_ke = [codec.KE(group=group, data=kx.public)]
+        new_tsi = narrow(tsi.selectors, params.remote_ts)
+        new_tsr = narrow(tsr.selectors, params.local_ts)
+        if not new_tsi or not new_tsr:
+            refuse(NotifyType.TS_UNACCEPTABLE)
+            return
+        my_spi = self.engine.allocate_spi()
+        nr = os.urandom(NONCE_SIZE)
+        transport = old.mode == "transport"
+        reply: list[codec.Payload] = (
+            [codec.Notify(type=NotifyType.USE_TRANSPORT_MODE)] if transport else []
+        )
+        reply += [
+            codec.SA(
+                proposals=[codec.Proposal(chosen.number, ProtocolId.ESP, my_spi, chosen.transforms)]
+            ),
+            codec.Nonce(data=nr),
+            *reply_ke,
+            codec.TSi(selectors=new_tsi),
+            codec.TSr(selectors=new_tsr),
+        ]
+        self._send_response(
+            mid,
+            codec.seal_message(
+                self._header(ExchangeType.CREATE_CHILD_SA, mid, True), reply, self.out
+            ),
+        )
+        self._child_ready(
+            chosen,
+            new_tsi,
+            new_tsr,
+            transport,
+            exchange_initiator=False,
+            nonces=(nonce.data, nr),
+            shared=shared,
+            params=params,
+            my_spi=my_spi,
+            rekeyed_from=old.spi_in,
         )
 
     # ------------------------------------------------------------ responder
@@ -601,6 +800,12 @@ class IkeSa:
         if self.request is not None:
             self.pending.append((kind, arg))
             return
+        if kind == "rekey_child":
+            if arg in self.children:
+                self._send_rekey_child(arg, now)
+            return
+        if kind == "delete_child" and arg not in self.children:
+            return  # already gone (the peer deleted it meanwhile)
         if kind == "delete_ike":
             inner: list[codec.Payload] = [codec.Delete(protocol=ProtocolId.IKE)]
         elif kind == "delete_child":
@@ -816,6 +1021,11 @@ class Engine:
     def delete_child_sa(self, sa: IkeSa, spi_in: int, now: float) -> None:
         sa.queue("delete_child", now, spi_in)
 
+    def rekey_child_sa(self, sa: IkeSa, spi_in: int, now: float) -> None:
+        """Rekey a Child SA make-before-break: ChildSaReady (rekeyed_from=spi_in) for the
+        new one, then ChildSaDeleted for the old one."""
+        sa.queue("rekey_child", now, spi_in)
+
     def check_liveness(self, sa: IkeSa, now: float) -> None:
         """Dead peer detection: an empty INFORMATIONAL; PeerDead if it goes unanswered."""
         sa.queue("dpd", now)
@@ -864,6 +1074,13 @@ class Engine:
                 log.info("%s: dropped INFORMATIONAL response: %s", sa.conn.name, exc)
                 return
             sa._on_informational_response(inner, now)
+        elif h.exchange == ExchangeType.CREATE_CHILD_SA and sa.state == "established":
+            try:
+                inner = codec.open_encrypted(data, msg, sa.inbound)
+            except codec.IkeDecodeError as exc:
+                log.info("%s: dropped CREATE_CHILD_SA response: %s", sa.conn.name, exc)
+                return
+            sa._on_rekey_child_response(inner, now)
 
     def _on_request(
         self, sa: IkeSa, msg: codec.Message, data: bytes, src: Address, now: float
@@ -891,16 +1108,8 @@ class Engine:
             sa.recv_mid += 1
             sa.on_informational_request(inner, h.message_id)
         elif h.exchange == ExchangeType.CREATE_CHILD_SA and sa.state == "established":
-            # Rekeying is not built yet: say so in protocol terms, keep the SA.
             sa.recv_mid += 1
-            sa._send_response(
-                h.message_id,
-                codec.seal_message(
-                    sa._header(ExchangeType.CREATE_CHILD_SA, h.message_id, True),
-                    [codec.Notify(type=NotifyType.NO_ADDITIONAL_SAS)],
-                    sa.out,
-                ),
-            )
+            sa.on_create_child_request(inner, h.message_id)
         else:
             log.info("%s: exchange %d in state %s not handled yet", sa.remote, h.exchange, sa.state)
 

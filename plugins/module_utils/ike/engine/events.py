@@ -46,6 +46,7 @@ class ChildSaReady:
     key_in: bytes = field(repr=False)
     integ_key_in: bytes = field(repr=False)
     esn: bool = False
+    rekeyed_from: int = 0  # inbound SPI of the Child SA this one replaces (0: new)
 
 
 @dataclass(frozen=True)
