@@ -84,19 +84,26 @@ def _net(prefix: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
 
 
 class _CompiledSelector:
-    __slots__ = ("dport", "dst", "proto", "sport", "src")
+    """A selector as integers, so matching a packet costs a few masks and compares."""
+
+    __slots__ = ("dmask", "dnet", "dport", "proto", "smask", "snet", "specific", "sport", "version")
 
     def __init__(self, sel: Selector) -> None:
-        self.src, self.dst = _net(sel.src), _net(sel.dst)
+        src, dst = _net(sel.src), _net(sel.dst)
+        if src.version != dst.version:
+            raise ValueError(f"{sel.src} and {sel.dst} are of different IP versions")
+        self.version = src.version
+        self.snet, self.smask = int(src.network_address), int(src.netmask)
+        self.dnet, self.dmask = int(dst.network_address), int(dst.netmask)
         self.proto, self.sport, self.dport = sel.proto, sel.sport, sel.dport
+        self.specific = src.prefixlen + dst.prefixlen + (8 if sel.proto else 0)
 
     def matches(self, ip: pk.IpPacket) -> bool:
-        if self.src.version != ip.version:
+        if self.version != ip.version:
             return False
-        if (
-            ipaddress.ip_address(ip.src) not in self.src
-            or ipaddress.ip_address(ip.dst) not in self.dst
-        ):
+        if int.from_bytes(ip.src) & self.smask != self.snet:
+            return False
+        if int.from_bytes(ip.dst) & self.dmask != self.dnet:
             return False
         if self.proto and self.proto != ip.proto:
             return False
@@ -105,7 +112,7 @@ class _CompiledSelector:
         )
 
     def specificity(self) -> int:
-        return self.src.prefixlen + self.dst.prefixlen + (8 if self.proto else 0)
+        return self.specific
 
 
 class UserspacePlane(DataPlane):
@@ -130,6 +137,9 @@ class UserspacePlane(DataPlane):
         self._routes: set[str] = set()
         self._events: EventSink = lambda event: None
         self._acquired: dict[int, float] = {}
+        # (reqid, proto, template dst) -> outbound SA; cleared whenever SAs change.
+        self._out_cache: dict[tuple[int, IpsecProto, str | None], _Sa] = {}
+        self._encap_by_spi: dict[int, _Sa] = {}  # for ESP-in-UDP handed in without dst
         self._tun_fd = -1
         self._tun_dev = ""
         self._socks: list[socket.socket] = []
@@ -220,6 +230,9 @@ class UserspacePlane(DataPlane):
             raise DataPlaneError(f"SA 0x{sa.spi:08x} selector: {exc}") from None
         entry = _Sa(sa, crypto, add_time=self.clock(), selector=selector)
         self._sas[sa.id] = entry
+        self._out_cache.clear()
+        if sa.encap is not None:
+            self._encap_by_spi[sa.spi] = entry
         proto = pk.IPPROTO_AH if sa.proto == IpsecProto.AH else pk.IPPROTO_ESP
         self._inbound[(ipaddress.ip_address(sa.dst).packed, proto, sa.spi)] = entry
 
@@ -233,6 +246,9 @@ class UserspacePlane(DataPlane):
         entry = self._sas.pop(sa, None)
         if entry is None:
             raise DataPlaneError(f"no SA {sa.dst}/{sa.proto}/0x{sa.spi:08x}")
+        self._out_cache.clear()
+        if self._encap_by_spi.get(sa.spi) is entry:
+            del self._encap_by_spi[sa.spi]
         proto = pk.IPPROTO_AH if sa.proto == IpsecProto.AH else pk.IPPROTO_ESP
         self._inbound.pop((ipaddress.ip_address(sa.dst).packed, proto, sa.spi), None)
 
@@ -373,6 +389,10 @@ class UserspacePlane(DataPlane):
             self._send_raw(out, spec.dst, family)
 
     def _outbound_sa(self, reqid: int, proto: IpsecProto, dst: str | None) -> _Sa | None:
+        key = (reqid, proto, dst)
+        cached = self._out_cache.get(key)
+        if cached is not None:
+            return cached
         best = None
         for entry in self._sas.values():
             s = entry.spec
@@ -380,6 +400,8 @@ class UserspacePlane(DataPlane):
             # The newest SA wins (make-before-break rekeying).
             if wanted and (best is None or entry.add_time >= best.add_time):
                 best = entry
+        if best is not None:
+            self._out_cache[key] = best
         return best
 
     def _send_raw(self, data: bytes, dst: str, family: int) -> None:
@@ -446,15 +468,18 @@ class UserspacePlane(DataPlane):
         if kind != "esp":
             self.drops[pk.TRUNCATED] += 1
             return True
-        src_b = ipaddress.ip_address(src).packed
-        if dst is None:
-            spi = struct.unpack_from("!I", datagram, 0)[0]
-            entry = next(
-                (e for e in self._sas.values() if e.spec.spi == spi and e.spec.encap), None
-            )
-            dst_b = ipaddress.ip_address(entry.spec.dst).packed if entry else src_b
-        else:
-            dst_b = ipaddress.ip_address(dst).packed
+        try:
+            src_b = socket.inet_pton(_fam_str(src), src)
+            if dst is None:
+                entry = self._encap_by_spi.get(struct.unpack_from("!I", datagram, 0)[0])
+                dst_b = (
+                    socket.inet_pton(_fam_str(entry.spec.dst), entry.spec.dst) if entry else src_b
+                )
+            else:
+                dst_b = socket.inet_pton(_fam_str(dst), dst)
+        except OSError:
+            self.drops["bad_address"] += 1
+            return True
         self.handle_ipsec(pk.IPPROTO_ESP, datagram, src_b, dst_b, None)
         return True
 
