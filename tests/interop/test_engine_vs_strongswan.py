@@ -172,3 +172,32 @@ def test_child_rekeys_both_ways_with_charon(netns_hosts, charon_factory, pfs):
         assert int(theirs["spi-in"], 16) == third["spi_out"]
     finally:
         peer.stop()
+
+
+def _ike_spis(sas: str) -> tuple[str, str]:
+    ike = [block for block in re.findall(r"kw \{([^{]*)", sas) if "state=ESTABLISHED" in block]
+    assert ike, sas
+    fields = dict(re.findall(r"([\w-]+)=(\S+)", ike[0]))
+    return fields["initiator-spi"], fields["responder-spi"]
+
+
+def test_ike_rekeys_both_ways_with_charon(netns_hosts, charon_factory):
+    charon, peer = _established(netns_hosts, charon_factory)
+    try:
+        child = next(e for e in peer.seen if e["event"] == "ChildSaReady")
+        peer.command("rekey_ike")  # keyway rekeys the IKE SA
+        ours = peer.wait_for("IkeSaRekeyed")
+        assert peer.wait_for("IkeSaDown")["reason"] == "replaced by rekey"
+        assert _ike_spis(charon.list_sas()) == (ours["spi_i"], ours["spi_r"])
+
+        charon.swanctl("--rekey", "--ike", "kw", timeout=30)  # charon rekeys it
+        theirs = peer.wait_for("IkeSaRekeyed")
+        assert peer.wait_for("IkeSaDown")["reason"] == "replaced by rekey"
+        assert _ike_spis(charon.list_sas()) == (theirs["spi_i"], theirs["spi_r"])
+        # The Child SA survived both rekeys untouched.
+        assert int(charon_child(charon.list_sas())["spi-out"], 16) == child["spi_in"]
+        peer.command("rekey_child")  # and the newest IKE SA can still rekey it
+        assert peer.wait_for("ChildSaReady")["rekeyed_from"] == child["spi_in"]
+        assert not any(e["event"] in ("PeerDead", "NegotiationFailed") for e in peer.seen)
+    finally:
+        peer.stop()

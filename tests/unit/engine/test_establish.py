@@ -14,6 +14,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events imp
     ChildSaDeleted,
     ChildSaReady,
     IkeSaDown,
+    IkeSaRekeyed,
     IkeSaUp,
     NegotiationFailed,
     PeerDead,
@@ -333,3 +334,30 @@ def test_rekey_of_an_unknown_child_is_refused_and_changes_nothing():
     pair.pump(until=pair.net.now + 30)
     assert of(pair.events[A], NegotiationFailed)[-1].reason == "child rekey: CHILD_SA_NOT_FOUND"
     assert len(pair.b.sas()[0].children) == 1
+
+
+@pytest.mark.parametrize("side", ["initiator", "responder"])
+def test_ike_rekey_moves_children_and_retires_the_old_sa(side):
+    pair = established()
+    engine = pair.a if side == "initiator" else pair.b
+    old = engine.sas()[0]
+    children_before = {addr: set(e.sas()[0].children) for addr, e in ((A, pair.a), (B, pair.b))}
+    engine.rekey_ike_sa(old, pair.net.now)
+    pair.pump(until=pair.net.now + 30)
+    rekeyed = {addr: of(pair.events[addr], IkeSaRekeyed) for addr in (A, B)}
+    assert len(rekeyed[A]) == len(rekeyed[B]) == 1
+    assert (rekeyed[A][0].spi_i, rekeyed[A][0].spi_r) == (rekeyed[B][0].spi_i, rekeyed[B][0].spi_r)
+    assert rekeyed[A][0].spi_i not in (old.spi_i, old.spi_r)
+    for addr, eng in ((A, pair.a), (B, pair.b)):
+        (down,) = of(pair.events[addr], IkeSaDown)
+        assert down.reason == "replaced by rekey"
+        assert not of(pair.events[addr], ChildSaDeleted)
+        (current,) = eng.sas()
+        assert set(current.children) == children_before[addr]
+    # The new IKE SA works: a child rekey and a liveness check through it.
+    new_a = pair.a.sas()[0]
+    pair.a.rekey_child_sa(new_a, next(iter(new_a.children)), pair.net.now)
+    pair.a.check_liveness(new_a, pair.net.now)
+    pair.pump(until=pair.net.now + 30)
+    assert len(of(pair.events[B], ChildSaReady)) == 2
+    assert not of(pair.events[A], PeerDead)

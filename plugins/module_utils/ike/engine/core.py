@@ -47,6 +47,7 @@ from .events import (
     Datagram,
     Event,
     IkeSaDown,
+    IkeSaRekeyed,
     IkeSaUp,
     NegotiationFailed,
     PeerDead,
@@ -173,6 +174,7 @@ class IkeSa:
         self.child_params: ChildParams | None = None
         self.remote_id = ""
         self.nat = False
+        self.replaced = False  # a rekey moved this SA's role to a successor
 
     @property
     def local_spi(self) -> bytes:
@@ -520,6 +522,145 @@ class IkeSa:
             kind, arg = self.pending.pop(0)
             self.queue(kind, now, arg)
 
+    # IKE SA rekey (RFC 7296 2.18): a new IKE SA takes over the Child SAs, then the
+    # rekey's initiator deletes the old one.
+
+    def _ike_specs(self):
+        return [
+            parse_proposal_string(p, "ike", allow_weak=self.conn.allow_weak)
+            for p in self.conn.proposals
+        ]
+
+    def _send_rekey_ike(self, now: float) -> None:
+        specs = self._ike_specs()
+        new_spi = os.urandom(8)
+        nonce = os.urandom(NONCE_SIZE)
+        kx = crypto.key_exchange(specs[0].ke[0], allow_weak=self.conn.allow_weak)
+        inner = [
+            codec.SA(proposals=[s.to_proposal(i + 1, new_spi) for i, s in enumerate(specs)]),
+            codec.Nonce(data=nonce),
+            codec.KE(group=kx.group, data=kx.public),
+        ]
+        header = self._header(ExchangeType.CREATE_CHILD_SA, self.send_mid, False)
+        self._send_request(
+            codec.seal_message(header, inner, self.out), now, "rekey_ike", (new_spi, nonce, kx)
+        )
+
+    def _successor(
+        self,
+        initiator: bool,
+        spi_i: bytes,
+        spi_r: bytes,
+        chosen: codec.Proposal,
+        shared: bytes,
+        ni: bytes,
+        nr: bytes,
+    ) -> IkeSa | None:
+        """The IKE SA that replaces this one, with keys from the old SK_d."""
+        new = IkeSa(self.engine, self.conn, initiator, self.remote, spi_i, spi_r)
+        by_type = {t.type: t for t in chosen.transforms}
+        try:
+            prf = crypto.prf_for(by_type[TransformType.PRF].id, self.conn.allow_weak)
+            encr_t = by_type[TransformType.ENCR]
+            encr = crypto.encr_for(encr_t.id, encr_t.key_length, self.conn.allow_weak)
+            integ_t = by_type.get(TransformType.INTEG)
+            integ = crypto.integ_for(integ_t.id if integ_t else IntegId.NONE, self.conn.allow_weak)
+        except (crypto.IkeCryptoError, KeyError) as exc:
+            log.warning("%s: IKE rekey with an unusable suite: %s", self.conn.name, exc)
+            return None
+        new.prf, new.chosen_ike, new.remote_id = prf, chosen, self.remote_id
+        new.nonce_i, new.nonce_r = ni, nr
+        new.keys = crypto.derive_rekeyed_ike_keys(
+            self.prf, self.keys.sk_d, prf, encr, integ, shared, ni, nr, spi_i, spi_r
+        )
+        new.out, new.inbound = crypto.sk_ciphers(new.keys, encr, integ, initiator)
+        new.state = "established"
+        new.children, self.children = self.children, {}
+        new.child_params = self.child_params
+        self.replaced = True
+        self.engine._index(new)
+        self.engine._event(
+            IkeSaRekeyed(self.conn.name, self.spi_i, self.spi_r, spi_i, spi_r, describe(chosen))
+        )
+        return new
+
+    def _on_rekey_ike_response(self, inner: list[codec.Payload], now: float) -> None:
+        req, self.request = self.request, None
+        new_spi, ni, kx = req.arg
+        sa = next((p for p in inner if isinstance(p, codec.SA)), None)
+        nonce = next((p for p in inner if isinstance(p, codec.Nonce)), None)
+        ke = next((p for p in inner if isinstance(p, codec.KE)), None)
+        errors = [p for p in inner if isinstance(p, codec.Notify) and p.is_error]
+        ours = [s.to_proposal(i + 1) for i, s in enumerate(self._ike_specs())]
+        if (
+            errors
+            or not (sa and nonce and ke)
+            or len(sa.proposals) != 1
+            or len(sa.proposals[0].spi) != 8
+            or not proposal_acceptable(
+                ours,
+                codec.Proposal(
+                    sa.proposals[0].number,
+                    sa.proposals[0].protocol,
+                    b"",
+                    sa.proposals[0].transforms,
+                ),
+            )
+        ):
+            name = (
+                NotifyType(errors[0].type).name
+                if errors and errors[0].type in NotifyType._value2member_map_
+                else "unusable response"
+            )
+            self.engine._event(NegotiationFailed(self.conn.name, f"IKE rekey: {name}"))
+        else:
+            try:
+                shared = kx.shared_secret(ke.data)
+            except crypto.IkeCryptoError as exc:
+                self.engine._event(NegotiationFailed(self.conn.name, f"IKE rekey: {exc}"))
+            else:
+                chosen = sa.proposals[0]
+                if (
+                    self._successor(True, new_spi, chosen.spi, chosen, shared, ni, nonce.data)
+                    is not None
+                ):
+                    self.pending = [("delete_ike", None)]
+        if self.pending:
+            kind, arg = self.pending.pop(0)
+            self.queue(kind, now, arg)
+
+    def _on_rekey_ike_request(self, sa: codec.SA, nonce, ke, mid: int, refuse) -> None:
+        ours = [s.to_proposal(i + 1) for i, s in enumerate(self._ike_specs())]
+        chosen = select_proposal(ours, sa.proposals)
+        if chosen is None or len(chosen.spi) != 8:
+            refuse(NotifyType.NO_PROPOSAL_CHOSEN)
+            return
+        group = next(t.id for t in chosen.transforms if t.type == TransformType.KE)
+        if ke is None or ke.group != group:
+            refuse(NotifyType.INVALID_KE_PAYLOAD, struct.pack("!H", group))
+            return
+        kx = crypto.key_exchange(group, allow_weak=self.conn.allow_weak)
+        try:
+            shared = kx.shared_secret(ke.data)
+        except crypto.IkeCryptoError:
+            refuse(NotifyType.INVALID_SYNTAX)
+            return
+        my_spi, nr = os.urandom(8), os.urandom(NONCE_SIZE)
+        mine = codec.Proposal(chosen.number, ProtocolId.IKE, my_spi, chosen.transforms)
+        self._send_response(
+            mid,
+            codec.seal_message(
+                self._header(ExchangeType.CREATE_CHILD_SA, mid, True),
+                [
+                    codec.SA(proposals=[mine]),
+                    codec.Nonce(data=nr),
+                    codec.KE(group=group, data=kx.public),
+                ],
+                self.out,
+            ),
+        )
+        self._successor(False, chosen.spi, my_spi, chosen, shared, nonce.data, nr)
+
     def on_create_child_request(self, inner: list[codec.Payload], mid: int) -> None:
         rekey = next(
             (p for p in inner if isinstance(p, codec.Notify) and p.type == NotifyType.REKEY_SA),
@@ -541,13 +682,11 @@ class IkeSa:
                 ),
             )
 
-        if rekey is None or any(
-            isinstance(p, codec.Notify)
-            and p.type == NotifyType.REKEY_SA
-            and p.protocol == ProtocolId.IKE
-            for p in inner
-        ):
-            refuse(NotifyType.NO_ADDITIONAL_SAS)  # new children and IKE rekeys: not yet
+        if sa and nonce and sa.proposals and sa.proposals[0].protocol == ProtocolId.IKE:
+            self._on_rekey_ike_request(sa, nonce, ke, mid, refuse)
+            return
+        if rekey is None:
+            refuse(NotifyType.NO_ADDITIONAL_SAS)  # extra Child SAs: not built yet
             return
         if not (sa and nonce and tsi and tsr):
             refuse(NotifyType.INVALID_SYNTAX)
@@ -804,6 +943,9 @@ class IkeSa:
             if arg in self.children:
                 self._send_rekey_child(arg, now)
             return
+        if kind == "rekey_ike":
+            self._send_rekey_ike(now)
+            return
         if kind == "delete_child" and arg not in self.children:
             return  # already gone (the peer deleted it meanwhile)
         if kind == "delete_ike":
@@ -870,6 +1012,8 @@ class IkeSa:
         )
 
     def _down(self, reason: str) -> None:
+        if self.replaced:
+            reason = "replaced by rekey"
         for child in list(self.children.values()):
             self.engine._event(
                 ChildSaDeleted(self.conn.name, child.child, child.spi_in, child.spi_out, reason)
@@ -1026,6 +1170,10 @@ class Engine:
         new one, then ChildSaDeleted for the old one."""
         sa.queue("rekey_child", now, spi_in)
 
+    def rekey_ike_sa(self, sa: IkeSa, now: float) -> None:
+        """Rekey the IKE SA: IkeSaRekeyed, then the old one goes ("replaced by rekey")."""
+        sa.queue("rekey_ike", now)
+
     def check_liveness(self, sa: IkeSa, now: float) -> None:
         """Dead peer detection: an empty INFORMATIONAL; PeerDead if it goes unanswered."""
         sa.queue("dpd", now)
@@ -1080,7 +1228,10 @@ class Engine:
             except codec.IkeDecodeError as exc:
                 log.info("%s: dropped CREATE_CHILD_SA response: %s", sa.conn.name, exc)
                 return
-            sa._on_rekey_child_response(inner, now)
+            if sa.request.kind == "rekey_ike":
+                sa._on_rekey_ike_response(inner, now)
+            else:
+                sa._on_rekey_child_response(inner, now)
 
     def _on_request(
         self, sa: IkeSa, msg: codec.Message, data: bytes, src: Address, now: float

@@ -59,6 +59,16 @@ class ChildSaDeleted:
 
 
 @dataclass(frozen=True)
+class IkeSaRekeyed:
+    connection: str
+    old_spi_i: bytes
+    old_spi_r: bytes
+    spi_i: bytes
+    spi_r: bytes
+    proposal: str
+
+
+@dataclass(frozen=True)
 class IkeSaDown:
     connection: str
     spi_i: bytes
