@@ -240,7 +240,19 @@ class UserspacePlane(DataPlane):
         entry = self._sas.get(sa.id)
         if entry is None:
             raise DataPlaneError(f"no SA 0x{sa.spi:08x} to update")
-        entry.spec = sa  # keys and algorithms stay those of the SaCrypto (immutable)
+        if (sa.enc_key, sa.integ_key, sa.enc_alg, sa.integ_alg) != (
+            entry.spec.enc_key,
+            entry.spec.integ_key,
+            entry.spec.enc_alg,
+            entry.spec.integ_alg,
+        ):
+            raise DataPlaneError(f"SA 0x{sa.spi:08x}: keys and algorithms cannot be updated")
+        entry.spec = sa  # lifetimes and encapsulation; counters and the window stay
+        self._out_cache.clear()
+        if sa.encap is not None:
+            self._encap_by_spi[sa.spi] = entry
+        elif self._encap_by_spi.get(sa.spi) is entry:
+            del self._encap_by_spi[sa.spi]
 
     def delete_sa(self, sa: SaId) -> None:
         entry = self._sas.pop(sa, None)

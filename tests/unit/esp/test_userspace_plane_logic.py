@@ -229,3 +229,20 @@ def test_errors_are_typed_and_keyless(pair: Pair) -> None:
         assert entry.spec.enc_key.hex() not in repr(entry)
     pair.a.flush_owned()
     assert pair.a.list_sas() == [] and pair.a.list_policies() == []
+
+
+def test_update_sa_keeps_counters_and_window_and_refuses_new_keys(pair: Pair) -> None:
+    import dataclasses
+
+    inner = udp_packet("10.1.0.1", "10.2.0.1", b"u")
+    assert pair.send(inner) == inner
+    sa_id = SaId(B, IpsecProto.ESP, 0x1001)
+    old = next(s for s in pair.b.list_sas() if s.id == sa_id)
+    pair.b.update_sa(dataclasses.replace(old, lifetime=Lifetime(hard_packets=2)))
+    assert pair.b.sa_counters(sa_id).packets == 1
+    pair.b.handle_udp_encap(pair.last, A, B)  # still a replay after the update
+    assert pair.b.drops["replay"] == 1
+    assert pair.send(inner) == inner  # second packet hits the new hard limit
+    assert sa_id not in {s.id for s in pair.b.list_sas()}
+    with pytest.raises(DataPlaneError, match="cannot be updated"):
+        pair.a.update_sa(dataclasses.replace(old, enc_key=os.urandom(20)))
