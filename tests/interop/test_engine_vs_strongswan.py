@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from tests.fixtures.ike_peer import IkePeer
+from tests.fixtures.ike_peer import IkePeer, keyway_spec
 from tests.fixtures.strongswan import psk_connection
 
 PSK = "engine-interop-psk-5a6b7c8d"
@@ -16,31 +16,6 @@ SUITES = [
     ("chacha20poly1305-prfsha256-x25519", "chacha20poly1305"),
     ("aes256-sha256-modp3072", "aes256-sha256"),
 ]
-
-
-def keyway_spec(me, peer, proposal, esp, initiate: bool) -> dict:
-    return {
-        "local": me.ipv4,
-        "initiate": ["kw"] if initiate else [],
-        "connections": [
-            {
-                "name": "kw",
-                "remote": peer.ipv4,
-                "local_id": f"{me.name}.lab",
-                "remote_id": f"{peer.name}.lab",
-                "psk": PSK,
-                "proposals": [proposal],
-                "children": [
-                    {
-                        "name": "kw",
-                        "local_ts": [me.site4],
-                        "remote_ts": [peer.site4],
-                        "esp_proposals": [esp],
-                    }
-                ],
-            }
-        ],
-    }
 
 
 def charon_conf(me, peer, proposal, esp) -> str:
@@ -68,7 +43,7 @@ def charon_child(sas: str) -> dict:
 def test_keyway_initiates_to_charon(netns_hosts, charon_factory, proposal, esp):
     a, b = netns_hosts(2).hosts
     charon = charon_factory(b.netns, charon_conf(b, a, proposal, esp))
-    peer = IkePeer(a.netns, keyway_spec(a, b, proposal, esp, initiate=True))
+    peer = IkePeer(a.netns, keyway_spec(a, b, proposal, esp, PSK, initiate=True))
     try:
         child = peer.wait_for("ChildSaReady")
     finally:
@@ -84,7 +59,7 @@ def test_keyway_initiates_to_charon(netns_hosts, charon_factory, proposal, esp):
 @pytest.mark.parametrize(("proposal", "esp"), SUITES[:2])
 def test_charon_initiates_to_keyway(netns_hosts, charon_factory, proposal, esp):
     a, b = netns_hosts(2).hosts
-    peer = IkePeer(a.netns, keyway_spec(a, b, proposal, esp, initiate=False))
+    peer = IkePeer(a.netns, keyway_spec(a, b, proposal, esp, PSK, initiate=False))
     try:
         charon = charon_factory(b.netns, charon_conf(b, a, proposal, esp))
         charon.swanctl("--initiate", "--child", "kw", timeout=30)
@@ -102,7 +77,7 @@ def test_wrong_psk_is_refused_by_both(netns_hosts, charon_factory):
     a, b = netns_hosts(2).hosts
     proposal, esp = SUITES[1]
     charon_factory(b.netns, charon_conf(b, a, proposal, esp).replace(PSK, "not-the-psk-0000"))
-    peer = IkePeer(a.netns, keyway_spec(a, b, proposal, esp, initiate=True))
+    peer = IkePeer(a.netns, keyway_spec(a, b, proposal, esp, PSK, initiate=True))
     try:
         failed = peer.wait_for("AuthFailed")
     finally:
@@ -114,7 +89,7 @@ def _established(netns_hosts, charon_factory):
     a, b = netns_hosts(2).hosts
     proposal, esp = SUITES[1]
     charon = charon_factory(b.netns, charon_conf(b, a, proposal, esp))
-    peer = IkePeer(a.netns, keyway_spec(a, b, proposal, esp, initiate=True))
+    peer = IkePeer(a.netns, keyway_spec(a, b, proposal, esp, PSK, initiate=True))
     peer.wait_for("ChildSaReady")
     return charon, peer
 
@@ -152,7 +127,7 @@ def test_child_rekeys_both_ways_with_charon(netns_hosts, charon_factory, pfs):
     a, b = netns_hosts(2).hosts
     proposal, esp = "aes128gcm16-prfsha256-x25519", "aes128gcm16" + ("-x25519" if pfs else "")
     charon = charon_factory(b.netns, charon_conf(b, a, proposal, esp))
-    peer = IkePeer(a.netns, keyway_spec(a, b, proposal, esp, initiate=True))
+    peer = IkePeer(a.netns, keyway_spec(a, b, proposal, esp, PSK, initiate=True))
     try:
         first = peer.wait_for("ChildSaReady")
         peer.command("rekey_child")  # keyway rekeys
