@@ -17,6 +17,7 @@ import sys
 import pytest
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.base import KEYWAY_REQID_MIN
+from ansible_collections.keyway.ipsec.plugins.module_utils.esp.tun import FWMARK, ROUTE_TABLE
 from tests.conftest import ROOT
 from tests.fixtures.netns import in_netns, udp_exchange
 
@@ -69,54 +70,66 @@ INJECT = r"""
 import socket, sys
 fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
 s = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
-for pkt in sys.argv[2:]:
+s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, int(sys.argv[2], 16))  # not into the TUN
+for pkt in sys.argv[3:]:
     s.sendto(bytes.fromhex(pkt), (sys.argv[1], 0))
 """
 
 
-CASES = {  # name: (proto, ESP-in-UDP, IP version)
-    "esp4": ("esp", False, 4),
-    "esp-in-udp4": ("esp", True, 4),
-    "ah4": ("ah", False, 4),
-    "esp6": ("esp", False, 6),
+CASES = {  # name: (proto, ESP-in-UDP, IP version, mode)
+    "esp4": ("esp", False, 4, "tunnel"),
+    "esp-in-udp4": ("esp", True, 4, "tunnel"),
+    "ah4": ("ah", False, 4, "tunnel"),
+    "esp6": ("esp", False, 6, "tunnel"),
+    "esp4-transport": ("esp", False, 4, "transport"),
 }
 
 
-def _sa(src, dst, spi, reqid, sel_src, sel_dst, key, proto, udp):
+def _sa(src, dst, spi, reqid, sel_src, sel_dst, key, proto, udp, mode):
     keys = (
         {"integ_alg": "hmac-sha2-256-128", "integ_key": key.hex()}
         if proto == "ah"
         else {"enc_alg": "aes-gcm-16", "enc_key": key[:20].hex()}
     )
     return {
-        "src": src, "dst": dst, "spi": spi, "reqid": reqid, "mode": "tunnel", "proto": proto,
+        "src": src, "dst": dst, "spi": spi, "reqid": reqid, "mode": mode, "proto": proto,
         **keys, "selector": {"src": sel_src, "dst": sel_dst},
         "encap": {"sport": 4500, "dport": 4500} if udp else None,
     }  # fmt: skip
 
 
-def _addrs(host, version):
+def _addrs(host, version, mode="tunnel"):
+    """(outer address, protected prefix, inner address) of a lab host."""
+    if mode == "transport":
+        return (host.ipv4, f"{host.ipv4}/32", host.ipv4) if version == 4 else (
+            host.ipv6, f"{host.ipv6}/128", host.ipv6)  # fmt: skip
     if version == 4:
         return host.ipv4, host.site4, host.site4_address
     return host.ipv6, host.site6, host.site6_address
 
 
 def _config(me, peer, out_spi, in_spi, key_out, key_in, case):
-    proto, udp, version = CASES[case]
+    proto, udp, version, mode = CASES[case]
     reqid = KEYWAY_REQID_MIN + 1
-    (me_ip, me_site, _), (peer_ip, peer_site, _) = _addrs(me, version), _addrs(peer, version)
+    (me_ip, me_site, _), (peer_ip, peer_site, _) = (
+        _addrs(me, version, mode),
+        _addrs(peer, version, mode),
+    )
     return {
         "tun": "kwesp0",
         "own_udp_port": 4500 if udp else None,
         "sas": [
-            _sa(me_ip, peer_ip, out_spi, reqid, me_site, peer_site, key_out, proto, udp),
-            _sa(peer_ip, me_ip, in_spi, reqid, peer_site, me_site, key_in, proto, udp),
+            _sa(me_ip, peer_ip, out_spi, reqid, me_site, peer_site, key_out, proto, udp, mode),
+            _sa(peer_ip, me_ip, in_spi, reqid, peer_site, me_site, key_in, proto, udp, mode),
         ],
         "policies": [
             {
                 "selector": {"src": me_site, "dst": peer_site},
                 "direction": "out",
-                "templates": [{"reqid": reqid, "proto": proto, "src": me_ip, "dst": peer_ip}],
+                "templates": [
+                    {"reqid": reqid, "proto": proto, "mode": mode}
+                    | ({"src": me_ip, "dst": peer_ip} if mode == "tunnel" else {})
+                ],
             }
         ],
     }
@@ -162,10 +175,13 @@ def _ip_packets(frames: list[str]) -> list[bytes]:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_site_to_site_through_userspace_plane(netns_hosts, case: str) -> None:
-    proto, udp, version = CASES[case]
+    proto, udp, version, mode = CASES[case]
     plan = netns_hosts(2)
     h1, h2 = plan.hosts
-    (_, _, h1_site), (h2_ip, h2_site_net, h2_site) = _addrs(h1, version), _addrs(h2, version)
+    (_, _, h1_site), (h2_ip, _, h2_site) = (
+        _addrs(h1, version, mode),
+        _addrs(h2, version, mode),
+    )
     k12, k21 = os.urandom(32), os.urandom(32)
     runners = []
     capture = None
@@ -218,7 +234,8 @@ def test_site_to_site_through_userspace_plane(netns_hosts, case: str) -> None:
         if proto == "esp":  # encrypted: neither the payload nor the inner header shows
             for p in packets:
                 assert marker not in p and marker[::-1] not in p
-                assert inner_src not in p, "an inner address left in the clear"
+                if mode == "tunnel":
+                    assert inner_src not in p, "an inner address left in the clear"
         else:  # AH authenticates only: the payload is visible, but only inside AH
             assert any(marker in p for p in to_peer)
 
@@ -234,7 +251,14 @@ def test_site_to_site_through_userspace_plane(netns_hosts, case: str) -> None:
             replayed = replayed[:26] + b"\0\0" + replayed[28:]
             corrupted[26:28] = b"\0\0"
         inject = in_netns(
-            h1.netns, sys.executable, "-c", INJECT, h2_ip, replayed.hex(), bytes(corrupted).hex()
+            h1.netns,
+            sys.executable,
+            "-c",
+            INJECT,
+            h2_ip,
+            hex(FWMARK),
+            replayed.hex(),
+            bytes(corrupted).hex(),
         )
         assert inject.returncode == 0, inject.stderr
         # The injected packets queue ahead of this exchange on the same path and socket,
@@ -252,6 +276,7 @@ def test_site_to_site_through_userspace_plane(netns_hosts, case: str) -> None:
             capture.wait()
         for r in runners:
             r.close()
-    # The routes went away with the planes.
-    routes = in_netns(h1.netns, "ip", f"-{version}", "route", "show", h2_site_net).stdout
-    assert "kwesp0" not in routes
+    # The routes and the rule went away with the planes.
+    table = str(ROUTE_TABLE)
+    assert in_netns(h1.netns, "ip", f"-{version}", "route", "show", "table", table).stdout == ""
+    assert table not in in_netns(h1.netns, "ip", f"-{version}", "rule", "show").stdout

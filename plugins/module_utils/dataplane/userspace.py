@@ -138,7 +138,7 @@ class UserspacePlane(DataPlane):
         self._events: EventSink = lambda event: None
         self._acquired: dict[int, float] = {}
         # (reqid, proto, template dst) -> outbound SA; cleared whenever SAs change.
-        self._out_cache: dict[tuple[int, IpsecProto, str | None], _Sa] = {}
+        self._out_cache: dict[tuple[int, IpsecProto, str], _Sa] = {}
         self._encap_by_spi: dict[int, _Sa] = {}  # for ESP-in-UDP handed in without dst
         self._tun_fd = -1
         self._tun_dev = ""
@@ -168,8 +168,14 @@ class UserspacePlane(DataPlane):
             self._udp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self._udp.bind(("0.0.0.0", self.own_udp_port))
             self._udp.setblocking(False)
+            tun.mark(self._udp)
             loop.add_reader(self._udp.fileno(), self._on_udp)
         loop.add_reader(self._tun_fd, self._on_tun)
+        try:
+            tun.add_rules()
+        except tun.TunError as exc:
+            await self.stop()
+            raise DataPlaneError(str(exc)) from None
         for policy, _ in self._out_order:
             self._route_for(policy)
         self._tick()
@@ -190,6 +196,8 @@ class UserspacePlane(DataPlane):
         for prefix in sorted(self._routes):
             tun.del_route(prefix, self._tun_dev)
         self._routes.clear()
+        if self._tun_fd >= 0:
+            tun.del_rules()
         if self._tun_fd >= 0:
             if loop:
                 loop.remove_reader(self._tun_fd)
@@ -359,7 +367,9 @@ class UserspacePlane(DataPlane):
 
     def _protect_out(self, policy: PolicySpec, ip: pk.IpPacket, data: bytes) -> None:
         tmpl = policy.templates[0]
-        entry = self._outbound_sa(tmpl.reqid, tmpl.proto, tmpl.dst or None)
+        # Transport mode templates carry no address: the SA goes to the packet's destination.
+        sa_dst = tmpl.dst or socket.inet_ntop(_fam(ip.dst), ip.dst)
+        entry = self._outbound_sa(tmpl.reqid, tmpl.proto, sa_dst)
         if entry is None:
             self.drops["no_sa"] += 1
             now = self.clock()
@@ -400,7 +410,7 @@ class UserspacePlane(DataPlane):
         else:
             self._send_raw(out, spec.dst, family)
 
-    def _outbound_sa(self, reqid: int, proto: IpsecProto, dst: str | None) -> _Sa | None:
+    def _outbound_sa(self, reqid: int, proto: IpsecProto, dst: str) -> _Sa | None:
         key = (reqid, proto, dst)
         cached = self._out_cache.get(key)
         if cached is not None:
@@ -408,7 +418,7 @@ class UserspacePlane(DataPlane):
         best = None
         for entry in self._sas.values():
             s = entry.spec
-            wanted = s.reqid == reqid and s.proto == proto and (dst is None or s.dst == dst)
+            wanted = s.reqid == reqid and s.proto == proto and s.dst == dst
             # The newest SA wins (make-before-break rekeying).
             if wanted and (best is None or entry.add_time >= best.add_time):
                 best = entry

@@ -40,15 +40,47 @@ def _ip(*argv: str) -> None:
         raise TunError(0, f"ip {' '.join(argv)}: {proc.stderr.strip()}")
 
 
+# The plane's routes live in their own table, consulted only by packets without the
+# plane's firewall mark: its own ESP (marked) then never loops back into the TUN device,
+# even when the protected prefix covers the peer (transport mode) or a PASS policy sends
+# a packet on in the clear. strongSwan's kernel-libipsec does the same with table 220.
+ROUTE_TABLE = 0x4B57
+RULE_PRIORITY = 0x4B57
+FWMARK = 0x4B570000
+
+
+def add_rules() -> None:
+    for family in ("-4", "-6"):
+        del_rules_of(family)
+        _ip(family, "rule", "add", "not", "fwmark", hex(FWMARK), "table", str(ROUTE_TABLE),
+            "priority", str(RULE_PRIORITY))  # fmt: skip
+
+
+def del_rules_of(family: str) -> None:
+    with contextlib.suppress(TunError):
+        _ip(family, "rule", "del", "priority", str(RULE_PRIORITY))
+
+
+def del_rules() -> None:
+    for family in ("-4", "-6"):
+        del_rules_of(family)
+
+
 def add_route(prefix: str, dev: str) -> None:
     family = "-6" if ":" in prefix else "-4"
-    _ip(family, "route", "replace", prefix, "dev", dev)
+    _ip(family, "route", "replace", prefix, "dev", dev, "table", str(ROUTE_TABLE))
 
 
 def del_route(prefix: str, dev: str) -> None:
     family = "-6" if ":" in prefix else "-4"
     with contextlib.suppress(TunError):  # already gone with the device
-        _ip(family, "route", "del", prefix, "dev", dev)
+        _ip(family, "route", "del", prefix, "dev", dev, "table", str(ROUTE_TABLE))
+
+
+def mark(sock: socket.socket) -> socket.socket:
+    """Tag a socket's packets so that they bypass the plane's routing table."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, FWMARK)
+    return sock
 
 
 def raw_receiver(family: int, proto: int) -> socket.socket:
@@ -67,4 +99,4 @@ def raw_sender(family: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
     sock.setblocking(False)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-    return sock
+    return mark(sock)
