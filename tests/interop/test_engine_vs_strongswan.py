@@ -5,8 +5,10 @@ from __future__ import annotations
 import re
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.fixtures.ike_peer import IkePeer, keyway_spec
+from tests.fixtures.pki import make_ca, make_cert
 from tests.fixtures.strongswan import psk_connection
 
 PSK = "engine-interop-psk-5a6b7c8d"
@@ -176,3 +178,62 @@ def test_ike_rekeys_both_ways_with_charon(netns_hosts, charon_factory):
         assert not any(e["event"] in ("PeerDead", "NegotiationFailed") for e in peer.seen)
     finally:
         peer.stop()
+
+
+def charon_cert_conf(me, peer) -> str:
+    return f"""
+connections {{
+    kw {{
+        version = 2
+        local_addrs = {me.ipv4}
+        remote_addrs = {peer.ipv4}
+        proposals = aes256gcm16-prfsha384-ecp384
+        local {{
+            auth = pubkey
+            certs = {me.name}.pem
+            id = {me.name}.lab
+        }}
+        remote {{
+            auth = pubkey
+            id = {peer.name}.lab
+        }}
+        children {{
+            kw {{
+                local_ts = {me.site4}
+                remote_ts = {peer.site4}
+                esp_proposals = aes256gcm16
+            }}
+        }}
+    }}
+}}
+"""
+
+
+@pytest.mark.parametrize("keyway_initiates", [True, False])
+def test_ecdsa_certificates_with_charon(netns_hosts, charon_factory, keyway_initiates):
+    a, b = netns_hosts(2).hosts
+    ca = make_ca()
+    mine, theirs = make_cert(ca, f"{a.name}.lab", ec.SECP384R1), make_cert(ca, f"{b.name}.lab")
+    charon = charon_factory(
+        b.netns,
+        charon_cert_conf(b, a),
+        files={
+            "x509ca/ca.pem": ca.pem,
+            f"x509/{b.name}.pem": theirs.pem,
+            f"private/{b.name}.pem": theirs.key_pem,
+        },
+    )
+    spec = keyway_spec(
+        a, b, "aes256gcm16-prfsha384-ecp384", "aes256gcm16", PSK, initiate=keyway_initiates
+    )
+    spec["connections"][0].update(
+        cert=mine.pem.decode(), key=mine.key_pem.decode(), ca=ca.pem.decode()
+    )
+    peer = IkePeer(a.netns, spec)
+    try:
+        if not keyway_initiates:
+            charon.swanctl("--initiate", "--child", "kw", timeout=30)
+        child = peer.wait_for("ChildSaReady")
+    finally:
+        peer.stop()
+    assert int(charon_child(charon.list_sas())["spi-out"], 16) == child["spi_in"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.core import (
     ChildParams,
@@ -27,6 +30,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.ike.proposals import 
     parse_proposal_string,
 )
 from tests.fixtures.fakenet import FakeNetwork, Impairment
+from tests.fixtures.pki import make_ca, make_cert
 
 A, B = ("192.0.2.11", 500), ("192.0.2.12", 500)
 PSK = b"fake-network-psk-0123456789"
@@ -361,3 +365,46 @@ def test_ike_rekey_moves_children_and_retires_the_old_sa(side):
     pair.pump(until=pair.net.now + 30)
     assert len(of(pair.events[B], ChildSaReady)) == 2
     assert not of(pair.events[A], PeerDead)
+
+
+def cert_pair(ca_a, ca_b, cert_a, cert_b, ids=("h1.lab", "h2.lab")) -> Pair:
+    def make(local_id, remote_id, remote, lts, rts, mine, trust):
+        return dataclasses.replace(
+            conn(local_id, remote_id, remote, lts, rts),
+            auth="pubkey",
+            certs=(mine.der,),
+            private_key=mine.key,
+            cacerts=(trust.cert,),
+            psk=b"",
+        )
+
+    return Pair(
+        FakeNetwork(),
+        make(ids[0], ids[1], B, ("10.1.0.0/24",), ("10.2.0.0/24",), cert_a, ca_a),
+        make(ids[1], ids[0], A, ("10.2.0.0/24",), ("10.1.0.0/24",), cert_b, ca_b),
+    )
+
+
+def test_certificates_authenticate_both_ways():
+    ca = make_ca()
+    pair = cert_pair(ca, ca, make_cert(ca, "h1.lab", ec.SECP384R1), make_cert(ca, "h2.lab"))
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    assert of(pair.events[A], ChildSaReady) and of(pair.events[B], ChildSaReady)
+    assert of(pair.events[B], IkeSaUp)[0].remote_id == "h1.lab"
+
+
+@pytest.mark.parametrize("problem", ["unknown CA", "wrong name", "expired"])
+def test_certificate_problems_fail_authentication_with_the_reason(problem):
+    ca, other = make_ca(), make_ca("Other CA")
+    cert_a = {
+        "unknown CA": make_cert(other, "h1.lab"),
+        "wrong name": make_cert(ca, "h9.lab"),
+        "expired": make_cert(ca, "h1.lab", valid_days=(-30, -1)),
+    }[problem]
+    pair = cert_pair(ca, ca, cert_a, make_cert(ca, "h2.lab"))
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    (failed,) = of(pair.events[B], AuthFailed)
+    assert "does not verify for identity 'h1.lab'" in failed.reason
+    assert not of(pair.events[B], IkeSaUp) and of(pair.events[A], AuthFailed)

@@ -16,6 +16,7 @@ DPD), cookies under load, certificates, fragmentation on send, collisions.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import ipaddress
 import logging
@@ -24,7 +25,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .. import codec, crypto
+from .. import certs, codec, crypto
 from ..constants import (
     NAT_T_PORT,
     AuthMethod,
@@ -79,6 +80,26 @@ class IkeConnection:
     children: tuple[ChildParams, ...] = ()
     allow_weak: bool = False
     retransmit: RetransmitPolicy = field(default_factory=RetransmitPolicy)
+    auth: str = "psk"  # psk | pubkey
+    certs: tuple[bytes, ...] = ()  # own chain, DER, leaf first (pubkey)
+    private_key: object = field(default=None, repr=False)  # (pubkey)
+    cacerts: tuple = ()  # x509.Certificate trust anchors for the peer (pubkey)
+
+
+# RFC 7427 hash algorithms we verify with: SHA2-256/384/512 and Identity (Ed25519).
+SIGNATURE_HASHES = struct.pack("!HHHH", 2, 3, 4, 5)
+
+
+def _signature_scheme(private_key) -> tuple[str, str]:
+    """How we sign with our key: ECDSA with the curve's hash, Ed25519, or RSA PKCS#1."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    if isinstance(private_key, ed25519.Ed25519PrivateKey):
+        return "ed25519", "identity"
+    if isinstance(private_key, ec.EllipticCurvePrivateKey):
+        bits = private_key.curve.key_size
+        return "ecdsa", "sha256" if bits <= 256 else "sha384" if bits <= 384 else "sha512"
+    return "rsa-pkcs1", "sha256"
 
 
 def encode_id(text: str) -> tuple[int, bytes]:
@@ -214,6 +235,7 @@ class IkeSa:
             codec.Nonce(data=self.nonce_i),
             *self.engine._nat_notifies(self.spi_i, bytes(8), self.remote),
             codec.Notify(type=NotifyType.IKEV2_FRAGMENTATION_SUPPORTED),
+            codec.Notify(type=NotifyType.SIGNATURE_HASH_ALGORITHMS, data=SIGNATURE_HASHES),
         ]
         self.send_mid = 0
         data = codec.encode_message(
@@ -306,18 +328,74 @@ class IkeSa:
             proposals=[s.to_proposal(i + number_from, self.child_spi) for i, s in enumerate(specs)]
         )
 
+    def _auth_payloads(
+        self, conn: IkeConnection, id_payload, message: bytes, peer_nonce: bytes, sk_p: bytes
+    ) -> list[codec.Payload]:
+        """CERT(s) and AUTH proving our identity (RFC 7296 2.15, RFC 7427)."""
+        if conn.auth == "pubkey":
+            octets = crypto.signed_octets(
+                self.prf, message, peer_nonce, sk_p, id_payload.encode_body()
+            )
+            scheme, hash_name = _signature_scheme(conn.private_key)
+            method, data = crypto.sign_auth(conn.private_key, octets, scheme, hash_name)
+            return [
+                *(codec.CERT(kind=certs.X509_SIGNATURE, data=c) for c in conn.certs),
+                codec.AUTH(kind=method, data=data),
+            ]
+        auth = crypto.psk_auth(
+            self.prf, conn.psk, message, peer_nonce, sk_p, id_payload.encode_body()
+        )
+        return [codec.AUTH(kind=AuthMethod.PSK, data=auth)]
+
+    def _verify_auth(
+        self,
+        conn: IkeConnection,
+        inner: list[codec.Payload],
+        id_payload,
+        auth: codec.AUTH,
+        message: bytes,
+        nonce: bytes,
+        sk_p: bytes,
+    ) -> str | None:
+        """None if the peer's AUTH proves `id_payload`, else the precise reason."""
+        if conn.auth == "pubkey":
+            chain = [
+                p.data
+                for p in inner
+                if isinstance(p, codec.CERT) and p.kind == certs.X509_SIGNATURE
+            ]
+            octets = crypto.signed_octets(self.prf, message, nonce, sk_p, id_payload.encode_body())
+            try:
+                key = certs.verify_peer(
+                    chain, list(conn.cacerts), id_payload.to_text(), self.engine.wall_clock()
+                )
+                crypto.verify_signature_auth(key, auth.kind, auth.data, octets, conn.allow_weak)
+            except crypto.IkeCryptoError as exc:
+                return str(exc)
+            return None
+        if auth.kind != AuthMethod.PSK:
+            return f"peer authenticates with method {auth.kind}, connection expects a PSK"
+        if not crypto.verify_psk_auth(
+            self.prf, conn.psk, auth.data, message, nonce, sk_p, id_payload.encode_body()
+        ):
+            return f"AUTH does not verify with the PSK of connection {conn.name!r}"
+        return None
+
     def _send_auth_request(self, now: float) -> None:
         conn = self.conn
         id_type, id_data = encode_id(conn.local_id)
         idi = codec.IDi(id_type=id_type, data=id_data)
-        auth = crypto.psk_auth(
-            self.prf, conn.psk, self.init_request, self.nonce_r, self.keys.sk_pi, idi.encode_body()
-        )
         inner: list[codec.Payload] = [
             idi,
+            *self._auth_payloads(conn, idi, self.init_request, self.nonce_r, self.keys.sk_pi),
             codec.IDr(*encode_id(conn.remote_id)),
-            codec.AUTH(kind=AuthMethod.PSK, data=auth),
         ]
+        if conn.auth == "pubkey" and conn.cacerts:
+            inner.append(
+                codec.CERTREQ(
+                    kind=certs.X509_SIGNATURE, data=certs.certreq_data(list(conn.cacerts))
+                )
+            )
         if conn.children:
             params = self.child_params = conn.children[0]
             if params.mode == "transport":
@@ -346,16 +424,11 @@ class IkeSa:
         if idr.to_text() != conn.remote_id:
             self._auth_failed(f"peer identity {idr.to_text()!r} is not {conn.remote_id!r}")
             return
-        if auth.kind != AuthMethod.PSK or not crypto.verify_psk_auth(
-            self.prf,
-            conn.psk,
-            auth.data,
-            self.init_response,
-            self.nonce_i,
-            self.keys.sk_pr,
-            idr.encode_body(),
-        ):
-            self._auth_failed("responder's AUTH does not verify with our PSK")
+        reason = self._verify_auth(
+            conn, inner, idr, auth, self.init_response, self.nonce_i, self.keys.sk_pr
+        )
+        if reason:
+            self._auth_failed(f"responder: {reason}")
             return
         self.remote_id = idr.to_text()
         self._up()
@@ -800,7 +873,13 @@ class IkeSa:
             codec.Nonce(data=self.nonce_r),
             *self.engine._nat_notifies(self.spi_i, self.spi_r, self.remote),
             codec.Notify(type=NotifyType.IKEV2_FRAGMENTATION_SUPPORTED),
+            codec.Notify(type=NotifyType.SIGNATURE_HASH_ALGORITHMS, data=SIGNATURE_HASHES),
         ]
+        # Ask for the initiator's certificate when a connection to it trusts CAs: peers
+        # like strongSwan send theirs only when asked (RFC 7296 3.7).
+        cas = [ca for c in candidates if c.auth == "pubkey" for ca in c.cacerts]
+        if cas:
+            payloads.append(codec.CERTREQ(kind=certs.X509_SIGNATURE, data=certs.certreq_data(cas)))
         data_out = codec.encode_message(
             codec.Message(self._header(ExchangeType.IKE_SA_INIT, 0, True), payloads)
         )
@@ -834,26 +913,19 @@ class IkeSa:
             self._respond_auth_failed(mid, f"no connection for peer identity {peer_id!r}")
             return
         self.conn = conn
-        if auth.kind != AuthMethod.PSK or not crypto.verify_psk_auth(
-            self.prf,
-            conn.psk,
-            auth.data,
-            self.init_request,
-            self.nonce_r,
-            self.keys.sk_pi,
-            idi.encode_body(),
-        ):
-            self._respond_auth_failed(
-                mid, f"AUTH of {peer_id!r} does not verify with the PSK of connection {conn.name!r}"
-            )
+        reason = self._verify_auth(
+            conn, inner, idi, auth, self.init_request, self.nonce_r, self.keys.sk_pi
+        )
+        if reason:
+            self._respond_auth_failed(mid, f"{peer_id!r}: {reason}")
             return
         self.remote_id = peer_id
         id_type, id_data = encode_id(conn.local_id)
         idr = codec.IDr(id_type=id_type, data=id_data)
-        my_auth = crypto.psk_auth(
-            self.prf, conn.psk, self.init_response, self.nonce_i, self.keys.sk_pr, idr.encode_body()
-        )
-        reply: list[codec.Payload] = [idr, codec.AUTH(kind=AuthMethod.PSK, data=my_auth)]
+        reply: list[codec.Payload] = [
+            idr,
+            *self._auth_payloads(conn, idr, self.init_response, self.nonce_i, self.keys.sk_pr),
+        ]
         child = self._responder_child(inner)
         reply += child[0]
         self._send_response(
@@ -1087,6 +1159,7 @@ class Engine:
         local: Address,
         spi_allocator: Callable[[], bytes] | None = None,
         max_half_open: int = MAX_HALF_OPEN,
+        wall_clock: Callable[[], datetime.datetime] | None = None,
     ):
         self.local = local
         self.connections: dict[str, IkeConnection] = {}
@@ -1096,6 +1169,8 @@ class Engine:
         self._events: list[Event] = []
         self._spi_allocator = spi_allocator or (lambda: os.urandom(4))
         self.max_half_open = max_half_open
+        # Certificate validity needs calendar time; the shell (or a test) provides it.
+        self.wall_clock = wall_clock or (lambda: datetime.datetime.now(datetime.UTC))
 
     # public API
     def add_connection(self, conn: IkeConnection) -> None:
