@@ -408,3 +408,28 @@ def test_certificate_problems_fail_authentication_with_the_reason(problem):
     (failed,) = of(pair.events[B], AuthFailed)
     assert "does not verify for identity 'h1.lab'" in failed.reason
     assert not of(pair.events[B], IkeSaUp) and of(pair.events[A], AuthFailed)
+
+
+def test_cookies_under_load_cost_the_responder_no_state():
+    pair = lab_pair()
+    pair.b.cookie_threshold = 0  # every IKE_SA_INIT must bring a cookie first
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    assert of(pair.events[A], ChildSaReady) and of(pair.events[B], ChildSaReady)
+    sent_by_a = [e[3] for e in pair.net.log if e[1] == A]
+    assert b"\x40\x06" in sent_by_a[1][28:80]  # the retried IKE_SA_INIT starts with COOKIE
+    # A spoofed flood without cookies leaves no half-open state behind.
+    before = len(pair.b.sas())
+    first = sent_by_a[0]
+    for i in range(50):
+        spoofed = bytes([i]) + first[1:]  # another initiator SPI each time
+        pair.b.receive(spoofed, ("198.51.100.7", 500), pair.net.now)
+    pair.b.add_connection(
+        dataclasses.replace(
+            pair.b.connections["h1-h2"], name="spoof", remote_address=("198.51.100.7", 500)
+        )
+    )
+    for i in range(50):
+        pair.b.receive(bytes([i]) + first[1:], ("198.51.100.7", 500), pair.net.now)
+    assert len(pair.b.sas()) == before
+    assert len(pair.b.pop_datagrams()) == 50  # a COOKIE answer each, nothing more

@@ -40,6 +40,7 @@ from ..constants import (
     TsType,
 )
 from ..proposals import describe, parse_proposal_string, proposal_acceptable, select_proposal
+from .cookies import CookieJar
 from .events import (
     Address,
     AuthFailed,
@@ -223,9 +224,13 @@ class IkeSa:
         specs = [
             parse_proposal_string(p, "ike", allow_weak=conn.allow_weak) for p in conn.proposals
         ]
-        self.ke_group = group or specs[0].ke[0]
-        self.kx = crypto.key_exchange(self.ke_group, allow_weak=conn.allow_weak)
-        self.nonce_i = os.urandom(NONCE_SIZE)
+        group = group or specs[0].ke[0]
+        # A retry with a COOKIE repeats the same request (the cookie is bound to its nonce
+        # and SPI); a new group (INVALID_KE_PAYLOAD) needs a new key pair.
+        if self.kx is None or self.kx.group != group:
+            self.ke_group = group
+            self.kx = crypto.key_exchange(group, allow_weak=conn.allow_weak)
+            self.nonce_i = os.urandom(NONCE_SIZE)
         payloads: list[codec.Payload] = []
         if self.cookie:
             payloads.append(codec.Notify(type=NotifyType.COOKIE, data=self.cookie))
@@ -1159,6 +1164,7 @@ class Engine:
         local: Address,
         spi_allocator: Callable[[], bytes] | None = None,
         max_half_open: int = MAX_HALF_OPEN,
+        cookie_threshold: int = 100,
         wall_clock: Callable[[], datetime.datetime] | None = None,
     ):
         self.local = local
@@ -1169,6 +1175,10 @@ class Engine:
         self._events: list[Event] = []
         self._spi_allocator = spi_allocator or (lambda: os.urandom(4))
         self.max_half_open = max_half_open
+        # Above this many half-open SAs, IKE_SA_INIT must carry a valid COOKIE first
+        # (RFC 7296 2.6): a flood from spoofed addresses then costs us no state.
+        self.cookie_threshold = cookie_threshold
+        self._cookies = CookieJar()
         # Certificate validity needs calendar time; the shell (or a test) provides it.
         self.wall_clock = wall_clock or (lambda: datetime.datetime.now(datetime.UTC))
 
@@ -1224,6 +1234,8 @@ class Engine:
         if not self._connections_for(src):
             log.info("IKE_SA_INIT from %s matches no connection", src)
             return
+        if len(self._half_open) >= self.cookie_threshold and not self._cookie_ok(msg, src, now):
+            return
         if len(self._half_open) >= self.max_half_open:
             log.warning(
                 "half-open limit %d reached: dropping IKE_SA_INIT from %s", self.max_half_open, src
@@ -1233,6 +1245,31 @@ class Engine:
         self._half_open[key] = sa
         self._by_spi[sa.spi_r] = sa
         sa.on_init_request(msg, data, now)
+
+    def _cookie_ok(self, msg: codec.Message, src: Address, now: float) -> bool:
+        """True if the request carries our COOKIE; else answer with one (no state kept)."""
+        nonce = msg.get(codec.Nonce)
+        if nonce is None:
+            return False
+        ip = ipaddress.ip_address(src[0]).packed
+        first = msg.payloads[0] if msg.payloads else None
+        if (
+            isinstance(first, codec.Notify)
+            and first.type == NotifyType.COOKIE
+            and self._cookies.check(now, first.data, nonce.data, ip, msg.header.spi_i)
+        ):
+            return True
+        cookie = self._cookies.make(now, nonce.data, ip, msg.header.spi_i)
+        header = codec.Header(
+            msg.header.spi_i, bytes(8), ExchangeType.IKE_SA_INIT, HeaderFlag.RESPONSE, 0
+        )
+        self._emit(
+            codec.encode_message(
+                codec.Message(header, [codec.Notify(type=NotifyType.COOKIE, data=cookie)])
+            ),
+            src,
+        )
+        return False
 
     def delete_ike_sa(self, sa: IkeSa, now: float) -> None:
         sa.queue("delete_ike", now)
