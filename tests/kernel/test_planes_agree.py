@@ -59,8 +59,9 @@ def _kernel_alg(template: str, key: bytes) -> str:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="open (issue 6): the kernel on h2 shows no packet on its inbound SA although h1's "
-    "plane sends the ESP frame; under investigation, see the issue note",
+    reason="open (issue 6): the VM kernel rejects the userspace plane's ESP on its inbound SA "
+    "(XfrmInStateProtoError, SA 'failed 1': the ICV does not verify) although the plane "
+    "matches draft-mcgrew-gcm-test-01 byte for byte; see the issue note",
 )
 @pytest.mark.parametrize("suite", sorted(SUITES))
 def test_userspace_and_kernel_esp_interoperate(netns_hosts, suite):
@@ -122,6 +123,12 @@ def test_userspace_and_kernel_esp_interoperate(netns_hosts, suite):
         kernel = in_netns(h2.netns, "ip", "-s", "xfrm", "state", "list").stdout
         kernel += in_netns(h2.netns, "cat", "/proc/net/xfrm_stat").stdout
         esp_dirs = [("out" if f.outgoing else "in", f.ip_proto) for f in cap.frames]
+        if reply != marker[::-1] and os.environ.get("KEYWAY_VM_RWDIR"):
+            diag = in_netns(h2.netns, "ip", "-s", "-s", "xfrm", "state", "list").stdout
+            diag += in_netns(h2.netns, "ip", "-s", "link").stdout
+            diag += in_netns(h2.netns, "nstat", "-az").stdout
+            with open(os.path.join(os.environ["KEYWAY_VM_RWDIR"], "diag.txt"), "a") as out:
+                out.write(f"{suite}\n{esp_dirs}\n{stats}\n{kernel}\n{diag}\n")
         assert reply == marker[::-1], (esp_dirs, stats, kernel)
     finally:
         plane.close()
