@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.fixtures.ike_peer import IkePeer, keyway_spec
 from tests.fixtures.pki import make_ca, make_cert
-from tests.fixtures.strongswan import psk_connection
+from tests.fixtures.strongswan import site_connection
 
 PSK = "engine-interop-psk-5a6b7c8d"
 SUITES = [
@@ -21,18 +21,7 @@ SUITES = [
 
 
 def charon_conf(me, peer, proposal, esp) -> str:
-    return psk_connection(
-        name="kw",
-        local_addr=me.ipv4,
-        remote_addr=peer.ipv4,
-        local_id=f"{me.name}.lab",
-        remote_id=f"{peer.name}.lab",
-        local_ts=me.site4,
-        remote_ts=peer.site4,
-        psk=PSK,
-        proposals=proposal,
-        esp_proposals=esp,
-    )
+    return site_connection(me, peer, psk=PSK, proposals=proposal, esp_proposals=esp)
 
 
 def charon_child(sas: str) -> dict:

@@ -1320,30 +1320,35 @@ class Engine:
             return
         if h.exchange == ExchangeType.IKE_SA_INIT and sa.state == "init":
             sa._on_init_response(msg, data, now)
-        elif h.exchange == ExchangeType.IKE_AUTH and sa.state == "auth":
-            try:
-                inner = codec.open_encrypted(data, msg, sa.inbound)
-            except codec.IkeDecodeError as exc:
-                log.info("%s: dropped IKE_AUTH response: %s", sa.conn.name, exc)
-                return
+            return
+        expected = {
+            ExchangeType.IKE_AUTH: "auth",
+            ExchangeType.INFORMATIONAL: "established",
+            ExchangeType.CREATE_CHILD_SA: "established",
+        }
+        if expected.get(h.exchange) != sa.state:
+            log.info(
+                "%s: response to exchange %d in state %s dropped",
+                sa.conn.name,
+                h.exchange,
+                sa.state,
+            )
+            return
+        try:
+            inner = codec.open_encrypted(data, msg, sa.inbound)
+        except codec.IkeDecodeError as exc:
+            log.info(
+                "%s: dropped %s response: %s", sa.conn.name, ExchangeType(h.exchange).name, exc
+            )
+            return
+        if h.exchange == ExchangeType.IKE_AUTH:
             sa._on_auth_response(inner, now)
-        elif h.exchange == ExchangeType.INFORMATIONAL and sa.state == "established":
-            try:
-                inner = codec.open_encrypted(data, msg, sa.inbound)
-            except codec.IkeDecodeError as exc:
-                log.info("%s: dropped INFORMATIONAL response: %s", sa.conn.name, exc)
-                return
+        elif h.exchange == ExchangeType.INFORMATIONAL:
             sa._on_informational_response(inner, now)
-        elif h.exchange == ExchangeType.CREATE_CHILD_SA and sa.state == "established":
-            try:
-                inner = codec.open_encrypted(data, msg, sa.inbound)
-            except codec.IkeDecodeError as exc:
-                log.info("%s: dropped CREATE_CHILD_SA response: %s", sa.conn.name, exc)
-                return
-            if sa.request.kind == "rekey_ike":
-                sa._on_rekey_ike_response(inner, now)
-            else:
-                sa._on_rekey_child_response(inner, now)
+        elif sa.request.kind == "rekey_ike":
+            sa._on_rekey_ike_response(inner, now)
+        else:
+            sa._on_rekey_child_response(inner, now)
 
     def _on_request(
         self, sa: IkeSa, msg: codec.Message, data: bytes, src: Address, now: float
