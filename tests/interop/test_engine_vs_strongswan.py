@@ -7,7 +7,9 @@ import re
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from tests.fixtures.capture import Capture
 from tests.fixtures.ike_peer import IkePeer, keyway_spec
+from tests.fixtures.netns import udp_exchange
 from tests.fixtures.pki import make_ca, make_cert
 from tests.fixtures.strongswan import site_connection
 
@@ -226,3 +228,28 @@ def test_ecdsa_certificates_with_charon(netns_hosts, charon_factory, keyway_init
     finally:
         peer.stop()
     assert int(charon_child(charon.list_sas())["spi-out"], 16) == child["spi_in"]
+
+
+@pytest.mark.parametrize("keyway_initiates", [True, False])
+@pytest.mark.parametrize(("proposal", "esp"), [SUITES[1], SUITES[2], SUITES[3]])
+def test_traffic_between_keyway_userspace_plane_and_charon_libipsec(
+    netns_hosts, charon_factory, keyway_initiates, proposal, esp
+):
+    a, b = netns_hosts(2).hosts
+    spec = keyway_spec(a, b, proposal, esp, PSK, initiate=keyway_initiates)
+    spec.update(plane=True, encap=True)  # charon's libipsec always encapsulates
+    peer = IkePeer(a.netns, spec)
+    try:
+        charon = charon_factory(b.netns, charon_conf(b, a, proposal, esp))
+        if not keyway_initiates:
+            charon.swanctl("--initiate", "--child", "kw", timeout=30)
+        peer.wait_for("ChildSaReady")
+        marker = b"keyway-to-libipsec"
+        with Capture(a.netns, "eth0") as cap:
+            reply = udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, marker)
+        assert reply == marker[::-1]
+    finally:
+        peer.stop()
+    esp_frames = [f for f in cap.frames if (p := f.udp_payload(4500)) and p[:4] != b"\0\0\0\0"]
+    assert any(f.outgoing for f in esp_frames) and any(not f.outgoing for f in esp_frames)
+    assert not any(marker in f.data or marker[::-1] in f.data for f in cap.frames)

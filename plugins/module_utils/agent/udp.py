@@ -79,6 +79,10 @@ class UdpRunner:
         self.engine.initiate(name, self.now())
         self.pump()
 
+    def send_nat_t(self, data: bytes, dst: tuple) -> None:
+        """Send a datagram from the NAT-T port as it is (ESP in UDP for the data plane)."""
+        self._nat_t.transport.sendto(data, dst)
+
     def _on_ike(self, data: bytes, addr: tuple) -> None:
         self.engine.receive(data, (addr[0], addr[1]), self.now())
         self.pump()
