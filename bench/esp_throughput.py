@@ -1,6 +1,7 @@
 """Userspace ESP throughput: packets/s and Mbit/s through the tunnel between two lab
 namespaces (64- and 1400-byte UDP payloads, plain ESP and ESP-in-UDP, AES-GCM-128), plus
-the in-process cost of the packet layer per algorithm.
+the in-process cost of the packet layer per algorithm; and strongSwan's kernel-libipsec
+between the same namespaces in the same run (SAs negotiated by two charons), as a ratio.
 
 Run as root from the repository root after the test suite has created .collections:
     .venv/bin/python bench/esp_throughput.py [seconds]
@@ -132,6 +133,35 @@ def tunnel_run(h1, h2, size: int, seconds: float) -> tuple[int, int, int]:
     return int(sent), n, nbytes
 
 
+def libipsec_run(h1, h2, seconds: float) -> dict[int, float]:
+    """Received packets/s through two charons (kernel-libipsec), AES-GCM-128, PSK."""
+    sys.path.insert(0, str(ROOT))
+    from tests.fixtures.strongswan import Charon, site_connection
+
+    folder = Path(tempfile.mkdtemp(prefix="kwbench-charon"))
+    charons = []
+    try:
+        for me, peer in ((h2, h1), (h1, h2)):
+            charon = Charon(me.netns, folder / me.name)
+            charon.folder.mkdir(parents=True)
+            charon.write_config(
+                site_connection(
+                    me,
+                    peer,
+                    psk="bench-psk-0123456789abcdef",
+                    proposals="aes128gcm16-prfsha256-x25519",
+                    esp_proposals="aes128gcm16",
+                )
+            )
+            charons.append(charon)
+            charon.start()
+        charons[1].swanctl("--initiate", "--child", "kw", timeout=30)
+        return {size: tunnel_run(h1, h2, size, seconds)[1] / seconds for size in (64, 1400)}
+    finally:
+        for charon in charons:
+            charon.stop()
+
+
 def packet_layer(seconds: float = 0.5) -> None:
     print("\npacket layer, in process (protect + unprotect of one tunnel-mode packet):")
     for enc, klen, integ, ilen in [
@@ -176,6 +206,7 @@ def main() -> None:
             f"{'mode':<11} {'payload':>7} {'sent pkt/s':>11} {'recv pkt/s':>11} "
             f"{'Mbit/s':>8} {'loss':>6}"
         )
+        ours: dict[int, float] = {}
         for udp in (False, True):
             k12, k21 = os.urandom(20), os.urandom(20)
             p1 = _start(h1.netns, _config(h1, h2, 0x1001, 0x2001, k12, k21, udp))
@@ -185,16 +216,21 @@ def main() -> None:
                     sent, n, nbytes = tunnel_run(h1, h2, size, seconds)
                     mode = "esp-in-udp" if udp else "esp"
                     loss = 1 - n / sent if sent else 0
+                    if udp:
+                        ours[size] = n / seconds
                     print(f"{mode:<11} {size:>7} {sent / seconds:>11.0f} {n / seconds:>11.0f} "
                           f"{nbytes * 8 / seconds / 1e6:>8.1f} {loss:>6.1%}")  # fmt: skip
             finally:
                 _stop(p1)
                 _stop(p2)
+        theirs = libipsec_run(h1, h2, seconds)
+        print("\nstrongSwan 5.9.8 charon with kernel-libipsec (always ESP-in-UDP), same hosts:")
+        for size, rate in theirs.items():
+            print(
+                f"{'libipsec':<11} {size:>7} {rate:>11.0f} pkt/s received; keyway/libipsec "
+                f"(ESP-in-UDP) = {ours[size] / rate if rate else float('nan'):.2f}"
+            )
         packet_layer()
-        print(
-            "\nNo strongSwan kernel-libipsec comparison here: charon cannot take static keys;"
-            "\nthe libipsec ratio comes later, measured with the agent negotiating both ends."
-        )
     finally:
         lab_down(plan.name, plan.root)
 
