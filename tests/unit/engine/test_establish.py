@@ -433,3 +433,41 @@ def test_cookies_under_load_cost_the_responder_no_state():
         pair.b.receive(bytes([i]) + first[1:], ("198.51.100.7", 500), pair.net.now)
     assert len(pair.b.sas()) == before
     assert len(pair.b.pop_datagrams()) == 50  # a COOKIE answer each, nothing more
+
+
+def test_child_sas_rekey_on_schedule_with_jitter_and_keep_traffic_keys_paired():
+    net = FakeNetwork()
+    child = dict(rekey_time=100.0, rand_time=10.0, life_time=120.0)
+    ca = conn("h1.lab", "h2.lab", B, ("10.1.0.0/24",), ("10.2.0.0/24",))
+    cb = conn("h2.lab", "h1.lab", A, ("10.2.0.0/24",), ("10.1.0.0/24",))
+    ca = dataclasses.replace(ca, children=(dataclasses.replace(ca.children[0], **child),))
+    cb = dataclasses.replace(cb, children=(dataclasses.replace(cb.children[0], **child),))
+    pair = Pair(net, ca, cb)
+    pair.a.rng.seed(7)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump(until=350.0)
+    ready_a = of(pair.events[A], ChildSaReady)
+    ready_b = of(pair.events[B], ChildSaReady)
+    # Established at ~0, then rekeyed every 90 to 100 s: three rekeys by t=350.
+    assert len(ready_a) == len(ready_b) == 4
+    assert all(r.rekeyed_from for r in ready_a[1:])
+    assert [a.key_out for a in ready_a] == [b.key_in for b in ready_b]
+    # Each old SA was deleted after its successor came; none hit the hard lifetime.
+    assert len(of(pair.events[B], ChildSaDeleted)) == 3
+    assert all(e.reason != "expired" for e in of(pair.events[B], ChildSaDeleted))
+    assert len(pair.a.sas()[0].children) == 1 and len(pair.b.sas()[0].children) == 1
+
+
+def test_hard_lifetime_deletes_a_child_the_initiator_cannot_rekey():
+    net = FakeNetwork()
+    ca = conn("h1.lab", "h2.lab", B, ("10.1.0.0/24",), ("10.2.0.0/24",))
+    cb = conn("h2.lab", "h1.lab", A, ("10.2.0.0/24",), ("10.1.0.0/24",))
+    # The responder's Child SA lives 50 s; the initiator never rekeys (no rekey_time).
+    cb = dataclasses.replace(cb, children=(dataclasses.replace(cb.children[0], life_time=50.0),))
+    pair = Pair(net, ca, cb)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump(until=100.0)
+    (gone_b,) = of(pair.events[B], ChildSaDeleted)
+    (gone_a,) = of(pair.events[A], ChildSaDeleted)
+    assert gone_b.reason == "deleted by us" and gone_a.reason == "deleted by peer"
+    assert pair.a.sas()[0].state == "established"  # the IKE SA stays

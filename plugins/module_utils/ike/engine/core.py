@@ -21,6 +21,7 @@ import hashlib
 import ipaddress
 import logging
 import os
+import random
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from .events import (
     PeerDead,
 )
 from .retransmit import RetransmitPolicy
+from .schedule import LifetimeSchedule
 
 log = logging.getLogger("keyway.ike")
 NONCE_SIZE = 32
@@ -68,6 +70,9 @@ class ChildParams:
     remote_ts: tuple[str, ...]
     esp_proposals: tuple[str, ...] = ("aes256gcm16",)
     mode: str = "tunnel"
+    rekey_time: float = 0.0  # seconds; 0: no time-based rekey
+    life_time: float = 0.0  # hard expiry; 0: none
+    rand_time: float = 0.0  # rekeys spread over [rekey_time - rand_time, rekey_time]
 
 
 @dataclass(frozen=True)
@@ -181,6 +186,7 @@ class IkeSa:
         self.request: _Request | None = None
         self.pending: list[tuple[str, object]] = []  # requests waiting for the window
         self.children: dict[int, ChildSaReady] = {}  # by inbound SPI
+        self.child_timers: dict[int, LifetimeSchedule] = {}  # by inbound SPI
         self.last_response: tuple[int, bytes] | None = None
         self.keys: crypto.IkeKeys | None = None
         self.out: object = None
@@ -654,6 +660,7 @@ class IkeSa:
         new.out, new.inbound = crypto.sk_ciphers(new.keys, encr, integ, initiator)
         new.state = "established"
         new.children, self.children = self.children, {}
+        new.child_timers, self.child_timers = self.child_timers, {}
         new.child_params = self.child_params
         self.replaced = True
         self.engine._index(new)
@@ -1007,7 +1014,35 @@ class IkeSa:
 
     def _add_child(self, child: ChildSaReady) -> None:
         self.children[child.spi_in] = child
+        params = self._params_of(child)
+        self.child_timers[child.spi_in] = LifetimeSchedule.compute(
+            self.engine.now, params.rekey_time, params.rand_time, params.life_time, self.engine.rng
+        )
         self.engine._event(child)
+
+    def _lifetime_actions(self, now: float) -> None:
+        """Rekey Child SAs whose time came, delete those past their hard lifetime. Only the
+        IKE SA's initiator rekeys on schedule: the peer relies on its later hard expiry,
+        so both ends never start the same rekey at once (collisions: not handled yet)."""
+        for spi_in, timers in list(self.child_timers.items()):
+            if spi_in not in self.children:
+                del self.child_timers[spi_in]
+            elif timers.expire_at is not None and now >= timers.expire_at:
+                del self.child_timers[spi_in]
+                log.info("%s: Child SA %08x reached its hard lifetime", self.conn.name, spi_in)
+                self.queue("delete_child", now, spi_in)
+            elif self.initiator and timers.rekey_at is not None and now >= timers.rekey_at:
+                self.child_timers[spi_in] = LifetimeSchedule(None, timers.expire_at)
+                self.queue("rekey_child", now, spi_in)
+
+    def lifetime_deadline(self) -> float | None:
+        times = [
+            t
+            for timers in self.child_timers.values()
+            for t in ((timers.rekey_at if self.initiator else None), timers.expire_at)
+            if t is not None
+        ]
+        return min(times, default=None)
 
     def queue(self, kind: str, now: float, arg: object = None) -> None:
         """Start an INFORMATIONAL exchange now, or once the one in flight is done."""
@@ -1132,12 +1167,16 @@ class IkeSa:
         self.engine._forget(self)
 
     def deadline(self) -> float | None:
+        life = self.lifetime_deadline() if self.state == "established" else None
         if self.request is None:
-            return None
+            return life
         policy = self.conn.retransmit
-        return self.request.sent_at + policy.interval(self.request.attempt)
+        retransmit = self.request.sent_at + policy.interval(self.request.attempt)
+        return min(retransmit, life) if life is not None else retransmit
 
     def tick(self, now: float) -> None:
+        if self.state == "established":
+            self._lifetime_actions(now)
         req = self.request
         if req is None:
             return
@@ -1178,6 +1217,8 @@ class Engine:
         # Above this many half-open SAs, IKE_SA_INIT must carry a valid COOKIE first
         # (RFC 7296 2.6): a flood from spoofed addresses then costs us no state.
         self.cookie_threshold = cookie_threshold
+        self.now = 0.0  # the time of the latest input, for schedules computed on events
+        self.rng = random.Random()  # rekey jitter; tests may seed it
         self._cookies = CookieJar()
         # Certificate validity needs calendar time; the shell (or a test) provides it.
         self.wall_clock = wall_clock or (lambda: datetime.datetime.now(datetime.UTC))
@@ -1187,6 +1228,7 @@ class Engine:
         self.connections[conn.name] = conn
 
     def initiate(self, name: str, now: float) -> IkeSa:
+        self.now = now
         sa = IkeSa(
             self,
             self.connections[name],
@@ -1200,6 +1242,7 @@ class Engine:
         return sa
 
     def receive(self, data: bytes, src: Address, now: float) -> None:
+        self.now = now
         try:
             msg = codec.decode_message(data)
         except codec.IkeDecodeError as exc:
@@ -1291,7 +1334,8 @@ class Engine:
         sa.queue("dpd", now)
 
     def tick(self, now: float) -> None:
-        for sa in list(self._by_spi.values()):
+        self.now = now
+        for sa in self.sas():
             sa.tick(now)
 
     def next_deadline(self) -> float | None:
