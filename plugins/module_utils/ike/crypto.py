@@ -749,28 +749,24 @@ def _parse_identifier(ident: bytes) -> tuple[str, str]:
     )
 
 
-def _sign_raw(key, scheme: str, hash_name: str, octets: bytes) -> bytes:
+def _scheme_args(scheme: str, hash_name: str) -> tuple:
+    """The padding/algorithm arguments `cryptography` wants after the data to sign."""
     if scheme == "ed25519":
-        return key.sign(octets)
+        return ()
     algo = _HASH_CLASSES[hash_name]()
     if scheme == "rsa-pkcs1":
-        return key.sign(octets, asym_padding.PKCS1v15(), algo)
+        return asym_padding.PKCS1v15(), algo
     if scheme == "rsa-pss":
-        return key.sign(octets, asym_padding.PSS(asym_padding.MGF1(algo), algo.digest_size), algo)
-    return key.sign(octets, ec.ECDSA(algo))
+        return asym_padding.PSS(asym_padding.MGF1(algo), algo.digest_size), algo
+    return (ec.ECDSA(algo),)
+
+
+def _sign_raw(key, scheme: str, hash_name: str, octets: bytes) -> bytes:
+    return key.sign(octets, *_scheme_args(scheme, hash_name))
 
 
 def _verify_raw(pub, scheme: str, hash_name: str, signature: bytes, octets: bytes) -> None:
-    if scheme == "ed25519":
-        return pub.verify(signature, octets)
-    algo = _HASH_CLASSES[hash_name]()
-    if scheme == "rsa-pkcs1":
-        return pub.verify(signature, octets, asym_padding.PKCS1v15(), algo)
-    if scheme == "rsa-pss":
-        return pub.verify(
-            signature, octets, asym_padding.PSS(asym_padding.MGF1(algo), algo.digest_size), algo
-        )
-    return pub.verify(signature, octets, ec.ECDSA(algo))
+    pub.verify(signature, octets, *_scheme_args(scheme, hash_name))
 
 
 _LEGACY_ECDSA = {

@@ -108,6 +108,25 @@ def _signature_scheme(private_key) -> tuple[str, str]:
     return "rsa-pkcs1", "sha256"
 
 
+def negotiated_suite(chosen: codec.Proposal, allow_weak: bool):
+    """(prf or None, encr, integ or None) of a chosen proposal; IkeCryptoError or KeyError
+    when a transform is unusable or missing."""
+    by_type = {t.type: t for t in chosen.transforms}
+    prf_t = by_type.get(TransformType.PRF)
+    encr_t = by_type[TransformType.ENCR]
+    integ_t = by_type.get(TransformType.INTEG)
+    return (
+        crypto.prf_for(prf_t.id, allow_weak) if prf_t else None,
+        crypto.encr_for(encr_t.id, encr_t.key_length, allow_weak),
+        crypto.integ_for(integ_t.id if integ_t else IntegId.NONE, allow_weak),
+    )
+
+
+def notify_name(ntype: int) -> str:
+    """A notify type's registry name, or its number for unknown ones."""
+    return NotifyType(ntype).name if ntype in NotifyType._value2member_map_ else f"notify {ntype}"
+
+
 def encode_id(text: str) -> tuple[int, bytes]:
     """An identity as (ID type, data): addresses, user@FQDN, FQDN."""
     try:
@@ -227,9 +246,7 @@ class IkeSa:
 
     def start(self, now: float, group: int | None = None) -> None:
         conn = self.conn
-        specs = [
-            parse_proposal_string(p, "ike", allow_weak=conn.allow_weak) for p in conn.proposals
-        ]
+        specs = self._ike_specs()
         group = group or specs[0].ke[0]
         # A retry with a COOKIE repeats the same request (the cookie is bound to its nonce
         # and SPI); a new group (INVALID_KE_PAYLOAD) needs a new key pair.
@@ -260,11 +277,7 @@ class IkeSa:
         for notify in msg.all(codec.Notify):
             if notify.type == NotifyType.INVALID_KE_PAYLOAD and len(notify.data) == 2:
                 (group,) = struct.unpack("!H", notify.data)
-                offered = {
-                    g
-                    for p in conn.proposals
-                    for g in parse_proposal_string(p, "ike", allow_weak=True).ke
-                }
+                offered = {g for spec in self._ike_specs() for g in spec.ke}
                 if group in offered and group != self.ke_group:
                     log.info("%s: peer asks for KE group %d, retrying", conn.name, group)
                     self.start(now, group)
@@ -274,21 +287,13 @@ class IkeSa:
                 self.start(now, self.ke_group)
                 return
             if notify.is_error:
-                self._fail(
-                    f"peer refused IKE_SA_INIT: {NotifyType(notify.type).name}"
-                    if notify.type in NotifyType._value2member_map_
-                    else f"peer refused IKE_SA_INIT: notify {notify.type}",
-                    notify.type,
-                )
+                self._fail(f"peer refused IKE_SA_INIT: {notify_name(notify.type)}", notify.type)
                 return
         sa, ke, nonce = msg.get(codec.SA), msg.get(codec.KE), msg.get(codec.Nonce)
         if not (sa and ke and nonce) or len(sa.proposals) != 1:
             self._fail("IKE_SA_INIT response lacks SA, KE or Nonce")
             return
-        ours = [
-            parse_proposal_string(p, "ike", allow_weak=conn.allow_weak).to_proposal(i + 1)
-            for i, p in enumerate(conn.proposals)
-        ]
+        ours = [spec.to_proposal(i + 1) for i, spec in enumerate(self._ike_specs())]
         chosen = sa.proposals[0]
         if not proposal_acceptable(ours, chosen):
             self._fail(f"peer chose a proposal we did not offer: {describe(chosen)}")
@@ -310,16 +315,12 @@ class IkeSa:
         self._send_auth_request(now)
 
     def _derive(self, chosen: codec.Proposal, ke: codec.KE, msg: codec.Message) -> None:
-        by_type = {t.type: t for t in chosen.transforms}
+        group = next((t.id for t in chosen.transforms if t.type == TransformType.KE), None)
         try:
-            if by_type[TransformType.KE].id != ke.group or ke.group != self.kx.group:
+            if group != ke.group or ke.group != self.kx.group:
                 raise crypto.IkeCryptoError("KE payload group differs from the chosen group")
             shared = self.kx.shared_secret(ke.data)
-            self.prf = crypto.prf_for(by_type[TransformType.PRF].id, self.conn.allow_weak)
-            encr_t = by_type[TransformType.ENCR]
-            encr = crypto.encr_for(encr_t.id, encr_t.key_length, self.conn.allow_weak)
-            integ_t = by_type.get(TransformType.INTEG)
-            integ = crypto.integ_for(integ_t.id if integ_t else IntegId.NONE, self.conn.allow_weak)
+            self.prf, encr, integ = negotiated_suite(chosen, self.conn.allow_weak)
         except (crypto.IkeCryptoError, KeyError) as exc:
             self._fail(f"cannot use the negotiated suite: {exc}")
             return
@@ -450,11 +451,7 @@ class IkeSa:
         tsi = next((p for p in inner if isinstance(p, codec.TSi)), None)
         tsr = next((p for p in inner if isinstance(p, codec.TSr)), None)
         if errors or not (sa and tsi and tsr) or len(sa.proposals) != 1:
-            reason = (
-                NotifyType(errors[0].type).name
-                if errors and errors[0].type in NotifyType._value2member_map_
-                else "no child SA in the response"
-            )
+            reason = notify_name(errors[0].type) if errors else "no child SA in the response"
             self.engine._event(
                 NegotiationFailed(conn.name, f"child {self.child_params.name}: {reason}")
             )
@@ -485,10 +482,8 @@ class IkeSa:
         i_side = self.initiator if exchange_initiator is None else exchange_initiator
         ni, nr = nonces or (self.nonce_i, self.nonce_r)
         by_type = {t.type: t for t in chosen.transforms}
-        encr_t = by_type[TransformType.ENCR]
-        integ_t = by_type.get(TransformType.INTEG)
-        encr = crypto.encr_for(encr_t.id, encr_t.key_length, self.conn.allow_weak)
-        integ = crypto.integ_for(integ_t.id if integ_t else IntegId.NONE, self.conn.allow_weak)
+        encr_t, integ_t = by_type[TransformType.ENCR], by_type.get(TransformType.INTEG)
+        _, encr, integ = negotiated_suite(chosen, self.conn.allow_weak)
         keys = crypto.derive_child_keys(self.prf, self.keys.sk_d, encr, integ, ni, nr, shared)
         esn = by_type.get(TransformType.ESN)
         local, remote = (tsi, tsr) if i_side else (tsr, tsi)
@@ -572,11 +567,7 @@ class IkeSa:
         tsr = next((p for p in inner if isinstance(p, codec.TSr)), None)
         ke = next((p for p in inner if isinstance(p, codec.KE)), None)
         if errors or not (sa and nonce and tsi and tsr) or len(sa.proposals) != 1:
-            name = (
-                NotifyType(errors[0].type).name
-                if errors and errors[0].type in NotifyType._value2member_map_
-                else "incomplete response"
-            )
+            name = notify_name(errors[0].type) if errors else "incomplete response"
             self.engine._event(NegotiationFailed(self.conn.name, f"child rekey: {name}"))
         else:
             try:
@@ -642,13 +633,8 @@ class IkeSa:
     ) -> IkeSa | None:
         """The IKE SA that replaces this one, with keys from the old SK_d."""
         new = IkeSa(self.engine, self.conn, initiator, self.remote, spi_i, spi_r)
-        by_type = {t.type: t for t in chosen.transforms}
         try:
-            prf = crypto.prf_for(by_type[TransformType.PRF].id, self.conn.allow_weak)
-            encr_t = by_type[TransformType.ENCR]
-            encr = crypto.encr_for(encr_t.id, encr_t.key_length, self.conn.allow_weak)
-            integ_t = by_type.get(TransformType.INTEG)
-            integ = crypto.integ_for(integ_t.id if integ_t else IntegId.NONE, self.conn.allow_weak)
+            prf, encr, integ = negotiated_suite(chosen, self.conn.allow_weak)
         except (crypto.IkeCryptoError, KeyError) as exc:
             log.warning("%s: IKE rekey with an unusable suite: %s", self.conn.name, exc)
             return None
@@ -692,11 +678,7 @@ class IkeSa:
                 ),
             )
         ):
-            name = (
-                NotifyType(errors[0].type).name
-                if errors and errors[0].type in NotifyType._value2member_map_
-                else "unusable response"
-            )
+            name = notify_name(errors[0].type) if errors else "unusable response"
             self.engine._event(NegotiationFailed(self.conn.name, f"IKE rekey: {name}"))
         else:
             try:
@@ -714,6 +696,19 @@ class IkeSa:
             kind, arg = self.pending.pop(0)
             self.queue(kind, now, arg)
 
+    def _responder_ke(self, group: int, ke, refuse):
+        """(our key pair, shared secret) for a CREATE_CHILD_SA KE payload, or None after
+        answering INVALID_KE_PAYLOAD (wrong group) or INVALID_SYNTAX (bad value)."""
+        if ke is None or ke.group != group:
+            refuse(NotifyType.INVALID_KE_PAYLOAD, struct.pack("!H", group))
+            return None
+        kx = crypto.key_exchange(group, allow_weak=self.conn.allow_weak)
+        try:
+            return kx, kx.shared_secret(ke.data)
+        except crypto.IkeCryptoError:
+            refuse(NotifyType.INVALID_SYNTAX)
+            return None
+
     def _on_rekey_ike_request(self, sa: codec.SA, nonce, ke, mid: int, refuse) -> None:
         ours = [s.to_proposal(i + 1) for i, s in enumerate(self._ike_specs())]
         chosen = select_proposal(ours, sa.proposals)
@@ -721,15 +716,10 @@ class IkeSa:
             refuse(NotifyType.NO_PROPOSAL_CHOSEN)
             return
         group = next(t.id for t in chosen.transforms if t.type == TransformType.KE)
-        if ke is None or ke.group != group:
-            refuse(NotifyType.INVALID_KE_PAYLOAD, struct.pack("!H", group))
+        answer = self._responder_ke(group, ke, refuse)
+        if answer is None:
             return
-        kx = crypto.key_exchange(group, allow_weak=self.conn.allow_weak)
-        try:
-            shared = kx.shared_secret(ke.data)
-        except crypto.IkeCryptoError:
-            refuse(NotifyType.INVALID_SYNTAX)
-            return
+        kx, shared = answer
         my_spi, nr = os.urandom(8), os.urandom(NONCE_SIZE)
         mine = codec.Proposal(chosen.number, ProtocolId.IKE, my_spi, chosen.transforms)
         self._send_response(
@@ -792,16 +782,11 @@ class IkeSa:
             return
         group = next((t.id for t in chosen.transforms if t.type == TransformType.KE), None)
         shared, reply_ke = b"", []
-        if group is not None:
-            if ke is None or ke.group != group:
-                refuse(NotifyType.INVALID_KE_PAYLOAD, struct.pack("!H", group))
+        if group is not None:  # PFS
+            answer = self._responder_ke(group, ke, refuse)
+            if answer is None:
                 return
-            kx = crypto.key_exchange(group, allow_weak=self.conn.allow_weak)
-            try:
-                shared = kx.shared_secret(ke.data)
-            except crypto.IkeCryptoError:
-                refuse(NotifyType.INVALID_SYNTAX)
-                return
+            kx, shared = answer
             reply_ke = [codec.KE(group=group, data=kx.public)]
         new_tsi = narrow(tsi.selectors, params.remote_ts)
         new_tsr = narrow(tsr.selectors, params.local_ts)
