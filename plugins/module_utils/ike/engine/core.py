@@ -512,6 +512,10 @@ class IkeSa:
             integ_key_in=ik_in,
             esn=bool(esn and esn.id == EsnId.ESN),
             rekeyed_from=rekeyed_from,
+            local_address=self.engine.local[0],
+            remote_address=self.remote[0],
+            udp_encap=self.nat or self.remote[1] == NAT_T_PORT,
+            ike_initiator=self.initiator,
         )
         self._add_child(child)
         return child
@@ -1212,6 +1216,11 @@ class Engine:
     def add_connection(self, conn: IkeConnection) -> None:
         self.connections[conn.name] = conn
 
+    def remove_connection(self, name: str) -> None:
+        """Forget a connection for new negotiations; its SAs are the caller's to delete
+        first (delete_ike_sa), since they still reference it."""
+        self.connections.pop(name, None)
+
     def initiate(self, name: str, now: float) -> IkeSa:
         self.now = now
         sa = IkeSa(
@@ -1396,10 +1405,12 @@ class Engine:
             return
         # Answer where the request came from: a peer behind NAT (or one that floated
         # to the NAT-T port, RFC 7296 2.23) is only reachable there.
+        if h.exchange == ExchangeType.IKE_AUTH and sa.state == "auth":
+            # Keyed by the address IKE_SA_INIT came from, before a float to 4500.
+            self._half_open.pop((sa.spi_i, sa.remote), None)
         sa.remote = src
         if h.exchange == ExchangeType.IKE_AUTH and sa.state == "auth":
             sa.recv_mid += 1
-            self._half_open.pop((sa.spi_i, sa.remote), None)
             sa.on_auth_request(inner, h.message_id, now)
         elif h.exchange == ExchangeType.INFORMATIONAL and sa.state == "established":
             sa.recv_mid += 1

@@ -47,6 +47,10 @@ class ChildSaReady:
     integ_key_in: bytes = field(repr=False)
     esn: bool = False
     rekeyed_from: int = 0  # inbound SPI of the Child SA this one replaces (0: new)
+    local_address: str = ""  # outer addresses of the SA (the IKE SA's endpoints)
+    remote_address: str = ""
+    udp_encap: bool = False  # ESP in UDP 4500 (NAT detected or the IKE SA floated)
+    ike_initiator: bool = False  # we initiated the IKE SA that carries this Child SA
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,940 @@
+"""keywayd: the keying agent. Config in, live IKE and Child SAs out, kept alive.
+
+    python -m ansible_collections.keyway.ipsec.plugins.module_utils.agent.keywayd \\
+        --config /etc/keyway/keywayd.yml
+
+It wires the layers together and owns nothing of their logic: the config parser
+(agent/config.py) says what should exist, one sans-IO Engine per local address
+negotiates it over UdpRunner's sockets, and the data plane (kernel XFRM or the userspace
+ESP plane) installs what the engine reports, through agent/install.py.
+
+Choices made here, where the issue left room:
+- Reload (SIGHUP or `keywayctl reload`) compares whole connections: an unchanged one
+  keeps its SAs untouched; a changed one is closed (Delete sent) and started afresh.
+  A file that fails validation changes nothing and the reply lists its problems.
+- `start_action: start` connections are re-initiated after any failure or loss (peer
+  dead, deleted by the peer, negotiation or authentication failure) with a jittered
+  backoff of 1, 2, 4 … 60 s, unless the operator terminated them. `keyingtries` bounds
+  the attempts of an operator's or a trap's initiation (0: unlimited).
+- Byte and packet limits come from the data plane's soft expire events; only the side
+  that initiated the IKE SA starts the rekey, as for time-based rekeys, so that both
+  ends (which count the same bytes) do not collide; the hard limit stays a backstop.
+- Trap policies (`start_action: trap`) stay in place while no SA exists, and an
+  acquire on them starts the connection.
+- SIGTERM: Delete sent for every IKE SA (answers awaited for up to 2 s), then every SA
+  and policy Keyway owns on the plane is removed. On start the plane's owned leftovers
+  from an earlier keywayd (crash, kill -9) are flushed before anything is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from ..dataplane import base
+from ..ike.engine.core import ChildParams, Engine, IkeConnection, IkeSa
+from ..ike.engine.events import (
+    AuthFailed,
+    ChildSaDeleted,
+    ChildSaReady,
+    Event,
+    IkeSaDown,
+    IkeSaRekeyed,
+    IkeSaUp,
+    NegotiationFailed,
+    PeerDead,
+)
+from . import install
+from .config import AgentConfig, ConfigError, ConnectionConfig, load_config
+from .control import ControlError, ControlServer
+from .udp import UdpRunner
+
+log = logging.getLogger("keyway.agent")
+
+BACKOFF_MAX = 60.0
+SHUTDOWN_GRACE = 2.0  # seconds to wait for the peers' answers to our Deletes
+WATCH_QUEUE = 1000  # events buffered per `watch` client before it is dropped
+
+
+class AgentError(Exception):
+    """keywayd cannot start: the message says why (bad config, no data plane, ...)."""
+
+
+def resolve_local_address(conn: ConnectionConfig) -> str:
+    """The connection's local address: the configured one, or for %any the source
+    address the kernel's routing picks towards the first remote address."""
+    for address in conn.local_addrs:
+        if address != "%any":
+            return address
+    remote = conn.remote_addrs[0]
+    family = socket.AF_INET6 if ":" in remote else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((remote, conn.remote_port))
+        except OSError as exc:
+            raise AgentError(f"{conn.name}: no route to {remote}: {exc.strerror}") from None
+        return probe.getsockname()[0]
+
+
+def _read_file(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def ike_connection(conn: ConnectionConfig) -> IkeConnection:
+    """The engine's view of a configured connection (pass/drop children are policies
+    only, never negotiated)."""
+    children = tuple(
+        ChildParams(
+            child.name,
+            child.local_ts,
+            child.remote_ts,
+            child.esp_proposals,
+            child.mode,
+            rekey_time=child.rekey_time,
+            life_time=child.life_time,
+            rand_time=child.rand_time,
+        )
+        for child in conn.children
+        if child.mode in ("tunnel", "transport")
+    )
+    extra: dict[str, Any] = {}
+    if conn.local.auth == "pubkey":
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        chain = []
+        for path in conn.local.certs:
+            for cert in x509.load_pem_x509_certificates(_read_file(path)):
+                chain.append(cert.public_bytes(serialization.Encoding.DER))
+        cacerts = []
+        for path in conn.remote.cacerts:
+            cacerts.extend(x509.load_pem_x509_certificates(_read_file(path)))
+        extra = dict(
+            auth="pubkey",
+            certs=tuple(chain),
+            private_key=serialization.load_pem_private_key(_read_file(conn.local.key), None),
+            cacerts=tuple(cacerts),
+        )
+    return IkeConnection(
+        conn.name,
+        (conn.remote_addrs[0], conn.remote_port),
+        conn.local.id,
+        conn.remote.id,
+        conn.psk.reveal() if conn.psk else b"",
+        conn.proposals,
+        children,
+        allow_weak=conn.allow_weak,
+        **extra,
+    )
+
+
+def event_record(event: Event | base.DataPlaneEvent) -> dict:
+    """An event as JSON-ready data, keys left out (only SPIs, names and addresses)."""
+    record: dict[str, Any] = {"event": type(event).__name__}
+    for f in dataclasses.fields(event):
+        value = getattr(event, f.name)
+        if isinstance(value, bytes):
+            if not f.name.startswith("spi"):
+                continue  # key material
+            value = value.hex()
+        elif f.name.startswith("spi") and isinstance(value, int):
+            value = f"{value:08x}"
+        elif dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
+        elif isinstance(value, tuple):
+            value = list(value)
+        record[f.name] = value
+    return record
+
+
+@dataclasses.dataclass
+class _ChildState:
+    """What is installed for one configured child of one connection."""
+
+    reqid: int
+    spis: set[int] = dataclasses.field(default_factory=set)  # inbound SPIs live now
+    policies: list[base.PolicySpec] = dataclasses.field(default_factory=list)
+    trap: bool = False
+
+
+class Agent:
+    def __init__(self, config_path: str | os.PathLike, plane: base.DataPlane | None = None):
+        self.config_path = Path(config_path)
+        self.config: AgentConfig = AgentConfig()
+        self.plane = plane
+        self.engines: dict[str, Engine] = {}  # by local address
+        self.runners: dict[str, UdpRunner] = {}
+        self.local_of: dict[str, str] = {}  # connection -> local address
+        self.children: dict[tuple[str, str], _ChildState] = {}
+        self.sa_pairs: dict[int, tuple[base.SaId, base.SaId]] = {}  # spi_in -> (out, in)
+        self._next_reqid = base.KEYWAY_REQID_MIN + 1
+        self._reqids: dict[tuple[str, str], int] = {}
+        self._closing: set[bytes] = set()  # spi_i of IKE SAs we asked to delete
+        self._terminated: set[str] = set()  # closed by the operator: no restart
+        self._retries: dict[str, tuple[int, asyncio.TimerHandle]] = {}
+        self._attempts: dict[str, int] = {}
+        self._waiters: dict[str, list[asyncio.Future]] = collections.defaultdict(list)
+        self._watchers: set[asyncio.Queue] = set()
+        self._dpd_next: dict[bytes, float] = {}
+        self._dpd_task: asyncio.Task | None = None
+        self.stats: collections.Counter[str] = collections.Counter()
+        self.control: ControlServer | None = None
+        self.started = time.time()
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            self.config = load_config(self.config_path)
+        except ConfigError as exc:
+            raise AgentError(str(exc)) from None
+        logging.getLogger("keyway").setLevel(self.config.log_level.upper())
+        if self.plane is None:
+            self.plane = await choose_plane(self.config, self._send_encapsulated)
+        try:
+            await self.plane.start(self._on_plane_event)
+            # Leftovers of an earlier keywayd (crash, kill -9) go before anything new.
+            leftovers = len(self.plane.list_sas()) + len(self.plane.list_policies())
+            if leftovers:
+                log.warning("removing %d SAs/policies left by an earlier keywayd", leftovers)
+            self.plane.flush_owned()
+        except base.DataPlaneError as exc:
+            raise AgentError(f"data plane {self.plane.name}: {exc}") from None
+        self.control = ControlServer(self.config.control_socket, self._command, self._subscribe)
+        await self.control.start()
+        for conn in self.config.connections:
+            await self._add_connection(conn)
+        self._dpd_task = asyncio.create_task(self._dpd_loop())
+        log.info(
+            "keywayd running: %d connection(s), data plane %s, control %s",
+            len(self.config.connections),
+            self.plane.name,
+            self.config.control_socket,
+        )
+
+    async def run(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, then shut down cleanly; SIGHUP reloads."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self._sighup()))
+        await self._stopped.wait()
+        await self.shutdown()
+
+    def request_stop(self) -> None:
+        self._stopped.set()
+
+    async def _sighup(self) -> None:
+        try:
+            await self.reload()
+        except ControlError as exc:
+            log.error("reload refused, running config kept: %s", exc)
+
+    async def shutdown(self) -> None:
+        self._stopping = True
+        for _, handle in self._retries.values():
+            handle.cancel()
+        self._retries.clear()
+        for engine in self.engines.values():
+            for sa in engine.sas():
+                if sa.state == "established":
+                    self._close_ike(sa)
+        deadline = time.monotonic() + SHUTDOWN_GRACE
+        while time.monotonic() < deadline and any(
+            sa.state == "established" for e in self.engines.values() for sa in e.sas()
+        ):
+            await asyncio.sleep(0.05)  # answers arrive through the runners meanwhile
+        if self._dpd_task:
+            self._dpd_task.cancel()
+        for runner in self.runners.values():
+            await runner.stop()
+        if self.plane is not None:
+            try:
+                self.plane.flush_owned()
+            except base.DataPlaneError as exc:
+                log.error("could not remove Keyway's SAs and policies: %s", exc)
+            await self.plane.stop()
+        if self.control:
+            await self.control.stop()
+        for queue in self._watchers:
+            queue.put_nowait(None)
+        log.info("keywayd stopped")
+
+    # -- connections ----------------------------------------------------------------
+
+    async def _endpoint(self, local: str) -> tuple[Engine, UdpRunner]:
+        if local not in self.engines:
+            engine = Engine(
+                (local, self.config.ike_port),
+                cookie_threshold=self.config.half_open_cookie_threshold,
+            )
+            runner = UdpRunner(
+                engine,
+                local,
+                ike_port=self.config.ike_port,
+                nat_t_port=self.config.nat_t_port,
+                on_event=self._on_engine_event,
+                esp_handler=self._on_esp_in_udp,
+            )
+            try:
+                await runner.start()
+            except OSError as exc:
+                raise AgentError(f"cannot bind IKE ports on {local}: {exc.strerror}") from None
+            self.engines[local], self.runners[local] = engine, runner
+        return self.engines[local], self.runners[local]
+
+    async def _add_connection(self, conn: ConnectionConfig) -> None:
+        local = resolve_local_address(conn)
+        engine, _ = await self._endpoint(local)
+        engine.add_connection(ike_connection(conn))
+        self.local_of[conn.name] = local
+        self._terminated.discard(conn.name)
+        for child in conn.children:
+            state = self._child_state(conn.name, child.name)
+            if child.mode in ("pass", "drop"):
+                action = base.PolicyAction(child.mode)
+                self._install_policies(conn, child, state, action)
+            elif child.start_action == "trap":
+                state.trap = True
+                self._install_policies(conn, child, state, base.PolicyAction.PROTECT)
+        if any(c.start_action == "start" for c in conn.children):
+            self._initiate(conn.name)
+
+    def _remove_connection(self, name: str) -> None:
+        local = self.local_of.pop(name, None)
+        if local is None:
+            return
+        engine = self.engines[local]
+        for sa in self._ike_sas(name):
+            if sa.state == "established":
+                self._close_ike(sa)
+        engine.remove_connection(name)
+        self._cancel_retry(name)
+        for key in [k for k in self.children if k[0] == name]:
+            state = self.children.pop(key)
+            self._remove_policies(state)
+        self.runners[local].pump()
+
+    def _child_state(self, conn: str, child: str) -> _ChildState:
+        key = (conn, child)
+        if key not in self._reqids:
+            self._reqids[key] = self._next_reqid
+            self._next_reqid += 1
+        if key not in self.children:
+            self.children[key] = _ChildState(self._reqids[key])
+        return self.children[key]
+
+    def _install_policies(self, conn, child, state: _ChildState, action) -> None:
+        if state.policies:
+            return
+        local = self.local_of[conn.name]
+        policies = install.child_policies(
+            child.local_ts,
+            child.remote_ts,
+            reqid=state.reqid,
+            local_address=local,
+            remote_address=conn.remote_addrs[0],
+            mode=child.mode,
+            protocol=child.protocol,
+            action=action,
+            mark_in=conn.mark_in,
+            mark_out=conn.mark_out,
+            if_id_in=conn.if_id_in,
+            if_id_out=conn.if_id_out,
+        )
+        for policy in policies:
+            try:
+                self.plane.install_policy(policy)
+                state.policies.append(policy)
+            except base.DataPlaneError as exc:
+                log.error("[%s/%s] policy not installed: %s", conn.name, child.name, exc)
+
+    def _remove_policies(self, state: _ChildState) -> None:
+        for policy in state.policies:
+            try:
+                self.plane.remove_policy(policy.id)
+            except base.DataPlaneError as exc:
+                log.warning("policy %s not removed: %s", policy.selector, exc)
+        state.policies.clear()
+
+    def _ike_sas(self, name: str) -> list[IkeSa]:
+        local = self.local_of.get(name)
+        engine = self.engines.get(local) if local else None
+        if engine is None:
+            return []
+        return [sa for sa in engine.sas() if sa.conn is not None and sa.conn.name == name]
+
+    def _initiate(self, name: str) -> None:
+        if name not in self.local_of:
+            raise ControlError(f"no connection {name!r}")
+        if any(sa.state not in ("failed", "deleted") for sa in self._ike_sas(name)):
+            return  # up or on its way: one IKE SA per connection
+        self._terminated.discard(name)
+        self._attempts[name] = self._attempts.get(name, 0) + 1
+        log.info("[%s] initiating", name)
+        self.stats["initiations"] += 1
+        self.runners[self.local_of[name]].initiate(name)
+
+    def _close_ike(self, sa: IkeSa) -> None:
+        self._closing.add(sa.spi_i)
+        engine = sa.engine
+        engine.delete_ike_sa(sa, engine.now if self._loop is None else self._loop.time())
+        self.runners[engine.local[0]].pump()
+
+    def _schedule_retry(self, name: str, why: str, always: bool = False) -> None:
+        """Initiate again after a backoff: always for `start` connections (or when the
+        caller says so: close/dpd actions), else within `keyingtries` of an initiation
+        the operator or a trap asked for."""
+        if self._stopping or name in self._terminated or name not in self.local_of:
+            return
+        conn = self.config.connection(name)
+        attempts = self._attempts.get(name, 0)
+        wanted = always or any(c.start_action == "start" for c in conn.children)
+        if not wanted and attempts and (conn.keyingtries == 0 or attempts < conn.keyingtries):
+            wanted = True
+        if not wanted:
+            self._attempts.pop(name, None)
+            return
+        failures = self._retries.get(name, (0, None))[0] + 1
+        delay = min(BACKOFF_MAX, 2.0 ** (failures - 1)) * random.uniform(0.8, 1.2)
+        self._cancel_retry(name)
+        log.info("[%s] %s; initiating again in %.1f s", name, why, delay)
+        handle = self._loop.call_later(delay, self._retry, name)
+        self._retries[name] = (failures, handle)
+
+    def _retry(self, name: str) -> None:
+        failures = self._retries.get(name, (0, None))[0]
+        self._retries[name] = (failures, None)
+        if name in self.local_of and name not in self._terminated:
+            self._initiate(name)
+
+    def _cancel_retry(self, name: str) -> None:
+        _, handle = self._retries.pop(name, (0, None))
+        if handle:
+            handle.cancel()
+
+    # -- engine events --------------------------------------------------------------
+
+    def _on_engine_event(self, event: Event) -> None:
+        self.stats[type(event).__name__] += 1
+        self._publish(event_record(event))
+        name = event.connection
+        if isinstance(event, ChildSaReady):
+            self._child_ready(event)
+            self._wake(name, {"up": True, "child": event.child})
+        elif isinstance(event, ChildSaDeleted):
+            self._child_deleted(event)
+        elif isinstance(event, IkeSaUp):
+            log.info("[%s] IKE SA up with %s (%s)", name, event.remote_id, event.proposal)
+            self._cancel_retry(name)
+            self._attempts.pop(name, None)
+        elif isinstance(event, IkeSaRekeyed):
+            log.info("[%s] IKE SA rekeyed (%s)", name, event.proposal)
+        elif isinstance(event, IkeSaDown):
+            ours = event.spi_i in self._closing
+            self._closing.discard(event.spi_i)
+            self._dpd_next.pop(event.spi_i, None)
+            log.info("[%s] IKE SA down: %s", name, event.reason)
+            if not ours and event.reason != "replaced by rekey":
+                self._after_loss(name, f"IKE SA down ({event.reason})", "close_action")
+        elif isinstance(event, PeerDead):
+            log.warning("[%s] peer dead: no answer to our requests", name)
+            self._wake(name, {"up": False, "error": "peer did not answer"})
+            self._after_loss(name, "peer dead", "dpd_action")
+        elif isinstance(event, AuthFailed):
+            log.warning("[%s] authentication failed: %s", name, event.reason)
+            self._wake(name, {"up": False, "error": f"authentication failed: {event.reason}"})
+            self._schedule_retry(name, "authentication failed")
+        elif isinstance(event, NegotiationFailed):
+            log.warning("[%s] negotiation failed: %s", name, event.reason)
+            self._wake(name, {"up": False, "error": event.reason})
+            self._schedule_retry(name, "negotiation failed")
+
+    def _after_loss(self, name: str, why: str, action: str) -> None:
+        """An established IKE SA is gone without our asking: the children's close_action
+        (peer closed) or dpd_action (peer dead) says whether to bring it back."""
+        conn = self._config_of(name)
+        if conn is None:
+            return
+        restart = any(getattr(c, action) in ("start", "restart") for c in conn.children)
+        self._schedule_retry(name, why, always=restart)
+
+    def _child_ready(self, event: ChildSaReady) -> None:
+        conn = self.config.connection(event.connection)
+        child = next(c for c in conn.children if c.name == event.child)
+        state = self._child_state(conn.name, child.name)
+        try:
+            out, inbound = install.child_sa_specs(
+                event,
+                state.reqid,
+                encap=True if conn.encap == "force" else None,
+                lifetime=base.Lifetime(
+                    soft_bytes=child.rekey_bytes,
+                    hard_bytes=child.life_bytes,
+                    soft_packets=child.rekey_packets,
+                    hard_packets=child.life_packets,
+                ),
+                replay_window=child.replay_window,
+                mark_in=conn.mark_in,
+                mark_out=conn.mark_out,
+                if_id_in=conn.if_id_in,
+                if_id_out=conn.if_id_out,
+            )
+            self.plane.install_sa(inbound)  # inbound first: the peer may send at once
+            try:
+                self.plane.install_sa(out)
+            except base.DataPlaneError:
+                self.plane.delete_sa(inbound.id)
+                raise
+        except base.DataPlaneError as exc:
+            log.error("[%s/%s] Child SA not installed: %s", conn.name, child.name, exc)
+            self.stats["install_failures"] += 1
+            for sa in self._ike_sas(conn.name):
+                if event.spi_in in sa.children:
+                    sa.engine.delete_child_sa(sa, event.spi_in, sa.engine.now)
+            return
+        self.sa_pairs[event.spi_in] = (out.id, inbound.id)
+        state.spis.add(event.spi_in)
+        self._install_policies(conn, child, state, base.PolicyAction.PROTECT)
+        log.info(
+            "[%s/%s] Child SA %s: in %08x out %08x %s%s",
+            conn.name,
+            child.name,
+            "rekeyed" if event.rekeyed_from else "installed",
+            event.spi_in,
+            event.spi_out,
+            event.proposal,
+            " (UDP-encapsulated)" if out.encap else "",
+        )
+
+    def _child_deleted(self, event: ChildSaDeleted) -> None:
+        pair = self.sa_pairs.pop(event.spi_in, None)
+        if pair is not None:
+            for sa_id in pair:
+                try:
+                    self.plane.delete_sa(sa_id)
+                except base.DataPlaneError as exc:
+                    log.info("[%s] SA %08x already gone: %s", event.connection, sa_id.spi, exc)
+        state = self.children.get((event.connection, event.child))
+        if state is None:
+            return
+        state.spis.discard(event.spi_in)
+        log.info(
+            "[%s/%s] Child SA %08x deleted: %s",
+            event.connection,
+            event.child,
+            event.spi_in,
+            event.reason,
+        )
+        if not state.spis and not state.trap:
+            self._remove_policies(state)
+
+    def _wake(self, name: str, result: dict) -> None:
+        for future in self._waiters.pop(name, []):
+            if not future.done():
+                future.set_result(result)
+
+    # -- data plane -----------------------------------------------------------------
+
+    def _send_encapsulated(self, esp: bytes, dst: str, dport: int) -> None:
+        runner = self._runner_towards(dst)
+        if runner is not None:
+            runner.send_nat_t(esp, (dst, dport))
+
+    def _runner_towards(self, remote: str) -> UdpRunner | None:
+        for conn in self.config.connections:
+            if remote in conn.remote_addrs and conn.name in self.local_of:
+                return self.runners.get(self.local_of[conn.name])
+        return next(iter(self.runners.values()), None)
+
+    def _on_esp_in_udp(self, data: bytes, addr: tuple) -> None:
+        handler = getattr(self.plane, "handle_udp_encap", None)
+        if handler is not None:
+            handler(data, addr[0], None)
+
+    def _find_child(self, spi: int) -> tuple[IkeSa, int] | None:
+        """The IKE SA and inbound SPI of the Child SA that has `spi` in either direction."""
+        for engine in self.engines.values():
+            for sa in engine.sas():
+                for spi_in, child in sa.children.items():
+                    if spi in (child.spi_in, child.spi_out):
+                        return sa, spi_in
+        return None
+
+    def _on_plane_event(self, event: base.DataPlaneEvent) -> None:
+        self.stats[type(event).__name__] += 1
+        self._publish(event_record(event))
+        if isinstance(event, base.AcquireEvent):
+            for (name, child), state in self.children.items():
+                if state.reqid == event.reqid and state.trap:
+                    log.info("[%s/%s] acquire for %s: initiating", name, child, event.selector)
+                    self._initiate(name)
+                    return
+            return
+        spi = event.sa.spi
+        found = self._find_child(spi)
+        if found is None:
+            return
+        sa, spi_in = found
+        now = self._loop.time()
+        if isinstance(event, base.ExpireEvent) and event.hard:
+            log.info("[%s] Child SA %08x hit its hard limit: deleting", sa.conn.name, spi_in)
+            sa.engine.delete_child_sa(sa, spi_in, now)
+        elif sa.initiator:  # soft expiry or sequence overflow: rekey (IKE initiator only)
+            log.info("[%s] Child SA %08x hit its soft limit: rekeying", sa.conn.name, spi_in)
+            sa.engine.rekey_child_sa(sa, spi_in, now)
+        self.runners[sa.engine.local[0]].pump()
+
+    # -- DPD ------------------------------------------------------------------------
+
+    async def _dpd_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = self._loop.time()
+            for engine in self.engines.values():
+                for sa in engine.sas():
+                    if sa.state != "established" or sa.conn is None:
+                        continue
+                    conn = self._config_of(sa.conn.name)
+                    if conn is None or not conn.dpd_delay:
+                        continue
+                    due = self._dpd_next.setdefault(sa.spi_i, now + conn.dpd_delay)
+                    if now >= due and sa.request is None:
+                        engine.check_liveness(sa, now)
+                        self._dpd_next[sa.spi_i] = now + conn.dpd_delay
+                self.runners[engine.local[0]].pump()
+
+    def _config_of(self, name: str) -> ConnectionConfig | None:
+        try:
+            return self.config.connection(name)
+        except KeyError:
+            return None
+
+    # -- reload ---------------------------------------------------------------------
+
+    async def reload(self) -> dict:
+        """Apply the config file's changes; ControlError (running config kept) if bad."""
+        from .config import diff_configs
+
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            self.stats["reload_failures"] += 1
+            raise ControlError(str(exc)) from None
+        for conn in new.connections:  # fail before changing anything
+            try:
+                resolve_local_address(conn)
+                ike_connection(conn)
+            except (AgentError, OSError, ValueError) as exc:
+                self.stats["reload_failures"] += 1
+                raise ControlError(f"{self.config_path}: {conn.name}: {exc}") from None
+        changes = diff_configs(self.config, new)
+        fixed = [
+            f.name
+            for f in dataclasses.fields(AgentConfig)
+            if f.name not in ("connections", "log_level")
+            and getattr(new, f.name) != getattr(self.config, f.name)
+        ]
+        if fixed:
+            log.warning("reload: %s change(s) only take effect on restart", ", ".join(fixed))
+        old = self.config
+        for name in (*changes.removed, *changes.changed):
+            self._remove_connection(name)
+        self.config = dataclasses.replace(new, **{name: getattr(old, name) for name in fixed})
+        logging.getLogger("keyway").setLevel(self.config.log_level.upper())
+        for name in (*changes.changed, *changes.added):
+            await self._add_connection(new.connection(name))
+        self.stats["reloads"] += 1
+        result = {
+            "added": list(changes.added),
+            "removed": list(changes.removed),
+            "changed": list(changes.changed),
+            "unchanged": list(changes.unchanged),
+            "restart_needed": fixed,
+        }
+        log.info("reloaded: %s", result)
+        return result
+
+    # -- control --------------------------------------------------------------------
+
+    async def _command(self, request: dict) -> Any:
+        command = request["command"]
+        args = request.get("args") or {}
+        if not isinstance(args, dict):
+            raise ControlError("args must be an object")
+        handler = _COMMANDS.get(command)
+        if handler is None:
+            raise ControlError(f"unknown command {command!r} (known: {', '.join(_COMMANDS)})")
+        return await handler(self, args)
+
+    def _connection_arg(self, args: dict) -> str:
+        name = args.get("connection")
+        if not isinstance(name, str) or name not in self.local_of:
+            raise ControlError(f"no connection {name!r}")
+        return name
+
+    async def _cmd_status(self, args: dict) -> dict:
+        sas = [sa for e in self.engines.values() for sa in e.sas()]
+        return {
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 1),
+            "config": str(self.config_path),
+            "dataplane": self.plane.name,
+            "connections": len(self.config.connections),
+            "ike_sas": sum(sa.state == "established" for sa in sas),
+            "child_sas": sum(len(sa.children) for sa in sas),
+        }
+
+    async def _cmd_list_conns(self, args: dict) -> list:
+        result = []
+        for conn in self.config.connections:
+            states = [sa.state for sa in self._ike_sas(conn.name)]
+            result.append(
+                {
+                    "name": conn.name,
+                    "local_addrs": list(conn.local_addrs),
+                    "remote_addrs": list(conn.remote_addrs),
+                    "local_id": conn.local.id,
+                    "remote_id": conn.remote.id,
+                    "auth": conn.local.auth,
+                    "proposals": list(conn.proposals),
+                    "state": "established"
+                    if "established" in states
+                    else ("connecting" if states else "down"),
+                    "children": [
+                        {
+                            "name": c.name,
+                            "mode": c.mode,
+                            "local_ts": list(c.local_ts),
+                            "remote_ts": list(c.remote_ts),
+                            "proposals": list(c.esp_proposals or c.ah_proposals),
+                            "start_action": c.start_action,
+                            "reqid": self._reqids.get((conn.name, c.name)),
+                        }
+                        for c in conn.children
+                    ],
+                }
+            )
+        return result
+
+    async def _cmd_list_sas(self, args: dict) -> list:
+        result = []
+        for engine in self.engines.values():
+            for sa in engine.sas():
+                if sa.conn is None:
+                    continue
+                children = []
+                for child in sa.children.values():
+                    entry = {
+                        "name": child.child,
+                        "spi_in": f"{child.spi_in:08x}",
+                        "spi_out": f"{child.spi_out:08x}",
+                        "protocol": child.protocol,
+                        "mode": child.mode,
+                        "proposal": child.proposal,
+                        "local_ts": list(child.local_ts),
+                        "remote_ts": list(child.remote_ts),
+                        "encap": child.udp_encap,
+                    }
+                    pair = self.sa_pairs.get(child.spi_in)
+                    if pair is not None:
+                        for label, sa_id in zip(("out", "in"), pair, strict=True):
+                            try:
+                                counters = self.plane.sa_counters(sa_id)
+                            except base.DataPlaneError:
+                                continue
+                            entry[f"bytes_{label}"] = counters.bytes
+                            entry[f"packets_{label}"] = counters.packets
+                    children.append(entry)
+                result.append(
+                    {
+                        "connection": sa.conn.name,
+                        "state": sa.state,
+                        "initiator": sa.initiator,
+                        "local": f"{engine.local[0]}",
+                        "remote": f"{sa.remote[0]}:{sa.remote[1]}",
+                        "remote_id": sa.remote_id,
+                        "spi_i": sa.spi_i.hex(),
+                        "spi_r": sa.spi_r.hex(),
+                        "proposal": _describe_ike(sa),
+                        "children": children,
+                    }
+                )
+        return result
+
+    async def _cmd_initiate(self, args: dict) -> dict:
+        name = self._connection_arg(args)
+        if any(sa.state == "established" for sa in self._ike_sas(name)):
+            return {"up": True, "already": True}
+        self._attempts[name] = 0
+        self._cancel_retry(name)
+        future = self._loop.create_future()
+        self._waiters[name].append(future)
+        self._initiate(name)
+        if not args.get("wait", True):
+            return {"up": None}
+        try:
+            return await asyncio.wait_for(future, float(args.get("timeout", 30)))
+        except TimeoutError:
+            timeout = args.get("timeout", 30)
+            raise ControlError(f"{name}: not established after {timeout} s") from None
+
+    async def _cmd_terminate(self, args: dict) -> dict:
+        name = self._connection_arg(args)
+        child = args.get("child")
+        closed = 0
+        for sa in self._ike_sas(name):
+            if sa.state != "established":
+                continue
+            if child:
+                for spi_in, ready in list(sa.children.items()):
+                    if ready.child == child:
+                        sa.engine.delete_child_sa(sa, spi_in, self._loop.time())
+                        closed += 1
+            else:
+                self._terminated.add(name)
+                self._cancel_retry(name)
+                self._close_ike(sa)
+                closed += 1
+            self.runners[sa.engine.local[0]].pump()
+        return {"closed": closed}
+
+    async def _cmd_rekey(self, args: dict) -> dict:
+        name = self._connection_arg(args)
+        child = args.get("child")
+        started = 0
+        for sa in self._ike_sas(name):
+            if sa.state != "established":
+                continue
+            now = self._loop.time()
+            if child:
+                for spi_in, ready in list(sa.children.items()):
+                    if ready.child == child:
+                        sa.engine.rekey_child_sa(sa, spi_in, now)
+                        started += 1
+            else:
+                sa.engine.rekey_ike_sa(sa, now)
+                started += 1
+            self.runners[sa.engine.local[0]].pump()
+        if not started:
+            raise ControlError(f"{name}: nothing established to rekey")
+        return {"rekeying": started}
+
+    async def _cmd_reload(self, args: dict) -> dict:
+        return await self.reload()
+
+    async def _cmd_stats(self, args: dict) -> dict:
+        result = {"events": dict(self.stats)}
+        drops = getattr(self.plane, "drops", None)
+        if drops is not None:
+            result["dataplane_drops"] = dict(drops)
+        return result
+
+    async def _cmd_metrics(self, args: dict) -> str:
+        status = await self._cmd_status(args)
+        lines = [
+            "# HELP keyway_ike_sas Established IKE SAs.",
+            "# TYPE keyway_ike_sas gauge",
+            f"keyway_ike_sas {status['ike_sas']}",
+            "# HELP keyway_child_sas Installed Child SAs.",
+            "# TYPE keyway_child_sas gauge",
+            f"keyway_child_sas {status['child_sas']}",
+            "# HELP keyway_connections Configured connections.",
+            "# TYPE keyway_connections gauge",
+            f"keyway_connections {status['connections']}",
+            "# HELP keyway_events_total Events by kind.",
+            "# TYPE keyway_events_total counter",
+        ]
+        for kind, count in sorted(self.stats.items()):
+            lines.append(f'keyway_events_total{{kind="{kind}"}} {count}')
+        drops = getattr(self.plane, "drops", None) or {}
+        lines += [
+            "# HELP keyway_dataplane_drops_total Packets the data plane dropped, by reason.",
+            "# TYPE keyway_dataplane_drops_total counter",
+        ]
+        for reason, count in sorted(drops.items()):
+            lines.append(f'keyway_dataplane_drops_total{{reason="{reason}"}} {count}')
+        for sa in await self._cmd_list_sas(args):
+            for child in sa["children"]:
+                labels = (
+                    f'connection="{sa["connection"]}",child="{child["name"]}",'
+                    f'spi="{child["spi_in"]}"'
+                )
+                for key in ("bytes_in", "bytes_out", "packets_in", "packets_out"):
+                    if key in child:
+                        lines.append(f"keyway_child_sa_{key}{{{labels}}} {child[key]}")
+        return "\n".join(lines) + "\n"
+
+    def _publish(self, record: dict) -> None:
+        for queue in list(self._watchers):
+            try:
+                queue.put_nowait(record)
+            except asyncio.QueueFull:  # a client that does not read loses its stream
+                self._watchers.discard(queue)
+                queue.put_nowait(None) if not queue.full() else None
+
+    async def _subscribe(self) -> AsyncIterator[dict]:
+        queue: asyncio.Queue = asyncio.Queue(WATCH_QUEUE)
+        self._watchers.add(queue)
+        try:
+            while (record := await queue.get()) is not None:
+                yield record
+        finally:
+            self._watchers.discard(queue)
+
+
+def _describe_ike(sa: IkeSa) -> str:
+    from ..ike.proposals import describe
+
+    return describe(sa.chosen_ike) if sa.chosen_ike is not None else ""
+
+
+_COMMANDS = {
+    "status": Agent._cmd_status,
+    "list-conns": Agent._cmd_list_conns,
+    "list-sas": Agent._cmd_list_sas,
+    "initiate": Agent._cmd_initiate,
+    "terminate": Agent._cmd_terminate,
+    "rekey": Agent._cmd_rekey,
+    "reload": Agent._cmd_reload,
+    "stats": Agent._cmd_stats,
+    "metrics": Agent._cmd_metrics,
+}
+
+
+async def choose_plane(config: AgentConfig, udp_sender) -> base.DataPlane:
+    """The configured data plane; `auto` takes the kernel's when it accepts ESP SAs and
+    falls back to the userspace plane, saying why."""
+    reason = ""
+    if config.dataplane in ("kernel", "auto"):
+        try:
+            from ..dataplane.xfrm import KernelPlane, probe_kernel_esp
+
+            problem = probe_kernel_esp()
+        except ImportError as exc:
+            problem = f"the kernel plane is not available ({exc})"
+        if not problem:
+            return KernelPlane()
+        if config.dataplane == "kernel":
+            raise AgentError(f"dataplane kernel: {problem}")
+        reason = problem
+    from ..dataplane.userspace import UserspacePlane
+
+    if reason:
+        log.info("data plane: userspace, because %s", reason)
+    return UserspacePlane(tun_name="kw-esp0", udp_sender=udp_sender)
