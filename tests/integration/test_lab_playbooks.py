@@ -9,19 +9,52 @@ from pathlib import Path
 from tests.fixtures.ansible import ROOT, recap, run_playbook
 
 
-def test_site_runs_inside_each_namespace_and_is_idempotent(netns_hosts):
+def _task_results(proc, name: str) -> dict:
+    """Per-host results of the task called `name` in a JSON-callback run."""
+    for play in json.loads(proc.stdout)["plays"]:
+        for task in play["tasks"]:
+            if task["name"].split(" : ")[-1] == name:
+                return task["hosts"]
+    raise AssertionError(f"no task {name!r} ran")
+
+
+def test_site_builds_the_mesh_idempotently_and_traffic_is_encrypted(netns_hosts):
     plan = netns_hosts(3)
     for host in plan.hosts:  # the playbook, not the lab, must create these
         Path(host.state_dir).rmdir()
-    first = recap(run_playbook("playbooks/site.yml", plan))
+    first_run = run_playbook("playbooks/site.yml", plan)
+    first = recap(first_run)
     assert set(first) == {"h1", "h2", "h3"}
     for host in plan.hosts:
         stats = first[host.name]
         assert stats["failures"] == 0 and stats["unreachable"] == 0
-        assert stats["changed"] == 1  # the state folder
+        assert stats["changed"] == 3  # the state folder, keywayd's config, keywayd started
         assert stat.S_IMODE(Path(host.state_dir).stat().st_mode) == 0o700
+        config = Path(host.config_dir) / "keywayd.yml"
+        assert stat.S_IMODE(config.stat().st_mode) == 0o600
+        # The config names its PSK files; the secrets are only in them (0600).
+        assert "psk:" not in config.read_text()
+        for psk in (Path(host.config_dir) / "secrets").iterdir():
+            assert stat.S_IMODE(psk.stat().st_mode) == 0o600
+            assert psk.read_text() not in first_run.stdout
+    started = _task_results(first_run, "keywayd installed and running, its tunnels established")
+    # Each host initiates towards the hosts whose names sort after its own.
+    assert started["h1"]["established"] == ["h1-h2", "h1-h3"]
+    assert started["h2"]["established"] == ["h1-h2", "h2-h3"]
     second = recap(run_playbook("playbooks/site.yml", plan))
     assert all(s["changed"] == 0 and s["failures"] == 0 for s in second.values())
+    checked = recap(run_playbook("playbooks/site.yml", plan, "--check", "--diff"))
+    assert all(s["changed"] == 0 for s in checked.values())
+
+    status = run_playbook("playbooks/lab_status.yml", plan)
+    probes = _task_results(status, "Site to site through the tunnels, encrypted on the wire")
+    for host in plan.hosts:
+        results = probes[host.name]["results"]
+        assert len(results) == 4  # two peers, IPv4 and IPv6
+        for probe in results:
+            assert probe["received"] == probe["sent"] == 3
+            assert probe["wire"]["cleartext"] == 0
+            assert probe["wire"]["esp"] >= 3
 
 
 def test_facts_are_the_namespace_s_own(netns_hosts):

@@ -72,15 +72,20 @@ def child_sa_specs(
         replay_window=replay_window,
     )
     me, peer = child.local_address, child.remote_address
-    # SA selectors only hold one prefix pair: the first one (policies hold them all).
-    local_ts, remote_ts = selector_pairs(child.local_ts, child.remote_ts)[0]
+    # An SA selector holds one prefix pair; with several, the SA gets none and inbound
+    # packets are checked against the IN policies that name its reqid (as XFRM does).
+    pairs = selector_pairs(child.local_ts, child.remote_ts)
+    out_sel = in_sel = None
+    if len(pairs) == 1:
+        out_sel = base.Selector(pairs[0][0], pairs[0][1])
+        in_sel = base.Selector(pairs[0][1], pairs[0][0])
     out = base.SaSpec(
         src=me,
         dst=peer,
         spi=child.spi_out,
         enc_key=child.key_out,
         integ_key=child.integ_key_out,
-        selector=base.Selector(local_ts, remote_ts),
+        selector=out_sel,
         mark=mark_out,
         if_id=if_id_out,
         **common,
@@ -91,7 +96,7 @@ def child_sa_specs(
         spi=child.spi_in,
         enc_key=child.key_in,
         integ_key=child.integ_key_in,
-        selector=base.Selector(remote_ts, local_ts),
+        selector=in_sel,
         mark=mark_in,
         if_id=if_id_in,
         **common,

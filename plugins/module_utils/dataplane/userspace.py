@@ -134,6 +134,7 @@ class UserspacePlane(DataPlane):
         self._inbound: dict[tuple[bytes, int, int], _Sa] = {}
         self._policies: dict[PolicyId, tuple[PolicySpec, _CompiledSelector]] = {}
         self._out_order: list[tuple[PolicySpec, _CompiledSelector]] = []
+        self._in_order: list[tuple[PolicySpec, _CompiledSelector]] = []
         self._routes: set[str] = set()
         self._events: EventSink = lambda event: None
         self._acquired: dict[int, float] = {}
@@ -321,6 +322,9 @@ class UserspacePlane(DataPlane):
         # Explicit priority (lower first, as XFRM) then the most specific selector.
         outs.sort(key=lambda v: (v[0].priority or 0x10000, -v[1].specificity()))
         self._out_order = outs
+        ins = [v for v in self._policies.values() if v[0].direction == Direction.IN]
+        ins.sort(key=lambda v: (v[0].priority or 0x10000, -v[1].specificity()))
+        self._in_order = ins
 
     def _route_for(self, policy: PolicySpec) -> None:
         if policy.direction != Direction.OUT or policy.action != PolicyAction.PROTECT:
@@ -530,14 +534,28 @@ class UserspacePlane(DataPlane):
             elif drop.reason == pk.ICV:
                 entry.integrity_failed += 1
             return
-        if entry.selector is not None and not entry.selector.matches(ip):
-            self.drops[pk.SELECTOR] += 1  # RFC 4301 5.2: inner header must match the SA
+        if entry.selector is not None:
+            if not entry.selector.matches(ip):
+                self.drops[pk.SELECTOR] += 1  # RFC 4301 5.2: inner header must match the SA
+                return
+        elif not self._inbound_allowed(entry.spec.reqid, ip):
+            # An SA without a selector carries several prefix pairs: as the kernel does,
+            # the inner packet must match an IN policy whose template is this SA's reqid.
+            self.drops[pk.SELECTOR] += 1
             return
         self._account(entry, len(inner))
         try:
             os.write(self._tun_fd, inner)
         except OSError:
             self.drops["tun_write"] += 1
+
+    def _inbound_allowed(self, reqid: int, ip: pk.IpPacket) -> bool:
+        for policy, compiled in self._in_order:
+            if compiled.matches(ip):
+                if policy.action == PolicyAction.PROTECT:
+                    return any(t.reqid == reqid for t in policy.templates)
+                return False  # the most specific IN policy is PASS/DROP, not this SA
+        return False
 
     # -- lifetimes and events ------------------------------------------------------------
 

@@ -1,0 +1,1 @@
+"""Intent: topologies in, per-host keywayd connections out (pure functions)."""

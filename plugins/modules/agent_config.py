@@ -1,0 +1,216 @@
+#!/usr/bin/python
+"""Write keywayd's configuration, validated by the agent's own parser, and reload it."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: agent_config
+short_description: Write keywayd's configuration and make the running agent reload it
+description:
+  - Renders C(connections) and agent settings into keywayd's YAML config at O(path),
+    writing each PSK to its own 0600 file under O(secrets_dir) (the config file then
+    holds no secret and can be shown in a diff).
+  - The candidate is validated with the same parser keywayd uses before anything is
+    written; an invalid configuration fails the task and leaves the host untouched.
+  - Files are replaced atomically, mode 0600. When something changed and keywayd
+    answers on its control socket, it is asked to reload; unchanged connections keep
+    their SAs.
+version_added: "0.1.0"
+author: Keyway
+options:
+  path:
+    description: The config file to write.
+    type: path
+    required: true
+  connections:
+    description: keywayd connections by name (see keywayd's config format), without PSKs.
+    type: dict
+    required: true
+  psks:
+    description: PSK of each PSK-authenticated connection, by connection name.
+    type: dict
+    default: {}
+  secrets_dir:
+    description: Folder for the PSK files (0700); default C(secrets) beside O(path).
+    type: path
+  settings:
+    description: Top-level agent settings (dataplane, log_level, control_socket, ...).
+    type: dict
+    default: {}
+  reload:
+    description: Ask a running keywayd to reload when the config changed.
+    type: bool
+    default: true
+notes:
+  - Supports check mode and diff mode; diffs never contain PSKs.
+"""
+
+EXAMPLES = r"""
+- name: Keyway's tunnels for this host
+  keyway.ipsec.agent_config:
+    path: /etc/keyway/keywayd.yml
+    settings:
+      dataplane: auto
+    connections: "{{ hostvars | keyway.ipsec.mesh_connections(groups['mesh'],
+      inventory_hostname) }}"
+    psks: "{{ keyway_mesh_secret | keyway.ipsec.mesh_psks(inventory_hostname,
+      groups['mesh']) }}"
+"""
+
+RETURN = r"""
+connections:
+  description: Names of the connections in the written config.
+  returned: always
+  type: list
+  elements: str
+reload:
+  description: keywayd's answer to the reload (connections added, removed, changed, unchanged).
+  returned: when a running keywayd was asked to reload
+  type: dict
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import (
+    ConfigError,
+    parse_config,
+)
+from ansible_collections.keyway.ipsec.plugins.module_utils.agent.control import (
+    ControlError,
+    request,
+)
+
+try:
+    import yaml
+
+    HAS_YAML = True
+except ImportError:  # pragma: no cover
+    HAS_YAML = False
+
+DEFAULT_SOCKET = "/run/keyway/keywayd.sock"
+
+
+def render(settings: dict, connections: dict, psk_files: dict[str, str]) -> str:
+    document = dict(sorted(settings.items()))
+    conns = {}
+    for name in sorted(connections):
+        conn = dict(connections[name])
+        conn.pop("psk", None)
+        if name in psk_files:
+            conn["psk_file"] = psk_files[name]
+        conns[name] = conn
+    document["connections"] = conns
+    header = "# Written by keyway.ipsec.agent_config: edits are replaced on the next run.\n"
+    return header + yaml.safe_dump(document, sort_keys=True, default_flow_style=False)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Atomically replace `path` with `text`, born 0600 (no window where others read)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec=dict(
+            path=dict(type="path", required=True),
+            connections=dict(type="dict", required=True),
+            psks=dict(type="dict", default={}, no_log=True),
+            secrets_dir=dict(type="path"),
+            settings=dict(type="dict", default={}),
+            reload=dict(type="bool", default=True),
+        ),
+        supports_check_mode=True,
+    )
+    if not HAS_YAML:
+        module.fail_json(msg="PyYAML is required on the host")
+    path = Path(module.params["path"])
+    secrets_dir = Path(module.params["secrets_dir"] or path.parent / "secrets")
+    connections, psks = module.params["connections"], module.params["psks"]
+    settings = module.params["settings"]
+    unknown = sorted(set(psks) - set(connections))
+    if unknown:
+        module.fail_json(msg=f"psks for connections that do not exist: {', '.join(unknown)}")
+
+    # Validate exactly what keywayd will read, with the PSKs inline (same parser).
+    candidate = dict(settings)
+    candidate["connections"] = {
+        name: {**conn, **({"psk": str(psks[name])} if name in psks else {})}
+        for name, conn in connections.items()
+    }
+    try:
+        parse_config(candidate, source=str(path), file_private=True, base_dir=path.parent)
+    except ConfigError as exc:
+        module.fail_json(msg=str(exc), problems=[list(p) for p in exc.problems])
+
+    psk_files = {name: str(secrets_dir / f"{name}.psk") for name in psks}
+    text = render(settings, connections, psk_files)
+    before = _read(path)
+    stale = (
+        sorted(p.name for p in secrets_dir.glob("*.psk") if p.stem not in psks)
+        if secrets_dir.is_dir()
+        else []
+    )
+    secrets_changed = (
+        sorted(name for name in psks if _read(Path(psk_files[name])) != str(psks[name])) + stale
+    )
+    changed = before != text or bool(secrets_changed)
+    result = {
+        "changed": changed,
+        "path": str(path),
+        "connections": sorted(connections),
+        "secrets_changed": secrets_changed,  # names only
+    }
+    if module._diff:
+        result["diff"] = {
+            "before": before or "",
+            "after": text,
+            "before_header": str(path),
+            "after_header": str(path),
+        }
+    if not changed or module.check_mode:
+        module.exit_json(**result)
+
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(secrets_dir, 0o700)
+    for name, value in psks.items():
+        if _read(Path(psk_files[name])) != str(value):
+            _write_private(Path(psk_files[name]), str(value))
+    for name in stale:
+        (secrets_dir / name).unlink()
+    if before != text:
+        _write_private(path, text)
+    socket_path = settings.get("control_socket", DEFAULT_SOCKET)
+    if module.params["reload"] and os.path.exists(socket_path):
+        try:
+            result["reload"] = request(socket_path, "reload")
+        except ControlError as exc:
+            module.fail_json(msg=f"written, but keywayd refused to reload: {exc}", **result)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

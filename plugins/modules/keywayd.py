@@ -1,0 +1,278 @@
+#!/usr/bin/python
+"""Install keywayd's Python package on the host and run it without systemd."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: keywayd
+short_description: Install keywayd on the host and keep it running (no systemd)
+description:
+  - Installs keywayd's library under O(lib_dir), copied from this module's own payload
+    (the collection's C(plugins/module_utils), the one source of truth), file by file
+    and only where the content differs.
+  - Runs keywayd in the foreground mode as a detached process with its log in
+    O(log_file) and its PID in O(pid_file), for hosts without systemd (the netns lab,
+    containers). A running keywayd whose library changed is restarted.
+  - With O(wait), waits until every connection that has a child with
+    C(start_action: start) is established, failing with keywayd's reason otherwise.
+version_added: "0.1.0"
+author: Keyway
+options:
+  state:
+    description: C(started) (installed and running), C(stopped), C(restarted).
+    type: str
+    choices: [started, stopped, restarted]
+    default: started
+  config:
+    description: keywayd's config file (see M(keyway.ipsec.agent_config)).
+    type: path
+    required: true
+  lib_dir:
+    description: Where keywayd's Python package is installed.
+    type: path
+    default: /usr/local/lib/keyway
+  run_dir:
+    description: Folder of the PID file and the log when not given explicitly.
+    type: path
+    default: /run/keyway
+  pid_file:
+    description: keywayd's PID file; default C(keywayd.pid) in O(run_dir).
+    type: path
+  log_file:
+    description: keywayd's log (stderr); default C(keywayd.log) in O(run_dir).
+    type: path
+  python:
+    description: The interpreter that runs keywayd; default the one running this module.
+    type: path
+  wait:
+    description: Seconds to wait for the C(start) connections to be established (0 = do not wait).
+    type: int
+    default: 30
+notes:
+  - Supports check mode.
+"""
+
+EXAMPLES = r"""
+- name: keywayd runs
+  keyway.ipsec.keywayd:
+    config: /etc/keyway/keywayd.yml
+    lib_dir: /usr/local/lib/keyway
+    wait: 30
+"""
+
+RETURN = r"""
+pid:
+  description: keywayd's process ID.
+  returned: when running
+  type: int
+installed:
+  description: Library files written (paths relative to O(lib_dir)).
+  returned: always
+  type: list
+  elements: str
+established:
+  description: Connections established when the module returned.
+  returned: when O(wait) is set and keywayd runs
+  type: list
+  elements: str
+"""
+
+import contextlib
+import importlib.resources
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ansible.module_utils.basic import AnsibleModule
+
+# The agent's modules are imported so that Ansible ships them in this module's payload,
+# from where they are installed; keywayd never runs from the payload itself.
+from ansible_collections.keyway.ipsec.plugins.module_utils.agent import (  # noqa: F401
+    daemon,
+    keywayctl,
+    keywayd,
+)
+from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import (
+    ConfigError,
+    load_config,
+)
+from ansible_collections.keyway.ipsec.plugins.module_utils.agent.control import (
+    ControlError,
+    request,
+)
+from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane import (  # noqa: F401
+    userspace,
+)
+
+PACKAGE = "ansible_collections.keyway.ipsec.plugins.module_utils"
+ENTRY = f"{PACKAGE}.agent.keywayd"
+
+
+def _payload_files():
+    """(relative path, bytes) of every Python file of module_utils in this payload."""
+    root = importlib.resources.files(PACKAGE)
+
+    def walk(node, prefix):
+        for child in sorted(node.iterdir(), key=lambda c: c.name):
+            if child.is_dir():
+                if child.name != "__pycache__":
+                    yield from walk(child, f"{prefix}{child.name}/")
+            elif child.name.endswith(".py"):
+                yield prefix + child.name, child.read_bytes()
+
+    yield from walk(root, "")
+
+
+def install(lib_dir: Path, check: bool) -> list[str]:
+    """Write the files whose content differs; return their relative paths."""
+    base = lib_dir / PACKAGE.replace(".", "/")
+    written = []
+    for rel, data in _payload_files():
+        target = base / rel
+        try:
+            if target.read_bytes() == data:
+                continue
+        except FileNotFoundError:
+            pass
+        written.append(rel)
+        if not check:
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            tmp = target.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+    return written
+
+
+def running_pid(pid_file: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if ENTRY.encode() in cmdline else None  # not a recycled PID
+
+
+def stop(pid: int, timeout: float = 10.0) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def start(module, python: str, lib_dir: Path, config: Path, pid_file: Path, log_file: Path):
+    log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pid_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    env = dict(os.environ, PYTHONPATH=str(lib_dir), PYTHONDONTWRITEBYTECODE="1")
+    process = subprocess.Popen(
+        [python, "-m", ENTRY, "--config", str(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=fd,
+        stderr=fd,
+        env=env,
+        cwd="/",
+        start_new_session=True,  # outlives this module and its connection
+        close_fds=True,
+    )
+    os.close(fd)
+    pid_file.write_text(f"{process.pid}\n")
+    return process
+
+
+def wait_ready(module, process, socket_path: str, log_file: Path, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log_file.read_text().splitlines()[-5:] if log_file.exists() else []
+            module.fail_json(msg=f"keywayd exited with {process.returncode}", log=tail)
+        try:
+            return request(socket_path, "status", timeout=5)
+        except ControlError:
+            time.sleep(0.1)
+    module.fail_json(msg=f"keywayd did not answer on {socket_path} within {timeout:.0f} s")
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec=dict(
+            state=dict(type="str", choices=["started", "stopped", "restarted"], default="started"),
+            config=dict(type="path", required=True),
+            lib_dir=dict(type="path", default="/usr/local/lib/keyway"),
+            run_dir=dict(type="path", default="/run/keyway"),
+            pid_file=dict(type="path"),
+            log_file=dict(type="path"),
+            python=dict(type="path"),
+            wait=dict(type="int", default=30),
+        ),
+        supports_check_mode=True,
+    )
+    p = module.params
+    run_dir = Path(p["run_dir"])
+    pid_file = Path(p["pid_file"] or run_dir / "keywayd.pid")
+    log_file = Path(p["log_file"] or run_dir / "keywayd.log")
+    lib_dir, config = Path(p["lib_dir"]), Path(p["config"])
+    pid = running_pid(pid_file)
+    result = {"changed": False, "installed": []}
+
+    if p["state"] == "stopped":
+        if pid is not None:
+            result["changed"] = True
+            if not module.check_mode:
+                stop(pid)
+        module.exit_json(**result)
+
+    try:
+        agent_config = load_config(config)
+    except ConfigError as exc:
+        module.fail_json(msg=str(exc), **result)
+    written = install(lib_dir, module.check_mode)
+    result["installed"] = written
+    restart = pid is not None and (bool(written) or p["state"] == "restarted")
+    if written or restart or pid is None:
+        result["changed"] = True
+    if module.check_mode:
+        module.exit_json(**result)
+    process = None
+    if restart:
+        stop(pid)
+        pid = None
+    if pid is None:
+        process = start(module, p["python"] or sys.executable, lib_dir, config, pid_file, log_file)
+        pid = process.pid
+    result["pid"] = pid
+    wait_ready(module, process, agent_config.control_socket, log_file)
+    if p["wait"]:
+        wanted = {
+            c.name
+            for c in agent_config.connections
+            if any(child.start_action == "start" for child in c.children)
+        }
+        deadline = time.monotonic() + p["wait"]
+        while True:
+            conns = request(agent_config.control_socket, "list-conns")
+            up = {c["name"] for c in conns if c["state"] == "established"}
+            if wanted <= up or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        result["established"] = sorted(up)
+        if not wanted <= up:
+            module.fail_json(
+                msg=f"not established after {p['wait']} s: {', '.join(sorted(wanted - up))}"
+                f" (see {log_file})",
+                **result,
+            )
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
