@@ -81,8 +81,9 @@ class ControlServer:
                     await _send(writer, {"ok": False, "error": f"bad request: {exc}"})
                     continue
                 if request["command"] == "watch":
+                    stream = self.subscribe()  # registered before the client hears so
                     await _send(writer, {"ok": True, "result": "watching"})
-                    async for event in self.subscribe():
+                    async for event in stream:
                         await _send(writer, event)
                     return
                 try:
@@ -134,8 +135,11 @@ def request(path: str, command: str, timeout: float = 30.0, **args: Any) -> Any:
     return reply.get("result")
 
 
-def watch(path: str, timeout: float | None = None) -> Iterator[dict]:
-    """Events as keywayd reports them, until the daemon stops."""
+def watch(
+    path: str, timeout: float | None = None, ready: Callable[[], None] | None = None
+) -> Iterator[dict]:
+    """Events as keywayd reports them, until the daemon stops; `ready` is called once
+    the daemon has subscribed this client (nothing from then on is missed)."""
     with _connect(path, 30.0) as sock:
         sock.sendall(b'{"command":"watch"}\n')
         sock.settimeout(timeout)
@@ -143,6 +147,8 @@ def watch(path: str, timeout: float | None = None) -> Iterator[dict]:
         first = _read_line(stream)
         if not first or not first.get("ok"):
             raise ControlError((first or {}).get("error", "watch refused"))
+        if ready is not None:
+            ready()
         while (event := _read_line(stream)) is not None:
             yield event
 

@@ -177,6 +177,7 @@ class Agent:
         self.local_of: dict[str, str] = {}  # connection -> local address
         self.children: dict[tuple[str, str], _ChildState] = {}
         self.sa_pairs: dict[int, tuple[base.SaId, base.SaId]] = {}  # spi_in -> (out, in)
+        self._deferred_out: dict[int, base.SaSpec] = {}  # old spi_in -> its successor's out
         self._next_reqid = base.KEYWAY_REQID_MIN + 1
         self._reqids: dict[tuple[str, str], int] = {}
         self._closing: set[bytes] = set()  # spi_i of IKE SAs we asked to delete
@@ -316,13 +317,13 @@ class Agent:
             self._initiate(conn.name)
 
     def _remove_connection(self, name: str) -> None:
+        for sa in self._ike_sas(name):
+            if sa.state == "established":
+                self._close_ike(sa)
         local = self.local_of.pop(name, None)
         if local is None:
             return
         engine = self.engines[local]
-        for sa in self._ike_sas(name):
-            if sa.state == "established":
-                self._close_ike(sa)
         engine.remove_connection(name)
         self._cancel_retry(name)
         for key in [k for k in self.children if k[0] == name]:
@@ -382,7 +383,10 @@ class Agent:
     def _initiate(self, name: str) -> None:
         if name not in self.local_of:
             raise ControlError(f"no connection {name!r}")
-        if any(sa.state not in ("failed", "deleted") for sa in self._ike_sas(name)):
+        if any(
+            sa.state not in ("failed", "deleted") and sa.spi_i not in self._closing
+            for sa in self._ike_sas(name)
+        ):
             return  # up or on its way: one IKE SA per connection
         self._terminated.discard(name)
         self._attempts[name] = self._attempts.get(name, 0) + 1
@@ -496,11 +500,16 @@ class Agent:
                 if_id_out=conn.if_id_out,
             )
             self.plane.install_sa(inbound)  # inbound first: the peer may send at once
-            try:
-                self.plane.install_sa(out)
-            except base.DataPlaneError:
-                self.plane.delete_sa(inbound.id)
-                raise
+            if event.rekeyed_from and not event.initiated:
+                # The rekey's initiator may not hold the new inbound SA yet: keep sending
+                # on the old one until it deletes that (then _child_deleted installs this).
+                self._deferred_out[event.rekeyed_from] = out
+            else:
+                try:
+                    self.plane.install_sa(out)
+                except base.DataPlaneError:
+                    self.plane.delete_sa(inbound.id)
+                    raise
         except base.DataPlaneError as exc:
             log.error("[%s/%s] Child SA not installed: %s", conn.name, child.name, exc)
             self.stats["install_failures"] += 1
@@ -523,6 +532,12 @@ class Agent:
         )
 
     def _child_deleted(self, event: ChildSaDeleted) -> None:
+        successor = self._deferred_out.pop(event.spi_in, None)
+        if successor is not None:  # make-before-break: the new outbound SA goes in first
+            try:
+                self.plane.install_sa(successor)
+            except base.DataPlaneError as exc:
+                log.error("[%s] rekeyed outbound SA not installed: %s", event.connection, exc)
         pair = self.sa_pairs.pop(event.spi_in, None)
         if pair is not None:
             for sa_id in pair:
@@ -789,10 +804,13 @@ class Agent:
         if not args.get("wait", True):
             return {"up": None}
         try:
-            return await asyncio.wait_for(future, float(args.get("timeout", 30)))
+            result = await asyncio.wait_for(future, float(args.get("timeout", 30)))
         except TimeoutError:
             timeout = args.get("timeout", 30)
             raise ControlError(f"{name}: not established after {timeout} s") from None
+        if not result["up"]:
+            raise ControlError(f"{name}: {result['error']}")
+        return result
 
     async def _cmd_terminate(self, args: dict) -> dict:
         name = self._connection_arg(args)
@@ -888,14 +906,19 @@ class Agent:
                 self._watchers.discard(queue)
                 queue.put_nowait(None) if not queue.full() else None
 
-    async def _subscribe(self) -> AsyncIterator[dict]:
+    def _subscribe(self) -> AsyncIterator[dict]:
+        """A new event stream, registered now (before the client is told it watches)."""
         queue: asyncio.Queue = asyncio.Queue(WATCH_QUEUE)
         self._watchers.add(queue)
-        try:
-            while (record := await queue.get()) is not None:
-                yield record
-        finally:
-            self._watchers.discard(queue)
+
+        async def events() -> AsyncIterator[dict]:
+            try:
+                while (record := await queue.get()) is not None:
+                    yield record
+            finally:
+                self._watchers.discard(queue)
+
+        return events()
 
 
 def _describe_ike(sa: IkeSa) -> str:

@@ -97,14 +97,17 @@ class UdpRunner:
             self.esp_handler(data, addr)
 
     def pump(self) -> None:
-        """Send what the engine queued, deliver its events, re-arm its timer."""
+        """Deliver the engine's events, send what it queued, re-arm its timer.
+
+        Events go first: a Child SA the engine just agreed to is installed before the
+        answer that lets the peer use it leaves (make-before-break)."""
+        for event in self.engine.pop_events():
+            self.on_event(event)
         for dgram in self.engine.pop_datagrams():
             if dgram.dst[1] == self.nat_t_port:
                 self._nat_t.transport.sendto(NON_ESP_MARKER + dgram.data, dgram.dst)
             else:
                 self._ike.transport.sendto(dgram.data, dgram.dst)
-        for event in self.engine.pop_events():
-            self.on_event(event)
         if self._timer:
             self._timer.cancel()
             self._timer = None

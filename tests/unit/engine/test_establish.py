@@ -471,3 +471,47 @@ def test_hard_lifetime_deletes_a_child_the_initiator_cannot_rekey():
     (gone_a,) = of(pair.events[A], ChildSaDeleted)
     assert gone_b.reason == "deleted by us" and gone_a.reason == "deleted by peer"
     assert pair.a.sas()[0].state == "established"  # the IKE SA stays
+
+
+def test_initial_contact_from_a_restarted_peer_replaces_its_stale_ike_sa():
+    pair = established()
+    (old,) = pair.b.sas()
+    first = of(pair.events[B], ChildSaReady)[0]
+    # A restarts: a fresh engine (no memory of its IKE SA) at the same address.
+    restarted = Engine(A)
+    restarted.add_connection(pair.a.connections["h1-h2"])
+    pair.a = restarted
+    pair.net.attach(A, lambda d, s, _dst, now: restarted.receive(d, s, now))
+    pair.events[A] = []
+    restarted.initiate("h1-h2", pair.net.now)
+    pair.pump(until=pair.net.now + 30)
+    (down,) = of(pair.events[B], IkeSaDown)
+    assert down.reason == "peer restarted (INITIAL_CONTACT)" and down.spi_i == old.spi_i
+    (gone,) = of(pair.events[B], ChildSaDeleted)
+    assert gone.spi_in == first.spi_in
+    (now_sa,) = pair.b.sas()
+    assert now_sa is not old and now_sa.state == "established"
+
+
+def test_a_second_ike_sa_with_the_same_peer_keeps_the_first():
+    pair = established()
+    pair.a.initiate("h1-h2", pair.net.now)  # no INITIAL_CONTACT: A still has its first
+    pair.pump(until=pair.net.now + 30)
+    assert not of(pair.events[B], IkeSaDown)
+    assert len(pair.b.sas()) == 2
+
+
+@pytest.mark.parametrize("side", ["initiator", "responder"])
+def test_child_sa_events_say_which_side_started_the_exchange(side):
+    pair = established()
+    assert of(pair.events[A], ChildSaReady)[0].initiated
+    assert not of(pair.events[B], ChildSaReady)[0].initiated
+    engine = pair.a if side == "initiator" else pair.b
+    sa = engine.sas()[0]
+    engine.rekey_child_sa(sa, next(iter(sa.children)), pair.net.now)
+    pair.pump(until=pair.net.now + 30)
+    rekeyed = {addr: of(pair.events[addr], ChildSaReady)[1] for addr in (A, B)}
+    assert rekeyed[engine.local].initiated
+    assert not rekeyed[B if engine is pair.a else A].initiated
+    assert rekeyed[A].ike_initiator and not rekeyed[B].ike_initiator
+    assert rekeyed[A].local_address == A[0] and rekeyed[A].remote_address == B[0]

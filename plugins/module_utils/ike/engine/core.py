@@ -402,6 +402,10 @@ class IkeSa:
             *self._auth_payloads(conn, idi, self.init_request, self.nonce_r, self.keys.sk_pi),
             codec.IDr(*encode_id(conn.remote_id)),
         ]
+        if not self.engine._established_with(conn.name, conn.remote_id, self):
+            # Our first IKE SA with this peer: whatever it still holds from us is stale
+            # (we restarted), and may go (RFC 7296 2.4).
+            inner.append(codec.Notify(type=NotifyType.INITIAL_CONTACT))
         if conn.auth == "pubkey" and conn.cacerts:
             inner.append(
                 codec.CERTREQ(
@@ -516,6 +520,7 @@ class IkeSa:
             remote_address=self.remote[0],
             udp_encap=self.nat or self.remote[1] == NAT_T_PORT,
             ike_initiator=self.initiator,
+            initiated=i_side,
         )
         self._add_child(child)
         return child
@@ -921,6 +926,12 @@ class IkeSa:
             self._respond_auth_failed(mid, f"{peer_id!r}: {reason}")
             return
         self.remote_id = peer_id
+        if any(
+            isinstance(p, codec.Notify) and p.type == NotifyType.INITIAL_CONTACT for p in inner
+        ):
+            for stale in self.engine._established_with(conn.name, peer_id, self):
+                log.info("%s: peer restarted (INITIAL_CONTACT): old IKE SA dropped", conn.name)
+                stale._down("peer restarted (INITIAL_CONTACT)")
         id_type, id_data = encode_id(conn.local_id)
         idr = codec.IDr(id_type=id_type, data=id_data)
         reply: list[codec.Payload] = [
@@ -1420,6 +1431,18 @@ class Engine:
             sa.on_create_child_request(inner, h.message_id)
         else:
             log.info("%s: exchange %d in state %s not handled yet", sa.remote, h.exchange, sa.state)
+
+    def _established_with(self, name: str, remote_id: str, besides: IkeSa) -> list[IkeSa]:
+        """Established IKE SAs of connection `name` with peer `remote_id`, but `besides`."""
+        return [
+            sa
+            for sa in self.sas()
+            if sa is not besides
+            and sa.state == "established"
+            and sa.conn is not None
+            and sa.conn.name == name
+            and sa.remote_id == remote_id
+        ]
 
     def _connections_for(self, remote: Address) -> list[IkeConnection]:
         return [c for c in self.connections.values() if c.remote_address[0] == remote[0]]

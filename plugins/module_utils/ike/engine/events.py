@@ -51,6 +51,10 @@ class ChildSaReady:
     remote_address: str = ""
     udp_encap: bool = False  # ESP in UDP 4500 (NAT detected or the IKE SA floated)
     ike_initiator: bool = False  # we initiated the IKE SA that carries this Child SA
+    # We initiated the exchange that made this Child SA. A rekey's responder should keep
+    # sending on the old SA until the initiator deletes it (it may not have the new
+    # inbound SA yet); the initiator can switch at once.
+    initiated: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,260 @@
+"""keywayd in lab namespaces over real UDP, carrying traffic through the userspace plane:
+establish, rekeys under traffic (lost packets counted), byte limits, reload, restarts,
+INITIAL_CONTACT, trap policies, bad input next to good tunnels, and SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.fixtures.keywayd import PSK, Keywayd, Watch, site_connection
+from tests.fixtures.netns import in_netns, udp_exchange
+
+# Counts datagrams 0..N-1 from a sender through the tunnel; prints how many arrived.
+STREAM_RECEIVER = """
+import socket, sys
+s = socket.socket(); s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.settimeout(float(sys.argv[3]))
+seen = set(); print("ready", flush=True)
+try:
+    while True:
+        data, _ = s.recvfrom(2048)
+        if data == b"end":
+            break
+        seen.add(int.from_bytes(data[:4], "big"))
+except socket.timeout:
+    pass
+print(len(seen), flush=True)
+"""
+STREAM_SENDER = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 0))
+count, gap = int(sys.argv[4]), float(sys.argv[5])
+for n in range(count):
+    s.sendto(n.to_bytes(4, "big") + bytes(int(sys.argv[6])), (sys.argv[2], int(sys.argv[3])))
+    time.sleep(gap)
+time.sleep(1.0)
+for _ in range(3):
+    s.sendto(b"end", (sys.argv[2], int(sys.argv[3]))); time.sleep(0.1)
+"""
+
+
+def stream(src_host, dst_host, count: int, gap: float, size: int = 200, port: int = 7100) -> int:
+    """Send `count` datagrams site to site, `gap` s apart; return how many arrived."""
+    receiver = subprocess.Popen(
+        ["ip", "netns", "exec", dst_host.netns, sys.executable, "-c", STREAM_RECEIVER,
+         dst_host.site4_address, str(port), str(count * gap + 20)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert receiver.stdout.readline().strip() == "ready"
+        in_netns(src_host.netns, sys.executable, "-c", STREAM_SENDER, src_host.site4_address,
+                 dst_host.site4_address, str(port), str(count), str(gap), str(size),
+                 timeout=count * gap + 60)  # fmt: skip
+        out, _ = receiver.communicate(timeout=count * gap + 30)
+        return int(out.strip())
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+            receiver.wait()
+
+
+def traffic_flows(a, b) -> bool:
+    return udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"ping") == b"gnip"
+
+
+@pytest.fixture
+def agents(tmp_path):
+    started: list[Keywayd] = []
+
+    def make(host, connections, **settings) -> Keywayd:
+        agent = Keywayd(host.netns, tmp_path / host.name, connections, **settings)
+        started.append(agent)
+        return agent
+
+    yield make
+    for agent in started:
+        with contextlib.suppress(Exception):
+            agent.stop()
+
+
+def pair(netns_hosts, agents, **child):
+    a, b = netns_hosts(2).hosts
+    agent_b = agents(b, {"ab": site_connection(b, a, start=False, **child)})
+    agent_a = agents(a, {"ab": site_connection(a, b, start=True, **child)})
+    agent_a.wait_for(lambda: agent_a.sas("ab"), "ab established")
+    agent_b.wait_for(lambda: agent_b.sas("ab"), "ab established on b")
+    return a, b, agent_a, agent_b
+
+
+def test_two_agents_establish_carry_traffic_and_agree_on_their_sas(netns_hosts, agents):
+    a, b, agent_a, agent_b = pair(netns_hosts, agents)
+    assert traffic_flows(a, b) and traffic_flows(b, a)
+    (sa_a,), (sa_b,) = agent_a.sas(), agent_b.sas()
+    assert (sa_a["spi_i"], sa_a["spi_r"]) == (sa_b["spi_i"], sa_b["spi_r"])
+    assert sa_a["initiator"] and not sa_b["initiator"]
+    assert sa_a["proposal"] == sa_b["proposal"] == "aes256gcm16-prfsha384-x25519"
+    (child_a,), (child_b,) = sa_a["children"], sa_b["children"]
+    assert (child_a["spi_in"], child_a["spi_out"]) == (child_b["spi_out"], child_b["spi_in"])
+    assert child_a["local_ts"] == [a.site4] and child_a["remote_ts"] == [b.site4]
+    # Both exchanges were counted on both SAs of each side.
+    assert child_a["packets_out"] >= 2 and child_a["packets_in"] >= 2
+    assert child_b["packets_in"] >= 2
+    # Keys and the PSK never leave the daemon: not in the socket's answers, not in logs.
+    everything = json.dumps(agent_a.ctl("list-sas")) + json.dumps(agent_a.ctl("list-conns"))
+    for agent in (agent_a, agent_b):
+        assert PSK not in agent.log() and PSK.encode().hex() not in agent.log()
+    assert PSK not in everything and "key" not in everything
+    status = agent_a.ctl("status")
+    assert status["ike_sas"] == 1 and status["child_sas"] == 1
+    assert status["dataplane"] == "userspace"
+    metrics = agent_a.ctl("metrics")
+    assert (
+        "keyway_ike_sas 1" in metrics and 'keyway_child_sa_packets_out{connection="ab"' in metrics
+    )
+
+
+def test_rekeys_on_a_short_schedule_lose_no_packets(netns_hosts, agents):
+    a, b, agent_a, agent_b = pair(
+        netns_hosts, agents, rekey_time="3s", life_time="6s", rand_time="1s"
+    )
+    watch_a, watch_b = Watch(agent_a), Watch(agent_b)
+    arrived = stream(a, b, count=600, gap=0.015)  # about 10 s: three rekeys or more
+    rekeys_a = [e for e in _drain(watch_a) if e["event"] == "ChildSaReady" and e["rekeyed_from"]]
+    rekeys_b = [e for e in _drain(watch_b) if e["event"] == "ChildSaReady" and e["rekeyed_from"]]
+    assert len(rekeys_a) >= 2 and len(rekeys_b) >= 2
+    assert arrived == 600, f"{600 - arrived} packets lost across {len(rekeys_a)} rekeys"
+    assert len(agent_a.child_spis("ab")) == 1  # old SAs deleted after each rekey
+
+
+def _drain(watch: Watch) -> list[dict]:
+    items = []
+    while not watch.events.empty():
+        items.append(watch.events.get())
+    return items
+
+
+def test_a_byte_limit_rekeys_the_child(netns_hosts, agents):
+    a, b, agent_a, agent_b = pair(netns_hosts, agents, rekey_bytes="20k", life_bytes="10m")
+    before = agent_a.child_spis("ab")
+    watch = Watch(agent_b)
+    arrived = stream(a, b, count=200, gap=0.002, size=400)  # 80 kB: several soft limits
+    rekeyed = watch.next("ChildSaReady", timeout=10)
+    assert rekeyed["rekeyed_from"]
+    assert agent_a.child_spis("ab") != before
+    assert arrived == 200
+
+
+def test_reload_changes_one_connection_and_leaves_the_other_untouched(netns_hosts, agents):
+    a, b, c = netns_hosts(3).hosts
+    agents(b, {"ab": site_connection(b, a, start=False)})
+    agent_c = agents(c, {"ac": site_connection(c, a, start=False)})
+    conns = {"ab": site_connection(a, b, start=True), "ac": site_connection(a, c, start=True)}
+    agent_a = agents(a, conns)
+    for name in ("ab", "ac"):
+        agent_a.wait_for(lambda name=name: agent_a.sas(name), f"{name} established")
+    ab_before = agent_a.sas("ab")[0]
+    ac_before = agent_a.sas("ac")[0]
+
+    # A bad file changes nothing, and says what is wrong where.
+    broken = {**conns, "ac": {**conns["ac"], "proposals": ["aes256gcm16-prfsha384-nosuch"]}}
+    agent_a.write_config(broken)
+    with pytest.raises(Exception, match=r"connections\.ac\.proposals"):
+        agent_a.ctl("reload")
+    assert agent_a.sas("ac")[0]["spi_i"] == ac_before["spi_i"]
+
+    # ac moves to another proposal (on both ends); ab is not touched.
+    new_ac = "aes128gcm16-prfsha256-ecp256"
+    agent_c.write_config({"ac": {**site_connection(c, a, start=False), "proposals": [new_ac]}})
+    assert agent_c.ctl("reload")["changed"] == ["ac"]
+    agent_a.write_config({**conns, "ac": {**conns["ac"], "proposals": [new_ac]}})
+    result = agent_a.ctl("reload")
+    assert result["changed"] == ["ac"] and result["unchanged"] == ["ab"]
+    agent_a.wait_for(
+        lambda: [s for s in agent_a.sas("ac") if s["proposal"] == new_ac], "ac re-established"
+    )
+    assert agent_a.sas("ab") == [
+        {**ab_before, "children": agent_a.sas("ab")[0]["children"]}
+    ]  # same IKE SA ...
+    assert [(c["spi_in"], c["spi_out"]) for c in agent_a.sas("ab")[0]["children"]] == [
+        (c["spi_in"], c["spi_out"]) for c in ab_before["children"]
+    ]  # ... and the same Child SA
+    assert traffic_flows(a, b) and traffic_flows(a, c)
+    # Removing a connection closes it at the peer too.
+    agent_a.write_config({"ab": conns["ab"]})
+    assert agent_a.ctl("reload")["removed"] == ["ac"]
+    agent_c.wait_for(lambda: not agent_c.sas("ac"), "ac closed at c")
+    assert agent_a.sas("ab")[0]["spi_i"] == ab_before["spi_i"]
+
+
+def test_kill_9_and_restart_converges_and_initial_contact_clears_the_stale_sa(netns_hosts, agents):
+    a, b, agent_a, agent_b = pair(netns_hosts, agents)
+    old = agent_b.sas("ab")[0]["spi_i"]
+    agent_a.kill()
+    agent_a.start()  # same config: it initiates again, with INITIAL_CONTACT
+    agent_a.wait_for(lambda: agent_a.sas("ab"), "ab re-established")
+    agent_b.wait_for(
+        lambda: [s["spi_i"] for s in agent_b.sas("ab")] == [agent_a.sas("ab")[0]["spi_i"]],
+        "b holding only the new IKE SA",
+    )
+    assert agent_b.sas("ab")[0]["spi_i"] != old
+    assert "peer restarted (INITIAL_CONTACT)" in agent_b.log()
+    assert traffic_flows(a, b) and traffic_flows(b, a)
+
+
+def test_a_trap_policy_starts_the_tunnel_on_the_first_packet(netns_hosts, agents):
+    a, b = netns_hosts(2).hosts
+    agents(b, {"ab": site_connection(b, a, start=False)})
+    agent_a = agents(a, {"ab": site_connection(a, b, start=False, start_action="trap")})
+    assert not agent_a.sas()
+    udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"knock", timeout=1)
+    agent_a.wait_for(lambda: agent_a.sas("ab"), "ab established by the acquire")
+    assert "acquire" in agent_a.log()
+    assert traffic_flows(a, b)
+
+
+def test_a_wrong_psk_fails_that_tunnel_only(netns_hosts, agents):
+    a, b, c = netns_hosts(3).hosts
+    agents(b, {"ab": site_connection(b, a, start=False)})
+    agent_c = agents(c, {"ac": site_connection(c, a, start=False, psk="not-the-same-psk-at-all")})
+    agent_a = agents(
+        a, {"ab": site_connection(a, b, start=True), "ac": site_connection(a, c, start=False)}
+    )
+    watch = Watch(agent_a)
+    with pytest.raises(Exception, match="authentication failed"):
+        agent_a.ctl("initiate", connection="ac", timeout=20)
+    assert watch.next("AuthFailed", connection="ac")
+    assert "AUTHENTICATION_FAILED" in agent_a.log() or "authentication failed" in agent_a.log()
+    assert "not-the-same-psk-at-all" not in agent_c.log()
+    agent_a.wait_for(lambda: agent_a.sas("ab"), "ab established")
+    assert traffic_flows(a, b)
+    assert not agent_a.sas("ac")
+
+
+def test_sigterm_deletes_at_the_peer_and_leaves_nothing(netns_hosts, agents):
+    a, _, agent_a, agent_b = pair(netns_hosts, agents)
+    watch = Watch(agent_b)
+    assert agent_a.stop() == 0
+    assert watch.next("IkeSaDown", timeout=10)["reason"] == "deleted by peer"
+    assert not agent_b.sas()
+    links = in_netns(a.netns, "ip", "-brief", "link").stdout
+    assert "kw-esp0" not in links
+    assert "19287" not in in_netns(a.netns, "ip", "rule").stdout  # 0x4B57: the plane's rule
+    # The peer's retries stay quiet: b has start_action none and the close was asked for.
+    assert not agent_b.sas()
+
+
+def test_ten_agents_in_a_star_all_carry_traffic(netns_hosts, agents):
+    hub, *spokes = netns_hosts(10).hosts
+    agent_hub = agents(hub, {s.name: site_connection(hub, s, start=False) for s in spokes})
+    for spoke in spokes:
+        agents(spoke, {"hub": site_connection(spoke, hub, start=True)})
+    agent_hub.wait_for(lambda: len(agent_hub.sas()) == 9, "nine IKE SAs at the hub", 60)
+    for spoke in spokes:
+        assert traffic_flows(spoke, hub)
+    assert agent_hub.ctl("status")["child_sas"] == 9
