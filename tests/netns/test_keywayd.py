@@ -6,62 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
-import sys
 
 import pytest
 
 from tests.fixtures.keywayd import PSK, Keywayd, Watch, site_connection
 from tests.fixtures.netns import in_netns, udp_exchange
-
-# Counts datagrams 0..N-1 from a sender through the tunnel; prints how many arrived.
-STREAM_RECEIVER = """
-import socket, sys
-s = socket.socket(); s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], int(sys.argv[2]))); s.settimeout(float(sys.argv[3]))
-seen = set(); print("ready", flush=True)
-try:
-    while True:
-        data, _ = s.recvfrom(2048)
-        if data == b"end":
-            break
-        seen.add(int.from_bytes(data[:4], "big"))
-except socket.timeout:
-    pass
-print(len(seen), flush=True)
-"""
-STREAM_SENDER = """
-import socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 0))
-count, gap = int(sys.argv[4]), float(sys.argv[5])
-for n in range(count):
-    s.sendto(n.to_bytes(4, "big") + bytes(int(sys.argv[6])), (sys.argv[2], int(sys.argv[3])))
-    time.sleep(gap)
-time.sleep(1.0)
-for _ in range(3):
-    s.sendto(b"end", (sys.argv[2], int(sys.argv[3]))); time.sleep(0.1)
-"""
-
-
-def stream(src_host, dst_host, count: int, gap: float, size: int = 200, port: int = 7100) -> int:
-    """Send `count` datagrams site to site, `gap` s apart; return how many arrived."""
-    receiver = subprocess.Popen(
-        ["ip", "netns", "exec", dst_host.netns, sys.executable, "-c", STREAM_RECEIVER,
-         dst_host.site4_address, str(port), str(count * gap + 20)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
-    try:
-        assert receiver.stdout.readline().strip() == "ready"
-        in_netns(src_host.netns, sys.executable, "-c", STREAM_SENDER, src_host.site4_address,
-                 dst_host.site4_address, str(port), str(count), str(gap), str(size),
-                 timeout=count * gap + 60)  # fmt: skip
-        out, _ = receiver.communicate(timeout=count * gap + 30)
-        return int(out.strip())
-    finally:
-        if receiver.poll() is None:
-            receiver.kill()
-            receiver.wait()
+from tests.fixtures.traffic import stream
 
 
 def traffic_flows(a, b) -> bool:
