@@ -208,3 +208,31 @@ def test_ten_agents_in_a_star_all_carry_traffic(netns_hosts, agents):
     for spoke in spokes:
         assert traffic_flows(spoke, hub)
     assert agent_hub.ctl("status")["child_sas"] == 9
+
+
+def test_transport_mode_between_hosts_keeps_ike_outside_the_tunnel(netns_hosts, agents):
+    a, b = netns_hosts(2).hosts
+
+    def transport(me, peer, start):
+        conn = site_connection(me, peer, start=start)
+        child = conn["children"]["sites"]
+        child.update(mode="transport", local_ts=[f"{me.ipv4}/32"], remote_ts=[f"{peer.ipv4}/32"])
+        return {"ab": conn}
+
+    agent_b = agents(b, transport(b, a, False))
+    agent_a = agents(a, transport(a, b, True))
+    agent_a.wait_for(lambda: agent_a.sas("ab"), "ab established")
+    (child,) = agent_a.sas("ab")[0]["children"]
+    assert child["mode"] == "transport"
+    echo = udp_exchange(a.netns, b.netns, a.ipv4, b.ipv4, b"host to host")
+    assert echo == b"tsoh ot tsoh"
+    # IKE itself still flows between the same two addresses, in the clear: a rekey
+    # completes and the new SA carries the traffic.
+    before = agent_a.child_spis("ab")
+    agent_a.ctl("rekey", connection="ab", child="sites")
+    agent_a.wait_for(
+        lambda: len(spis := agent_a.child_spis("ab")) == 1 and spis != before,
+        "rekeyed over IKE beside the transport-mode SA",
+    )
+    agent_b.wait_for(lambda: len(agent_b.child_spis("ab")) == 1, "old SA gone at b")
+    assert udp_exchange(a.netns, b.netns, a.ipv4, b.ipv4, b"again") == b"niaga"

@@ -291,6 +291,7 @@ class Agent:
                 nat_t_port=self.config.nat_t_port,
                 on_event=self._on_engine_event,
                 esp_handler=self._on_esp_in_udp,
+                prepare_socket=self.plane.prepare_ike_socket,
             )
             try:
                 await runner.start()

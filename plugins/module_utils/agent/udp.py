@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 
 from ..ike.constants import IKE_PORT, NAT_T_PORT, NON_ESP_MARKER
@@ -46,11 +47,13 @@ class UdpRunner:
         nat_t_port: int = NAT_T_PORT,
         on_event: Callable[[Event], None] | None = None,
         esp_handler: Callable[[bytes, tuple], None] | None = None,
+        prepare_socket: Callable[[socket.socket], None] | None = None,
     ):
         self.engine, self.host = engine, host
         self.ike_port, self.nat_t_port = ike_port, nat_t_port
         self.on_event = on_event or (lambda event: None)
         self.esp_handler = esp_handler
+        self.prepare_socket = prepare_socket
         self._ike: _Endpoint | None = None
         self._nat_t: _Endpoint | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -59,11 +62,24 @@ class UdpRunner:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         _, self._ike = await self._loop.create_datagram_endpoint(
-            lambda: _Endpoint(self._on_ike), local_addr=(self.host, self.ike_port)
+            lambda: _Endpoint(self._on_ike), sock=self._socket(self.ike_port)
         )
         _, self._nat_t = await self._loop.create_datagram_endpoint(
-            lambda: _Endpoint(self._on_nat_t), local_addr=(self.host, self.nat_t_port)
+            lambda: _Endpoint(self._on_nat_t), sock=self._socket(self.nat_t_port)
         )
+
+    def _socket(self, port: int) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if self.prepare_socket is not None:
+                self.prepare_socket(sock)  # before bind: no packet escapes unprepared
+            sock.bind((self.host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def stop(self) -> None:
         if self._timer:

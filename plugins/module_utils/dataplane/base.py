@@ -207,6 +207,10 @@ class DataPlane(abc.ABC):
     async def stop(self) -> None:  # noqa: B027 (optional hook)
         """Stop the plane's loop; SAs and policies stay unless flushed."""
 
+    def prepare_ike_socket(self, sock) -> None:  # noqa: B027 (optional hook)
+        """Exempt the agent's IKE (and NAT-T) socket from this plane's policies, so that
+        IKE between two hosts protected in transport mode is never itself protected."""
+
     @abc.abstractmethod
     def allocate_spi(self, src: str, dst: str, proto: IpsecProto, reqid: int) -> int:
         """Reserve an inbound SPI (dst is local) unique on this host."""

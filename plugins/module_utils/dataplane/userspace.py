@@ -205,6 +205,9 @@ class UserspacePlane(DataPlane):
             os.close(self._tun_fd)  # the device disappears with its last fd
             self._tun_fd = -1
 
+    def prepare_ike_socket(self, sock: socket.socket) -> None:
+        tun.mark(sock)  # marked packets skip the plane's routing table (tun.add_rules)
+
     # -- SAs ---------------------------------------------------------------------------
 
     def allocate_spi(self, src: str, dst: str, proto: IpsecProto, reqid: int) -> int:

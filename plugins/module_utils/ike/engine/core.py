@@ -926,9 +926,7 @@ class IkeSa:
             self._respond_auth_failed(mid, f"{peer_id!r}: {reason}")
             return
         self.remote_id = peer_id
-        if any(
-            isinstance(p, codec.Notify) and p.type == NotifyType.INITIAL_CONTACT for p in inner
-        ):
+        if any(isinstance(p, codec.Notify) and p.type == NotifyType.INITIAL_CONTACT for p in inner):
             for stale in self.engine._established_with(conn.name, peer_id, self):
                 log.info("%s: peer restarted (INITIAL_CONTACT): old IKE SA dropped", conn.name)
                 stale._down("peer restarted (INITIAL_CONTACT)")
