@@ -20,9 +20,11 @@ version_added: "0.1.0"
 author: Keyway
 options:
   state:
-    description: C(started) (installed and running), C(stopped), C(restarted).
+    description:
+      - C(started) (installed and running), C(stopped), C(restarted).
+      - C(installed) only installs the library (systemd hosts run keywayd from its unit).
     type: str
-    choices: [started, stopped, restarted]
+    choices: [started, stopped, restarted, installed]
     default: started
   config:
     description: keywayd's config file (see M(keyway.ipsec.agent_config)).
@@ -205,7 +207,11 @@ def wait_ready(module, process, socket_path: str, log_file: Path, timeout: float
 def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(
-            state=dict(type="str", choices=["started", "stopped", "restarted"], default="started"),
+            state=dict(
+                type="str",
+                choices=["started", "stopped", "restarted", "installed"],
+                default="started",
+            ),
             config=dict(type="path", required=True),
             lib_dir=dict(type="path", default="/usr/local/lib/keyway"),
             run_dir=dict(type="path", default="/run/keyway"),
@@ -237,6 +243,8 @@ def main() -> None:
         module.fail_json(msg=str(exc), **result)
     written = install(lib_dir, module.check_mode)
     result["installed"] = written
+    if p["state"] == "installed":
+        module.exit_json(**{**result, "changed": bool(written)})
     restart = pid is not None and (bool(written) or p["state"] == "restarted")
     if written or restart or pid is None:
         result["changed"] = True

@@ -38,9 +38,10 @@ def test_site_builds_the_mesh_idempotently_and_traffic_is_encrypted(netns_hosts)
             assert stat.S_IMODE(psk.stat().st_mode) == 0o600
             assert psk.read_text() not in first_run.stdout
     started = _task_results(first_run, "keywayd installed and running, its tunnels established")
-    # Each host initiates towards the hosts whose names sort after its own.
-    assert started["h1"]["established"] == ["h1-h2", "h1-h3"]
-    assert started["h2"]["established"] == ["h1-h2", "h2-h3"]
+    # Each host initiates towards the hosts whose names sort after its own, and the task
+    # waits for those.
+    assert {"h1-h2", "h1-h3"} <= set(started["h1"]["established"])
+    assert {"h2-h3"} <= set(started["h2"]["established"])
     second = recap(run_playbook("playbooks/site.yml", plan))
     assert all(s["changed"] == 0 and s["failures"] == 0 for s in second.values())
     checked = recap(run_playbook("playbooks/site.yml", plan, "--check", "--diff"))
