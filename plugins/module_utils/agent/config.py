@@ -29,6 +29,7 @@ in one ConfigError; a bad file never replaces a good running config. Secrets are
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -171,10 +172,11 @@ class AgentConfig:
     fragment_size: int = 1280
 
     def connection(self, name: str) -> ConnectionConfig:
-        for conn in self.connections:
-            if conn.name == name:
-                return conn
-        raise KeyError(name)
+        return self._by_name[name]  # KeyError for an unknown name
+
+    @functools.cached_property
+    def _by_name(self) -> dict[str, ConnectionConfig]:
+        return {conn.name: conn for conn in self.connections}
 
 
 @dataclass(frozen=True)

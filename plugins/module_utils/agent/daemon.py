@@ -377,9 +377,7 @@ class Agent:
     def _ike_sas(self, name: str) -> list[IkeSa]:
         local = self.local_of.get(name)
         engine = self.engines.get(local) if local else None
-        if engine is None:
-            return []
-        return [sa for sa in engine.sas() if sa.conn is not None and sa.conn.name == name]
+        return engine.sas_of(name) if engine is not None else []
 
     def _initiate(self, name: str) -> None:
         if name not in self.local_of:

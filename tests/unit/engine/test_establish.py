@@ -254,9 +254,11 @@ def established() -> Pair:
 @pytest.mark.parametrize("side", ["initiator", "responder"])
 def test_delete_ike_sa_from_either_side_removes_everything(side):
     pair = established()
+    assert pair.a.sas_of("h1-h2") == pair.a.sas() and pair.b.sas_of("h1-h2") == pair.b.sas()
     engine = pair.a if side == "initiator" else pair.b
     engine.delete_ike_sa(engine.sas()[0], pair.net.now)
     pair.pump(until=pair.net.now + 30)
+    assert pair.a.sas_of("h1-h2") == pair.b.sas_of("h1-h2") == []
     for addr, engine_ in ((A, pair.a), (B, pair.b)):
         (down,) = of(pair.events[addr], IkeSaDown)
         assert down.reason == ("deleted by us" if engine_ is engine else "deleted by peer")

@@ -17,6 +17,7 @@ DPD), cookies under load, certificates, fragmentation on send, collisions.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -90,6 +91,11 @@ class IkeConnection:
     certs: tuple[bytes, ...] = ()  # own chain, DER, leaf first (pubkey)
     private_key: object = field(default=None, repr=False)  # (pubkey)
     cacerts: tuple = ()  # x509.Certificate trust anchors for the peer (pubkey)
+
+
+@functools.lru_cache(maxsize=256)
+def _ike_proposal(text: str, allow_weak: bool):
+    return parse_proposal_string(text, "ike", allow_weak=allow_weak)
 
 
 # RFC 7427 hash algorithms we verify with: SHA2-256/384/512 and Identity (Ed25519).
@@ -197,9 +203,11 @@ class IkeSa:
         spi_i: bytes,
         spi_r: bytes,
     ):
-        self.engine, self.conn, self.initiator, self.remote = engine, conn, initiator, remote
+        self._conn: IkeConnection | None = None
+        self.engine, self.initiator, self.remote = engine, initiator, remote
         self.spi_i, self.spi_r = spi_i, spi_r
         self.state = "init"
+        self.conn = conn
         self.send_mid = 0  # id of our next request
         self.recv_mid = 0  # id of the peer's next request
         self.request: _Request | None = None
@@ -222,6 +230,19 @@ class IkeSa:
         self.remote_id = ""
         self.nat = False
         self.replaced = False  # a rekey moved this SA's role to a successor
+
+    @property
+    def conn(self) -> IkeConnection | None:
+        return self._conn
+
+    @conn.setter
+    def conn(self, conn: IkeConnection | None) -> None:
+        # The engine indexes SAs by connection name (an agent may hold thousands).
+        if self._conn is not None:
+            self.engine._by_conn.get(self._conn.name, {}).pop(id(self), None)
+        self._conn = conn
+        if conn is not None and self.state not in ("failed", "deleted"):
+            self.engine._by_conn.setdefault(conn.name, {})[id(self)] = self
 
     @property
     def local_spi(self) -> bytes:
@@ -844,14 +865,11 @@ class IkeSa:
             self._answer_init_error(msg, NotifyType.INVALID_SYNTAX)
             return
         candidates = self.engine._connections_for(self.remote)
-        ours = []
-        for conn in candidates:
-            ours += [
-                parse_proposal_string(p, "ike", allow_weak=conn.allow_weak).to_proposal(
-                    len(ours) + 1
-                )
-                for p in conn.proposals
-            ]
+        # Many connections to one peer usually share their proposals: offer each once.
+        distinct = dict.fromkeys((p, c.allow_weak) for c in candidates for p in c.proposals)
+        ours = [
+            _ike_proposal(text, weak).to_proposal(n) for n, (text, weak) in enumerate(distinct, 1)
+        ]
         chosen = select_proposal(ours, sa.proposals)
         if chosen is None:
             log.info(
@@ -913,7 +931,12 @@ class IkeSa:
             return
         peer_id = idi.to_text()
         conn = next(
-            (c for c in self.engine._connections_for(self.remote) if c.remote_id == peer_id), None
+            (
+                c
+                for c in self.engine._connections_for(self.remote, peer_id)
+                if c.remote_id == peer_id
+            ),
+            None,
         )
         if conn is None:
             self._respond_auth_failed(mid, f"no connection for peer identity {peer_id!r}")
@@ -1206,6 +1229,9 @@ class Engine:
     ):
         self.local = local
         self.connections: dict[str, IkeConnection] = {}
+        self._by_address: dict[str, list[IkeConnection]] = {}
+        self._by_identity: dict[tuple[str, str], list[IkeConnection]] = {}
+        self._by_conn: dict[str, dict[int, IkeSa]] = {}
         self._by_spi: dict[bytes, IkeSa] = {}
         self._half_open: dict[tuple[bytes, Address], IkeSa] = {}
         self._datagrams: list[Datagram] = []
@@ -1223,12 +1249,24 @@ class Engine:
 
     # public API
     def add_connection(self, conn: IkeConnection) -> None:
+        self.remove_connection(conn.name)
         self.connections[conn.name] = conn
+        self._by_address.setdefault(conn.remote_address[0], []).append(conn)
+        self._by_identity.setdefault((conn.remote_address[0], conn.remote_id), []).append(conn)
 
     def remove_connection(self, name: str) -> None:
         """Forget a connection for new negotiations; its SAs are the caller's to delete
         first (delete_ike_sa), since they still reference it."""
-        self.connections.pop(name, None)
+        conn = self.connections.pop(name, None)
+        if conn is None:
+            return
+        for index, key in (
+            (self._by_address, conn.remote_address[0]),
+            (self._by_identity, (conn.remote_address[0], conn.remote_id)),
+        ):
+            index[key].remove(conn)
+            if not index[key]:
+                del index[key]
 
     def initiate(self, name: str, now: float) -> IkeSa:
         self.now = now
@@ -1442,8 +1480,14 @@ class Engine:
             and sa.remote_id == remote_id
         ]
 
-    def _connections_for(self, remote: Address) -> list[IkeConnection]:
-        return [c for c in self.connections.values() if c.remote_address[0] == remote[0]]
+    def _connections_for(
+        self, remote: Address, remote_id: str | None = None
+    ) -> list[IkeConnection]:
+        """Connections to this peer address (and identity): indexed, since one agent may
+        hold thousands of connections."""
+        if remote_id is not None:
+            return self._by_identity.get((remote[0], remote_id), [])
+        return self._by_address.get(remote[0], [])
 
     def _nat_notifies(
         self, spi_i: bytes, spi_r: bytes, remote: Address, swap: bool = False
@@ -1478,7 +1522,16 @@ class Engine:
     def _index(self, sa: IkeSa) -> None:
         self._by_spi[sa.local_spi] = sa
 
+    def sas_of(self, name: str) -> list[IkeSa]:
+        """The IKE SAs of connection `name` (any state but failed and deleted)."""
+        return list(self._by_conn.get(name, {}).values())
+
     def _forget(self, sa: IkeSa) -> None:
+        if sa.conn is not None:
+            by_name = self._by_conn.get(sa.conn.name, {})
+            by_name.pop(id(sa), None)
+            if not by_name:
+                self._by_conn.pop(sa.conn.name, None)
         for key in [k for k, v in self._by_spi.items() if v is sa]:
             del self._by_spi[key]
         for key in [k for k, v in self._half_open.items() if v is sa]:
