@@ -62,6 +62,7 @@ from .udp import UdpRunner
 log = logging.getLogger("keyway.agent")
 
 BACKOFF_MAX = 60.0
+MAX_INITIATING = 32  # IKE SAs we initiate that may be half-way up at once
 SHUTDOWN_GRACE = 2.0  # seconds to wait for the peers' answers to our Deletes
 WATCH_QUEUE = 1000  # events buffered per `watch` client before it is dropped
 
@@ -184,6 +185,8 @@ class Agent:
         self._terminated: set[str] = set()  # closed by the operator: no restart
         self._retries: dict[str, tuple[int, asyncio.TimerHandle]] = {}
         self._attempts: dict[str, int] = {}
+        self._initiating: set[str] = set()  # our IKE SAs on their way up
+        self._init_queue: dict[str, None] = {}  # initiations waiting for a slot, in order
         self._waiters: dict[str, list[asyncio.Future]] = collections.defaultdict(list)
         self._watchers: set[asyncio.Queue] = set()
         self._dpd_next: dict[bytes, float] = {}
@@ -326,6 +329,8 @@ class Agent:
             return
         engine = self.engines[local]
         engine.remove_connection(name)
+        self._init_queue.pop(name, None)
+        self._initiation_over(name)
         self._cancel_retry(name)
         for key in [k for k in self.children if k[0] == name]:
             state = self.children.pop(key)
@@ -388,6 +393,12 @@ class Agent:
         ):
             return  # up or on its way: one IKE SA per connection
         self._terminated.discard(name)
+        if len(self._initiating) >= MAX_INITIATING:
+            # Paced: a burst of thousands of IKE_SA_INITs would overflow socket buffers
+            # and the peer's half-open limits, and cost retransmission timeouts.
+            self._init_queue[name] = None
+            return
+        self._initiating.add(name)
         self._attempts[name] = self._attempts.get(name, 0) + 1
         log.info("[%s] initiating", name)
         self.stats["initiations"] += 1
@@ -433,10 +444,20 @@ class Agent:
 
     # -- engine events --------------------------------------------------------------
 
+    def _initiation_over(self, name: str) -> None:
+        self._initiating.discard(name)
+        while self._init_queue and len(self._initiating) < MAX_INITIATING:
+            queued = next(iter(self._init_queue))
+            del self._init_queue[queued]
+            if queued in self.local_of:
+                self._initiate(queued)
+
     def _on_engine_event(self, event: Event) -> None:
         self.stats[type(event).__name__] += 1
         self._publish(event_record(event))
         name = event.connection
+        if isinstance(event, IkeSaUp | AuthFailed | NegotiationFailed | PeerDead | IkeSaDown):
+            self._initiation_over(name)
         if isinstance(event, ChildSaReady):
             self._child_ready(event)
             self._wake(name, {"up": True, "child": event.child})

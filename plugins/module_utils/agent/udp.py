@@ -20,6 +20,7 @@ from ..ike.engine.core import Engine
 from ..ike.engine.events import Event
 
 log = logging.getLogger("keyway.agent")
+SOCKET_BUFFER = 4 << 20
 
 
 class _Endpoint(asyncio.DatagramProtocol):
@@ -73,6 +74,9 @@ class UdpRunner:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
+            # Room for bursts: an agent with thousands of tunnels gets many at once.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
             if self.prepare_socket is not None:
                 self.prepare_socket(sock)  # before bind: no packet escapes unprepared
             sock.bind((self.host, port))

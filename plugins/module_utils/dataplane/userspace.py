@@ -25,6 +25,7 @@ start(). Bad packets never raise: they are counted in `drops` by reason.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import ipaddress
 import os
@@ -83,6 +84,20 @@ def _net(prefix: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(prefix, strict=False)
 
 
+def _routed(policy: PolicySpec) -> bool:
+    """OUT PROTECT policies route their destination into the TUN device."""
+    return policy.direction == Direction.OUT and policy.action == PolicyAction.PROTECT
+
+
+def _dst_prefix(policy: PolicySpec) -> str:
+    return str(_net(policy.selector.dst))
+
+
+def _policy_rank(entry: tuple[PolicySpec, _CompiledSelector]) -> tuple[int, int]:
+    # Explicit priority (lower first, as XFRM), then the most specific selector.
+    return (entry[0].priority or 0x10000, -entry[1].specificity())
+
+
 class _CompiledSelector:
     """A selector as integers, so matching a packet costs a few masks and compares."""
 
@@ -136,6 +151,7 @@ class UserspacePlane(DataPlane):
         self._out_order: list[tuple[PolicySpec, _CompiledSelector]] = []
         self._in_order: list[tuple[PolicySpec, _CompiledSelector]] = []
         self._routes: set[str] = set()
+        self._route_users: collections.Counter[str] = collections.Counter()
         self._events: EventSink = lambda event: None
         self._acquired: dict[int, float] = {}
         # (reqid, proto, template dst) -> outbound SA; cleared whenever SAs change.
@@ -296,20 +312,44 @@ class UserspacePlane(DataPlane):
             raise DataPlaneError(f"policy selector: {exc}") from None
         if policy.action == PolicyAction.PROTECT and not policy.templates:
             raise DataPlaneError("a PROTECT policy needs a template")
-        self._policies[policy.id] = (policy, compiled)
-        self._reorder()
-        if policy.direction == Direction.OUT and self._tun_fd >= 0:
-            self._route_for(policy)
+        if policy.id in self._policies:
+            self._unlist(policy.id)
+        entry = (policy, compiled)
+        self._policies[policy.id] = entry
+        order = self._order_of(policy.direction)
+        if order is not None:
+            # Kept sorted on insertion (not re-sorted): thousands of policies are usual.
+            bisect.insort(order, entry, key=_policy_rank)
+        if _routed(policy):
+            self._route_users[_dst_prefix(policy)] += 1
+            if self._tun_fd >= 0:
+                self._route_for(policy)
 
     def remove_policy(self, policy: PolicyId) -> None:
-        if self._policies.pop(policy, None) is None:
+        if policy not in self._policies:
             raise DataPlaneError(f"no policy {policy.selector} {policy.direction}")
-        self._reorder()
-        prefix = str(_net(policy.selector.dst))
-        still = any(str(_net(p.selector.dst)) == prefix for p, _ in self._out_order)
-        if prefix in self._routes and not still:
-            tun.del_route(prefix, self._tun_dev)
-            self._routes.discard(prefix)
+        self._unlist(policy)
+
+    def _unlist(self, policy_id: PolicyId) -> None:
+        entry = self._policies.pop(policy_id)
+        order = self._order_of(policy_id.direction)
+        if order is not None:
+            # Find it by rank, then identity: no scan of every policy's fields.
+            i = bisect.bisect_left(order, _policy_rank(entry), key=_policy_rank)
+            while order[i] is not entry:
+                i += 1
+            del order[i]
+        if _routed(entry[0]):
+            prefix = _dst_prefix(entry[0])
+            self._route_users[prefix] -= 1
+            if self._route_users[prefix] <= 0:
+                del self._route_users[prefix]
+                if prefix in self._routes:
+                    tun.del_route(prefix, self._tun_dev)
+                    self._routes.discard(prefix)
+
+    def _order_of(self, direction: Direction) -> list | None:
+        return {Direction.OUT: self._out_order, Direction.IN: self._in_order}.get(direction)
 
     def list_policies(self) -> list[PolicySpec]:
         return [p for p, _ in self._policies.values()]
@@ -320,19 +360,10 @@ class UserspacePlane(DataPlane):
         for pid in list(self._policies):
             self.remove_policy(pid)
 
-    def _reorder(self) -> None:
-        outs = [v for v in self._policies.values() if v[0].direction == Direction.OUT]
-        # Explicit priority (lower first, as XFRM) then the most specific selector.
-        outs.sort(key=lambda v: (v[0].priority or 0x10000, -v[1].specificity()))
-        self._out_order = outs
-        ins = [v for v in self._policies.values() if v[0].direction == Direction.IN]
-        ins.sort(key=lambda v: (v[0].priority or 0x10000, -v[1].specificity()))
-        self._in_order = ins
-
     def _route_for(self, policy: PolicySpec) -> None:
-        if policy.direction != Direction.OUT or policy.action != PolicyAction.PROTECT:
+        if not _routed(policy):
             return
-        prefix = str(_net(policy.selector.dst))
+        prefix = _dst_prefix(policy)
         if prefix not in self._routes:
             try:
                 tun.add_route(prefix, self._tun_dev)

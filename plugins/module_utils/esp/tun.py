@@ -66,15 +66,66 @@ def del_rules() -> None:
         del_rules_of(family)
 
 
+RTM_NEWROUTE, RTM_DELROUTE = 24, 25
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_CREATE = 0x1, 0x4, 0x100, 0x400
+NLMSG_ERROR = 2
+RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
+RT_TABLE_COMPAT, RTPROT_BOOT, RT_SCOPE_LINK, RTN_UNICAST = 252, 3, 253, 1
+_rtnl: socket.socket | None = None  # one rtnetlink socket per process
+_rtnl_seq = 0
+
+
+def _rta(kind: int, data: bytes) -> bytes:
+    attr = struct.pack("=HH", 4 + len(data), kind) + data
+    return attr + bytes(-len(attr) % 4)
+
+
+def _route(command: int, prefix: str, dev: str) -> None:
+    """A device route in the plane's table over rtnetlink: spawning `ip` per route would
+    dominate the set-up of thousands of tunnels. (pyroute2's IPRoute runs its own event
+    loop and cannot be called from the agent's.)"""
+    global _rtnl, _rtnl_seq
+    import ipaddress
+
+    net = ipaddress.ip_network(prefix, strict=False)
+    try:
+        index = socket.if_nametoindex(dev)
+    except OSError:
+        raise TunError(19, f"route {prefix}: no device {dev}") from None
+    if _rtnl is None:
+        _rtnl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
+        _rtnl.bind((0, 0))
+    family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
+    body = struct.pack(
+        "=BBBBBBBBI", family, net.prefixlen, 0, 0, RT_TABLE_COMPAT, RTPROT_BOOT,
+        RT_SCOPE_LINK, RTN_UNICAST, 0,
+    )  # fmt: skip
+    body += _rta(RTA_DST, net.network_address.packed)
+    body += _rta(RTA_OIF, struct.pack("=I", index))
+    body += _rta(RTA_TABLE, struct.pack("=I", ROUTE_TABLE))
+    flags = NLM_F_REQUEST | NLM_F_ACK
+    if command == RTM_NEWROUTE:
+        flags |= NLM_F_CREATE | NLM_F_REPLACE
+    _rtnl_seq += 1
+    _rtnl.send(struct.pack("=IHHII", 16 + len(body), command, flags, _rtnl_seq, 0) + body)
+    while True:
+        reply = _rtnl.recv(65536)
+        _, kind, _, seq, _ = struct.unpack_from("=IHHII", reply)
+        if kind == NLMSG_ERROR and seq == _rtnl_seq:
+            (error,) = struct.unpack_from("=i", reply, 16)
+            if error:
+                verb = "add" if command == RTM_NEWROUTE else "del"
+                raise TunError(-error, f"route {verb} {prefix} dev {dev}: {os.strerror(-error)}")
+            return
+
+
 def add_route(prefix: str, dev: str) -> None:
-    family = "-6" if ":" in prefix else "-4"
-    _ip(family, "route", "replace", prefix, "dev", dev, "table", str(ROUTE_TABLE))
+    _route(RTM_NEWROUTE, prefix, dev)
 
 
 def del_route(prefix: str, dev: str) -> None:
-    family = "-6" if ":" in prefix else "-4"
     with contextlib.suppress(TunError):  # already gone with the device
-        _ip(family, "route", "del", prefix, "dev", dev, "table", str(ROUTE_TABLE))
+        _route(RTM_DELROUTE, prefix, dev)
 
 
 def mark(sock: socket.socket) -> socket.socket:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import datetime
 import functools
 import hashlib
+import heapq
 import ipaddress
+import itertools
 import logging
 import os
 import random
@@ -1232,6 +1234,10 @@ class Engine:
         self._by_address: dict[str, list[IkeConnection]] = {}
         self._by_identity: dict[tuple[str, str], list[IkeConnection]] = {}
         self._by_conn: dict[str, dict[int, IkeSa]] = {}
+        self._timers: list[tuple[float, int, IkeSa]] = []  # heap of (deadline, seq, sa)
+        self._timer_of: dict[int, float] = {}  # id(sa) -> its live deadline in the heap
+        self._dirty: dict[int, IkeSa] = {}
+        self._timer_seq = itertools.count()
         self._by_spi: dict[bytes, IkeSa] = {}
         self._half_open: dict[tuple[bytes, Address], IkeSa] = {}
         self._datagrams: list[Datagram] = []
@@ -1280,6 +1286,7 @@ class Engine:
         )
         self._by_spi[sa.spi_i] = sa
         sa.start(now)
+        self._touch(sa)
         return sa
 
     def receive(self, data: bytes, src: Address, now: float) -> None:
@@ -1306,6 +1313,7 @@ class Engine:
             self._on_response(sa, msg, data, now)
         else:
             self._on_request(sa, msg, data, src, now)
+        self._touch(sa)
 
     def _on_init_request(self, msg: codec.Message, data: bytes, src: Address, now: float) -> None:
         h = msg.header
@@ -1329,6 +1337,7 @@ class Engine:
         self._half_open[key] = sa
         self._by_spi[sa.spi_r] = sa
         sa.on_init_request(msg, data, now)
+        self._touch(sa)
 
     def _cookie_ok(self, msg: codec.Message, src: Address, now: float) -> bool:
         """True if the request carries our COOKIE; else answer with one (no state kept)."""
@@ -1357,31 +1366,67 @@ class Engine:
 
     def delete_ike_sa(self, sa: IkeSa, now: float) -> None:
         sa.queue("delete_ike", now)
+        self._touch(sa)
 
     def delete_child_sa(self, sa: IkeSa, spi_in: int, now: float) -> None:
         sa.queue("delete_child", now, spi_in)
+        self._touch(sa)
 
     def rekey_child_sa(self, sa: IkeSa, spi_in: int, now: float) -> None:
         """Rekey a Child SA make-before-break: ChildSaReady (rekeyed_from=spi_in) for the
         new one, then ChildSaDeleted for the old one."""
         sa.queue("rekey_child", now, spi_in)
+        self._touch(sa)
 
     def rekey_ike_sa(self, sa: IkeSa, now: float) -> None:
         """Rekey the IKE SA: IkeSaRekeyed, then the old one goes ("replaced by rekey")."""
         sa.queue("rekey_ike", now)
+        self._touch(sa)
 
     def check_liveness(self, sa: IkeSa, now: float) -> None:
         """Dead peer detection: an empty INFORMATIONAL; PeerDead if it goes unanswered."""
         sa.queue("dpd", now)
+        self._touch(sa)
 
     def tick(self, now: float) -> None:
+        """Run the SAs whose deadline has come (retransmissions, DPD, lifetimes)."""
         self.now = now
-        for sa in self.sas():
+        self._refresh_timers()
+        due = []
+        while self._timers and self._timers[0][0] <= now:
+            deadline, _, sa = heapq.heappop(self._timers)
+            if self._timer_of.get(id(sa)) == deadline:
+                del self._timer_of[id(sa)]
+                due.append(sa)
+        for sa in due:
             sa.tick(now)
+            self._touch(sa)
 
     def next_deadline(self) -> float | None:
-        deadlines = [d for sa in self._by_spi.values() if (d := sa.deadline()) is not None]
-        return min(deadlines, default=None)
+        self._refresh_timers()
+        while self._timers:
+            deadline, _, sa = self._timers[0]
+            if self._timer_of.get(id(sa)) == deadline:
+                return deadline
+            heapq.heappop(self._timers)  # superseded or forgotten
+        return None
+
+    # Deadlines live in a heap, recomputed only for the SAs an input touched: an agent
+    # with thousands of IKE SAs must not scan them all for every datagram.
+    def _touch(self, sa: IkeSa) -> None:
+        self._dirty[id(sa)] = sa
+
+    def _refresh_timers(self) -> None:
+        for key, sa in self._dirty.items():
+            deadline = sa.deadline() if sa.state not in ("failed", "deleted") else None
+            if deadline == self._timer_of.get(key):
+                continue
+            if deadline is None:
+                self._timer_of.pop(key, None)
+            else:
+                self._timer_of[key] = deadline
+                heapq.heappush(self._timers, (deadline, next(self._timer_seq), sa))
+        self._dirty.clear()
 
     def pop_datagrams(self) -> list[Datagram]:
         out, self._datagrams = self._datagrams, []
@@ -1521,12 +1566,14 @@ class Engine:
 
     def _index(self, sa: IkeSa) -> None:
         self._by_spi[sa.local_spi] = sa
+        self._touch(sa)
 
     def sas_of(self, name: str) -> list[IkeSa]:
         """The IKE SAs of connection `name` (any state but failed and deleted)."""
         return list(self._by_conn.get(name, {}).values())
 
     def _forget(self, sa: IkeSa) -> None:
+        self._timer_of.pop(id(sa), None)
         if sa.conn is not None:
             by_name = self._by_conn.get(sa.conn.name, {})
             by_name.pop(id(sa), None)
