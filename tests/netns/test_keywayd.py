@@ -236,3 +236,52 @@ def test_transport_mode_between_hosts_keeps_ike_outside_the_tunnel(netns_hosts, 
     )
     agent_b.wait_for(lambda: len(agent_b.child_spis("ab")) == 1, "old SA gone at b")
     assert udp_exchange(a.netns, b.netns, a.ipv4, b.ipv4, b"again") == b"niaga"
+
+
+@pytest.mark.parametrize("schedule", ["rekey_time", "reauth_time"])
+def test_ike_sa_rekey_and_reauthentication_on_schedule_lose_no_packets(
+    netns_hosts, agents, schedule
+):
+    a, b = netns_hosts(2).hosts
+    conn_b = {**site_connection(b, a, start=False), schedule: "3s", "rand_time": "1s"}
+    conn_a = {**site_connection(a, b, start=True), schedule: "3s", "rand_time": "1s"}
+    agent_b = agents(b, {"ab": conn_b})
+    agent_a = agents(a, {"ab": conn_a})
+    agent_a.wait_for(lambda: agent_a.sas("ab"), "ab established")
+    first = agent_a.sas("ab")[0]["spi_i"]
+    arrived = stream(a, b, count=400, gap=0.015)  # 6 s: at least one of each
+    now = agent_a.sas("ab")
+    assert now and now[0]["spi_i"] != first
+    assert arrived == 400, f"{400 - arrived} packets lost across {schedule} renewals"
+    due = "IKE SA rekey due" if schedule == "rekey_time" else "reauthentication due"
+    assert due in agent_a.log() and due not in agent_b.log()  # the initiator's job
+    # One IKE SA and one Child SA each side at the end: old ones were deleted.
+    agent_b.wait_for(lambda: len(agent_b.ctl("list-sas")) == 1, "one IKE SA at b")
+    assert len(agent_a.sas("ab")[0]["children"]) == 1
+
+
+def test_updown_runs_when_a_child_comes_up_and_goes_down_not_on_rekeys(
+    netns_hosts, agents, tmp_path
+):
+    a, b = netns_hosts(2).hosts
+    record = tmp_path / "updown.log"
+    script = tmp_path / "updown.sh"
+    script.write_text(
+        f'#!/bin/sh\necho "$KEYWAY_VERB $KEYWAY_CONNECTION $KEYWAY_CHILD $KEYWAY_SPI_IN '
+        f'$KEYWAY_LOCAL_TS" >> {record}\n'
+    )
+    script.chmod(0o700)
+    agents(b, {"ab": site_connection(b, a, start=False)})
+    agent_a = agents(a, {"ab": site_connection(a, b, start=True, updown=str(script))})
+    agent_a.wait_for(lambda: record.exists(), "updown up")
+    (sa,) = agent_a.sas("ab")
+    spi_in = sa["children"][0]["spi_in"]
+    agent_a.ctl("rekey", connection="ab", child="sites")  # no updown for a rekey
+    agent_a.wait_for(lambda: agent_a.child_spis("ab") != {(spi_in, sa["children"][0]["spi_out"])}
+                     and len(agent_a.child_spis("ab")) == 1, "rekeyed")  # fmt: skip
+    agent_a.ctl("terminate", connection="ab")
+    agent_a.wait_for(lambda: len(record.read_text().splitlines()) == 2, "updown down")
+    up, down = record.read_text().splitlines()
+    assert up == f"up ab sites {spi_in} {a.site4}"
+    assert down.startswith("down ab sites ")
+    assert down.split()[3] != spi_in  # the SA that was live when it went down

@@ -34,8 +34,10 @@ import dataclasses
 import logging
 import os
 import random
+import shlex
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -186,6 +188,9 @@ class Agent:
         self._retries: dict[str, tuple[int, asyncio.TimerHandle]] = {}
         self._attempts: dict[str, int] = {}
         self._initiating: set[str] = set()  # our IKE SAs on their way up
+        self._ike_timers: dict[bytes, list[asyncio.TimerHandle]] = {}  # by spi_i
+        self._reauthenticating: dict[str, IkeSa] = {}  # connection -> the SA to replace
+        self._updown_running: set[subprocess.Popen] = set()
         self._init_queue: dict[str, None] = {}  # initiations waiting for a slot, in order
         self._waiters: dict[str, list[asyncio.Future]] = collections.defaultdict(list)
         self._watchers: set[asyncio.Queue] = set()
@@ -467,12 +472,16 @@ class Agent:
             log.info("[%s] IKE SA up with %s (%s)", name, event.remote_id, event.proposal)
             self._cancel_retry(name)
             self._attempts.pop(name, None)
+            self._schedule_ike(name, event.spi_i, event.spi_r, event.initiator)
         elif isinstance(event, IkeSaRekeyed):
             log.info("[%s] IKE SA rekeyed (%s)", name, event.proposal)
+            self._schedule_ike(name, event.spi_i, event.spi_r, None)
         elif isinstance(event, IkeSaDown):
             ours = event.spi_i in self._closing
             self._closing.discard(event.spi_i)
             self._dpd_next.pop(event.spi_i, None)
+            for handle in self._ike_timers.pop(event.spi_i, ()):
+                handle.cancel()
             log.info("[%s] IKE SA down: %s", name, event.reason)
             if not ours and event.reason != "replaced by rekey":
                 self._after_loss(name, f"IKE SA down ({event.reason})", "close_action")
@@ -488,6 +497,54 @@ class Agent:
             log.warning("[%s] negotiation failed: %s", name, event.reason)
             self._wake(name, {"up": False, "error": event.reason})
             self._schedule_retry(name, "negotiation failed")
+
+    # -- IKE SA schedules ------------------------------------------------------------
+
+    def _schedule_ike(self, name: str, spi_i: bytes, spi_r: bytes, initiator: bool | None):
+        """Rekey (or reauthenticate) before rekey_time/reauth_time, jittered by
+        rand_time, on the side that initiated the IKE SA (the engine does not resolve
+        rekey collisions yet, so only one side starts them); and on both sides, delete
+        the SA once rekey_time + over_time passes without a rekey."""
+        conn = self._config_of(name)
+        local = self.local_of.get(name)
+        if conn is None or local is None:
+            return
+        engine = self.engines[local]
+        sa = engine.sa_by_spi(spi_i) or engine.sa_by_spi(spi_r)
+        if sa is None or sa.spi_i != spi_i:
+            return
+        initiator = sa.initiator if initiator is None else initiator
+        handles = []
+        jitter = random.uniform(0, conn.rand_time) if conn.rand_time > 0 else 0.0
+        if initiator and conn.reauth_time:
+            handles.append(self._loop.call_later(conn.reauth_time - jitter, self._reauth, sa))
+        elif initiator and conn.rekey_time:
+            handles.append(self._loop.call_later(conn.rekey_time - jitter, self._rekey_ike, sa))
+        limit = conn.reauth_time or conn.rekey_time
+        if limit:
+            handles.append(self._loop.call_later(limit + conn.over_time, self._expire_ike, sa))
+        self._ike_timers[spi_i] = handles
+
+    def _rekey_ike(self, sa: IkeSa) -> None:
+        if sa.state == "established":
+            log.info("[%s] IKE SA rekey due", sa.conn.name)
+            sa.engine.rekey_ike_sa(sa, self._loop.time())
+            self.runners[sa.engine.local[0]].pump()
+
+    def _reauth(self, sa: IkeSa) -> None:
+        """Make-before-break: a new IKE SA with its children first, then the old goes."""
+        if sa.state != "established" or sa.conn is None or sa.conn.name not in self.local_of:
+            return
+        name = sa.conn.name
+        log.info("[%s] reauthentication due: a new IKE SA first", name)
+        self._closing.add(sa.spi_i)  # its end is ours: no restart when it goes
+        self._reauthenticating[name] = sa
+        self.runners[self.local_of[name]].initiate(name)
+
+    def _expire_ike(self, sa: IkeSa) -> None:
+        if sa.state == "established":
+            log.warning("[%s] IKE SA not rekeyed within over_time: deleting it", sa.conn.name)
+            self._close_ike(sa)
 
     def _after_loss(self, name: str, why: str, action: str) -> None:
         """An established IKE SA is gone without our asking: the children's close_action
@@ -538,8 +595,16 @@ class Agent:
                     sa.engine.delete_child_sa(sa, event.spi_in, sa.engine.now)
             return
         self.sa_pairs[event.spi_in] = (out.id, inbound.id)
+        first = not state.spis  # not a rekey nor a reauthentication's twin
         state.spis.add(event.spi_in)
         self._install_policies(conn, child, state, base.PolicyAction.PROTECT)
+        old = self._reauthenticating.get(conn.name)
+        if old is not None and event.spi_in not in old.children and not event.rekeyed_from:
+            del self._reauthenticating[conn.name]  # the new IKE SA carries the child now
+            if old.state == "established":
+                self._close_ike(old)
+        if first:
+            self._updown("up", event.connection, event.child, event)
         log.info(
             "[%s/%s] Child SA %s: in %08x out %08x %s%s",
             conn.name,
@@ -576,8 +641,46 @@ class Agent:
             event.spi_in,
             event.reason,
         )
-        if not state.spis and not state.trap:
-            self._remove_policies(state)
+        if not state.spis:  # the last SA of the child, not one a rekey replaced
+            if not state.trap:
+                self._remove_policies(state)
+            self._updown("down", event.connection, event.child, event)
+
+    def _updown(self, verb: str, connection: str, child: str, event) -> None:
+        """Run the child's `updown` command (as strongSwan's updown, without a shell):
+        KEYWAY_VERB up|down and the tunnel's names, selectors and SPIs in the
+        environment, never its keys."""
+        conn = self._config_of(connection)
+        config = next((c for c in conn.children if c.name == child), None) if conn else None
+        if config is None or not config.updown:
+            return
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "KEYWAY_VERB": verb,
+            "KEYWAY_CONNECTION": connection,
+            "KEYWAY_CHILD": child,
+            "KEYWAY_SPI_IN": f"{event.spi_in:08x}",
+            "KEYWAY_SPI_OUT": f"{event.spi_out:08x}",
+            "KEYWAY_LOCAL_TS": " ".join(getattr(event, "local_ts", config.local_ts)),
+            "KEYWAY_REMOTE_TS": " ".join(getattr(event, "remote_ts", config.remote_ts)),
+        }
+        try:
+            argv = shlex.split(config.updown)
+            process = subprocess.Popen(
+                argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+            )
+        except (OSError, ValueError) as exc:
+            log.error("[%s/%s] updown %s failed to start: %s", connection, child, verb, exc)
+            return
+        self._updown_running.add(process)
+        self._loop.call_later(30, self._reap_updown)
+
+    def _reap_updown(self) -> None:
+        for process in list(self._updown_running):
+            if process.poll() is not None:
+                self._updown_running.discard(process)
+                if process.returncode:
+                    log.warning("updown %s exited %d", process.args[0], process.returncode)
 
     def _wake(self, name: str, result: dict) -> None:
         for future in self._waiters.pop(name, []):

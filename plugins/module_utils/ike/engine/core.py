@@ -1568,6 +1568,10 @@ class Engine:
         self._by_spi[sa.local_spi] = sa
         self._touch(sa)
 
+    def sa_by_spi(self, spi: bytes) -> IkeSa | None:
+        """The IKE SA whose SPI on our side is `spi`."""
+        return self._by_spi.get(spi)
+
     def sas_of(self, name: str) -> list[IkeSa]:
         """The IKE SAs of connection `name` (any state but failed and deleted)."""
         return list(self._by_conn.get(name, {}).values())
