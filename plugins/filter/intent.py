@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from ansible.errors import AnsibleFilterError
 
+from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import (
+    ConfigError,
+    parse_config,
+)
 from ansible_collections.keyway.ipsec.plugins.module_utils.intent.mesh import (
     IntentError,
     mesh_connections,
@@ -37,9 +41,17 @@ def _mesh_connections(hostvars, members, me, **kwargs):
             "id": str(host.get("keyway_ike_id", name)),
         }
     try:
-        return mesh_connections(me, hosts, **kwargs)
+        connections = mesh_connections(me, hosts, **kwargs)
     except IntentError as exc:
         raise AnsibleFilterError(f"keyway.ipsec.mesh_connections: {exc}") from None
+    # Validate here, on the controller, with keywayd's own parser: a bad inventory fails
+    # the play before any host is touched (the PSK is a placeholder: it lives elsewhere).
+    placeholder = {name: {**conn, "psk": "p" * 32} for name, conn in connections.items()}
+    try:
+        parse_config({"connections": placeholder}, source=f"{me}'s mesh connections")
+    except ConfigError as exc:
+        raise AnsibleFilterError(f"keyway.ipsec.mesh_connections: {exc}") from None
+    return connections
 
 
 def _mesh_psks(master, me, members):

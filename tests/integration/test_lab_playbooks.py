@@ -83,3 +83,20 @@ def test_missing_namespace_is_a_clear_unreachable(netns_hosts):
     assert proc.returncode != 0
     assert recap(proc)["h1"]["unreachable"] == 1
     assert f"network namespace {ghost!r} does not exist" in proc.stdout
+
+
+def test_an_inconsistent_inventory_fails_before_any_host_is_touched(netns_hosts, tmp_path):
+    plan = netns_hosts(3)
+    for host in plan.hosts:
+        Path(host.state_dir).rmdir()
+    bad = tmp_path / "bad.yml"  # one host with a site that is not a prefix
+    bad.write_text("all:\n  hosts:\n    h2:\n      keyway_sites: [10.2.0.0/33]\n")
+    proc = run_playbook("playbooks/site.yml", plan, "-i", str(bad), check=False)
+    assert proc.returncode != 0
+    failed = _task_results(proc, "This host's connections, validated")
+    # The failure says which host's which key is wrong (h2's own site: local_ts).
+    assert "connections.h1-h2.children.sites.local_ts" in failed["h2"]["msg"]
+    assert "10.2.0.0/33" in failed["h2"]["msg"]
+    for host in plan.hosts:  # nothing was made on any host
+        assert not Path(host.state_dir).exists()
+        assert not (Path(host.config_dir) / "keywayd.yml").exists()
