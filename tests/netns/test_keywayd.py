@@ -285,3 +285,14 @@ def test_updown_runs_when_a_child_comes_up_and_goes_down_not_on_rekeys(
     assert up == f"up ab sites {spi_in} {a.site4}"
     assert down.startswith("down ab sites ")
     assert down.split()[3] != spi_in  # the SA that was live when it went down
+
+
+def test_dataplane_auto_falls_back_with_the_kernel_s_reason(netns_hosts, agents, tmp_path):
+    a, b = netns_hosts(2).hosts
+    agent = agents(a, {"ab": site_connection(a, b, start=False)}, dataplane="auto")
+    assert agent.ctl("status")["dataplane"] == "userspace"
+    # This host's kernel has XFRM but no ESP: the probe's refusal is what auto logs.
+    assert "data plane: userspace, because the kernel refuses ESP SAs" in agent.log()
+    assert "errno" in agent.log()
+    with pytest.raises(RuntimeError, match="dataplane kernel: the kernel refuses ESP SAs"):
+        Keywayd(b.netns, tmp_path / "kernel", {}, dataplane="kernel")

@@ -300,6 +300,7 @@ class Agent:
                 on_event=self._on_engine_event,
                 esp_handler=self._on_esp_in_udp,
                 prepare_socket=self.plane.prepare_ike_socket,
+                prepare_nat_t_socket=self.plane.prepare_nat_t_socket,
             )
             try:
                 await runner.start()

@@ -49,12 +49,14 @@ class UdpRunner:
         on_event: Callable[[Event], None] | None = None,
         esp_handler: Callable[[bytes, tuple], None] | None = None,
         prepare_socket: Callable[[socket.socket], None] | None = None,
+        prepare_nat_t_socket: Callable[[socket.socket], None] | None = None,
     ):
         self.engine, self.host = engine, host
         self.ike_port, self.nat_t_port = ike_port, nat_t_port
         self.on_event = on_event or (lambda event: None)
         self.esp_handler = esp_handler
         self.prepare_socket = prepare_socket
+        self.prepare_nat_t_socket = prepare_nat_t_socket or prepare_socket
         self._ike: _Endpoint | None = None
         self._nat_t: _Endpoint | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -63,13 +65,14 @@ class UdpRunner:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         _, self._ike = await self._loop.create_datagram_endpoint(
-            lambda: _Endpoint(self._on_ike), sock=self._socket(self.ike_port)
+            lambda: _Endpoint(self._on_ike), sock=self._socket(self.ike_port, self.prepare_socket)
         )
+        nat_t = self._socket(self.nat_t_port, self.prepare_nat_t_socket)
         _, self._nat_t = await self._loop.create_datagram_endpoint(
-            lambda: _Endpoint(self._on_nat_t), sock=self._socket(self.nat_t_port)
+            lambda: _Endpoint(self._on_nat_t), sock=nat_t
         )
 
-    def _socket(self, port: int) -> socket.socket:
+    def _socket(self, port: int, prepare: Callable[[socket.socket], None] | None):
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -77,8 +80,8 @@ class UdpRunner:
             # Room for bursts: an agent with thousands of tunnels gets many at once.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-            if self.prepare_socket is not None:
-                self.prepare_socket(sock)  # before bind: no packet escapes unprepared
+            if prepare is not None:
+                prepare(sock)  # before bind: no packet escapes unprepared
             sock.bind((self.host, port))
         except BaseException:
             sock.close()

@@ -208,8 +208,13 @@ class DataPlane(abc.ABC):
         """Stop the plane's loop; SAs and policies stay unless flushed."""
 
     def prepare_ike_socket(self, sock) -> None:  # noqa: B027 (optional hook)
-        """Exempt the agent's IKE (and NAT-T) socket from this plane's policies, so that
-        IKE between two hosts protected in transport mode is never itself protected."""
+        """Exempt the agent's IKE socket from this plane's policies, so that IKE between
+        two hosts protected in transport mode is never itself protected."""
+
+    def prepare_nat_t_socket(self, sock) -> None:
+        """The same for the NAT-T (4500) socket, plus what the plane needs to receive ESP
+        in UDP there (the kernel's UDP_ENCAP)."""
+        self.prepare_ike_socket(sock)
 
     @abc.abstractmethod
     def allocate_spi(self, src: str, dst: str, proto: IpsecProto, reqid: int) -> int:
