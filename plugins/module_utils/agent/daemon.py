@@ -1076,7 +1076,7 @@ async def choose_plane(config: AgentConfig, udp_sender) -> base.DataPlane:
         except ImportError as exc:
             problem = f"the kernel plane is not available ({exc})"
         if not problem:
-            return KernelPlane()
+            return KernelPlane(routes=True)
         if config.dataplane == "kernel":
             raise AgentError(f"dataplane kernel: {problem}")
         reason = problem

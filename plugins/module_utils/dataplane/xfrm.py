@@ -27,9 +27,11 @@ import contextlib
 import errno as errno_mod
 import ipaddress
 import itertools
+import json
 import os
 import socket
 import struct
+import subprocess
 from collections.abc import Iterable
 from typing import ClassVar
 
@@ -988,8 +990,13 @@ class KernelPlane(DataPlane):
 
     name = "kernel"
 
-    def __init__(self, netns: str | None = None) -> None:
+    def __init__(self, netns: str | None = None, routes: bool = False) -> None:
         self.netns = netns
+        # routes=True (keywayd): OUT tunnel-mode policies also route their destination
+        # towards the peer in Keyway's table, as strongSwan does in its table 220; a
+        # host with no route to a remote site would otherwise never reach XFRM.
+        self.routes = routes
+        self._route_users: dict[str, int] = {}
         try:
             self._sock = _open_socket(netns)
         except OSError as exc:
@@ -1143,11 +1150,22 @@ class KernelPlane(DataPlane):
         msg = encode_policy(policy)
         flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
         self._do("install_policy", what, msg, XFRM_MSG_NEWPOLICY, flags)
+        if self.routes and _routed(policy):
+            prefix = _prefix(policy.selector.dst)
+            if not self._route_users.get(prefix):
+                _route_towards(prefix, policy.templates[0].dst)
+            self._route_users[prefix] = self._route_users.get(prefix, 0) + 1
 
     def remove_policy(self, policy: PolicyId) -> None:
         msg = encode_policy_id(policy)
         what = _policy_str(policy)
         self._do("remove_policy", what, msg, XFRM_MSG_DELPOLICY, NLM_F_REQUEST | NLM_F_ACK)
+        prefix = _prefix(policy.selector.dst)
+        if self.routes and policy.direction is Direction.OUT and prefix in self._route_users:
+            self._route_users[prefix] -= 1
+            if not self._route_users[prefix]:
+                del self._route_users[prefix]
+                _ip_quiet("route", "del", prefix, "table", str(ROUTE_TABLE))
 
     def _dump_policies(self) -> list[PolicySpec]:
         msg = xfrm_userpolicy_id()
@@ -1196,6 +1214,11 @@ class KernelPlane(DataPlane):
         udp_encap_socket(sock)  # the kernel takes ESP in UDP off this socket itself
 
     async def start(self, events: EventSink) -> None:
+        if self.routes:
+            for family in ("-4", "-6"):
+                _ip_quiet(family, "rule", "del", "priority", str(ROUTE_RULE_PRIORITY))
+                _ip_quiet(family, "rule", "add", "lookup", str(ROUTE_TABLE),
+                          "priority", str(ROUTE_RULE_PRIORITY))  # fmt: skip
         self._sink = events
         self._loop = asyncio.get_running_loop()
         sock = _open_socket(self.netns, (XFRMNLGRP_ACQUIRE, XFRMNLGRP_EXPIRE))
@@ -1204,6 +1227,12 @@ class KernelPlane(DataPlane):
         self._loop.add_reader(sock.fileno(), self._on_readable)
 
     async def stop(self) -> None:
+        if self.routes:
+            for prefix in list(self._route_users):
+                _ip_quiet("route", "del", prefix, "table", str(ROUTE_TABLE))
+            self._route_users.clear()
+            for family in ("-4", "-6"):
+                _ip_quiet(family, "rule", "del", "priority", str(ROUTE_RULE_PRIORITY))
         if self._events_sock is not None:
             if self._loop is not None:
                 self._loop.remove_reader(self._events_sock.fileno())
@@ -1294,3 +1323,39 @@ def probe_kernel_esp() -> str:
     finally:
         plane.close()
     return ""
+
+
+# Keyway's routing table (shared with the userspace plane's) and the kernel plane's rule.
+ROUTE_TABLE = 0x4B57
+ROUTE_RULE_PRIORITY = 0x4B58
+
+
+def _routed(policy: PolicySpec) -> bool:
+    return (
+        policy.direction is Direction.OUT
+        and policy.action is PolicyAction.PROTECT
+        and bool(policy.templates)
+        and policy.templates[0].mode is Mode.TUNNEL
+        and bool(policy.templates[0].dst)
+    )
+
+
+def _prefix(text: str) -> str:
+    return str(ipaddress.ip_network(text, strict=False))
+
+
+def _ip_quiet(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *argv], capture_output=True, text=True, check=False)
+
+
+def _route_towards(prefix: str, peer: str) -> None:
+    """Route `prefix` the way the peer is reached (its gateway and device)."""
+    found = _ip_quiet("-j", "route", "get", peer)
+    try:
+        route = json.loads(found.stdout)[0]
+    except (ValueError, IndexError):
+        raise DataPlaneError(f"route {prefix}: no route to the peer {peer}") from None
+    argv = ["route", "replace", prefix, "via", route.get("gateway", peer), "dev", route["dev"]]
+    done = _ip_quiet(*argv, "table", str(ROUTE_TABLE))
+    if done.returncode:
+        raise DataPlaneError(f"route {prefix} via {peer}: {done.stderr.strip()}")

@@ -1,0 +1,64 @@
+"""Two keywayd with the kernel data plane in the VM: IKE negotiated by keywayd, traffic
+through the real kernel's ESP (plain and in UDP), a rekey under traffic, and a clean
+SIGTERM that leaves no Keyway SA, policy or route behind."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from tests.fixtures.capture import Capture
+from tests.fixtures.keywayd import Keywayd, site_connection
+from tests.fixtures.netns import in_netns, udp_exchange
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("KEYWAY_IN_VM") != "1", reason="runs inside the VM tier (tools/vm_run.py)"
+)
+SLOW = 300  # seconds: Python in the emulated guest is 10 to 25 times slower
+
+
+@pytest.mark.parametrize("encap", ["no", "force"], ids=["esp", "esp-in-udp"])
+def test_keywayd_pair_on_the_kernel_plane(netns_hosts, tmp_path, encap):
+    a, b = netns_hosts(2).hosts
+    conn_b = {**site_connection(b, a, start=False), "encap": encap}
+    conn_a = {**site_connection(a, b, start=True), "encap": encap}
+    agent_b = Keywayd(b.netns, tmp_path / "b", {"ab": conn_b}, dataplane="kernel", timeout=SLOW)
+    agent_a = Keywayd(a.netns, tmp_path / "a", {"ab": conn_a}, dataplane="kernel", timeout=SLOW)
+    try:
+        assert agent_a.ctl("status")["dataplane"] == "kernel"
+        agent_a.wait_for(lambda: agent_a.sas("ab"), "ab established", SLOW)
+        (child,) = agent_a.sas("ab")[0]["children"]
+        kernel = in_netns(a.netns, "ip", "xfrm", "state").stdout
+        assert f"spi 0x{child['spi_out']}" in kernel and f"spi 0x{child['spi_in']}" in kernel
+        assert ("encap type espinudp" in kernel) == (encap == "force")
+        with Capture(a.netns, "eth0") as cap:
+            reply = udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"k1",
+                                 timeout=60)  # fmt: skip
+        assert reply == b"1k"
+        if encap == "force":
+            assert any(f.udp_payload(4500) for f in cap.frames if f.outgoing)
+        else:
+            assert any(f.ip_proto == 50 for f in cap.frames if f.outgoing)
+        (child,) = agent_a.sas("ab")[0]["children"]
+        assert child["packets_out"] >= 1 and child["packets_in"] >= 1  # the kernel's counters
+
+        agent_a.ctl("rekey", connection="ab", child="sites")
+        agent_a.wait_for(
+            lambda: [c["spi_in"] for c in agent_a.sas("ab")[0]["children"]] not in
+            ([child["spi_in"]], []) and len(agent_a.sas("ab")[0]["children"]) == 1,
+            "rekeyed", SLOW,
+        )  # fmt: skip
+        assert udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"k2",
+                            timeout=60) == b"2k"  # fmt: skip
+        kernel = in_netns(a.netns, "ip", "xfrm", "state").stdout
+        assert f"spi 0x{child['spi_in']}" not in kernel  # the old SA went after the new
+
+        assert agent_a.stop(timeout=SLOW) == 0
+        assert not re.search(r"reqid 126399\d+", in_netns(a.netns, "ip", "xfrm", "state").stdout)
+        assert "reqid" not in in_netns(a.netns, "ip", "xfrm", "policy").stdout
+        assert b.site4 not in in_netns(a.netns, "ip", "route", "show", "table", "all").stdout
+    finally:
+        agent_a.stop(timeout=SLOW)
+        agent_b.stop(timeout=SLOW)
