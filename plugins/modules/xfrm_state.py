@@ -76,7 +76,7 @@ options:
     description: ESP in UDP ports (sport, dport), for NAT traversal.
     type: dict
   replay_window:
-    description: Anti-replay window in packets.
+    description: Anti-replay window in packets (at most 32 without ESN, as the kernel keeps).
     type: int
     default: 128
   esn:
@@ -172,8 +172,12 @@ def main() -> None:
         wanted = sa_from_params(p)
     except ValueError as exc:
         module.fail_json(msg=f"bad SA parameters: {exc}")
-    from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm import KernelPlane
+    from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm import (
+        KernelPlane,
+        as_kernel_holds,
+    )
 
+    wanted = as_kernel_holds(wanted)
     try:
         plane = KernelPlane(netns=p["netns"])
         current = next((sa for sa in plane.list_sas() if sa.id == wanted.id), None)

@@ -294,3 +294,13 @@ def test_update_and_guards_refuse_precisely(ns, plane):
     with pytest.raises(DataPlaneError, match="template reqid outside Keyway's range"):
         plane.install_policy(PolicySpec(sel, Direction.OUT, templates=(foreign,)))
     assert ip(ns, "xfrm", "policy").strip() == ""
+
+
+def test_kernel_counts_follow_the_policies(ns, plane):
+    assert plane.kernel_counts() == {"sas": 0, "policies": {"in": 0, "out": 0, "fwd": 0}}
+    for p in POLICIES:
+        plane.install_policy(p)
+    counts = plane.kernel_counts()
+    assert counts["policies"] == {"in": 1, "out": 5, "fwd": 1}
+    plane.allocate_spi(A, B, IpsecProto.ESP, REQID)  # a larval state counts as an SA
+    assert plane.kernel_counts()["sas"] == 1
