@@ -1268,31 +1268,6 @@ class KernelPlane(DataPlane):
                 break
         return counts
 
-
-def _nl_attrs(data: bytes):
-    offset = 0
-    while offset + 4 <= len(data):
-        length, kind = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            break
-        yield kind & 0x3FFF, data[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
-
-
-def _sad_attrs(payload: bytes) -> dict:
-    # XFRMA_SAD_CNT (1): u32 number of SAs.
-    return {"sas": next((struct.unpack("=I", v[:4])[0] for k, v in _nl_attrs(payload)
-                         if k == 1), 0)}  # fmt: skip
-
-
-def _spd_attrs(payload: bytes) -> dict:
-    # XFRMA_SPD_INFO (1): struct xfrmu_spdinfo {incnt, outcnt, fwdcnt, inscnt, ...}.
-    for kind, value in _nl_attrs(payload):
-        if kind == 1 and len(value) >= 12:
-            incnt, outcnt, fwdcnt = struct.unpack_from("=III", value)
-            return {"policies": {"in": incnt, "out": outcnt, "fwd": fwdcnt}}
-    return {"policies": {}}
-
     def _on_readable(self) -> None:
         sock = self._events_sock
         if sock is None:
@@ -1420,3 +1395,28 @@ def as_kernel_holds(sa: SaSpec) -> SaSpec:
     if not sa.esn and sa.replay_window > LEGACY_REPLAY_WINDOW_MAX:
         return dataclasses.replace(sa, replay_window=LEGACY_REPLAY_WINDOW_MAX)
     return sa
+
+
+def _nl_attrs(data: bytes):
+    offset = 0
+    while offset + 4 <= len(data):
+        length, kind = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            break
+        yield kind & 0x3FFF, data[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+
+
+def _sad_attrs(payload: bytes) -> dict:
+    # XFRMA_SAD_CNT (1): u32 number of SAs.
+    return {"sas": next((struct.unpack("=I", v[:4])[0] for k, v in _nl_attrs(payload)
+                         if k == 1), 0)}  # fmt: skip
+
+
+def _spd_attrs(payload: bytes) -> dict:
+    # XFRMA_SPD_INFO (1): struct xfrmu_spdinfo {incnt, outcnt, fwdcnt, inscnt, ...}.
+    for kind, value in _nl_attrs(payload):
+        if kind == 1 and len(value) >= 12:
+            incnt, outcnt, fwdcnt = struct.unpack_from("=III", value)
+            return {"policies": {"in": incnt, "out": outcnt, "fwd": fwdcnt}}
+    return {"policies": {}}
