@@ -1,0 +1,131 @@
+"""keywayd's handling of engine events against the recording data plane: what is
+installed when, so that rekeys are make-before-break on both sides of the exchange."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import load_config
+from ansible_collections.keyway.ipsec.plugins.module_utils.agent.daemon import Agent
+from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane import base
+from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.fake import RecordingPlane
+from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events import (
+    ChildSaDeleted,
+    ChildSaReady,
+)
+
+ME, PEER = "192.0.2.11", "192.0.2.12"
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Agent:
+    config = {
+        "connections": {
+            "ab": {
+                "local_addrs": [ME],
+                "remote_addrs": [PEER],
+                "local": {"id": "a"},
+                "remote": {"id": "b"},
+                "psk": "unit-test-psk-0123456789",
+                "children": {
+                    "sites": {
+                        "local_ts": ["10.1.0.0/24", "fd00:1::/64"],
+                        "remote_ts": ["10.2.0.0/24", "fd00:2::/64"],
+                    }
+                },
+            }
+        }
+    }
+    path = tmp_path / "keywayd.yml"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        yaml.safe_dump(config, handle)
+    agent = Agent(path, plane=RecordingPlane())
+    agent.config = load_config(path)
+    agent.local_of["ab"] = ME  # as _add_connection would, without sockets
+    return agent
+
+
+def ready(spi_in: int, spi_out: int, rekeyed_from: int = 0, initiated: bool = True):
+    return ChildSaReady(
+        connection="ab", child="sites", protocol="esp", mode="tunnel",
+        spi_in=spi_in, spi_out=spi_out,
+        local_ts=("10.1.0.0/24", "fd00:1::/64"), remote_ts=("10.2.0.0/24", "fd00:2::/64"),
+        proposal="aes256gcm16", encr_id=20, encr_key_bits=256, integ_id=0,
+        key_out=b"o" * 36, integ_key_out=b"", key_in=b"i" * 36, integ_key_in=b"",
+        rekeyed_from=rekeyed_from, local_address=ME, remote_address=PEER,
+        initiated=initiated,
+    )  # fmt: skip
+
+
+def installed_spis(plane: RecordingPlane) -> set[int]:
+    return {sa.spi for sa in plane.sas.values()}
+
+
+def test_a_new_child_installs_its_sa_pair_inbound_first_and_its_policies(agent):
+    plane = agent.plane
+    agent._on_engine_event(ready(0x100, 0x200))
+    sa_calls = [arg for name, arg in plane.calls if name == "install_sa"]
+    assert [sa.spi for sa in sa_calls] == [0x100, 0x200]  # inbound first
+    inbound, out = sa_calls
+    assert (inbound.src, inbound.dst, out.src, out.dst) == (PEER, ME, ME, PEER)
+    # Two prefix pairs (IPv4 and IPv6): no SA selector; OUT, IN and FWD for each pair.
+    assert inbound.selector is None and out.selector is None
+    directions = sorted((p.direction.value, p.selector.dst) for p in plane.policies.values())
+    assert directions == [
+        ("fwd", "10.1.0.0/24"), ("fwd", "fd00:1::/64"), ("in", "10.1.0.0/24"),
+        ("in", "fd00:1::/64"), ("out", "10.2.0.0/24"), ("out", "fd00:2::/64"),
+    ]  # fmt: skip
+    assert all(base.is_keyway_reqid(sa.reqid) for sa in plane.sas.values())
+
+
+def test_the_rekey_initiator_switches_outbound_at_once(agent):
+    plane = agent.plane
+    agent._on_engine_event(ready(0x100, 0x200))
+    agent._on_engine_event(ready(0x101, 0x201, rekeyed_from=0x100, initiated=True))
+    assert installed_spis(plane) == {0x100, 0x200, 0x101, 0x201}
+
+
+def test_the_rekey_responder_keeps_the_old_outbound_sa_until_the_old_child_goes(agent):
+    plane = agent.plane
+    agent._on_engine_event(ready(0x100, 0x200))
+    agent._on_engine_event(ready(0x101, 0x201, rekeyed_from=0x100, initiated=False))
+    # The peer may not hold 0x201's inbound side yet: only our new inbound SA is in.
+    assert installed_spis(plane) == {0x100, 0x200, 0x101}
+    policies = dict(plane.policies)
+    agent._on_engine_event(ChildSaDeleted("ab", "sites", 0x100, 0x200, "deleted by peer"))
+    assert installed_spis(plane) == {0x101, 0x201}
+    # The new outbound SA went in before the old pair was removed.
+    calls = [(name, getattr(arg, "spi", None)) for name, arg in plane.calls]
+    first_delete = next(i for i, (name, _) in enumerate(calls) if name == "delete_sa")
+    assert calls.index(("install_sa", 0x201)) < first_delete
+    assert plane.policies == policies  # the child lives on: its policies stay
+
+
+def test_the_last_sa_of_a_child_takes_its_policies_with_it(agent):
+    plane = agent.plane
+    agent._on_engine_event(ready(0x100, 0x200))
+    agent._on_engine_event(ChildSaDeleted("ab", "sites", 0x100, 0x200, "deleted by peer"))
+    assert not plane.sas and not plane.policies
+
+
+def test_a_refused_install_leaves_nothing_half_done(agent):
+    plane = agent.plane
+    taken = dataclasses.replace(_placeholder(), spi=0x200)
+    plane.sas[taken.id] = taken  # an SA already there: the outbound install fails
+    agent._on_engine_event(ready(0x100, 0x200))
+    assert base.SaId(ME, base.IpsecProto.ESP, 0x100) not in plane.sas  # inbound rolled back
+    assert agent.stats["install_failures"] == 1
+    assert not plane.policies
+
+
+def _placeholder() -> base.SaSpec:
+    return base.SaSpec(
+        src=ME, dst=PEER, proto=base.IpsecProto.ESP, spi=1, mode=base.Mode.TUNNEL,
+        reqid=base.KEYWAY_REQID_MIN + 99,
+    )  # fmt: skip
