@@ -56,8 +56,9 @@ from ..ike.engine.events import (
     NegotiationFailed,
     PeerDead,
 )
+from ..ike.proposals import describe
 from . import install
-from .config import AgentConfig, ConfigError, ConnectionConfig, load_config
+from .config import AgentConfig, ConfigError, ConnectionConfig, diff_configs, load_config
 from .control import ControlError, ControlServer
 from .udp import UdpRunner
 
@@ -175,6 +176,8 @@ class Agent:
         self.config_path = Path(config_path)
         self.config: AgentConfig = AgentConfig()
         self.plane = plane
+        self._udp_encap_handler = None  # the userspace plane's ESP-in-UDP input
+        self._local_towards: dict[str, str] = {}  # peer address -> our local address
         self.engines: dict[str, Engine] = {}  # by local address
         self.runners: dict[str, UdpRunner] = {}
         self.local_of: dict[str, str] = {}  # connection -> local address
@@ -214,6 +217,7 @@ class Agent:
         logging.getLogger("keyway").setLevel(self.config.log_level.upper())
         if self.plane is None:
             self.plane = await choose_plane(self.config, self._send_encapsulated)
+        self._udp_encap_handler = getattr(self.plane, "handle_udp_encap", None)
         try:
             await self.plane.start(self._on_plane_event)
             # Leftovers of an earlier keywayd (crash, kill -9) go before anything new.
@@ -314,6 +318,8 @@ class Agent:
         engine, _ = await self._endpoint(local)
         engine.add_connection(ike_connection(conn))
         self.local_of[conn.name] = local
+        for remote in conn.remote_addrs:
+            self._local_towards[remote] = local
         self._terminated.discard(conn.name)
         for child in conn.children:
             state = self._child_state(conn.name, child.name)
@@ -333,6 +339,13 @@ class Agent:
         local = self.local_of.pop(name, None)
         if local is None:
             return
+        gone = self._config_of(name)
+        still = {
+            r for c in self.config.connections if c.name in self.local_of for r in c.remote_addrs
+        }
+        for remote in gone.remote_addrs if gone else ():
+            if remote not in still:
+                self._local_towards.pop(remote, None)
         engine = self.engines[local]
         engine.remove_connection(name)
         self._init_queue.pop(name, None)
@@ -696,15 +709,15 @@ class Agent:
             runner.send_nat_t(esp, (dst, dport))
 
     def _runner_towards(self, remote: str) -> UdpRunner | None:
-        for conn in self.config.connections:
-            if remote in conn.remote_addrs and conn.name in self.local_of:
-                return self.runners.get(self.local_of[conn.name])
+        # Per outbound packet: a lookup, not a scan of the connections.
+        local = self._local_towards.get(remote)
+        if local is not None:
+            return self.runners.get(local)
         return next(iter(self.runners.values()), None)
 
     def _on_esp_in_udp(self, data: bytes, addr: tuple) -> None:
-        handler = getattr(self.plane, "handle_udp_encap", None)
-        if handler is not None:
-            handler(data, addr[0], None)
+        if self._udp_encap_handler is not None:
+            self._udp_encap_handler(data, addr[0], None)
 
     def _find_child(self, spi: int) -> tuple[IkeSa, int] | None:
         """The IKE SA and inbound SPI of the Child SA that has `spi` in either direction."""
@@ -744,6 +757,8 @@ class Agent:
     async def _dpd_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
+            if not any(conn.dpd_delay for conn in self.config.connections):
+                continue  # nothing to probe: do not walk every SA each second
             now = self._loop.time()
             for engine in self.engines.values():
                 for sa in engine.sas():
@@ -768,8 +783,6 @@ class Agent:
 
     async def reload(self) -> dict:
         """Apply the config file's changes; ControlError (running config kept) if bad."""
-        from .config import diff_configs
-
         try:
             new = load_config(self.config_path)
         except ConfigError as exc:
@@ -1028,7 +1041,8 @@ class Agent:
                 queue.put_nowait(record)
             except asyncio.QueueFull:  # a client that does not read loses its stream
                 self._watchers.discard(queue)
-                queue.put_nowait(None) if not queue.full() else None
+                queue.get_nowait()  # room for the end-of-stream mark
+                queue.put_nowait(None)
 
     def _subscribe(self) -> AsyncIterator[dict]:
         """A new event stream, registered now (before the client is told it watches)."""
@@ -1046,8 +1060,6 @@ class Agent:
 
 
 def _describe_ike(sa: IkeSa) -> str:
-    from ..ike.proposals import describe
-
     return describe(sa.chosen_ike) if sa.chosen_ike is not None else ""
 
 

@@ -53,6 +53,7 @@ from pyroute2.netlink import (
 from pyroute2.netlink.exceptions import NetlinkDecodeError, NetlinkError
 from pyroute2.netlink.marshal import Marshal
 
+from ..esp.tun import ROUTE_TABLE
 from .base import (
     KEYWAY_REQID_MAX,
     AcquireEvent,
@@ -1350,8 +1351,8 @@ def probe_kernel_esp() -> str:
     return ""
 
 
-# Keyway's routing table (shared with the userspace plane's) and the kernel plane's rule.
-ROUTE_TABLE = 0x4B57
+# The kernel plane's rule into Keyway's routing table (the userspace plane's table: the
+# two planes never run together).
 ROUTE_RULE_PRIORITY = 0x4B58
 
 

@@ -129,3 +129,19 @@ def _placeholder() -> base.SaSpec:
         src=ME, dst=PEER, proto=base.IpsecProto.ESP, spi=1, mode=base.Mode.TUNNEL,
         reqid=base.KEYWAY_REQID_MIN + 99,
     )  # fmt: skip
+
+
+def test_a_watcher_that_does_not_read_has_its_stream_ended_not_hung(agent):
+    import asyncio
+
+    from ansible_collections.keyway.ipsec.plugins.module_utils.agent.daemon import WATCH_QUEUE
+
+    async def overflow() -> int:
+        stream = agent._subscribe()
+        for n in range(WATCH_QUEUE + 1):
+            agent._publish({"event": "X", "n": n})
+        received = [record async for record in stream]  # ends: does not wait forever
+        return len(received)
+
+    assert asyncio.run(asyncio.wait_for(overflow(), 5)) == WATCH_QUEUE - 1
+    assert not agent._watchers
