@@ -94,9 +94,9 @@ def _read_file(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
-def ike_connection(conn: ConnectionConfig) -> IkeConnection:
+def ike_connection(conn: ConnectionConfig, fragment_size: int = 1280) -> IkeConnection:
     """The engine's view of a configured connection (pass/drop children are policies
-    only, never negotiated)."""
+    only, never negotiated); `fragment_size` is the agent-wide IKE fragment limit."""
     children = tuple(
         ChildParams(
             child.name,
@@ -138,6 +138,7 @@ def ike_connection(conn: ConnectionConfig) -> IkeConnection:
         conn.proposals,
         children,
         allow_weak=conn.allow_weak,
+        fragment_size=fragment_size,
         **extra,
     )
 
@@ -316,7 +317,7 @@ class Agent:
     async def _add_connection(self, conn: ConnectionConfig) -> None:
         local = resolve_local_address(conn)
         engine, _ = await self._endpoint(local)
-        engine.add_connection(ike_connection(conn))
+        engine.add_connection(ike_connection(conn, self.config.fragment_size))
         self.local_of[conn.name] = local
         for remote in conn.remote_addrs:
             self._local_towards[remote] = local

@@ -64,6 +64,7 @@ from .schedule import LifetimeSchedule
 log = logging.getLogger("keyway.ike")
 NONCE_SIZE = 32
 MAX_HALF_OPEN = 1024  # responder state for unauthenticated peers is bounded
+INVALID_SPI_ANSWERS_PER_SECOND = 20
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ class IkeConnection:
     certs: tuple[bytes, ...] = ()  # own chain, DER, leaf first (pubkey)
     private_key: object = field(default=None, repr=False)  # (pubkey)
     cacerts: tuple = ()  # x509.Certificate trust anchors for the peer (pubkey)
+    # Largest IP datagram an IKE message may take before it is sent as RFC 7383
+    # fragments (when the peer supports them); 0: never fragment. strongSwan's default.
+    fragment_size: int = 1280
 
 
 @functools.lru_cache(maxsize=256)
@@ -185,7 +189,7 @@ def ts_to_prefixes(selectors: list[codec.TrafficSelector]) -> tuple[str, ...]:
 
 @dataclass
 class _Request:
-    data: bytes
+    data: tuple[bytes, ...]  # one message, or its fragments
     message_id: int
     sent_at: float
     attempt: int = 0
@@ -216,7 +220,9 @@ class IkeSa:
         self.pending: list[tuple[str, object]] = []  # requests waiting for the window
         self.children: dict[int, ChildSaReady] = {}  # by inbound SPI
         self.child_timers: dict[int, LifetimeSchedule] = {}  # by inbound SPI
-        self.last_response: tuple[int, bytes] | None = None
+        self.last_response: tuple[int, tuple[bytes, ...]] | None = None
+        self.peer_fragments = False  # the peer sent IKEV2_FRAGMENTATION_SUPPORTED
+        self.fragments: tuple[int, bool, codec.Reassembler] | None = None  # (mid, response)
         self.keys: crypto.IkeKeys | None = None
         self.out: object = None
         self.inbound: object = None
@@ -256,14 +262,44 @@ class IkeSa:
         )
         return codec.Header(self.spi_i, self.spi_r, exchange, flags, mid)
 
-    def _send_request(self, data: bytes, now: float, kind: str = "", arg: object = None) -> None:
+    def _send_request(
+        self, data: tuple[bytes, ...], now: float, kind: str = "", arg: object = None
+    ) -> None:
         self.request = _Request(data, self.send_mid, now, kind=kind, arg=arg)
         self.send_mid += 1
-        self.engine._emit(data, self.remote)
+        self.engine._emit_all(data, self.remote)
 
-    def _send_response(self, mid: int, data: bytes) -> None:
+    def _send_response(self, mid: int, data: tuple[bytes, ...]) -> None:
         self.last_response = (mid, data)
-        self.engine._emit(data, self.remote)
+        self.engine._emit_all(data, self.remote)
+
+    def _request(
+        self, exchange: int, inner: list[codec.Payload], now: float, kind: str = "", arg=None
+    ) -> None:
+        """Send a protected request (fragmented if it must be) as our next message ID."""
+        header = self._header(exchange, self.send_mid, False)
+        self._send_request(self._seal(header, inner), now, kind, arg)
+
+    def _respond(self, exchange: int, mid: int, inner: list[codec.Payload]) -> None:
+        self._send_response(mid, self._seal(self._header(exchange, mid, True), inner))
+
+    def _seal(self, header: codec.Header, inner: list[codec.Payload]) -> tuple[bytes, ...]:
+        """One SK message, or SKF fragments (RFC 7383) when both ends support them and
+        the message would exceed the connection's fragment_size as an IP datagram."""
+        data = codec.seal_message(header, inner, self.out)
+        limit = self._fragment_limit()
+        if limit and len(data) > limit:
+            return tuple(codec.seal_fragments(header, inner, self.out, limit))
+        return (data,)
+
+    def _fragment_limit(self) -> int:
+        """The largest IKE message that fits fragment_size (0: do not fragment)."""
+        conn = self.conn
+        if conn is None or not conn.fragment_size or not self.peer_fragments:
+            return 0
+        ip_header = 20 if ipaddress.ip_address(self.remote[0]).version == 4 else 40
+        marker = 4 if self.remote[1] == NAT_T_PORT else 0  # the non-ESP marker on 4500
+        return conn.fragment_size - ip_header - 8 - marker
 
     # ------------------------------------------------------------ initiator
 
@@ -285,15 +321,16 @@ class IkeSa:
             codec.KE(group=self.ke_group, data=self.kx.public),
             codec.Nonce(data=self.nonce_i),
             *self.engine._nat_notifies(self.spi_i, bytes(8), self.remote),
-            codec.Notify(type=NotifyType.IKEV2_FRAGMENTATION_SUPPORTED),
             codec.Notify(type=NotifyType.SIGNATURE_HASH_ALGORITHMS, data=SIGNATURE_HASHES),
         ]
+        if conn.fragment_size:
+            payloads.append(codec.Notify(type=NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
         self.send_mid = 0
         data = codec.encode_message(
             codec.Message(self._header(ExchangeType.IKE_SA_INIT, 0, False), payloads)
         )
         self.init_request = data
-        self._send_request(data, now)
+        self._send_request((data,), now)
 
     def _on_init_response(self, msg: codec.Message, data: bytes, now: float) -> None:
         conn = self.conn
@@ -323,6 +360,7 @@ class IkeSa:
             return
         self.request = None
         self.spi_r = msg.header.spi_r
+        self.peer_fragments = bool(msg.notifies(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
         self.engine._index(self)
         if self.engine._nat_detected(msg, self.spi_i, self.spi_r, self.remote):
             # RFC 7296 2.23: behind a NAT (or a peer that says so, like strongSwan's
@@ -445,8 +483,7 @@ class IkeSa:
                 codec.TSr(selectors=[_ts_from_prefix(p) for p in params.remote_ts]),
             ]
         self.state = "auth"
-        header = self._header(ExchangeType.IKE_AUTH, self.send_mid, False)
-        self._send_request(codec.seal_message(header, inner, self.out), now)
+        self._request(ExchangeType.IKE_AUTH, inner, now)
 
     def _on_auth_response(self, inner: list[codec.Payload], now: float) -> None:
         conn = self.conn
@@ -471,6 +508,8 @@ class IkeSa:
             return
         self.remote_id = idr.to_text()
         self._up()
+        for params in conn.children[1:]:  # the others on CREATE_CHILD_SA (RFC 7296 1.3.1)
+            self.queue("create_child", now, params)
         if self.child_params is None:
             return
         errors = [n for n in notifies if n.is_error]
@@ -553,9 +592,9 @@ class IkeSa:
     def _params_of(self, child: ChildSaReady) -> ChildParams:
         return next((c for c in self.conn.children if c.name == child.child), self.conn.children[0])
 
-    def _send_rekey_child(self, spi_in: int, now: float) -> None:
-        old = self.children[spi_in]
-        params = self._params_of(old)
+    def _send_child_request(self, params: ChildParams, now: float, old_spi: int = 0) -> None:
+        """CREATE_CHILD_SA for a new Child SA of `params`, or (old_spi) to rekey one."""
+        old = self.children.get(old_spi)
         specs = [
             parse_proposal_string(p, "esp", allow_weak=self.conn.allow_weak)
             for p in params.esp_proposals
@@ -563,12 +602,16 @@ class IkeSa:
         new_spi = self.engine.allocate_spi()
         nonce = os.urandom(NONCE_SIZE)
         kx = None
-        inner: list[codec.Payload] = [
-            codec.Notify(
-                type=NotifyType.REKEY_SA, protocol=ProtocolId.ESP, spi=struct.pack("!I", spi_in)
-            ),
-        ]
-        if old.mode == "transport":
+        inner: list[codec.Payload] = []
+        if old is not None:
+            inner.append(
+                codec.Notify(
+                    type=NotifyType.REKEY_SA,
+                    protocol=ProtocolId.ESP,
+                    spi=struct.pack("!I", old_spi),
+                )
+            )
+        if (old.mode if old is not None else params.mode) == "transport":
             inner.append(codec.Notify(type=NotifyType.USE_TRANSPORT_MODE))
         inner += [
             codec.SA(proposals=[s.to_proposal(i + 1, new_spi) for i, s in enumerate(specs)]),
@@ -577,21 +620,27 @@ class IkeSa:
         if specs[0].ke:  # PFS: a KE payload in the first proposal's group
             kx = crypto.key_exchange(specs[0].ke[0], allow_weak=self.conn.allow_weak)
             inner.append(codec.KE(group=kx.group, data=kx.public))
+        local_ts, remote_ts = (
+            (old.local_ts, old.remote_ts)
+            if old is not None
+            else (params.local_ts, params.remote_ts)
+        )
         inner += [
-            codec.TSi(selectors=[_ts_from_prefix(p) for p in old.local_ts]),
-            codec.TSr(selectors=[_ts_from_prefix(p) for p in old.remote_ts]),
+            codec.TSi(selectors=[_ts_from_prefix(p) for p in local_ts]),
+            codec.TSr(selectors=[_ts_from_prefix(p) for p in remote_ts]),
         ]
-        header = self._header(ExchangeType.CREATE_CHILD_SA, self.send_mid, False)
-        self._send_request(
-            codec.seal_message(header, inner, self.out),
+        self._request(
+            ExchangeType.CREATE_CHILD_SA,
+            inner,
             now,
-            "rekey_child",
-            (spi_in, new_spi, nonce, kx, params),
+            "rekey_child" if old is not None else "create_child",
+            (old_spi, new_spi, nonce, kx, params),
         )
 
-    def _on_rekey_child_response(self, inner: list[codec.Payload], now: float) -> None:
+    def _on_child_response(self, inner: list[codec.Payload], now: float) -> None:
         req, self.request = self.request, None
         spi_in, new_spi, ni, kx, params = req.arg
+        what = "child rekey" if spi_in else f"child {params.name}"
         errors = [p for p in inner if isinstance(p, codec.Notify) and p.is_error]
         sa = next((p for p in inner if isinstance(p, codec.SA)), None)
         nonce = next((p for p in inner if isinstance(p, codec.Nonce)), None)
@@ -600,12 +649,12 @@ class IkeSa:
         ke = next((p for p in inner if isinstance(p, codec.KE)), None)
         if errors or not (sa and nonce and tsi and tsr) or len(sa.proposals) != 1:
             name = notify_name(errors[0].type) if errors else "incomplete response"
-            self.engine._event(NegotiationFailed(self.conn.name, f"child rekey: {name}"))
+            self.engine._event(NegotiationFailed(self.conn.name, f"{what}: {name}"))
         else:
             try:
                 shared = kx.shared_secret(ke.data) if kx and ke else b""
             except crypto.IkeCryptoError as exc:
-                self.engine._event(NegotiationFailed(self.conn.name, f"child rekey: {exc}"))
+                self.engine._event(NegotiationFailed(self.conn.name, f"{what}: {exc}"))
             else:
                 transport = any(
                     isinstance(p, codec.Notify) and p.type == NotifyType.USE_TRANSPORT_MODE
@@ -623,9 +672,12 @@ class IkeSa:
                     my_spi=new_spi,
                     rekeyed_from=spi_in,
                 )
-                # Make-before-break: the new SA is announced; now retire the old one.
-                self.pending.insert(0, ("delete_child", spi_in))
-        if self.pending:
+                if spi_in:  # make-before-break: the new SA is announced; retire the old
+                    self.pending.insert(0, ("delete_child", spi_in))
+        self._next_pending(now)
+
+    def _next_pending(self, now: float) -> None:
+        if self.pending and self.state == "established":
             kind, arg = self.pending.pop(0)
             self.queue(kind, now, arg)
 
@@ -648,10 +700,7 @@ class IkeSa:
             codec.Nonce(data=nonce),
             codec.KE(group=kx.group, data=kx.public),
         ]
-        header = self._header(ExchangeType.CREATE_CHILD_SA, self.send_mid, False)
-        self._send_request(
-            codec.seal_message(header, inner, self.out), now, "rekey_ike", (new_spi, nonce, kx)
-        )
+        self._request(ExchangeType.CREATE_CHILD_SA, inner, now, "rekey_ike", (new_spi, nonce, kx))
 
     def _successor(
         self,
@@ -724,9 +773,7 @@ class IkeSa:
                     is not None
                 ):
                     self.pending = [("delete_ike", None)]
-        if self.pending:
-            kind, arg = self.pending.pop(0)
-            self.queue(kind, now, arg)
+        self._next_pending(now)
 
     def _responder_ke(self, group: int, ke, refuse):
         """(our key pair, shared secret) for a CREATE_CHILD_SA KE payload, or None after
@@ -754,17 +801,14 @@ class IkeSa:
         kx, shared = answer
         my_spi, nr = os.urandom(8), os.urandom(NONCE_SIZE)
         mine = codec.Proposal(chosen.number, ProtocolId.IKE, my_spi, chosen.transforms)
-        self._send_response(
+        self._respond(
+            ExchangeType.CREATE_CHILD_SA,
             mid,
-            codec.seal_message(
-                self._header(ExchangeType.CREATE_CHILD_SA, mid, True),
-                [
-                    codec.SA(proposals=[mine]),
-                    codec.Nonce(data=nr),
-                    codec.KE(group=group, data=kx.public),
-                ],
-                self.out,
-            ),
+            [
+                codec.SA(proposals=[mine]),
+                codec.Nonce(data=nr),
+                codec.KE(group=group, data=kx.public),
+            ],
         )
         self._successor(False, chosen.spi, my_spi, chosen, shared, nonce.data, nr)
 
@@ -780,38 +824,28 @@ class IkeSa:
         ke = next((p for p in inner if isinstance(p, codec.KE)), None)
 
         def refuse(notify: int, data: bytes = b"") -> None:
-            self._send_response(
-                mid,
-                codec.seal_message(
-                    self._header(ExchangeType.CREATE_CHILD_SA, mid, True),
-                    [codec.Notify(type=notify, data=data)],
-                    self.out,
-                ),
-            )
+            self._respond(ExchangeType.CREATE_CHILD_SA, mid, [codec.Notify(type=notify, data=data)])
 
         if sa and nonce and sa.proposals and sa.proposals[0].protocol == ProtocolId.IKE:
             self._on_rekey_ike_request(sa, nonce, ke, mid, refuse)
             return
-        if rekey is None:
-            refuse(NotifyType.NO_ADDITIONAL_SAS)  # extra Child SAs: not built yet
-            return
         if not (sa and nonce and tsi and tsr):
             refuse(NotifyType.INVALID_SYNTAX)
             return
-        peer_old = int.from_bytes(rekey.spi, "big") if len(rekey.spi) == 4 else -1
-        old = next((c for c in self.children.values() if c.spi_out == peer_old), None)
-        if old is None:
-            refuse(NotifyType.CHILD_SA_NOT_FOUND)
+        old = None
+        candidates = self.conn.children
+        if rekey is not None:
+            peer_old = int.from_bytes(rekey.spi, "big") if len(rekey.spi) == 4 else -1
+            old = next((c for c in self.children.values() if c.spi_out == peer_old), None)
+            if old is None:
+                refuse(NotifyType.CHILD_SA_NOT_FOUND)
+                return
+            candidates = (self._params_of(old),)
+        picked = self._select_child(candidates, sa, tsi, tsr)
+        if isinstance(picked, int):
+            refuse(picked)
             return
-        params = self._params_of(old)
-        ours = [
-            parse_proposal_string(p, "esp", allow_weak=self.conn.allow_weak).to_proposal(i + 1)
-            for i, p in enumerate(params.esp_proposals)
-        ]
-        chosen = select_proposal(ours, sa.proposals)
-        if chosen is None:
-            refuse(NotifyType.NO_PROPOSAL_CHOSEN)
-            return
+        params, chosen, new_tsi, new_tsr = picked
         group = next((t.id for t in chosen.transforms if t.type == TransformType.KE), None)
         shared, reply_ke = b"", []
         if group is not None:  # PFS
@@ -820,14 +854,15 @@ class IkeSa:
                 return
             kx, shared = answer
             reply_ke = [codec.KE(group=group, data=kx.public)]
-        new_tsi = narrow(tsi.selectors, params.remote_ts)
-        new_tsr = narrow(tsr.selectors, params.local_ts)
-        if not new_tsi or not new_tsr:
-            refuse(NotifyType.TS_UNACCEPTABLE)
-            return
         my_spi = self.engine.allocate_spi()
         nr = os.urandom(NONCE_SIZE)
-        transport = old.mode == "transport"
+        if old is not None:
+            transport = old.mode == "transport"
+        else:
+            transport = params.mode == "transport" and any(
+                isinstance(p, codec.Notify) and p.type == NotifyType.USE_TRANSPORT_MODE
+                for p in inner
+            )
         reply: list[codec.Payload] = (
             [codec.Notify(type=NotifyType.USE_TRANSPORT_MODE)] if transport else []
         )
@@ -840,12 +875,7 @@ class IkeSa:
             codec.TSi(selectors=new_tsi),
             codec.TSr(selectors=new_tsr),
         ]
-        self._send_response(
-            mid,
-            codec.seal_message(
-                self._header(ExchangeType.CREATE_CHILD_SA, mid, True), reply, self.out
-            ),
-        )
+        self._respond(ExchangeType.CREATE_CHILD_SA, mid, reply)
         self._child_ready(
             chosen,
             new_tsi,
@@ -856,8 +886,30 @@ class IkeSa:
             shared=shared,
             params=params,
             my_spi=my_spi,
-            rekeyed_from=old.spi_in,
+            rekeyed_from=old.spi_in if old is not None else 0,
         )
+
+    def _select_child(self, candidates, sa: codec.SA, tsi: codec.TSi, tsr: codec.TSr):
+        """(params, chosen proposal, narrowed TSi, TSr) of the first configured child the
+        peer's offer fits, else the notify to refuse with (NO_PROPOSAL_CHOSEN when no
+        proposal matches any, TS_UNACCEPTABLE when only the selectors do not)."""
+        proposals_ok = False
+        for params in candidates:
+            ours = [
+                parse_proposal_string(p, "esp", allow_weak=self.conn.allow_weak).to_proposal(i + 1)
+                for i, p in enumerate(params.esp_proposals)
+            ]
+            chosen = select_proposal(ours, sa.proposals)
+            if chosen is None:
+                continue
+            proposals_ok = True
+            new_tsi = narrow(tsi.selectors, params.remote_ts)
+            new_tsr = narrow(tsr.selectors, params.local_ts)
+            if new_tsi and new_tsr:
+                return params, chosen, new_tsi, new_tsr
+        notify = NotifyType.TS_UNACCEPTABLE if proposals_ok else NotifyType.NO_PROPOSAL_CHOSEN
+        log.info("%s: child SA refused: %s", self.conn.name, notify.name)
+        return notify
 
     # ------------------------------------------------------------ responder
 
@@ -898,9 +950,14 @@ class IkeSa:
             codec.KE(group=group, data=self.kx.public),
             codec.Nonce(data=self.nonce_r),
             *self.engine._nat_notifies(self.spi_i, self.spi_r, self.remote),
-            codec.Notify(type=NotifyType.IKEV2_FRAGMENTATION_SUPPORTED),
             codec.Notify(type=NotifyType.SIGNATURE_HASH_ALGORITHMS, data=SIGNATURE_HASHES),
         ]
+        # RFC 7383 2.3: the responder says it supports fragments only if asked.
+        self.peer_fragments = bool(msg.notifies(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED)) and any(
+            c.fragment_size for c in candidates
+        )
+        if self.peer_fragments:
+            payloads.append(codec.Notify(type=NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
         # Ask for the initiator's certificate when a connection to it trusts CAs: peers
         # like strongSwan send theirs only when asked (RFC 7296 3.7).
         cas = [ca for c in candidates if c.auth == "pubkey" for ca in c.cacerts]
@@ -912,7 +969,7 @@ class IkeSa:
         self.init_response = data_out
         self.state = "auth"
         self.recv_mid = 1
-        self._send_response(0, data_out)
+        self._send_response(0, (data_out,))
 
     def _answer_init_error(self, msg: codec.Message, notify: int, data: bytes = b"") -> None:
         header = codec.Header(
@@ -963,9 +1020,7 @@ class IkeSa:
         ]
         child = self._responder_child(inner)
         reply += child[0]
-        self._send_response(
-            mid, codec.seal_message(self._header(ExchangeType.IKE_AUTH, mid, True), reply, self.out)
-        )
+        self._respond(ExchangeType.IKE_AUTH, mid, reply)
         self._up()
         if child[1] is not None:
             self._child_ready(*child[1])
@@ -976,59 +1031,28 @@ class IkeSa:
         tsr = next((p for p in inner if isinstance(p, codec.TSr)), None)
         if not (sa and tsi and tsr):
             return [], None  # childless
-        transport = any(
+        picked = self._select_child(self.conn.children, sa, tsi, tsr)
+        if isinstance(picked, int):
+            return [codec.Notify(type=picked)], None
+        params, chosen, new_tsi, new_tsr = picked
+        self.child_params = params
+        self.child_spi = self.engine.allocate_spi()
+        mine = codec.Proposal(chosen.number, ProtocolId.ESP, self.child_spi, chosen.transforms)
+        use_transport = params.mode == "transport" and any(
             isinstance(p, codec.Notify) and p.type == NotifyType.USE_TRANSPORT_MODE for p in inner
         )
-        for params in self.conn.children:
-            ours = [
-                parse_proposal_string(p, "esp", allow_weak=self.conn.allow_weak).to_proposal(i + 1)
-                for i, p in enumerate(params.esp_proposals)
-            ]
-            chosen = select_proposal(ours, sa.proposals)
-            if chosen is None:
-                continue
-            new_tsi = narrow(tsi.selectors, params.remote_ts)
-            new_tsr = narrow(tsr.selectors, params.local_ts)
-            if not new_tsi or not new_tsr:
-                continue
-            self.child_params = params
-            peer_spi = chosen.spi
-            self.child_spi = self.engine.allocate_spi()
-            mine = codec.Proposal(chosen.number, ProtocolId.ESP, self.child_spi, chosen.transforms)
-            use_transport = transport and params.mode == "transport"
-            payloads = [codec.Notify(type=NotifyType.USE_TRANSPORT_MODE)] if use_transport else []
-            payloads += [
-                codec.SA(proposals=[mine]),
-                codec.TSi(selectors=new_tsi),
-                codec.TSr(selectors=new_tsr),
-            ]
-            chosen_with_peer_spi = codec.Proposal(
-                chosen.number, ProtocolId.ESP, peer_spi, chosen.transforms
-            )
-            return payloads, (chosen_with_peer_spi, new_tsi, new_tsr, use_transport)
-        proposals_ok = any(
-            select_proposal(
-                [
-                    parse_proposal_string(p, "esp", allow_weak=self.conn.allow_weak).to_proposal(1)
-                    for p in c.esp_proposals
-                ],
-                sa.proposals,
-            )
-            for c in self.conn.children
-        )
-        notify = NotifyType.TS_UNACCEPTABLE if proposals_ok else NotifyType.NO_PROPOSAL_CHOSEN
-        log.info("%s: child SA refused: %s", self.conn.name, notify.name)
-        return [codec.Notify(type=notify)], None
+        payloads = [codec.Notify(type=NotifyType.USE_TRANSPORT_MODE)] if use_transport else []
+        payloads += [
+            codec.SA(proposals=[mine]),
+            codec.TSi(selectors=new_tsi),
+            codec.TSr(selectors=new_tsr),
+        ]
+        return payloads, (chosen, new_tsi, new_tsr, use_transport)
 
     def _respond_auth_failed(self, mid: int, reason: str) -> None:
         log.warning("IKE_AUTH from %s failed: %s", self.remote, reason)
-        self._send_response(
-            mid,
-            codec.seal_message(
-                self._header(ExchangeType.IKE_AUTH, mid, True),
-                [codec.Notify(type=NotifyType.AUTHENTICATION_FAILED)],
-                self.out,
-            ),
+        self._respond(
+            ExchangeType.IKE_AUTH, mid, [codec.Notify(type=NotifyType.AUTHENTICATION_FAILED)]
         )
         self.engine._event(AuthFailed(self.conn.name if self.conn else "?", reason))
         self.state = "failed"
@@ -1076,21 +1100,26 @@ class IkeSa:
             return
         if kind == "rekey_child":
             if arg in self.children:
-                self._send_rekey_child(arg, now)
+                self._send_child_request(self._params_of(self.children[arg]), now, arg)
+            else:
+                self._next_pending(now)
+            return
+        if kind == "create_child":
+            self._send_child_request(arg, now)
             return
         if kind == "rekey_ike":
             self._send_rekey_ike(now)
             return
         if kind == "delete_child" and arg not in self.children:
-            return  # already gone (the peer deleted it meanwhile)
+            self._next_pending(now)  # already gone (the peer deleted it meanwhile)
+            return
         if kind == "delete_ike":
             inner: list[codec.Payload] = [codec.Delete(protocol=ProtocolId.IKE)]
         elif kind == "delete_child":
             inner = [codec.Delete(protocol=ProtocolId.ESP, spis=[struct.pack("!I", arg)])]
         else:  # dpd: an empty INFORMATIONAL
             inner = []
-        header = self._header(ExchangeType.INFORMATIONAL, self.send_mid, False)
-        self._send_request(codec.seal_message(header, inner, self.out), now, kind, arg)
+        self._request(ExchangeType.INFORMATIONAL, inner, now, kind, arg)
 
     def _on_informational_response(self, inner: list[codec.Payload], now: float) -> None:
         req, self.request = self.request, None
@@ -1105,20 +1134,13 @@ class IkeSa:
                         self.conn.name, child.child, child.spi_in, child.spi_out, "deleted by us"
                     )
                 )
-        if self.pending:
-            kind, arg = self.pending.pop(0)
-            self.queue(kind, now, arg)
+        self._next_pending(now)
 
     def on_informational_request(self, inner: list[codec.Payload], mid: int) -> None:
         deletes = [p for p in inner if isinstance(p, codec.Delete)]
         reply: list[codec.Payload] = []
         if any(d.protocol == ProtocolId.IKE for d in deletes):
-            self._send_response(
-                mid,
-                codec.seal_message(
-                    self._header(ExchangeType.INFORMATIONAL, mid, True), [], self.out
-                ),
-            )
+            self._respond(ExchangeType.INFORMATIONAL, mid, [])
             self._down("deleted by peer")
             return
         ours = []
@@ -1139,12 +1161,7 @@ class IkeSa:
                 )
         if ours:
             reply.append(codec.Delete(protocol=ProtocolId.ESP, spis=ours))
-        self._send_response(
-            mid,
-            codec.seal_message(
-                self._header(ExchangeType.INFORMATIONAL, mid, True), reply, self.out
-            ),
-        )
+        self._respond(ExchangeType.INFORMATIONAL, mid, reply)
 
     def _down(self, reason: str) -> None:
         if self.replaced:
@@ -1160,6 +1177,20 @@ class IkeSa:
         self.engine._forget(self)
 
     # ------------------------------------------------------------ common
+
+    def _open(self, msg: codec.Message, data: bytes) -> list[codec.Payload] | None:
+        """The inner payloads of a protected message, or None while fragments of it are
+        missing. Only the one message we expect next is collected (bounded state)."""
+        last = msg.payloads[-1] if msg.payloads else None
+        if not isinstance(last, codec.EncryptedFragment):
+            return codec.open_encrypted(data, msg, self.inbound)
+        key = (msg.header.message_id, msg.header.is_response)
+        if self.fragments is None or self.fragments[:2] != key:
+            self.fragments = (*key, codec.Reassembler())
+        inner = self.fragments[2].add(data, msg, self.inbound)
+        if inner is not None:
+            self.fragments = None
+        return inner
 
     def _up(self) -> None:
         self.state = "established"
@@ -1215,7 +1246,7 @@ class IkeSa:
             return
         req.attempt += 1
         req.sent_at = now
-        self.engine._emit(req.data, self.remote)
+        self.engine._emit_all(req.data, self.remote)
 
 
 class Engine:
@@ -1250,6 +1281,7 @@ class Engine:
         self.now = 0.0  # the time of the latest input, for schedules computed on events
         self.rng = random.Random()  # rekey jitter; tests may seed it
         self._cookies = CookieJar()
+        self._invalid_spi_window = [0.0, 0]  # [start of this second, answers in it]
         # Certificate validity needs calendar time; the shell (or a test) provides it.
         self.wall_clock = wall_clock or (lambda: datetime.datetime.now(datetime.UTC))
 
@@ -1308,6 +1340,8 @@ class Engine:
         sa = self._by_spi.get(local_spi)
         if sa is None or sa.initiator == h.is_initiator:
             log.info("message from %s for unknown IKE SA %s", src, local_spi.hex())
+            if not h.is_response:
+                self._answer_invalid_ike_spi(msg, src, now)
             return
         if h.is_response:
             self._on_response(sa, msg, data, now)
@@ -1321,7 +1355,7 @@ class Engine:
         sa = self._half_open.get(key)
         if sa is not None:  # a retransmitted request: the same answer again
             if sa.last_response:
-                self._emit(sa.last_response[1], src)
+                self._emit_all(sa.last_response[1], src)
             return
         if not self._connections_for(src):
             log.info("IKE_SA_INIT from %s matches no connection", src)
@@ -1338,6 +1372,21 @@ class Engine:
         self._by_spi[sa.spi_r] = sa
         sa.on_init_request(msg, data, now)
         self._touch(sa)
+
+    def _answer_invalid_ike_spi(self, msg: codec.Message, src: Address, now: float) -> None:
+        """RFC 7296 2.21.4: a request for an IKE SA we do not know (we restarted?) gets
+        an unprotected INVALID_IKE_SPI, with its SPIs and message ID, and no state. The
+        answers are rate-limited: spoofed requests must not turn us into a reflector."""
+        if now - self._invalid_spi_window[0] >= 1.0:
+            self._invalid_spi_window = [now, 0]
+        if self._invalid_spi_window[1] >= INVALID_SPI_ANSWERS_PER_SECOND:
+            return
+        self._invalid_spi_window[1] += 1
+        h = msg.header
+        flags = HeaderFlag.RESPONSE | (0 if h.is_initiator else HeaderFlag.INITIATOR)
+        header = codec.Header(h.spi_i, h.spi_r, h.exchange, flags, h.message_id)
+        notify = codec.Notify(type=NotifyType.INVALID_IKE_SPI)
+        self._emit(codec.encode_message(codec.Message(header, [notify])), src)
 
     def _cookie_ok(self, msg: codec.Message, src: Address, now: float) -> bool:
         """True if the request carries our COOKIE; else answer with one (no state kept)."""
@@ -1376,6 +1425,14 @@ class Engine:
         """Rekey a Child SA make-before-break: ChildSaReady (rekeyed_from=spi_in) for the
         new one, then ChildSaDeleted for the old one."""
         sa.queue("rekey_child", now, spi_in)
+        self._touch(sa)
+
+    def create_child_sa(self, sa: IkeSa, child: str, now: float) -> None:
+        """Negotiate another Child SA of the connection's child `child` on this IKE SA."""
+        params = next((c for c in sa.conn.children if c.name == child), None)
+        if params is None:
+            raise ValueError(f"connection {sa.conn.name!r} has no child {child!r}")
+        sa.queue("create_child", now, params)
         self._touch(sa)
 
     def rekey_ike_sa(self, sa: IkeSa, now: float) -> None:
@@ -1465,12 +1522,14 @@ class Engine:
             )
             return
         try:
-            inner = codec.open_encrypted(data, msg, sa.inbound)
+            inner = sa._open(msg, data)
         except codec.IkeDecodeError as exc:
             log.info(
                 "%s: dropped %s response: %s", sa.conn.name, ExchangeType(h.exchange).name, exc
             )
             return
+        if inner is None:
+            return  # more fragments to come
         if h.exchange == ExchangeType.IKE_AUTH:
             sa._on_auth_response(inner, now)
         elif h.exchange == ExchangeType.INFORMATIONAL:
@@ -1478,23 +1537,29 @@ class Engine:
         elif sa.request.kind == "rekey_ike":
             sa._on_rekey_ike_response(inner, now)
         else:
-            sa._on_rekey_child_response(inner, now)
+            sa._on_child_response(inner, now)
 
     def _on_request(
         self, sa: IkeSa, msg: codec.Message, data: bytes, src: Address, now: float
     ) -> None:
         h = msg.header
         if sa.last_response and h.message_id == sa.last_response[0]:
-            self._emit(sa.last_response[1], src)  # retransmitted request
+            # A retransmitted request: answer it again, once per retransmission (RFC
+            # 7383 2.6.1: a fragmented one is recognised by its first fragment).
+            last = msg.payloads[-1] if msg.payloads else None
+            if not isinstance(last, codec.EncryptedFragment) or last.number == 1:
+                self._emit_all(sa.last_response[1], src)
             return
         if h.message_id != sa.recv_mid:
             log.info("request id %d outside the window (expected %d)", h.message_id, sa.recv_mid)
             return
         try:
-            inner = codec.open_encrypted(data, msg, sa.inbound)
+            inner = sa._open(msg, data)
         except codec.IkeDecodeError as exc:
             log.info("dropped request from %s: %s", sa.remote, exc)
             return
+        if inner is None:
+            return  # more fragments to come
         # Answer where the request came from: a peer behind NAT (or one that floated
         # to the NAT-T port, RFC 7296 2.23) is only reachable there.
         if h.exchange == ExchangeType.IKE_AUTH and sa.state == "auth":
@@ -1590,6 +1655,10 @@ class Engine:
 
     def _emit(self, data: bytes, dst: Address) -> None:
         self._datagrams.append(Datagram(data, self.local, dst))
+
+    def _emit_all(self, datagrams: tuple[bytes, ...], dst: Address) -> None:
+        for data in datagrams:
+            self._emit(data, dst)
 
     def _event(self, event: Event) -> None:
         self._events.append(event)
