@@ -66,6 +66,8 @@ log = logging.getLogger("keyway.agent")
 
 BACKOFF_MAX = 60.0
 MAX_INITIATING = 32  # IKE SAs we initiate that may be half-way up at once
+# IkeSaDown reasons of an SA whose successor already carries its children.
+REPLACED = ("replaced by rekey", "replaced by reauthentication")
 SHUTDOWN_GRACE = 2.0  # seconds to wait for the peers' answers to our Deletes
 WATCH_QUEUE = 1000  # events buffered per `watch` client before it is dropped
 
@@ -193,7 +195,6 @@ class Agent:
         self._attempts: dict[str, int] = {}
         self._initiating: set[str] = set()  # our IKE SAs on their way up
         self._ike_timers: dict[bytes, list[asyncio.TimerHandle]] = {}  # by spi_i
-        self._reauthenticating: dict[str, IkeSa] = {}  # connection -> the SA to replace
         self._updown_running: set[subprocess.Popen] = set()
         self._init_queue: dict[str, None] = {}  # initiations waiting for a slot, in order
         self._waiters: dict[str, list[asyncio.Future]] = collections.defaultdict(list)
@@ -498,7 +499,7 @@ class Agent:
             for handle in self._ike_timers.pop(event.spi_i, ()):
                 handle.cancel()
             log.info("[%s] IKE SA down: %s", name, event.reason)
-            if not ours and event.reason != "replaced by rekey":
+            if not ours and event.reason not in REPLACED:
                 self._after_loss(name, f"IKE SA down ({event.reason})", "close_action")
         elif isinstance(event, PeerDead):
             log.warning("[%s] peer dead: no answer to our requests", name)
@@ -552,9 +553,9 @@ class Agent:
             return
         name = sa.conn.name
         log.info("[%s] reauthentication due: a new IKE SA first", name)
-        self._closing.add(sa.spi_i)  # its end is ours: no restart when it goes
-        self._reauthenticating[name] = sa
-        self.runners[self.local_of[name]].initiate(name)
+        runner = self.runners[self.local_of[name]]
+        sa.engine.reauthenticate(sa, runner.now())
+        runner.pump()
 
     def _expire_ike(self, sa: IkeSa) -> None:
         if sa.state == "established":
@@ -613,11 +614,6 @@ class Agent:
         first = not state.spis  # not a rekey nor a reauthentication's twin
         state.spis.add(event.spi_in)
         self._install_policies(conn, child, state, base.PolicyAction.PROTECT)
-        old = self._reauthenticating.get(conn.name)
-        if old is not None and event.spi_in not in old.children and not event.rekeyed_from:
-            del self._reauthenticating[conn.name]  # the new IKE SA carries the child now
-            if old.state == "established":
-                self._close_ike(old)
         if first:
             self._updown("up", event.connection, event.child, event)
         log.info(

@@ -15,7 +15,9 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.ike.constants import 
 )
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.core import ChildParams
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events import (
+    ChildSaDeleted,
     ChildSaReady,
+    IkeSaDown,
     IkeSaUp,
     NegotiationFailed,
 )
@@ -183,3 +185,39 @@ def test_create_child_sa_on_demand_after_a_delete():
     assert new.initiated and new.spi_in != voice.spi_in
     with pytest.raises(ValueError, match="no child 'video'"):
         pair.b.create_child_sa(sa, "video", pair.net.now)
+
+
+def test_reauthentication_is_make_before_break():
+    pair = _two_children()
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    (old,) = pair.a.sas()
+    old_children = set(old.children)
+    new = pair.a.reauthenticate(old, pair.net.now)
+    pair.pump(until=pair.net.now + 60)
+    assert pair.a.sas() == [new] and new.state == "established"
+    assert len(pair.b.sas()) == 1 and pair.b.sas()[0].spi_i == new.spi_i
+    assert {c.child for c in new.children.values()} == {"sites", "voice"}
+    assert not old_children & set(new.children)
+    events = pair.events[A]
+    # Every new Child SA was announced before the first old one went.
+    last_ready = max(i for i, e in enumerate(events) if isinstance(e, ChildSaReady))
+    first_gone = min(i for i, e in enumerate(events) if isinstance(e, ChildSaDeleted))
+    assert last_ready < first_gone
+    (down_a,), (down_b,) = of(events, IkeSaDown), of(pair.events[B], IkeSaDown)
+    assert down_a.reason == "replaced by reauthentication"
+    assert down_b.reason == "deleted by peer" and down_b.spi_i == old.spi_i
+    assert {e.spi_in for e in of(events, ChildSaDeleted)} == old_children
+
+
+def test_a_reauthentication_that_brings_no_child_keeps_the_old_ike_sa():
+    pair = established()
+    (old,) = pair.a.sas()
+    pair.b.add_connection(dataclasses.replace(pair.b.connections["h1-h2"], children=()))
+    pair.a.reauthenticate(old, pair.net.now)
+    pair.pump(until=pair.net.now + 60)
+    assert pair.a.sas() == [old] and old.state == "established" and old.children
+    failed = of(pair.events[A], NegotiationFailed)
+    assert failed[-1].reason == "reauthentication: no Child SA came up"
+    assert [d.reason for d in of(pair.events[A], IkeSaDown)] == ["deleted by us"]
+    assert len(pair.b.sas()) == 1

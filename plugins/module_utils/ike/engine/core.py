@@ -238,6 +238,8 @@ class IkeSa:
         self.remote_id = ""
         self.nat = False
         self.replaced = False  # a rekey moved this SA's role to a successor
+        self.reauth_of: IkeSa | None = None  # the IKE SA this one reauthenticates
+        self.reauthenticated = False  # a reauthentication replaced this SA
 
     @property
     def conn(self) -> IkeConnection | None:
@@ -511,6 +513,7 @@ class IkeSa:
         for params in conn.children[1:]:  # the others on CREATE_CHILD_SA (RFC 7296 1.3.1)
             self.queue("create_child", now, params)
         if self.child_params is None:
+            self._next_pending(now)
             return
         errors = [n for n in notifies if n.is_error]
         sa = next((p for p in inner if isinstance(p, codec.SA)), None)
@@ -521,13 +524,14 @@ class IkeSa:
             self.engine._event(
                 NegotiationFailed(conn.name, f"child {self.child_params.name}: {reason}")
             )
-            return
-        self._child_ready(
-            sa.proposals[0],
-            tsi.selectors,
-            tsr.selectors,
-            any(n.type == NotifyType.USE_TRANSPORT_MODE for n in notifies),
-        )
+        else:
+            self._child_ready(
+                sa.proposals[0],
+                tsi.selectors,
+                tsr.selectors,
+                any(n.type == NotifyType.USE_TRANSPORT_MODE for n in notifies),
+            )
+        self._next_pending(now)
 
     def _child_ready(
         self,
@@ -680,6 +684,29 @@ class IkeSa:
         if self.pending and self.state == "established":
             kind, arg = self.pending.pop(0)
             self.queue(kind, now, arg)
+        elif self.reauth_of is not None and self.request is None and not self.pending:
+            self._reauthentication_done(now)
+
+    def _reauthentication_done(self, now: float) -> None:
+        """Make-before-break reauthentication: this IKE SA and its children are up, so
+        the one it replaces goes now (RFC 7296 2.8.3)."""
+        old, self.reauth_of = self.reauth_of, None
+        if old.state != "established":
+            return
+        if old.children and not self.children:
+            # Nothing came up on the new SA: keep the old one (and its traffic) rather
+            # than trade a working tunnel for an empty IKE SA.
+            self.engine._event(
+                NegotiationFailed(self.conn.name, "reauthentication: no Child SA came up")
+            )
+            self.queue("delete_ike", now)
+            return
+        log.info("%s: reauthenticated; deleting the old IKE SA", self.conn.name)
+        old.reauthenticated = True
+        old.pending = [p for p in old.pending if p[0] == "delete_ike"] or [("delete_ike", None)]
+        if old.request is None:
+            old._next_pending(now)
+        self.engine._touch(old)
 
     # IKE SA rekey (RFC 7296 2.18): a new IKE SA takes over the Child SAs, then the
     # rekey's initiator deletes the old one.
@@ -1166,6 +1193,8 @@ class IkeSa:
     def _down(self, reason: str) -> None:
         if self.replaced:
             reason = "replaced by rekey"
+        elif self.reauthenticated:
+            reason = "replaced by reauthentication"
         for child in list(self.children.values()):
             self.engine._event(
                 ChildSaDeleted(self.conn.name, child.child, child.spi_in, child.spi_out, reason)
@@ -1439,6 +1468,16 @@ class Engine:
         """Rekey the IKE SA: IkeSaRekeyed, then the old one goes ("replaced by rekey")."""
         sa.queue("rekey_ike", now)
         self._touch(sa)
+
+    def reauthenticate(self, sa: IkeSa, now: float) -> IkeSa:
+        """Reauthenticate make-before-break: a new IKE SA (IKE_SA_INIT and IKE_AUTH again)
+        brings up the connection's children; once all are up, the old IKE SA is deleted
+        ("replaced by reauthentication"). If the new one fails, the old one stays."""
+        if sa.state != "established":
+            raise ValueError(f"IKE SA is {sa.state}, not established")
+        new = self.initiate(sa.conn.name, now)
+        new.reauth_of = sa
+        return new
 
     def check_liveness(self, sa: IkeSa, now: float) -> None:
         """Dead peer detection: an empty INFORMATIONAL; PeerDead if it goes unanswered."""
