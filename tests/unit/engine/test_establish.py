@@ -329,17 +329,27 @@ def test_child_rekey_make_before_break(side, esp):
         assert list(eng.sas()[0].children) == [new[addr].spi_in]
 
 
-def test_rekey_of_an_unknown_child_is_refused_and_changes_nothing():
+def test_rekey_of_a_child_the_peer_does_not_know_replaces_it_with_a_new_one():
     pair = established()
     sa_a = pair.a.sas()[0]
     (spi,) = sa_a.children
     real = sa_a.children[spi]
     sa_a.children[spi] = type(real)(**{**real.__dict__, "spi_in": 1})  # peer can't know it
     sa_a.children = {1: sa_a.children[spi]}
+    b_before = set(pair.b.sas()[0].children)
     pair.a.rekey_child_sa(sa_a, 1, pair.net.now)
     pair.pump(until=pair.net.now + 30)
-    assert of(pair.events[A], NegotiationFailed)[-1].reason == "child rekey: CHILD_SA_NOT_FOUND"
-    assert len(pair.b.sas()[0].children) == 1
+    # B answered CHILD_SA_NOT_FOUND and changed nothing; A dropped the useless Child SA
+    # and negotiated a fresh one (not a rekey) in its place.
+    assert not of(pair.events[A], NegotiationFailed)
+    assert of(pair.events[A], ChildSaDeleted)[-1].reason == "peer lost it"
+    fresh_a, fresh_b = of(pair.events[A], ChildSaReady)[-1], of(pair.events[B], ChildSaReady)[-1]
+    assert fresh_a.rekeyed_from == 0 and (fresh_a.spi_in, fresh_a.key_in) == (
+        fresh_b.spi_out,
+        fresh_b.key_out,
+    )
+    assert set(pair.a.sas()[0].children) == {fresh_a.spi_in}
+    assert set(pair.b.sas()[0].children) == b_before | {fresh_b.spi_in}
 
 
 @pytest.mark.parametrize("side", ["initiator", "responder"])

@@ -13,6 +13,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.ike.constants import 
     NotifyType,
     PayloadType,
 )
+from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine import core
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.core import ChildParams
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events import (
     ChildSaDeleted,
@@ -221,3 +222,18 @@ def test_a_reauthentication_that_brings_no_child_keeps_the_old_ike_sa():
     assert failed[-1].reason == "reauthentication: no Child SA came up"
     assert [d.reason for d in of(pair.events[A], IkeSaDown)] == ["deleted by us"]
     assert len(pair.b.sas()) == 1
+
+
+def test_a_half_open_responder_sa_is_dropped_after_the_timeout():
+    pair = lab_pair()
+    pair.net.impairment.drop_if = lambda data, src, dst: dst == B and data[18] == 35  # IKE_AUTH
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump(until=1.0)
+    (half_open,) = pair.b.sas()
+    assert half_open.state == "auth"
+    expiry = half_open.created_at + core.HALF_OPEN_TIMEOUT
+    pair.b.tick(expiry - 1)
+    assert len(pair.b.sas()) == 1 and pair.b.next_deadline() == expiry
+    pair.b.tick(expiry)
+    assert pair.b.sas() == [] and pair.b.next_deadline() is None
+    assert not pair.b.pop_events()  # nobody was up, so nothing to report down

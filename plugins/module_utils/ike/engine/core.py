@@ -63,8 +63,15 @@ from .schedule import LifetimeSchedule
 
 log = logging.getLogger("keyway.ike")
 NONCE_SIZE = 32
+HALF_OPEN_TIMEOUT = 30.0  # seconds a responder waits for IKE_AUTH (strongSwan's default)
+REDUNDANT_GRACE = 10.0  # seconds a collision's loser has to delete its redundant SA
 MAX_HALF_OPEN = 1024  # responder state for unauthenticated peers is bounded
 INVALID_SPI_ANSWERS_PER_SECOND = 20
+RETRY_DELAY = (2.0, 8.0)  # seconds before retrying an exchange the peer was busy for
+CHILD_EXCHANGES = ("rekey_child", "create_child", "delete_child")
+REDUNDANT_CHILD = "redundant after a rekey collision"
+REDUNDANT_IKE = "redundant after a rekey collision"
+DUPLICATE_IKE = "duplicate of a simultaneous initiation"
 
 
 @dataclass(frozen=True)
@@ -240,6 +247,24 @@ class IkeSa:
         self.replaced = False  # a rekey moved this SA's role to a successor
         self.reauth_of: IkeSa | None = None  # the IKE SA this one reauthenticates
         self.reauthenticated = False  # a reauthentication replaced this SA
+        self.redundant = ""  # why a collision made this SA surplus (it goes, unreplaced)
+        self.created_at = engine.now
+        self.established_at: float | None = None
+        # Collisions (RFC 7296 2.8.1, 2.8.2, 2.25): what each Child SA is going through.
+        self.rekeyed_children: set[int] = set()  # replaced; the old one awaits its Delete
+        self.deleting_children: dict[int, str] = {}  # spi_in -> reason, queued or in flight
+        # Peer rekeys we answered while our own rekey of the same Child SA was in flight:
+        # old spi_in -> (the peer's new spi_in, the lower nonce of that exchange).
+        self.child_collisions: dict[int, tuple[int, bytes]] = {}
+        self.ike_collision: tuple[IkeSa, bytes] | None = None  # the same, for the IKE SA
+        self.ike_rekey_retry_at: float | None = None  # after a TEMPORARY_FAILURE
+        self.delete_at: float | None = None  # a redundant SA the peer did not delete
+        self.rekey_of: IkeSa | None = None  # the SA whose colliding rekey made this one
+        self.successor: IkeSa | None = None  # the SA a rekey handed this one's role to
+        # A rekey's responder sends nothing on the new SA until the old one is deleted:
+        # before that, the rekey's initiator may not hold the new SA yet.
+        self.wait_for: IkeSa | None = None
+        self.wait_until: float | None = None
 
     @property
     def conn(self) -> IkeConnection | None:
@@ -509,7 +534,7 @@ class IkeSa:
             self._auth_failed(f"responder: {reason}")
             return
         self.remote_id = idr.to_text()
-        self._up()
+        self._up(now)
         for params in conn.children[1:]:  # the others on CREATE_CHILD_SA (RFC 7296 1.3.1)
             self.queue("create_child", now, params)
         if self.child_params is None:
@@ -651,9 +676,22 @@ class IkeSa:
         tsi = next((p for p in inner if isinstance(p, codec.TSi)), None)
         tsr = next((p for p in inner if isinstance(p, codec.TSr)), None)
         ke = next((p for p in inner if isinstance(p, codec.KE)), None)
+        collision = self.child_collisions.pop(spi_in, None) if spi_in else None
         if errors or not (sa and nonce and tsi and tsr) or len(sa.proposals) != 1:
             name = notify_name(errors[0].type) if errors else "incomplete response"
-            self.engine._event(NegotiationFailed(self.conn.name, f"{what}: {name}"))
+            refused = {n.type for n in errors}
+            if spi_in and spi_in not in self.children:
+                log.info("%s: %s refused (%s); the Child SA is gone", self.conn.name, what, name)
+            elif collision is not None:
+                # The peer's rekey of the same Child SA won before ours reached it.
+                log.info("%s: %s collided and lost (%s)", self.conn.name, what, name)
+                self.rekeyed_children.add(spi_in)
+            elif spi_in and NotifyType.TEMPORARY_FAILURE in refused:
+                self._retry_child_rekey(spi_in, now)
+            elif spi_in and NotifyType.CHILD_SA_NOT_FOUND in refused:
+                self._replace_lost_child(spi_in, now)
+            else:
+                self.engine._event(NegotiationFailed(self.conn.name, f"{what}: {name}"))
         else:
             try:
                 shared = kx.shared_secret(ke.data) if kx and ke else b""
@@ -664,7 +702,7 @@ class IkeSa:
                     isinstance(p, codec.Notify) and p.type == NotifyType.USE_TRANSPORT_MODE
                     for p in inner
                 )
-                self._child_ready(
+                child = self._child_ready(
                     sa.proposals[0],
                     tsi.selectors,
                     tsr.selectors,
@@ -676,11 +714,58 @@ class IkeSa:
                     my_spi=new_spi,
                     rekeyed_from=spi_in,
                 )
-                if spi_in:  # make-before-break: the new SA is announced; retire the old
-                    self.pending.insert(0, ("delete_child", spi_in))
+                if collision is not None and min(ni, nonce.data) < collision[1]:
+                    # Both ends rekeyed it at once; the SA made with the lowest of the four
+                    # nonces is redundant, and its maker deletes it (RFC 7296 2.8.1). The
+                    # winner deletes the old one.
+                    log.info("%s: Child SA rekey collision lost", self.conn.name)
+                    self._retire_child(child.spi_in, REDUNDANT_CHILD, now)
+                    if spi_in in self.children:
+                        self.rekeyed_children.add(spi_in)  # the winner deletes it
+                elif spi_in:  # make-before-break: the new SA is announced; retire the old
+                    self._retire_child(spi_in, "deleted by us", now)
         self._next_pending(now)
 
+    def _retire_child(self, spi_in: int, reason: str, now: float) -> None:
+        """Delete a Child SA before any other queued work."""
+        if spi_in in self.children:
+            self.queue("delete_child", now, spi_in, urgent=True)
+            self.deleting_children[spi_in] = reason
+
+    def _retry_child_rekey(self, spi_in: int, now: float) -> None:
+        """The peer is busy with the Child SA (TEMPORARY_FAILURE): try again a little
+        later, as strongSwan does, unless something else replaces it first."""
+        delay = self.engine.rng.uniform(*RETRY_DELAY)
+        log.info(
+            "%s: Child SA %08x busy at the peer; rekey again in %.0f s",
+            self.conn.name,
+            spi_in,
+            delay,
+        )
+        timers = self.child_timers.get(spi_in)
+        self.child_timers[spi_in] = LifetimeSchedule(
+            now + delay, timers.expire_at if timers else None
+        )
+
+    def _replace_lost_child(self, spi_in: int, now: float) -> None:
+        """The peer does not know a Child SA we hold (CHILD_SA_NOT_FOUND): it is useless,
+        so drop it and negotiate a new one in its place."""
+        child = self.children.pop(spi_in)
+        log.warning("%s: peer lost Child SA %08x; creating a new one", self.conn.name, spi_in)
+        self.engine._event(
+            ChildSaDeleted(self.conn.name, child.child, child.spi_in, child.spi_out, "peer lost it")
+        )
+        self.queue("create_child", now, self._params_of(child))
+
+    def _release(self, now: float) -> None:
+        """The old IKE SA is gone (or long enough ago replaced): send on this one."""
+        self.wait_for = self.wait_until = None
+        self._next_pending(now)
+        self.engine._touch(self)
+
     def _next_pending(self, now: float) -> None:
+        if self.wait_for is not None:
+            return
         if self.pending and self.state == "established":
             kind, arg = self.pending.pop(0)
             self.queue(kind, now, arg)
@@ -739,7 +824,8 @@ class IkeSa:
         ni: bytes,
         nr: bytes,
     ) -> IkeSa | None:
-        """The IKE SA that replaces this one, with keys from the old SK_d."""
+        """The IKE SA that replaces this one, keyed from the old SK_d. It holds no Child
+        SA until _hand_over (a collision may make it redundant first)."""
         new = IkeSa(self.engine, self.conn, initiator, self.remote, spi_i, spi_r)
         try:
             prf, encr, integ = negotiated_suite(chosen, self.conn.allow_weak)
@@ -753,24 +839,49 @@ class IkeSa:
         )
         new.out, new.inbound = crypto.sk_ciphers(new.keys, encr, integ, initiator)
         new.state = "established"
+        new.established_at = self.engine.now
+        new.peer_fragments, new.nat = self.peer_fragments, self.nat
+        new.child_params = self.child_params
+        self.engine._index(new)
+        return new
+
+    def _hand_over(self, new: IkeSa, now: float) -> None:
+        """The rekey is settled: `new` carries this SA's children and queued work on."""
         new.children, self.children = self.children, {}
         new.child_timers, self.child_timers = self.child_timers, {}
-        new.child_params = self.child_params
+        new.rekeyed_children, self.rekeyed_children = self.rekeyed_children, set()
+        new.deleting_children, self.deleting_children = self.deleting_children, {}
+        new.pending = [p for p in self.pending if p[0] not in ("delete_ike", "rekey_ike")]
+        self.pending = []
         self.replaced = True
-        self.engine._index(new)
+        self.successor = new
+        if not new.initiator:
+            new.wait_for, new.wait_until = self, now + REDUNDANT_GRACE
         self.engine._event(
-            IkeSaRekeyed(self.conn.name, self.spi_i, self.spi_r, spi_i, spi_r, describe(chosen))
+            IkeSaRekeyed(
+                self.conn.name,
+                self.spi_i,
+                self.spi_r,
+                new.spi_i,
+                new.spi_r,
+                describe(new.chosen_ike),
+            )
         )
-        return new
+        new._next_pending(now)
+        self.engine._touch(new)
 
     def _on_rekey_ike_response(self, inner: list[codec.Payload], now: float) -> None:
         req, self.request = self.request, None
         new_spi, ni, kx = req.arg
+        collision, self.ike_collision = self.ike_collision, None
+        if collision is not None and collision[0].state != "established":
+            collision = None  # the peer deleted its new SA already: it lost
         sa = next((p for p in inner if isinstance(p, codec.SA)), None)
         nonce = next((p for p in inner if isinstance(p, codec.Nonce)), None)
         ke = next((p for p in inner if isinstance(p, codec.KE)), None)
         errors = [p for p in inner if isinstance(p, codec.Notify) and p.is_error]
         ours = [s.to_proposal(i + 1) for i, s in enumerate(self._ike_specs())]
+        new = None
         if (
             errors
             or not (sa and nonce and ke)
@@ -787,7 +898,14 @@ class IkeSa:
             )
         ):
             name = notify_name(errors[0].type) if errors else "unusable response"
-            self.engine._event(NegotiationFailed(self.conn.name, f"IKE rekey: {name}"))
+            if collision is not None:
+                log.info("%s: IKE rekey collided and lost (%s)", self.conn.name, name)
+            elif any(n.type == NotifyType.TEMPORARY_FAILURE for n in errors):
+                delay = self.engine.rng.uniform(*RETRY_DELAY)
+                log.info("%s: peer busy; IKE rekey again in %.0f s", self.conn.name, delay)
+                self.ike_rekey_retry_at = now + delay
+            else:
+                self.engine._event(NegotiationFailed(self.conn.name, f"IKE rekey: {name}"))
         else:
             try:
                 shared = kx.shared_secret(ke.data)
@@ -795,12 +913,34 @@ class IkeSa:
                 self.engine._event(NegotiationFailed(self.conn.name, f"IKE rekey: {exc}"))
             else:
                 chosen = sa.proposals[0]
-                if (
-                    self._successor(True, new_spi, chosen.spi, chosen, shared, ni, nonce.data)
-                    is not None
-                ):
-                    self.pending = [("delete_ike", None)]
-        self._next_pending(now)
+                new = self._successor(True, new_spi, chosen.spi, chosen, shared, ni, nonce.data)
+        winner = new
+        if collision is not None:
+            # Both ends rekeyed this IKE SA at once: the new SA made with the lowest of
+            # the four nonces is redundant and its maker deletes it; the winner's maker
+            # deletes the old one (RFC 7296 2.8.2).
+            theirs, their_nonce = collision
+            if new is not None and min(ni, nonce.data) > their_nonce:
+                log.info("%s: IKE SA rekey collision won", self.conn.name)
+                # The peer deletes its redundant SA; if it cannot (the old SA went
+                # before its answer came), we do, after a grace period.
+                theirs.redundant = REDUNDANT_IKE
+                theirs.delete_at = now + REDUNDANT_GRACE
+                self.engine._touch(theirs)
+            else:
+                if new is not None:
+                    log.info("%s: IKE SA rekey collision lost", self.conn.name)
+                    new.redundant = REDUNDANT_IKE
+                    new.queue("delete_ike", now)
+                    self.engine._touch(new)
+                winner = theirs
+        if winner is None:
+            self._next_pending(now)
+            return
+        self._hand_over(winner, now)
+        if winner is new:  # we made the surviving SA: the old one is ours to delete
+            self.pending = [("delete_ike", None)]
+            self._next_pending(now)
 
     def _responder_ke(self, group: int, ke, refuse):
         """(our key pair, shared secret) for a CREATE_CHILD_SA KE payload, or None after
@@ -816,6 +956,11 @@ class IkeSa:
             return None
 
     def _on_rekey_ike_request(self, sa: codec.SA, nonce, ke, mid: int, refuse) -> None:
+        busy = self._busy_for_ike_rekey()
+        if busy:
+            log.info("%s: IKE rekey request refused for now: %s", self.conn.name, busy)
+            refuse(NotifyType.TEMPORARY_FAILURE)
+            return
         ours = [s.to_proposal(i + 1) for i, s in enumerate(self._ike_specs())]
         chosen = select_proposal(ours, sa.proposals)
         if chosen is None or len(chosen.spi) != 8:
@@ -837,7 +982,41 @@ class IkeSa:
                 codec.KE(group=group, data=kx.public),
             ],
         )
-        self._successor(False, chosen.spi, my_spi, chosen, shared, nonce.data, nr)
+        new = self._successor(False, chosen.spi, my_spi, chosen, shared, nonce.data, nr)
+        if new is None:
+            return
+        if self.request is not None and self.request.kind == "rekey_ike":
+            self.ike_collision = (new, min(nonce.data, nr))  # settled by our own answer
+            new.rekey_of = self
+        else:
+            self._hand_over(new, self.engine.now)
+
+    def _deleting_ike(self) -> bool:
+        return (self.request is not None and self.request.kind == "delete_ike") or any(
+            kind == "delete_ike" for kind, _ in self.pending
+        )
+
+    def _busy_for_ike_rekey(self) -> str:
+        """Why the peer's IKE rekey must wait (TEMPORARY_FAILURE), or ""."""
+        if self.replaced or self.redundant or self.reauthenticated or self._deleting_ike():
+            return "this IKE SA is being replaced or deleted"
+        if self.ike_collision is not None:
+            return "a rekey of it is being settled"
+        if self.request is not None and self.request.kind in CHILD_EXCHANGES:
+            return "a Child SA exchange of ours is in flight"
+        return ""
+
+    def _busy_for_child(self, old: ChildSaReady | None) -> str:
+        """Why the peer's Child SA request must wait (TEMPORARY_FAILURE), or ""."""
+        if self.replaced or self.redundant or self._deleting_ike():
+            return "this IKE SA is being replaced or deleted"
+        if self.request is not None and self.request.kind == "rekey_ike":
+            return "we are rekeying the IKE SA"
+        if old is not None and old.spi_in in self.deleting_children:
+            return f"we are deleting Child SA {old.spi_in:08x}"
+        if old is not None and old.spi_in in self.rekeyed_children:
+            return f"Child SA {old.spi_in:08x} was rekeyed already"
+        return ""
 
     def on_create_child_request(self, inner: list[codec.Payload], mid: int) -> None:
         rekey = next(
@@ -868,6 +1047,11 @@ class IkeSa:
                 refuse(NotifyType.CHILD_SA_NOT_FOUND)
                 return
             candidates = (self._params_of(old),)
+        busy = self._busy_for_child(old)
+        if busy:
+            log.info("%s: Child SA request refused for now: %s", self.conn.name, busy)
+            refuse(NotifyType.TEMPORARY_FAILURE)
+            return
         picked = self._select_child(candidates, sa, tsi, tsr)
         if isinstance(picked, int):
             refuse(picked)
@@ -903,7 +1087,7 @@ class IkeSa:
             codec.TSr(selectors=new_tsr),
         ]
         self._respond(ExchangeType.CREATE_CHILD_SA, mid, reply)
-        self._child_ready(
+        child = self._child_ready(
             chosen,
             new_tsi,
             new_tsr,
@@ -915,6 +1099,14 @@ class IkeSa:
             my_spi=my_spi,
             rekeyed_from=old.spi_in if old is not None else 0,
         )
+        if old is None:
+            return
+        req = self.request
+        if req is not None and req.kind == "rekey_child" and req.arg[0] == old.spi_in:
+            # We are rekeying it too: our own answer settles which new SA stays.
+            self.child_collisions[old.spi_in] = (child.spi_in, min(nonce.data, nr))
+        else:
+            self.rekeyed_children.add(old.spi_in)  # the peer deletes the old one
 
     def _select_child(self, candidates, sa: codec.SA, tsi: codec.TSi, tsr: codec.TSr):
         """(params, chosen proposal, narrowed TSi, TSr) of the first configured child the
@@ -1037,8 +1229,11 @@ class IkeSa:
         self.remote_id = peer_id
         if any(isinstance(p, codec.Notify) and p.type == NotifyType.INITIAL_CONTACT for p in inner):
             for stale in self.engine._established_with(conn.name, peer_id, self):
-                log.info("%s: peer restarted (INITIAL_CONTACT): old IKE SA dropped", conn.name)
-                stale._down("peer restarted (INITIAL_CONTACT)")
+                # Only SAs up before this one began: a twin from a simultaneous
+                # initiation also carries INITIAL_CONTACT, and is settled in _up.
+                if stale.established_at is not None and stale.established_at < self.created_at:
+                    log.info("%s: peer restarted (INITIAL_CONTACT): old IKE SA dropped", conn.name)
+                    stale._down("peer restarted (INITIAL_CONTACT)")
         id_type, id_data = encode_id(conn.local_id)
         idr = codec.IDr(id_type=id_type, data=id_data)
         reply: list[codec.Payload] = [
@@ -1048,7 +1243,7 @@ class IkeSa:
         child = self._responder_child(inner)
         reply += child[0]
         self._respond(ExchangeType.IKE_AUTH, mid, reply)
-        self._up()
+        self._up(now)
         if child[1] is not None:
             self._child_ready(*child[1])
 
@@ -1095,9 +1290,9 @@ class IkeSa:
         self.engine._event(child)
 
     def _lifetime_actions(self, now: float) -> None:
-        """Rekey Child SAs whose time came, delete those past their hard lifetime. Only the
-        IKE SA's initiator rekeys on schedule: the peer relies on its later hard expiry,
-        so both ends never start the same rekey at once (collisions: not handled yet)."""
+        """Rekey Child SAs whose time came, delete those past their hard lifetime. Both
+        ends keep schedules (jittered by rand_time); when their rekeys still meet, the
+        collision rules settle which new SA stays."""
         for spi_in, timers in list(self.child_timers.items()):
             if spi_in not in self.children:
                 del self.child_timers[spi_in]
@@ -1105,7 +1300,7 @@ class IkeSa:
                 del self.child_timers[spi_in]
                 log.info("%s: Child SA %08x reached its hard lifetime", self.conn.name, spi_in)
                 self.queue("delete_child", now, spi_in)
-            elif self.initiator and timers.rekey_at is not None and now >= timers.rekey_at:
+            elif timers.rekey_at is not None and now >= timers.rekey_at:
                 self.child_timers[spi_in] = LifetimeSchedule(None, timers.expire_at)
                 self.queue("rekey_child", now, spi_in)
 
@@ -1113,20 +1308,32 @@ class IkeSa:
         times = [
             t
             for timers in self.child_timers.values()
-            for t in ((timers.rekey_at if self.initiator else None), timers.expire_at)
+            for t in (timers.rekey_at, timers.expire_at)
             if t is not None
         ]
         return min(times, default=None)
 
-    def queue(self, kind: str, now: float, arg: object = None) -> None:
-        """Start an INFORMATIONAL exchange now, or once the one in flight is done."""
+    def queue(self, kind: str, now: float, arg: object = None, urgent: bool = False) -> None:
+        """Start an exchange now, or once the one in flight is done (window size 1)."""
         if self.state != "established":
             raise ValueError(f"IKE SA is {self.state}, not established")
-        if self.request is not None:
-            self.pending.append((kind, arg))
+        if kind == "delete_child":
+            if arg not in self.children:
+                return  # gone meanwhile (the peer deleted it)
+            in_flight = self.request is not None and self.request.kind == kind
+            if (kind, arg) in self.pending or (in_flight and self.request.arg == arg):
+                return  # already on its way
+            self.deleting_children.setdefault(arg, "deleted by us")
+        if self.request is not None or self.wait_for is not None:
+            if urgent:
+                self.pending.insert(0, (kind, arg))
+            else:
+                self.pending.append((kind, arg))
             return
         if kind == "rekey_child":
-            if arg in self.children:
+            if arg in self.rekeyed_children or arg in self.deleting_children:
+                self._next_pending(now)  # replaced or going meanwhile
+            elif arg in self.children:
                 self._send_child_request(self._params_of(self.children[arg]), now, arg)
             else:
                 self._next_pending(now)
@@ -1135,7 +1342,10 @@ class IkeSa:
             self._send_child_request(arg, now)
             return
         if kind == "rekey_ike":
-            self._send_rekey_ike(now)
+            if self.replaced or self.redundant or self.reauthenticated:
+                self._next_pending(now)
+            else:
+                self._send_rekey_ike(now)
             return
         if kind == "delete_child" and arg not in self.children:
             self._next_pending(now)  # already gone (the peer deleted it meanwhile)
@@ -1154,20 +1364,29 @@ class IkeSa:
             self._down("deleted by us")
             return
         if req.kind == "delete_child":
-            child = self.children.pop(req.arg, None)
-            if child is not None:
-                self.engine._event(
-                    ChildSaDeleted(
-                        self.conn.name, child.child, child.spi_in, child.spi_out, "deleted by us"
-                    )
-                )
+            reason = self.deleting_children.pop(req.arg, "deleted by us")
+            self._forget_child(req.arg, reason)
         self._next_pending(now)
+
+    def _forget_child(self, spi_in: int, reason: str) -> ChildSaReady | None:
+        child = self.children.pop(spi_in, None)
+        self.rekeyed_children.discard(spi_in)  # (a collision on it stays, to be settled)
+        if child is not None:
+            self.engine._event(
+                ChildSaDeleted(self.conn.name, child.child, child.spi_in, child.spi_out, reason)
+            )
+        return child
 
     def on_informational_request(self, inner: list[codec.Payload], mid: int) -> None:
         deletes = [p for p in inner if isinstance(p, codec.Delete)]
         reply: list[codec.Payload] = []
         if any(d.protocol == ProtocolId.IKE for d in deletes):
             self._respond(ExchangeType.INFORMATIONAL, mid, [])
+            if self.ike_collision is not None:
+                # Both ends rekeyed it and the peer, having won, retires the old SA
+                # before our own answer came: its new SA carries the children on.
+                theirs, self.ike_collision = self.ike_collision[0], None
+                self._hand_over(theirs, self.engine.now)
             self._down("deleted by peer")
             return
         ours = []
@@ -1179,13 +1398,18 @@ class IkeSa:
                 child = next((c for c in self.children.values() if c.spi_out == peer_spi), None)
                 if child is None:
                     continue  # already gone: nothing to answer for it (RFC 7296 1.4.1)
-                del self.children[child.spi_in]
-                ours.append(struct.pack("!I", child.spi_in))
-                self.engine._event(
-                    ChildSaDeleted(
-                        self.conn.name, child.child, child.spi_in, child.spi_out, "deleted by peer"
-                    )
+                req = self.request
+                crossing = (
+                    req is not None and req.kind == "delete_child" and req.arg == child.spi_in
                 )
+                reason = self.deleting_children.pop(child.spi_in, "deleted by peer")
+                if (("delete_child", child.spi_in)) in self.pending:
+                    self.pending.remove(("delete_child", child.spi_in))
+                self._forget_child(child.spi_in, reason)
+                # Deletes that crossed: each end drops its SAs, and neither answer names
+                # them again, which could delete the wrong SA (RFC 7296 1.4.1).
+                if not crossing:
+                    ours.append(struct.pack("!I", child.spi_in))
         if ours:
             reply.append(codec.Delete(protocol=ProtocolId.ESP, spis=ours))
         self._respond(ExchangeType.INFORMATIONAL, mid, reply)
@@ -1195,11 +1419,19 @@ class IkeSa:
             reason = "replaced by rekey"
         elif self.reauthenticated:
             reason = "replaced by reauthentication"
+        elif self.redundant:
+            reason = self.redundant
+        elif self.rekey_of is not None and (self.rekey_of.ike_collision or (None,))[0] is self:
+            # The peer deletes the SA its colliding rekey made before we learned who
+            # won: it lost, so this SA was redundant.
+            reason = REDUNDANT_IKE
         for child in list(self.children.values()):
             self.engine._event(
                 ChildSaDeleted(self.conn.name, child.child, child.spi_in, child.spi_out, reason)
             )
         self.children.clear()
+        if self.successor is not None and self.successor.wait_for is self:
+            self.successor._release(self.engine.now)
         self.engine._event(IkeSaDown(self.conn.name, self.spi_i, self.spi_r, reason))
         self.state = "deleted"
         self.request = None
@@ -1221,8 +1453,9 @@ class IkeSa:
             self.fragments = None
         return inner
 
-    def _up(self) -> None:
+    def _up(self, now: float) -> None:
         self.state = "established"
+        self.established_at = now
         self.engine._event(
             IkeSaUp(
                 self.conn.name,
@@ -1233,6 +1466,36 @@ class IkeSa:
                 self.remote_id,
             )
         )
+        self._settle_duplicates(now)
+
+    def _settle_duplicates(self, now: float) -> None:
+        """Both ends initiated the connection at once (each was half-way when the other's
+        IKE_SA_INIT came): keep one IKE SA. Both ends compute the same loser, the SA with
+        the lowest nonce, and delete it (crossing Deletes are harmless), so a peer that
+        never deletes duplicates (strongSwan issue #1801) still ends with one."""
+        for other in self.engine._established_with(self.conn.name, self.remote_id, self):
+            if (
+                other.initiator == self.initiator  # ours twice: asked for, kept
+                or other.replaced
+                or other.reauthenticated
+                or other.redundant
+                or other.reauth_of is self
+                or self.reauth_of is other
+                or other.established_at is None
+                or other.established_at <= self.created_at  # older: not a twin
+            ):
+                continue
+            loser = min((self, other), key=lambda sa: min(sa.nonce_i, sa.nonce_r))
+            log.info(
+                "%s: IKE SA initiated by both ends at once; deleting the one %s initiated",
+                self.conn.name,
+                "we" if loser.initiator else "the peer",
+            )
+            loser.redundant = DUPLICATE_IKE
+            loser.queue("delete_ike", now)
+            self.engine._touch(loser)
+            if loser is self:
+                return
 
     def _auth_failed(self, reason: str) -> None:
         log.warning("%s: authentication failed: %s", self.conn.name, reason)
@@ -1250,7 +1513,12 @@ class IkeSa:
         self.engine._forget(self)
 
     def deadline(self) -> float | None:
+        if self.state == "auth" and not self.initiator:
+            return self.created_at + HALF_OPEN_TIMEOUT
         life = self.lifetime_deadline() if self.state == "established" else None
+        for at in (self.ike_rekey_retry_at, self.delete_at, self.wait_until):
+            if at is not None and self.state == "established":
+                life = min(life, at) if life is not None else at
         if self.request is None:
             return life
         policy = self.conn.retransmit
@@ -1258,8 +1526,27 @@ class IkeSa:
         return min(retransmit, life) if life is not None else retransmit
 
     def tick(self, now: float) -> None:
+        if self.state == "auth" and not self.initiator:
+            if now >= self.created_at + HALF_OPEN_TIMEOUT:
+                log.info(
+                    "IKE SA from %s half-open for %.0f s: dropped",
+                    self.remote,
+                    now - self.created_at,
+                )
+                self.state = "failed"
+                self.engine._forget(self)
+            return
         if self.state == "established":
             self._lifetime_actions(now)
+            if self.ike_rekey_retry_at is not None and now >= self.ike_rekey_retry_at:
+                self.ike_rekey_retry_at = None
+                self.queue("rekey_ike", now)
+            if self.wait_until is not None and now >= self.wait_until:
+                self._release(now)
+            if self.delete_at is not None and now >= self.delete_at:
+                self.delete_at = None
+                if not self._deleting_ike():
+                    self.queue("delete_ike", now)
         req = self.request
         if req is None:
             return
@@ -1443,7 +1730,12 @@ class Engine:
         return False
 
     def delete_ike_sa(self, sa: IkeSa, now: float) -> None:
-        sa.queue("delete_ike", now)
+        """Delete an IKE SA and its Child SAs; if a rekey has just replaced it, the new
+        one is what the caller means (the old one goes with the rekey anyway)."""
+        while sa.successor is not None and sa.successor.state == "established":
+            sa = sa.successor
+        if not sa._deleting_ike():
+            sa.queue("delete_ike", now)
         self._touch(sa)
 
     def delete_child_sa(self, sa: IkeSa, spi_in: int, now: float) -> None:
@@ -1546,6 +1838,11 @@ class Engine:
             return
         if h.exchange == ExchangeType.IKE_SA_INIT and sa.state == "init":
             sa._on_init_response(msg, data, now)
+            return
+        if sa.request.kind == "delete_ike" and msg.notifies(NotifyType.INVALID_IKE_SPI):
+            # Unprotected, so it proves nothing, but it can only end an SA we are
+            # deleting anyway: the peer no longer knows it (a crossing Delete won).
+            sa._down("deleted by us")
             return
         expected = {
             ExchangeType.IKE_AUTH: "auth",

@@ -1,0 +1,306 @@
+"""Collisions (RFC 7296 2.8.1, 2.8.2, 2.25): both ends start exchanges on the same SA at
+about the same time, through a network that loses, duplicates, delays and reorders.
+
+Every scenario runs over many seeds; the seed drives the network, the gap between the two
+starts, and the engines' nonces and SPIs (so a failure replays exactly). Whatever the
+interleaving, both ends must end in agreement: one IKE SA with the same SPIs, and for
+each configured child one Child SA pair whose SPIs and keys match, nothing half-deleted,
+and no failure reported. The checklist is strongSwan's test_child_rekey.c and
+test_ike_rekey.c (read for their scenarios; these tests are our own).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine import core
+from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events import (
+    ChildSaDeleted,
+    ChildSaReady,
+    IkeSaDown,
+    IkeSaUp,
+    NegotiationFailed,
+    PeerDead,
+)
+from tests.fixtures.fakenet import Impairment
+from tests.unit.engine.test_establish import A, B, Pair, lab_pair, of
+
+SEEDS = range(60)
+
+
+@pytest.fixture
+def seeded(monkeypatch):
+    """Make the engines' nonces and SPIs a function of the seed (the scenario replays)."""
+
+    def seed(value: int) -> random.Random:
+        rng = random.Random(value)
+        monkeypatch.setattr(core.os, "urandom", rng.randbytes)
+        return rng
+
+    return seed
+
+
+def _pair(rng: random.Random, esp=("aes256gcm16",)) -> Pair:
+    pair = lab_pair(esp=esp, seed=rng.randrange(1 << 30))
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    pair.net.impairment = Impairment(loss=0.1, duplicate=0.1, reorder=0.5, reorder_delay=0.03)
+    pair.events = {A: [], B: []}
+    return pair
+
+
+def _sa(engine):
+    (sa,) = engine.sas()
+    return sa
+
+
+def _on(engine, action, args=lambda sa: ()):
+    """Start `action` on the engine's IKE SA as it was before the scenario began (the
+    shell asks for SAs it knows; one already gone is skipped, as keywayd does)."""
+    sa = _sa(engine)
+
+    def start(now):
+        if sa.state == "established":
+            getattr(engine, action)(sa, *args(sa), now)
+
+    return start
+
+
+def _child_action(engine, action: str):
+    """Rekey or delete the Child SA on whichever IKE SA holds it by then (as keywayd
+    does); it is the one there at the start, or already its replacement."""
+
+    def start(now):
+        holder = next((sa for sa in engine.sas() if sa.children and not sa.replaced), None)
+        if holder is not None:
+            getattr(engine, action)(holder, next(iter(holder.children)), now)
+
+    return start
+
+
+def _rekey_child(engine):
+    return _child_action(engine, "rekey_child_sa")
+
+
+def _delete_child(engine):
+    return _child_action(engine, "delete_child_sa")
+
+
+def _delete_ike(engine):
+    """Delete the connection's IKE SA as it is by then (as `keywayctl terminate` does)."""
+
+    def start(now):
+        for sa in engine.sas():
+            if sa.state == "established" and not sa.replaced:
+                engine.delete_ike_sa(sa, now)
+
+    return start
+
+
+def _initiate(engine):
+    """Start the connection unless an IKE SA of it exists, even half-open (keywayd's
+    rule: one IKE SA per connection); so only initiations that cross make twins."""
+
+    def start(now):
+        if not engine.sas_of("h1-h2"):
+            engine.initiate("h1-h2", now)
+
+    return start
+
+
+def _run(pair: Pair, rng: random.Random, first, second) -> None:
+    """Start `first` now and `second` after a seeded gap shorter than a round trip or
+    two, so their messages cross in every possible order; then run to quiescence."""
+    now = pair.net.now
+    first(now)
+    gap = rng.choice([0.0, 0.0, 0.005, 0.01, 0.02, 0.03])
+    pair.pump(until=now + gap)
+    second(max(now + gap, pair.net.now))
+    pair.pump(until=now + 120)
+
+
+def _assert_agree(pair: Pair, children: int = 1) -> None:
+    sas_a, sas_b = pair.a.sas(), pair.b.sas()
+    assert len(sas_a) == len(sas_b) == 1, (sas_a, sas_b)
+    sa_a, sa_b = sas_a[0], sas_b[0]
+    assert sa_a.state == sa_b.state == "established"
+    assert (sa_a.spi_i, sa_a.spi_r) == (sa_b.spi_i, sa_b.spi_r)
+    assert len(sa_a.children) == len(sa_b.children) == children
+    for child in sa_a.children.values():
+        twin = sa_b.children[child.spi_out]
+        assert twin.spi_out == child.spi_in
+        assert (twin.key_in, twin.key_out) == (child.key_out, child.key_in)
+    for sa in (sa_a, sa_b):
+        assert not (sa.rekeyed_children or sa.deleting_children or sa.child_collisions)
+        assert sa.request is None and not sa.pending
+    for addr in (A, B):
+        assert not of(pair.events[addr], NegotiationFailed), pair.events[addr]
+        assert not of(pair.events[addr], PeerDead)
+        # Every Child SA announced is either still held or was announced deleted.
+        held = set((sa_a if addr == A else sa_b).children)
+        ready = {e.spi_in for e in of(pair.events[addr], ChildSaReady)}
+        gone = [e.spi_in for e in of(pair.events[addr], ChildSaDeleted)]
+        assert len(gone) == len(set(gone)), "a Child SA was deleted twice"
+        assert ready - set(gone) <= held
+
+
+def _still_works(pair: Pair) -> None:
+    """The surviving SAs carry on: liveness both ways and one more rekey."""
+    now = pair.net.now
+    pair.net.impairment = Impairment()
+    pair.a.check_liveness(_sa(pair.a), now)
+    pair.b.check_liveness(_sa(pair.b), now)
+    sa = _sa(pair.b)
+    pair.b.rekey_child_sa(sa, next(iter(sa.children)), now)
+    pair.pump(until=now + 60)
+    _assert_agree(pair)
+
+
+def _reasons(pair: Pair) -> set[str]:
+    return {e.reason for addr in (A, B) for e in of(pair.events[addr], ChildSaDeleted)} | {
+        e.reason for addr in (A, B) for e in of(pair.events[addr], IkeSaDown)
+    }
+
+
+@pytest.mark.parametrize("esp", [("aes256gcm16",), ("aes256gcm16-x25519",)], ids=["", "pfs"])
+def test_simultaneous_child_rekeys_leave_one_pair(seeded, esp):
+    outcomes = set()
+    for seed in SEEDS:
+        rng = seeded(seed)
+        pair = _pair(rng, esp)
+        old = set(_sa(pair.a).children)
+        _run(
+            pair,
+            rng,
+            _rekey_child(pair.a),
+            _rekey_child(pair.b),
+        )
+        _assert_agree(pair)
+        assert not set(_sa(pair.a).children) & old, seed
+        outcomes.add(core.REDUNDANT_CHILD in _reasons(pair))
+        _still_works(pair)
+    assert outcomes == {True, False}, "both the collision and the sequential orders ran"
+
+
+def test_child_rekey_against_a_delete_of_the_same_child(seeded):
+    for seed in SEEDS:
+        rng = seeded(seed)
+        pair = _pair(rng)
+        _run(
+            pair,
+            rng,
+            _rekey_child(pair.a),
+            _delete_child(pair.b),
+        )
+        # The delete wins when it crossed the rekey (TEMPORARY_FAILURE); if the rekey
+        # came first, the delete hit the replaced SA and the new one stays.
+        children = len(_sa(pair.a).children)
+        assert children in (0, 1), seed
+        _assert_agree(pair, children)
+
+
+def test_deletes_of_the_same_child_that_cross(seeded):
+    for seed in SEEDS:
+        rng = seeded(seed)
+        pair = _pair(rng)
+        _run(
+            pair,
+            rng,
+            _delete_child(pair.a),
+            _delete_child(pair.b),
+        )
+        _assert_agree(pair, 0)
+        for addr in (A, B):
+            assert len(of(pair.events[addr], ChildSaDeleted)) == 1
+
+
+def test_simultaneous_ike_rekeys_leave_one_ike_sa_with_the_children(seeded):
+    outcomes = set()
+    for seed in SEEDS:
+        rng = seeded(seed)
+        pair = _pair(rng)
+        old_ike = _sa(pair.a).spi_i
+        children = set(_sa(pair.a).children)
+        _run(
+            pair,
+            rng,
+            _on(pair.a, "rekey_ike_sa", lambda sa: ()),
+            _on(pair.b, "rekey_ike_sa", lambda sa: ()),
+        )
+        _assert_agree(pair)
+        assert _sa(pair.a).spi_i != old_ike and set(_sa(pair.a).children) == children, seed
+        for addr in (A, B):
+            # The Child SAs moved untouched; no tunnel went down on the way.
+            assert not of(pair.events[addr], ChildSaDeleted)
+            assert {e.reason for e in of(pair.events[addr], IkeSaDown)} <= {
+                "replaced by rekey",
+                core.REDUNDANT_IKE,
+                "deleted by us",
+            }
+        outcomes.add(core.REDUNDANT_IKE in _reasons(pair))
+        _still_works(pair)
+    assert outcomes == {True, False}, "both the collision and the sequential orders ran"
+
+
+@pytest.mark.parametrize("ike_side", ["a", "b"])
+def test_ike_rekey_against_a_child_rekey(seeded, ike_side):
+    for seed in SEEDS:
+        rng = seeded(seed)
+        pair = _pair(rng)
+        ike, child = (pair.a, pair.b) if ike_side == "a" else (pair.b, pair.a)
+        old_ike = _sa(ike).spi_i
+        _run(
+            pair,
+            rng,
+            _on(ike, "rekey_ike_sa", lambda sa: ()),
+            _rekey_child(child),
+        )
+        _assert_agree(pair)
+        assert _sa(pair.a).spi_i != old_ike, seed  # the IKE rekey got through, or retried
+        _still_works(pair)
+
+
+def test_ike_rekey_against_a_delete_of_the_ike_sa(seeded):
+    for seed in SEEDS:
+        rng = seeded(seed)
+        pair = _pair(rng)
+        _run(
+            pair,
+            rng,
+            _on(pair.a, "rekey_ike_sa", lambda sa: ()),
+            _delete_ike(pair.b),
+        )
+        # The delete wins: if the rekey got through first, the new SA is deleted too.
+        assert pair.a.sas() == pair.b.sas() == [], seed
+        for addr in (A, B):
+            assert not of(pair.events[addr], NegotiationFailed)
+            held = {e.spi_in for e in of(pair.events[addr], ChildSaReady)} | {
+                e.spi_in for e in of(pair.events[addr], ChildSaDeleted)
+            }
+            assert len(of(pair.events[addr], ChildSaDeleted)) >= 1 and held
+
+
+def test_simultaneous_initiation_ends_with_one_ike_sa_and_one_child_pair(seeded):
+    """strongSwan issue #1801: both ends start the same connection at once."""
+    outcomes = set()
+    for seed in SEEDS:
+        rng = seeded(seed)
+        pair = lab_pair(
+            Impairment(loss=0.1, duplicate=0.1, reorder=0.5, reorder_delay=0.03),
+            seed=rng.randrange(1 << 30),
+        )
+        _run(
+            pair,
+            rng,
+            _initiate(pair.a),
+            _initiate(pair.b),
+        )
+        _assert_agree(pair)
+        ups = len(of(pair.events[A], IkeSaUp))
+        outcomes.add(ups)
+        if ups == 2:  # they were twins: one was deleted as a duplicate on both ends
+            assert core.DUPLICATE_IKE in _reasons(pair)
+        _still_works(pair)
+    assert 2 in outcomes, "no seed made the two initiations cross"
