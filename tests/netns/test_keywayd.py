@@ -254,7 +254,10 @@ def test_ike_sa_rekey_and_reauthentication_on_schedule_lose_no_packets(
     assert now and now[0]["spi_i"] != first
     assert arrived == 400, f"{400 - arrived} packets lost across {schedule} renewals"
     due = "IKE SA rekey due" if schedule == "rekey_time" else "reauthentication due"
-    assert due in agent_a.log() and due not in agent_b.log()  # the initiator's job
+    if schedule == "reauth_time":
+        assert due in agent_a.log() and due not in agent_b.log()  # the initiator's job
+    else:  # both ends keep a rekey schedule; the engine settles any collision
+        assert due in agent_a.log() + agent_b.log()
     # One IKE SA and one Child SA each side at the end: old ones were deleted.
     agent_b.wait_for(lambda: len(agent_b.ctl("list-sas")) == 1, "one IKE SA at b")
     assert len(agent_a.sas("ab")[0]["children"]) == 1

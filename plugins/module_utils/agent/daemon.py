@@ -517,10 +517,10 @@ class Agent:
     # -- IKE SA schedules ------------------------------------------------------------
 
     def _schedule_ike(self, name: str, spi_i: bytes, spi_r: bytes, initiator: bool | None):
-        """Rekey (or reauthenticate) before rekey_time/reauth_time, jittered by
-        rand_time, on the side that initiated the IKE SA (the engine does not resolve
-        rekey collisions yet, so only one side starts them); and on both sides, delete
-        the SA once rekey_time + over_time passes without a rekey."""
+        """Rekey before rekey_time on both ends (jittered by rand_time; the engine
+        settles the collisions when both start at once), or reauthenticate before
+        reauth_time on the end that initiated the IKE SA; and on both ends, delete the
+        SA once that time + over_time passes without either."""
         conn = self._config_of(name)
         local = self.local_of.get(name)
         if conn is None or local is None:
@@ -534,7 +534,7 @@ class Agent:
         jitter = random.uniform(0, conn.rand_time) if conn.rand_time > 0 else 0.0
         if initiator and conn.reauth_time:
             handles.append(self._loop.call_later(conn.reauth_time - jitter, self._reauth, sa))
-        elif initiator and conn.rekey_time:
+        elif conn.rekey_time:
             handles.append(self._loop.call_later(conn.rekey_time - jitter, self._rekey_ike, sa))
         limit = conn.reauth_time or conn.rekey_time
         if limit:
@@ -744,7 +744,7 @@ class Agent:
         if isinstance(event, base.ExpireEvent) and event.hard:
             log.info("[%s] Child SA %08x hit its hard limit: deleting", sa.conn.name, spi_in)
             sa.engine.delete_child_sa(sa, spi_in, now)
-        elif sa.initiator:  # soft expiry or sequence overflow: rekey (IKE initiator only)
+        else:  # soft expiry or sequence overflow: rekey (collisions are the engine's)
             log.info("[%s] Child SA %08x hit its soft limit: rekeying", sa.conn.name, spi_in)
             sa.engine.rekey_child_sa(sa, spi_in, now)
         self.runners[sa.engine.local[0]].pump()
