@@ -44,7 +44,14 @@ from pathlib import Path
 from typing import Any
 
 from ..dataplane import base
-from ..ike.engine.core import ChildParams, Engine, IkeConnection, IkeSa
+from ..ike.engine.core import (
+    DUPLICATE_IKE,
+    REDUNDANT_IKE,
+    ChildParams,
+    Engine,
+    IkeConnection,
+    IkeSa,
+)
 from ..ike.engine.events import (
     AuthFailed,
     ChildSaDeleted,
@@ -66,8 +73,8 @@ log = logging.getLogger("keyway.agent")
 
 BACKOFF_MAX = 60.0
 MAX_INITIATING = 32  # IKE SAs we initiate that may be half-way up at once
-# IkeSaDown reasons of an SA whose successor already carries its children.
-REPLACED = ("replaced by rekey", "replaced by reauthentication")
+# IkeSaDown reasons of an SA whose successor (or twin) carries the connection on.
+REPLACED = ("replaced by rekey", "replaced by reauthentication", REDUNDANT_IKE, DUPLICATE_IKE)
 SHUTDOWN_GRACE = 2.0  # seconds to wait for the peers' answers to our Deletes
 WATCH_QUEUE = 1000  # events buffered per `watch` client before it is dropped
 
