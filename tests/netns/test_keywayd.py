@@ -299,3 +299,19 @@ def test_dataplane_auto_falls_back_with_the_kernel_s_reason(netns_hosts, agents,
     assert "errno" in agent.log()
     with pytest.raises(RuntimeError, match="dataplane kernel: the kernel refuses ESP SAs"):
         Keywayd(b.netns, tmp_path / "kernel", {}, dataplane="kernel")
+
+
+def test_a_dead_peer_s_sas_leave_the_data_plane(netns_hosts, agents):
+    """kill -9 leaves no Delete behind: DPD finds the peer gone, and its IKE SA and Child
+    SAs are removed, from the engine and from the data plane."""
+    a, b = netns_hosts(2).hosts
+    fast = {"retransmit_timeout": 0.3, "retransmit_base": 1.5, "retransmit_tries": 2}
+    agent_b = agents(b, {"ab": site_connection(b, a, start=False)}, **fast)
+    conn = {**site_connection(a, b, start=True), "dpd_delay": "1s"}
+    agent_a = agents(a, {"ab": conn}, **fast)
+    agent_a.wait_for(lambda: agent_a.ctl("status")["dataplane_sas"] == 2, "one SA pair")
+    agent_b.kill()
+    agent_a.wait_for(lambda: not agent_a.sas("ab"), "peer found dead")
+    status = agent_a.ctl("status")
+    assert status["ike_sas"] == status["child_sas"] == status["dataplane_sas"] == 0
+    assert "peer dead" in agent_a.log()

@@ -4,6 +4,9 @@ The file describes connections much as swanctl.conf does (strongSwan users shoul
 at home), in YAML:
 
     dataplane: auto                      # kernel | userspace | auto
+    fragment_size: 1280                  # larger IKE messages go as RFC 7383 fragments
+    retransmit_timeout: 4                # seconds, then x retransmit_base (1.8) each time;
+    retransmit_tries: 5                  # a peer silent after this many is dead
     connections:
       h1-h2:
         local_addrs: [192.0.2.11]
@@ -170,6 +173,11 @@ class AgentConfig:
     nat_t_port: int = 4500
     half_open_cookie_threshold: int = 100
     fragment_size: int = 1280
+    # Retransmission of IKE requests (strongSwan's charon.retransmit_*): the n-th
+    # waits timeout * base**n; the peer is dead after `tries` retransmissions.
+    retransmit_timeout: float = 4.0
+    retransmit_base: float = 1.8
+    retransmit_tries: int = 5
 
     def connection(self, name: str) -> ConnectionConfig:
         return self._by_name[name]  # KeyError for an unknown name
@@ -251,6 +259,13 @@ class _Reader:
             self.problem(_join(path, key), f"{value!r} is not one of {', '.join(choices)}")
             return default
         return value
+
+    def number(self, raw: dict, key: str, path: str, default: float, lo: float, hi: float) -> float:
+        value = raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+            self.problem(_join(path, key), f"{value!r} must be a number from {lo:g} to {hi:g}")
+            return default
+        return float(value)
 
     def integer(self, raw: dict, key: str, path: str, default: int, lo: int, hi: int) -> int:
         value = raw.get(key, default)
@@ -444,6 +459,9 @@ _AGENT_KEYS = {
     "nat_t_port",
     "half_open_cookie_threshold",
     "fragment_size",
+    "retransmit_timeout",
+    "retransmit_base",
+    "retransmit_tries",
 }
 
 
@@ -625,6 +643,9 @@ def parse_config(
             raw, "half_open_cookie_threshold", "", 100, 0, 1 << 20
         ),
         fragment_size=reader.integer(raw, "fragment_size", "", 1280, 576, 65535),
+        retransmit_timeout=reader.number(raw, "retransmit_timeout", "", 4.0, 0.1, 600.0),
+        retransmit_base=reader.number(raw, "retransmit_base", "", 1.8, 1.0, 10.0),
+        retransmit_tries=reader.integer(raw, "retransmit_tries", "", 5, 0, 30),
     )
     if reader.problems:
         raise ConfigError(reader.problems, source)

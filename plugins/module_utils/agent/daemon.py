@@ -46,6 +46,7 @@ from typing import Any
 from ..dataplane import base
 from ..ike.engine.core import (
     DUPLICATE_IKE,
+    PEER_DEAD,
     REDUNDANT_IKE,
     ChildParams,
     Engine,
@@ -63,6 +64,7 @@ from ..ike.engine.events import (
     NegotiationFailed,
     PeerDead,
 )
+from ..ike.engine.retransmit import RetransmitPolicy
 from ..ike.proposals import describe
 from . import install
 from .config import AgentConfig, ConfigError, ConnectionConfig, diff_configs, load_config
@@ -103,9 +105,10 @@ def _read_file(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
-def ike_connection(conn: ConnectionConfig, fragment_size: int = 1280) -> IkeConnection:
+def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> IkeConnection:
     """The engine's view of a configured connection (pass/drop children are policies
-    only, never negotiated); `fragment_size` is the agent-wide IKE fragment limit."""
+    only, never negotiated), with the agent-wide fragment and retransmission settings."""
+    agent = agent or AgentConfig()
     children = tuple(
         ChildParams(
             child.name,
@@ -147,7 +150,10 @@ def ike_connection(conn: ConnectionConfig, fragment_size: int = 1280) -> IkeConn
         conn.proposals,
         children,
         allow_weak=conn.allow_weak,
-        fragment_size=fragment_size,
+        fragment_size=agent.fragment_size,
+        retransmit=RetransmitPolicy(
+            agent.retransmit_timeout, agent.retransmit_base, agent.retransmit_tries
+        ),
         **extra,
     )
 
@@ -325,7 +331,7 @@ class Agent:
     async def _add_connection(self, conn: ConnectionConfig) -> None:
         local = resolve_local_address(conn)
         engine, _ = await self._endpoint(local)
-        engine.add_connection(ike_connection(conn, self.config.fragment_size))
+        engine.add_connection(ike_connection(conn, self.config))
         self.local_of[conn.name] = local
         for remote in conn.remote_addrs:
             self._local_towards[remote] = local
@@ -506,7 +512,8 @@ class Agent:
             for handle in self._ike_timers.pop(event.spi_i, ()):
                 handle.cancel()
             log.info("[%s] IKE SA down: %s", name, event.reason)
-            if not ours and event.reason not in REPLACED:
+            # A dead peer was reported (PeerDead) and handled by dpd_action already.
+            if not ours and event.reason not in (*REPLACED, PEER_DEAD):
                 self._after_loss(name, f"IKE SA down ({event.reason})", "close_action")
         elif isinstance(event, PeerDead):
             log.warning("[%s] peer dead: no answer to our requests", name)
@@ -795,7 +802,7 @@ class Agent:
         for conn in new.connections:  # fail before changing anything
             try:
                 resolve_local_address(conn)
-                ike_connection(conn)
+                ike_connection(conn, new)
             except (AgentError, OSError, ValueError) as exc:
                 self.stats["reload_failures"] += 1
                 raise ControlError(f"{self.config_path}: {conn.name}: {exc}") from None
@@ -854,6 +861,7 @@ class Agent:
             "connections": len(self.config.connections),
             "ike_sas": sum(sa.state == "established" for sa in sas),
             "child_sas": sum(len(sa.children) for sa in sas),
+            "dataplane_sas": len(self.plane.list_sas()),  # what the data plane holds
         }
 
     async def _cmd_list_conns(self, args: dict) -> list:

@@ -291,6 +291,10 @@ def test_dead_peer_detection():
     pair.pump(until=pair.net.now + 100)
     (dead,) = of(pair.events[A], PeerDead)
     assert dead.connection == "h1-h2" and not pair.a.sas()
+    # Its Child SAs are reported gone, so the shell removes them from the data plane.
+    (gone,) = of(pair.events[A], ChildSaDeleted)
+    (down,) = of(pair.events[A], IkeSaDown)
+    assert gone.reason == down.reason == "peer dead"
 
 
 def test_queued_requests_wait_for_the_window():

@@ -1,4 +1,4 @@
-"""The sans-IO IKEv2 engine: IKE_SA_INIT and IKE_AUTH (PSK) with the first Child SA.
+"""The sans-IO IKEv2 engine (RFC 7296): every exchange, both roles.
 
     engine = Engine(local_address)                       # one per local address/port
     engine.add_connection(IkeConnection(...))
@@ -7,13 +7,18 @@
     engine.tick(now)                                     # timers (retransmission)
     engine.next_deadline() -> float | None               # when to call tick next
     engine.pop_datagrams() -> [Datagram]; engine.pop_events() -> [Event]
+    engine.rekey_child_sa / rekey_ike_sa / reauthenticate / create_child_sa /
+    delete_child_sa / delete_ike_sa / check_liveness(sa, ..., now)
+
+IKE_SA_INIT (cookies, INVALID_KE_PAYLOAD, NAT detection), IKE_AUTH (PSK or
+certificates) with the first Child SA, CREATE_CHILD_SA (further Child SAs, Child and
+IKE rekeys with or without PFS), INFORMATIONAL (deletes, liveness), RFC 7383 fragments,
+reauthentication, and the collisions of RFC 7296 2.8 and 2.25. Window size 1: one
+request of ours in flight per IKE SA, others queue (`pending`).
 
 Callers own sockets and clocks. Malformed or unexpected input is logged once with its
 reason and dropped (or answered as RFC 7296 says), leaving every other SA untouched.
-Not yet here (see the engine issue): CREATE_CHILD_SA (rekeys), INFORMATIONAL (delete,
-DPD), cookies under load, certificates, fragmentation on send, collisions.
 """
-
 from __future__ import annotations
 
 import datetime
@@ -72,6 +77,7 @@ CHILD_EXCHANGES = ("rekey_child", "create_child", "delete_child")
 REDUNDANT_CHILD = "redundant after a rekey collision"
 REDUNDANT_IKE = "redundant after a rekey collision"
 DUPLICATE_IKE = "duplicate of a simultaneous initiation"
+PEER_DEAD = "peer dead"
 
 
 @dataclass(frozen=True)
@@ -1554,8 +1560,14 @@ class IkeSa:
         if now < req.sent_at + policy.interval(req.attempt):
             return
         if req.attempt >= policy.tries:
+            if self.redundant or self.replaced or self.reauthenticated:
+                self._down("deleted by us")  # surplus anyway: the peer forgot it first
+                return
             log.warning("%s: no answer after %d retransmissions", self.conn.name, policy.tries)
             self.engine._event(PeerDead(self.conn.name, self.spi_i, self.spi_r))
+            if self.state == "established":
+                self._down(PEER_DEAD)  # its Child SAs go with it
+                return
             self.state = "failed"
             self.request = None
             self.engine._forget(self)
