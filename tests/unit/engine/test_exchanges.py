@@ -19,6 +19,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events imp
     ChildSaDeleted,
     ChildSaReady,
     IkeSaDown,
+    IkeSaRekeyed,
     IkeSaUp,
     NegotiationFailed,
 )
@@ -237,3 +238,39 @@ def test_a_half_open_responder_sa_is_dropped_after_the_timeout():
     pair.b.tick(expiry)
     assert pair.b.sas() == [] and pair.b.next_deadline() is None
     assert not pair.b.pop_events()  # nobody was up, so nothing to report down
+
+
+@pytest.mark.parametrize("what", ["child", "ike"])
+def test_rekeys_retry_in_the_ke_group_the_responder_asks_for(what):
+    if what == "child":
+        pair = lab_pair(esp=("aes256gcm16-x25519", "aes256gcm16-ecp256"))
+        only = dataclasses.replace(
+            pair.b.connections["h1-h2"].children[0], esp_proposals=("aes256gcm16-ecp256",)
+        )
+        pair.b.add_connection(dataclasses.replace(pair.b.connections["h1-h2"], children=(only,)))
+    else:
+        pair = lab_pair(proposals=("aes256gcm16-prfsha384-x25519", "aes256gcm16-prfsha384-ecp256"))
+        pair.b.add_connection(
+            dataclasses.replace(
+                pair.b.connections["h1-h2"], proposals=("aes256gcm16-prfsha384-ecp256",)
+            )
+        )
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    sa = pair.a.sas()[0]
+    if what == "child":
+        pair.a.rekey_child_sa(sa, next(iter(sa.children)), pair.net.now)
+    else:
+        pair.a.rekey_ike_sa(sa, pair.net.now)
+    pair.pump(until=pair.net.now + 30)
+    assert not of(pair.events[A], NegotiationFailed)
+    refusals = [d for d in _sent(pair, B) if d[18] == ExchangeType.CREATE_CHILD_SA and len(d) < 100]
+    assert refusals, "B should have answered INVALID_KE_PAYLOAD first"
+    if what == "child":
+        new = of(pair.events[A], ChildSaReady)[-1]
+        assert new.rekeyed_from and "ecp256" in new.proposal.lower()
+        assert len(pair.a.sas()[0].children) == len(pair.b.sas()[0].children) == 1
+    else:
+        (rekeyed,) = of(pair.events[A], IkeSaRekeyed)
+        assert rekeyed.proposal.lower().endswith("ecp256")
+        assert len(pair.a.sas()) == len(pair.b.sas()) == 1

@@ -19,6 +19,7 @@ request of ours in flight per IKE SA, others queue (`pending`).
 Callers own sockets and clocks. Malformed or unexpected input is logged once with its
 reason and dropped (or answered as RFC 7296 says), leaving every other SA untouched.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -145,6 +146,11 @@ def negotiated_suite(chosen: codec.Proposal, allow_weak: bool):
         crypto.encr_for(encr_t.id, encr_t.key_length, allow_weak),
         crypto.integ_for(integ_t.id if integ_t else IntegId.NONE, allow_weak),
     )
+
+
+def errors_of(payloads: list[codec.Payload]) -> list[codec.Notify]:
+    """The error notifies among decrypted payloads."""
+    return [p for p in payloads if isinstance(p, codec.Notify) and p.is_error]
 
 
 def notify_name(ntype: int) -> str:
@@ -627,8 +633,11 @@ class IkeSa:
     def _params_of(self, child: ChildSaReady) -> ChildParams:
         return next((c for c in self.conn.children if c.name == child.child), self.conn.children[0])
 
-    def _send_child_request(self, params: ChildParams, now: float, old_spi: int = 0) -> None:
-        """CREATE_CHILD_SA for a new Child SA of `params`, or (old_spi) to rekey one."""
+    def _send_child_request(
+        self, params: ChildParams, now: float, old_spi: int = 0, group: int | None = None
+    ) -> None:
+        """CREATE_CHILD_SA for a new Child SA of `params`, or (old_spi) to rekey one;
+        with PFS, the KE payload is in `group` (default: the first proposal's)."""
         old = self.children.get(old_spi)
         specs = [
             parse_proposal_string(p, "esp", allow_weak=self.conn.allow_weak)
@@ -653,7 +662,7 @@ class IkeSa:
             codec.Nonce(data=nonce),
         ]
         if specs[0].ke:  # PFS: a KE payload in the first proposal's group
-            kx = crypto.key_exchange(specs[0].ke[0], allow_weak=self.conn.allow_weak)
+            kx = crypto.key_exchange(group or specs[0].ke[0], allow_weak=self.conn.allow_weak)
             inner.append(codec.KE(group=kx.group, data=kx.public))
         local_ts, remote_ts = (
             (old.local_ts, old.remote_ts)
@@ -682,6 +691,19 @@ class IkeSa:
         tsi = next((p for p in inner if isinstance(p, codec.TSi)), None)
         tsr = next((p for p in inner if isinstance(p, codec.TSr)), None)
         ke = next((p for p in inner if isinstance(p, codec.KE)), None)
+        group = self._asked_group(
+            errors,
+            kx,
+            [
+                g
+                for p in params.esp_proposals
+                for g in parse_proposal_string(p, "esp", allow_weak=self.conn.allow_weak).ke
+            ],
+        )
+        if group is not None and (not spi_in or spi_in in self.children):
+            log.info("%s: %s: peer asks for KE group %d, retrying", self.conn.name, what, group)
+            self._send_child_request(params, now, spi_in, group)
+            return
         collision = self.child_collisions.pop(spi_in, None) if spi_in else None
         if errors or not (sa and nonce and tsi and tsr) or len(sa.proposals) != 1:
             name = notify_name(errors[0].type) if errors else "incomplete response"
@@ -731,6 +753,17 @@ class IkeSa:
                 elif spi_in:  # make-before-break: the new SA is announced; retire the old
                     self._retire_child(spi_in, "deleted by us", now)
         self._next_pending(now)
+
+    @staticmethod
+    def _asked_group(errors: list[codec.Notify], kx, offered: list[int]) -> int | None:
+        """The KE group an INVALID_KE_PAYLOAD asks for, if we offered it and did not
+        just use it (else the refusal stands: no retry loop)."""
+        for notify in errors:
+            if notify.type == NotifyType.INVALID_KE_PAYLOAD and len(notify.data) == 2:
+                (group,) = struct.unpack("!H", notify.data)
+                if group in offered and (kx is None or kx.group != group):
+                    return group
+        return None
 
     def _retire_child(self, spi_in: int, reason: str, now: float) -> None:
         """Delete a Child SA before any other queued work."""
@@ -808,11 +841,11 @@ class IkeSa:
             for p in self.conn.proposals
         ]
 
-    def _send_rekey_ike(self, now: float) -> None:
+    def _send_rekey_ike(self, now: float, group: int | None = None) -> None:
         specs = self._ike_specs()
         new_spi = os.urandom(8)
         nonce = os.urandom(NONCE_SIZE)
-        kx = crypto.key_exchange(specs[0].ke[0], allow_weak=self.conn.allow_weak)
+        kx = crypto.key_exchange(group or specs[0].ke[0], allow_weak=self.conn.allow_weak)
         inner = [
             codec.SA(proposals=[s.to_proposal(i + 1, new_spi) for i, s in enumerate(specs)]),
             codec.Nonce(data=nonce),
@@ -879,6 +912,13 @@ class IkeSa:
     def _on_rekey_ike_response(self, inner: list[codec.Payload], now: float) -> None:
         req, self.request = self.request, None
         new_spi, ni, kx = req.arg
+        group = self._asked_group(
+            errors_of(inner), kx, [g for s in self._ike_specs() for g in s.ke]
+        )
+        if group is not None and not self.replaced:
+            log.info("%s: IKE rekey: peer asks for KE group %d, retrying", self.conn.name, group)
+            self._send_rekey_ike(now, group)
+            return
         collision, self.ike_collision = self.ike_collision, None
         if collision is not None and collision[0].state != "established":
             collision = None  # the peer deleted its new SA already: it lost
