@@ -1970,12 +1970,8 @@ class Engine:
         """Established IKE SAs of connection `name` with peer `remote_id`, but `besides`."""
         return [
             sa
-            for sa in self.sas()
-            if sa is not besides
-            and sa.state == "established"
-            and sa.conn is not None
-            and sa.conn.name == name
-            and sa.remote_id == remote_id
+            for sa in self.sas_of(name)
+            if sa is not besides and sa.state == "established" and sa.remote_id == remote_id
         ]
 
     def _connections_for(
