@@ -42,8 +42,11 @@ def test_site_builds_the_mesh_idempotently_and_traffic_is_encrypted(netns_hosts)
     # waits for those.
     assert {"h1-h2", "h1-h3"} <= set(started["h1"]["established"])
     assert {"h2-h3"} <= set(started["h2"]["established"])
-    second = recap(run_playbook("playbooks/site.yml", plan))
-    assert all(s["changed"] == 0 and s["failures"] == 0 for s in second.values())
+    second_run = run_playbook("playbooks/site.yml", plan)
+    second = recap(second_run)
+    assert all(s["changed"] == 0 and s["failures"] == 0 for s in second.values()), (
+        second_run.stdout[-6000:]
+    )
     checked = recap(run_playbook("playbooks/site.yml", plan, "--check", "--diff"))
     assert all(s["changed"] == 0 for s in checked.values())
 

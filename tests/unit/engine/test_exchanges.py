@@ -274,3 +274,34 @@ def test_rekeys_retry_in_the_ke_group_the_responder_asks_for(what):
         (rekeyed,) = of(pair.events[A], IkeSaRekeyed)
         assert rekeyed.proposal.lower().endswith("ecp256")
         assert len(pair.a.sas()) == len(pair.b.sas()) == 1
+
+
+def test_childless_ike_auth_is_negotiated_in_ike_sa_init():
+    pair = lab_pair()
+    for engine in (pair.a, pair.b):
+        engine.add_connection(dataclasses.replace(engine.connections["h1-h2"], children=()))
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    for src in (A, B):
+        init = next(
+            codec.decode_message(d) for d in _sent(pair, src) if d[18] == ExchangeType.IKE_SA_INIT
+        )
+        assert init.notifies(NotifyType.CHILDLESS_IKEV2_SUPPORTED), src
+    assert of(pair.events[A], IkeSaUp) and of(pair.events[B], IkeSaUp)
+    assert not of(pair.events[A], ChildSaReady) and not of(pair.events[B], ChildSaReady)
+    # Children can follow on CREATE_CHILD_SA once configured.
+    child = ChildParams("late", ("10.1.5.0/24",), ("10.2.5.0/24",))
+    for engine, mirror in ((pair.a, False), (pair.b, True)):
+        params = (
+            dataclasses.replace(child, local_ts=child.remote_ts, remote_ts=child.local_ts)
+            if mirror
+            else child
+        )
+        engine.add_connection(dataclasses.replace(engine.connections["h1-h2"], children=(params,)))
+    sa = pair.a.sas()[0]
+    sa.conn = pair.a.connections["h1-h2"]
+    pair.b.sas()[0].conn = pair.b.connections["h1-h2"]
+    pair.a.create_child_sa(sa, "late", pair.net.now)
+    pair.pump(until=pair.net.now + 30)
+    (late,) = of(pair.events[A], ChildSaReady)
+    assert late.child == "late" and late.remote_ts == ("10.2.5.0/24",)

@@ -241,6 +241,7 @@ class IkeSa:
         self.child_timers: dict[int, LifetimeSchedule] = {}  # by inbound SPI
         self.last_response: tuple[int, tuple[bytes, ...]] | None = None
         self.peer_fragments = False  # the peer sent IKEV2_FRAGMENTATION_SUPPORTED
+        self.peer_childless = False  # the peer sent CHILDLESS_IKEV2_SUPPORTED (RFC 6023)
         self.fragments: tuple[int, bool, codec.Reassembler] | None = None  # (mid, response)
         self.keys: crypto.IkeKeys | None = None
         self.out: object = None
@@ -364,6 +365,7 @@ class IkeSa:
         ]
         if conn.fragment_size:
             payloads.append(codec.Notify(type=NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
+        payloads.append(codec.Notify(type=NotifyType.CHILDLESS_IKEV2_SUPPORTED))  # RFC 6023
         self.send_mid = 0
         data = codec.encode_message(
             codec.Message(self._header(ExchangeType.IKE_SA_INIT, 0, False), payloads)
@@ -400,6 +402,7 @@ class IkeSa:
         self.request = None
         self.spi_r = msg.header.spi_r
         self.peer_fragments = bool(msg.notifies(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
+        self.peer_childless = bool(msg.notifies(NotifyType.CHILDLESS_IKEV2_SUPPORTED))
         self.engine._index(self)
         if self.engine._nat_detected(msg, self.spi_i, self.spi_r, self.remote):
             # RFC 7296 2.23: behind a NAT (or a peer that says so, like strongSwan's
@@ -411,6 +414,12 @@ class IkeSa:
         self.nonce_r = nonce.data
         self._derive(chosen, ke, msg)
         if self.state == "failed":
+            return
+        if not conn.children and not self.peer_childless:
+            self._fail(
+                "connection has no Child SA to negotiate and the peer does not support "
+                "IKE_AUTH without one (RFC 6023 CHILDLESS_IKEV2_SUPPORTED)"
+            )
             return
         self._send_auth_request(now)
 
@@ -1217,6 +1226,9 @@ class IkeSa:
             *self.engine._nat_notifies(self.spi_i, self.spi_r, self.remote),
             codec.Notify(type=NotifyType.SIGNATURE_HASH_ALGORITHMS, data=SIGNATURE_HASHES),
         ]
+        self.peer_childless = bool(msg.notifies(NotifyType.CHILDLESS_IKEV2_SUPPORTED))
+        if self.peer_childless:  # RFC 6023: we accept IKE_AUTH without a Child SA
+            payloads.append(codec.Notify(type=NotifyType.CHILDLESS_IKEV2_SUPPORTED))
         # RFC 7383 2.3: the responder says it supports fragments only if asked.
         self.peer_fragments = bool(msg.notifies(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED)) and any(
             c.fragment_size for c in candidates
