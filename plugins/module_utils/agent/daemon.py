@@ -739,6 +739,26 @@ class Agent:
                         return sa, spi_in
         return None
 
+    def _tell_invalid_spi(self, event: base.UnknownSpiEvent) -> None:
+        """ESP from a peer on an SPI we do not hold: if we share an IKE SA with it, say
+        so (INVALID_SPI); it then replaces the Child SA it thinks is alive."""
+        engine = self.engines.get(self._local_towards.get(event.src, ""))
+        if engine is None:
+            return
+        sa = next(
+            (
+                s
+                for s in engine.sas()
+                if s.remote[0] == event.src and s.state == "established" and not s.replaced
+            ),
+            None,
+        )
+        if sa is None:
+            return
+        log.info("[%s] ESP for unknown SPI %08x from %s", sa.conn.name, event.spi, event.src)
+        engine.notify_invalid_spi(sa, event.spi, self._loop.time())
+        self.runners[engine.local[0]].pump()
+
     def _on_plane_event(self, event: base.DataPlaneEvent) -> None:
         self.stats[type(event).__name__] += 1
         self._publish(event_record(event))
@@ -748,6 +768,9 @@ class Agent:
                     log.info("[%s/%s] acquire for %s: initiating", name, child, event.selector)
                     self._initiate(name)
                     return
+            return
+        if isinstance(event, base.UnknownSpiEvent):
+            self._tell_invalid_spi(event)
             return
         spi = event.sa.spi
         found = self._find_child(spi)

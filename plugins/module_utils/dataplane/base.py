@@ -188,7 +188,18 @@ class SeqOverflowEvent:
     reqid: int = 0
 
 
-DataPlaneEvent = ExpireEvent | AcquireEvent | SeqOverflowEvent
+@dataclass(frozen=True)
+class UnknownSpiEvent:
+    """ESP or AH arrived for an SPI no SA has (rate-limited): the sender may be using an
+    SA we lost, and can be told so (INVALID_SPI, RFC 7296 2.21.4)."""
+
+    proto: int
+    spi: int
+    src: str
+    dst: str
+
+
+DataPlaneEvent = ExpireEvent | AcquireEvent | SeqOverflowEvent | UnknownSpiEvent
 EventSink = Callable[[DataPlaneEvent], None]
 
 

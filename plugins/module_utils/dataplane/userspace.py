@@ -55,10 +55,13 @@ from .base import (
     SaSpec,
     Selector,
     SeqOverflowEvent,
+    UnknownSpiEvent,
     is_keyway_reqid,
 )
 
 BATCH = 64  # packets handled per readiness callback before yielding to the loop
+UNKNOWN_SPI_INTERVAL = 10.0  # seconds between reports of one unknown SPI from one sender
+UNKNOWN_SPI_MEMORY = 4096  # (sender, SPI) pairs remembered for that
 # Rekey this many sequence numbers before the counter would run out (RFC 4303 3.3.3).
 SEQ_OVERFLOW_MARGIN = 1 << 16
 
@@ -153,6 +156,7 @@ class UserspacePlane(DataPlane):
         self._routes: set[str] = set()
         self._route_users: collections.Counter[str] = collections.Counter()
         self._events: EventSink = lambda event: None
+        self._unknown_spi: dict[tuple[bytes, int, int], float] = {}  # last report times
         self._acquired: dict[int, float] = {}
         # (reqid, proto, template dst) -> outbound SA; cleared whenever SAs change.
         self._out_cache: dict[tuple[int, IpsecProto, str], _Sa] = {}
@@ -554,6 +558,7 @@ class UserspacePlane(DataPlane):
         entry = self._inbound.get((dst, proto, spi))
         if entry is None:
             self.drops[pk.BAD_SPI] += 1
+            self._report_unknown_spi(proto, spi, src, dst)
             return
         try:
             if proto == pk.IPPROTO_AH:
@@ -582,6 +587,23 @@ class UserspacePlane(DataPlane):
             os.write(self._tun_fd, inner)
         except OSError:
             self.drops["tun_write"] += 1
+
+    def _report_unknown_spi(self, proto: int, spi: int, src: bytes, dst: bytes) -> None:
+        """At most one report per sender and SPI every UNKNOWN_SPI_INTERVAL seconds, and
+        a bounded memory of them: a flood of junk SPIs costs a counter, not state."""
+        now = self.clock()
+        key = (src, proto, spi)
+        if now - self._unknown_spi.get(key, -UNKNOWN_SPI_INTERVAL) < UNKNOWN_SPI_INTERVAL:
+            return
+        if len(self._unknown_spi) >= UNKNOWN_SPI_MEMORY:
+            self._unknown_spi.clear()
+        self._unknown_spi[key] = now
+        family = socket.AF_INET if len(src) == 4 else socket.AF_INET6
+        self._events(
+            UnknownSpiEvent(
+                proto, spi, socket.inet_ntop(family, src), socket.inet_ntop(family, dst)
+            )
+        )
 
     def _inbound_allowed(self, reqid: int, ip: pk.IpPacket) -> bool:
         for policy, compiled in self._in_order:

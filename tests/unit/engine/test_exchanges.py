@@ -305,3 +305,24 @@ def test_childless_ike_auth_is_negotiated_in_ike_sa_init():
     pair.pump(until=pair.net.now + 30)
     (late,) = of(pair.events[A], ChildSaReady)
     assert late.child == "late" and late.remote_ts == ("10.2.5.0/24",)
+
+
+def test_invalid_spi_from_the_peer_replaces_the_child_it_names():
+    pair = established()
+    sa_a, sa_b = pair.a.sas()[0], pair.b.sas()[0]
+    (old_a,) = sa_a.children.values()
+    (old_b,) = sa_b.children.values()
+    pair.b.notify_invalid_spi(sa_b, 0x12345678, pair.net.now)  # not an SA of A's: ignored
+    pair.pump(until=pair.net.now + 10)
+    assert set(sa_a.children) == {old_a.spi_in} and not of(pair.events[A], ChildSaDeleted)
+    # B got ESP on old_b.spi_in, which it says it does not hold: A sends on it (spi_out).
+    pair.b.notify_invalid_spi(sa_b, old_b.spi_in, pair.net.now)
+    pair.pump(until=pair.net.now + 30)
+    (gone,) = of(pair.events[A], ChildSaDeleted)
+    assert gone.spi_in == old_a.spi_in and gone.reason == "peer lost it"
+    (new_a,) = sa_a.children.values()
+    (new_b,) = sa_b.children.values()
+    assert new_a.spi_in != old_a.spi_in and (new_a.spi_out, new_a.key_out) == (
+        new_b.spi_in,
+        new_b.key_in,
+    )

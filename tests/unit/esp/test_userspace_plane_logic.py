@@ -26,6 +26,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.base import
     SeqOverflowEvent,
     Template,
     UdpEncap,
+    UnknownSpiEvent,
 )
 from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.userspace import (
     UserspacePlane,
@@ -246,3 +247,16 @@ def test_update_sa_keeps_counters_and_window_and_refuses_new_keys(pair: Pair) ->
     assert sa_id not in {s.id for s in pair.b.list_sas()}
     with pytest.raises(DataPlaneError, match="cannot be updated"):
         pair.a.update_sa(dataclasses.replace(old, enc_key=os.urandom(20)))
+
+
+def test_esp_for_an_unknown_spi_is_reported_at_a_bounded_rate(pair: Pair) -> None:
+    reports: list = []
+    pair.b._events = reports.append
+    junk = b"\0\0\x99\x99" + bytes(40)
+    for _ in range(50):
+        pair.b.handle_udp_encap(junk, A, B)
+    assert reports == [UnknownSpiEvent(pk.IPPROTO_ESP, 0x9999, A, B)]
+    assert pair.b.drops["bad_spi"] == 50  # every packet counted, one report
+    pair.clock.now += 11  # the next report for the same SPI after the interval
+    pair.b.handle_udp_encap(junk, A, B)
+    assert len(reports) == 2

@@ -796,14 +796,13 @@ class IkeSa:
         )
 
     def _replace_lost_child(self, spi_in: int, now: float) -> None:
-        """The peer does not know a Child SA we hold (CHILD_SA_NOT_FOUND): it is useless,
-        so drop it and negotiate a new one in its place."""
-        child = self.children.pop(spi_in)
+        """The peer does not know a Child SA we hold (CHILD_SA_NOT_FOUND, INVALID_SPI): it
+        is useless, so delete it (whatever half the peer still has goes too) and negotiate
+        a new one in its place."""
         log.warning("%s: peer lost Child SA %08x; creating a new one", self.conn.name, spi_in)
-        self.engine._event(
-            ChildSaDeleted(self.conn.name, child.child, child.spi_in, child.spi_out, "peer lost it")
-        )
-        self.queue("create_child", now, self._params_of(child))
+        params = self._params_of(self.children[spi_in])
+        self._retire_child(spi_in, "peer lost it", now)
+        self.queue("create_child", now, params)
 
     def _release(self, now: float) -> None:
         """The old IKE SA is gone (or long enough ago replaced): send on this one."""
@@ -1412,6 +1411,14 @@ class IkeSa:
             inner: list[codec.Payload] = [codec.Delete(protocol=ProtocolId.IKE)]
         elif kind == "delete_child":
             inner = [codec.Delete(protocol=ProtocolId.ESP, spis=[struct.pack("!I", arg)])]
+        elif kind == "invalid_spi":  # RFC 7296 3.10.1: the data is the packet's SPI
+            inner = [
+                codec.Notify(
+                    type=NotifyType.INVALID_SPI,
+                    protocol=ProtocolId.ESP,
+                    data=struct.pack("!I", arg),
+                )
+            ]
         else:  # dpd: an empty INFORMATIONAL
             inner = []
         self._request(ExchangeType.INFORMATIONAL, inner, now, kind, arg)
@@ -1471,6 +1478,22 @@ class IkeSa:
         if ours:
             reply.append(codec.Delete(protocol=ProtocolId.ESP, spis=ours))
         self._respond(ExchangeType.INFORMATIONAL, mid, reply)
+        for notify in inner:
+            if isinstance(notify, codec.Notify) and notify.type == NotifyType.INVALID_SPI:
+                self._on_invalid_spi(notify)
+
+    def _on_invalid_spi(self, notify: codec.Notify) -> None:
+        """The peer got ESP on an SPI it does not know. If that is one of ours, the Child
+        SA is useless: replace it (the notify came protected, inside this IKE SA)."""
+        raw = notify.data if len(notify.data) == 4 else notify.spi
+        if len(raw) != 4:
+            return
+        spi = int.from_bytes(raw, "big")
+        child = next((c for c in self.children.values() if c.spi_out == spi), None)
+        if child is None or child.spi_in in self.deleting_children:
+            log.info("%s: INVALID_SPI %08x from the peer: not an SA of ours", self.conn.name, spi)
+            return
+        self._replace_lost_child(child.spi_in, self.engine.now)
 
     def _down(self, reason: str) -> None:
         if self.replaced:
@@ -1834,6 +1857,12 @@ class Engine:
         new = self.initiate(sa.conn.name, now)
         new.reauth_of = sa
         return new
+
+    def notify_invalid_spi(self, sa: IkeSa, spi: int, now: float) -> None:
+        """Tell the peer it sent ESP on an SPI we do not hold (RFC 7296 2.21.4); the
+        shell calls this for the data plane's rate-limited reports."""
+        sa.queue("invalid_spi", now, spi)
+        self._touch(sa)
 
     def check_liveness(self, sa: IkeSa, now: float) -> None:
         """Dead peer detection: an empty INFORMATIONAL; PeerDead if it goes unanswered."""
