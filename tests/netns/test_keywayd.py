@@ -82,6 +82,33 @@ def test_rekeys_on_a_short_schedule_lose_no_packets(netns_hosts, agents):
     assert len(agent_a.child_spis("ab")) == 1  # old SAs deleted after each rekey
 
 
+def test_both_ends_rekeying_at_the_same_moments_lose_no_packets(netns_hosts, agents):
+    """rand_time 0 on both ends: their Child SA rekeys fall due together and cross on
+    the wire; the collision rules leave one SA pair and the stream loses nothing."""
+    a, b, agent_a, agent_b = pair(
+        netns_hosts, agents, rekey_time="2s", life_time="20s", rand_time="0s"
+    )
+    watch_a, watch_b = Watch(agent_a), Watch(agent_b)
+    arrived = stream(a, b, count=500, gap=0.015)  # about 7.5 s: three rounds or more
+    ready_a = [e for e in _drain(watch_a) if e["event"] == "ChildSaReady" and e["rekeyed_from"]]
+    ready_b = [e for e in _drain(watch_b) if e["event"] == "ChildSaReady" and e["rekeyed_from"]]
+    settled = [
+        line
+        for line in (agent_a.log() + agent_b.log()).splitlines()
+        if "collision" in line or "for now" in line
+    ]
+    assert arrived == 500, f"{500 - arrived} packets lost; collisions: {settled}"
+    # Both ends started rekeys (each saw Child SAs made by exchanges it initiated).
+    assert any(e["initiated"] for e in ready_a) and any(e["initiated"] for e in ready_b)
+    agent_a.wait_for(
+        lambda: (
+            len(agent_a.child_spis("ab")) == 1
+            and {(i, o) for o, i in agent_b.child_spis("ab")} == agent_a.child_spis("ab")
+        ),
+        "one agreed SA pair",
+    )
+
+
 def _drain(watch: Watch) -> list[dict]:
     items = []
     while not watch.events.empty():

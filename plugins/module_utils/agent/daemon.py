@@ -47,6 +47,7 @@ from ..dataplane import base
 from ..ike.engine.core import (
     DUPLICATE_IKE,
     PEER_DEAD,
+    REDUNDANT_CHILD,
     REDUNDANT_IKE,
     ChildParams,
     Engine,
@@ -199,7 +200,8 @@ class Agent:
         self.local_of: dict[str, str] = {}  # connection -> local address
         self.children: dict[tuple[str, str], _ChildState] = {}
         self.sa_pairs: dict[int, tuple[base.SaId, base.SaId]] = {}  # spi_in -> (out, in)
-        self._deferred_out: dict[int, base.SaSpec] = {}  # old spi_in -> its successor's out
+        # old spi_in -> (its successor's spi_in, the successor's outbound SA to install)
+        self._deferred_out: dict[int, tuple[int, base.SaSpec]] = {}
         self._next_reqid = base.KEYWAY_REQID_MIN + 1
         self._reqids: dict[tuple[str, str], int] = {}
         self._closing: set[bytes] = set()  # spi_i of IKE SAs we asked to delete
@@ -610,7 +612,9 @@ class Agent:
             if event.rekeyed_from and not event.initiated:
                 # The rekey's initiator may not hold the new inbound SA yet: keep sending
                 # on the old one until it deletes that (then _child_deleted installs this).
-                self._deferred_out[event.rekeyed_from] = out
+                self._deferred_out[event.rekeyed_from] = (event.spi_in, out)
+            elif event.redundant:
+                pass  # a collision's surplus SA, deleted next: never send on it
             else:
                 try:
                     self.plane.install_sa(out)
@@ -642,15 +646,20 @@ class Agent:
         )
 
     def _child_deleted(self, event: ChildSaDeleted) -> None:
+        # A successor deleted before the SA it replaces (a rekey collision's surplus SA):
+        # its outbound half must never be installed.
+        for old, (successor_spi, _) in list(self._deferred_out.items()):
+            if successor_spi == event.spi_in:
+                del self._deferred_out[old]
         successor = self._deferred_out.pop(event.spi_in, None)
         if successor is not None:  # make-before-break: the new outbound SA goes in first
             try:
-                self.plane.install_sa(successor)
+                self.plane.install_sa(successor[1])
             except base.DataPlaneError as exc:
                 log.error("[%s] rekeyed outbound SA not installed: %s", event.connection, exc)
         pair = self.sa_pairs.pop(event.spi_in, None)
         if pair is not None:
-            for sa_id in pair:
+            for sa_id in pair if event.reason != REDUNDANT_CHILD else pair[1:]:
                 try:
                     self.plane.delete_sa(sa_id)
                 except base.DataPlaneError as exc:

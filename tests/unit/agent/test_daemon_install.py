@@ -14,6 +14,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import l
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent.daemon import Agent
 from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane import base
 from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.fake import RecordingPlane
+from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine import core
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events import (
     ChildSaDeleted,
     ChildSaReady,
@@ -51,7 +52,9 @@ def agent(tmp_path: Path) -> Agent:
     return agent
 
 
-def ready(spi_in: int, spi_out: int, rekeyed_from: int = 0, initiated: bool = True):
+def ready(
+    spi_in: int, spi_out: int, rekeyed_from: int = 0, initiated: bool = True, redundant=False
+):
     return ChildSaReady(
         connection="ab", child="sites", protocol="esp", mode="tunnel",
         spi_in=spi_in, spi_out=spi_out,
@@ -59,7 +62,7 @@ def ready(spi_in: int, spi_out: int, rekeyed_from: int = 0, initiated: bool = Tr
         proposal="aes256gcm16", encr_id=20, encr_key_bits=256, integ_id=0,
         key_out=b"o" * 36, integ_key_out=b"", key_in=b"i" * 36, integ_key_in=b"",
         rekeyed_from=rekeyed_from, local_address=ME, remote_address=PEER,
-        initiated=initiated,
+        initiated=initiated, redundant=redundant,
     )  # fmt: skip
 
 
@@ -105,6 +108,32 @@ def test_the_rekey_responder_keeps_the_old_outbound_sa_until_the_old_child_goes(
     first_delete = next(i for i, (name, _) in enumerate(calls) if name == "delete_sa")
     assert calls.index(("install_sa", 0x201)) < first_delete
     assert plane.policies == policies  # the child lives on: its policies stay
+
+
+def test_a_rekey_collision_s_surplus_sas_are_never_sent_on(agent):
+    """Both ends rekeyed 0x100 at once. We answered the peer's rekey (0x101, its
+    outbound half deferred) and made our own (0x102), which lost: redundant."""
+    plane = agent.plane
+    agent._on_engine_event(ready(0x100, 0x200))
+    agent._on_engine_event(ready(0x101, 0x201, rekeyed_from=0x100, initiated=False))
+    agent._on_engine_event(ready(0x102, 0x202, rekeyed_from=0x100, redundant=True))
+    assert installed_spis(plane) == {0x100, 0x200, 0x101, 0x102}  # no 0x202: never used
+    agent._on_engine_event(ChildSaDeleted("ab", "sites", 0x102, 0x202, core.REDUNDANT_CHILD))
+    agent._on_engine_event(ChildSaDeleted("ab", "sites", 0x100, 0x200, "deleted by peer"))
+    assert installed_spis(plane) == {0x101, 0x201}
+    assert not [c for c in plane.calls if c[0] == "delete_sa" and c[1].spi == 0x202]
+
+
+def test_a_successor_deleted_before_the_sa_it_replaces_is_never_installed(agent):
+    """We answered the peer's rekey (0x101, outbound deferred), won the collision with
+    our own (0x102): the peer deletes its surplus 0x101, then we delete the old 0x100."""
+    plane = agent.plane
+    agent._on_engine_event(ready(0x100, 0x200))
+    agent._on_engine_event(ready(0x101, 0x201, rekeyed_from=0x100, initiated=False))
+    agent._on_engine_event(ready(0x102, 0x202, rekeyed_from=0x100, initiated=True))
+    agent._on_engine_event(ChildSaDeleted("ab", "sites", 0x101, 0x201, "deleted by peer"))
+    agent._on_engine_event(ChildSaDeleted("ab", "sites", 0x100, 0x200, "deleted by us"))
+    assert installed_spis(plane) == {0x102, 0x202}  # 0x201 stayed out: it is gone
 
 
 def test_the_last_sa_of_a_child_takes_its_policies_with_it(agent):

@@ -183,6 +183,11 @@ def test_simultaneous_child_rekeys_leave_one_pair(seeded, esp):
     ):
         _assert_agree(pair)
         assert not set(_sa(pair.a).children) & old, seed
+        for addr in (A, B):
+            # The loser knew its SA was surplus as it made it: never to send on.
+            surplus = {e.spi_in for e in of(pair.events[addr], ChildSaReady) if e.redundant}
+            deleted = of(pair.events[addr], ChildSaDeleted)
+            assert surplus == {e.spi_in for e in deleted if e.reason == core.REDUNDANT_CHILD}
         outcomes.add(core.REDUNDANT_CHILD in _reasons(pair))
         _still_works(pair)
     assert outcomes == {True, False}, "both the collision and the sequential orders ran"

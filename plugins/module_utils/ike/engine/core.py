@@ -592,6 +592,7 @@ class IkeSa:
         params: ChildParams | None = None,
         my_spi: bytes | None = None,
         rekeyed_from: int = 0,
+        redundant: bool = False,
     ) -> ChildSaReady:
         """Derive and announce a Child SA. For IKE_AUTH the roles and nonces are the IKE
         SA's; for CREATE_CHILD_SA they are the exchange's own (RFC 7296 2.17)."""
@@ -633,6 +634,7 @@ class IkeSa:
             udp_encap=self.nat or self.remote[1] == NAT_T_PORT,
             ike_initiator=self.initiator,
             initiated=i_side,
+            redundant=redundant,
         )
         self._add_child(child)
         return child
@@ -739,6 +741,10 @@ class IkeSa:
                     isinstance(p, codec.Notify) and p.type == NotifyType.USE_TRANSPORT_MODE
                     for p in inner
                 )
+                # Both ends rekeyed it at once? The SA made with the lowest of the four
+                # nonces is redundant, and its maker deletes it (RFC 7296 2.8.1); the
+                # winner deletes the old one.
+                lost = collision is not None and min(ni, nonce.data) < collision[1]
                 child = self._child_ready(
                     sa.proposals[0],
                     tsi.selectors,
@@ -750,11 +756,9 @@ class IkeSa:
                     params=params,
                     my_spi=new_spi,
                     rekeyed_from=spi_in,
+                    redundant=lost,
                 )
-                if collision is not None and min(ni, nonce.data) < collision[1]:
-                    # Both ends rekeyed it at once; the SA made with the lowest of the four
-                    # nonces is redundant, and its maker deletes it (RFC 7296 2.8.1). The
-                    # winner deletes the old one.
+                if lost:
                     log.info("%s: Child SA rekey collision lost", self.conn.name)
                     self._retire_child(child.spi_in, REDUNDANT_CHILD, now)
                     if spi_in in self.children:

@@ -55,6 +55,10 @@ class ChildSaReady:
     # sending on the old SA until the initiator deletes it (it may not have the new
     # inbound SA yet); the initiator can switch at once.
     initiated: bool = False
+    # A rekey collision made it surplus as it was made (RFC 7296 2.8.1): it is deleted
+    # next. Install its inbound half only (the peer may send on it until then), never
+    # send on it: the peer drops it at the Delete's request, before we hear back.
+    redundant: bool = False
 
 
 @dataclass(frozen=True)
