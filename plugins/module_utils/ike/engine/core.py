@@ -439,11 +439,15 @@ class IkeSa:
         )
         self.out, self.inbound = crypto.sk_ciphers(self.keys, encr, integ, self.initiator)
 
-    def _child_sa_payloads(self, params: ChildParams, number_from: int = 1) -> codec.SA:
-        specs = [
+    def _esp_specs(self, params: ChildParams):
+        """A child's configured ESP proposals, parsed."""
+        return [
             parse_proposal_string(p, "esp", allow_weak=self.conn.allow_weak)
             for p in params.esp_proposals
         ]
+
+    def _child_sa_payloads(self, params: ChildParams, number_from: int = 1) -> codec.SA:
+        specs = self._esp_specs(params)
         self.child_spi = self.engine.allocate_spi()
         return codec.SA(
             proposals=[s.to_proposal(i + number_from, self.child_spi) for i, s in enumerate(specs)]
@@ -650,10 +654,7 @@ class IkeSa:
         """CREATE_CHILD_SA for a new Child SA of `params`, or (old_spi) to rekey one;
         with PFS, the KE payload is in `group` (default: the first proposal's)."""
         old = self.children.get(old_spi)
-        specs = [
-            parse_proposal_string(p, "esp", allow_weak=self.conn.allow_weak)
-            for p in params.esp_proposals
-        ]
+        specs = self._esp_specs(params)
         new_spi = self.engine.allocate_spi()
         nonce = os.urandom(NONCE_SIZE)
         kx = None
@@ -696,21 +697,14 @@ class IkeSa:
         req, self.request = self.request, None
         spi_in, new_spi, ni, kx, params = req.arg
         what = "child rekey" if spi_in else f"child {params.name}"
-        errors = [p for p in inner if isinstance(p, codec.Notify) and p.is_error]
+        errors = errors_of(inner)
         sa = next((p for p in inner if isinstance(p, codec.SA)), None)
         nonce = next((p for p in inner if isinstance(p, codec.Nonce)), None)
         tsi = next((p for p in inner if isinstance(p, codec.TSi)), None)
         tsr = next((p for p in inner if isinstance(p, codec.TSr)), None)
         ke = next((p for p in inner if isinstance(p, codec.KE)), None)
-        group = self._asked_group(
-            errors,
-            kx,
-            [
-                g
-                for p in params.esp_proposals
-                for g in parse_proposal_string(p, "esp", allow_weak=self.conn.allow_weak).ke
-            ],
-        )
+        offered = [g for spec in self._esp_specs(params) for g in spec.ke]
+        group = self._asked_group(errors, kx, offered)
         if group is not None and (not spi_in or spi_in in self.children):
             log.info("%s: %s: peer asks for KE group %d, retrying", self.conn.name, what, group)
             self._send_child_request(params, now, spi_in, group)
@@ -924,9 +918,8 @@ class IkeSa:
     def _on_rekey_ike_response(self, inner: list[codec.Payload], now: float) -> None:
         req, self.request = self.request, None
         new_spi, ni, kx = req.arg
-        group = self._asked_group(
-            errors_of(inner), kx, [g for s in self._ike_specs() for g in s.ke]
-        )
+        errors = errors_of(inner)
+        group = self._asked_group(errors, kx, [g for s in self._ike_specs() for g in s.ke])
         if group is not None and not self.replaced:
             log.info("%s: IKE rekey: peer asks for KE group %d, retrying", self.conn.name, group)
             self._send_rekey_ike(now, group)
@@ -937,7 +930,6 @@ class IkeSa:
         sa = next((p for p in inner if isinstance(p, codec.SA)), None)
         nonce = next((p for p in inner if isinstance(p, codec.Nonce)), None)
         ke = next((p for p in inner if isinstance(p, codec.KE)), None)
-        errors = [p for p in inner if isinstance(p, codec.Notify) and p.is_error]
         ours = [s.to_proposal(i + 1) for i, s in enumerate(self._ike_specs())]
         new = None
         if (
@@ -1172,10 +1164,7 @@ class IkeSa:
         proposal matches any, TS_UNACCEPTABLE when only the selectors do not)."""
         proposals_ok = False
         for params in candidates:
-            ours = [
-                parse_proposal_string(p, "esp", allow_weak=self.conn.allow_weak).to_proposal(i + 1)
-                for i, p in enumerate(params.esp_proposals)
-            ]
+            ours = [spec.to_proposal(i + 1) for i, spec in enumerate(self._esp_specs(params))]
             chosen = select_proposal(ours, sa.proposals)
             if chosen is None:
                 continue
