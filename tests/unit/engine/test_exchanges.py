@@ -326,3 +326,14 @@ def test_invalid_spi_from_the_peer_replaces_the_child_it_names():
         new_b.spi_in,
         new_b.key_in,
     )
+
+
+def test_invalid_spi_notifications_waiting_on_an_ike_sa_are_bounded():
+    pair = established()
+    sa_b = pair.b.sas()[0]
+    for spi in range(1000):
+        pair.b.notify_invalid_spi(sa_b, 0x10000 + spi, pair.net.now)
+    # One in flight, a few queued: a flood of reports does not grow the queue.
+    assert len(sa_b.pending) == core.MAX_QUEUED_INVALID_SPI
+    pair.pump(until=pair.net.now + 30)
+    assert not sa_b.pending and sa_b.state == "established"

@@ -73,6 +73,7 @@ HALF_OPEN_TIMEOUT = 30.0  # seconds a responder waits for IKE_AUTH (strongSwan's
 REDUNDANT_GRACE = 10.0  # seconds a collision's loser has to delete its redundant SA
 MAX_HALF_OPEN = 1024  # responder state for unauthenticated peers is bounded
 INVALID_SPI_ANSWERS_PER_SECOND = 20
+MAX_QUEUED_INVALID_SPI = 8  # INVALID_SPI notifications waiting on one IKE SA
 RETRY_DELAY = (2.0, 8.0)  # seconds before retrying an exchange the peer was busy for
 CHILD_EXCHANGES = ("rekey_child", "create_child", "delete_child")
 REDUNDANT_CHILD = "redundant after a rekey collision"
@@ -1853,7 +1854,11 @@ class Engine:
 
     def notify_invalid_spi(self, sa: IkeSa, spi: int, now: float) -> None:
         """Tell the peer it sent ESP on an SPI we do not hold (RFC 7296 2.21.4); the
-        shell calls this for the data plane's rate-limited reports."""
+        shell calls this for the data plane's rate-limited reports. At most a few wait
+        in the queue: ESP with spoofed sources must not grow it."""
+        if sum(kind == "invalid_spi" for kind, _ in sa.pending) >= MAX_QUEUED_INVALID_SPI:
+            log.info("%s: INVALID_SPI for %08x not sent: enough are queued", sa.conn.name, spi)
+            return
         sa.queue("invalid_spi", now, spi)
         self._touch(sa)
 
