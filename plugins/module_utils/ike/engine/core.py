@@ -1038,6 +1038,7 @@ class IkeSa:
             return
         if self.request is not None and self.request.kind == "rekey_ike":
             self.ike_collision = (new, min(nonce.data, nr))  # settled by our own answer
+            log.info("%s: IKE SA rekey collision: both ends rekeying it", self.conn.name)
             new.rekey_of = self
         else:
             self._hand_over(new, self.engine.now)
@@ -1156,6 +1157,11 @@ class IkeSa:
         if req is not None and req.kind == "rekey_child" and req.arg[0] == old.spi_in:
             # We are rekeying it too: our own answer settles which new SA stays.
             self.child_collisions[old.spi_in] = (child.spi_in, min(nonce.data, nr))
+            log.info(
+                "%s: Child SA %08x rekey collision: both ends rekeying it",
+                self.conn.name,
+                old.spi_in,
+            )
         else:
             self.rekeyed_children.add(old.spi_in)  # the peer deletes the old one
 
@@ -1445,6 +1451,9 @@ class IkeSa:
                 # Both ends rekeyed it and the peer, having won, retires the old SA
                 # before our own answer came: its new SA carries the children on.
                 theirs, self.ike_collision = self.ike_collision[0], None
+                log.info(
+                    "%s: IKE SA rekey collision lost (the peer deleted the old SA)", self.conn.name
+                )
                 self._hand_over(theirs, self.engine.now)
             self._down("deleted by peer")
             return
