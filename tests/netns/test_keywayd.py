@@ -69,14 +69,23 @@ def test_two_agents_establish_carry_traffic_and_agree_on_their_sas(netns_hosts, 
     )
 
 
-def test_rekeys_on_a_short_schedule_lose_no_packets(netns_hosts, agents):
-    a, b, agent_a, agent_b = pair(
-        netns_hosts, agents, rekey_time="3s", life_time="6s", rand_time="1s"
-    )
+def _stream_through_rekeys(netns_hosts, agents, count: int, **child):
+    """Two agents with `child` settings; a stream of `count` packets a -> b at 15 ms
+    gaps; returns the agents, how many arrived, and each end's rekeyed Child SAs."""
+    a, b, agent_a, agent_b = pair(netns_hosts, agents, **child)
     watch_a, watch_b = Watch(agent_a), Watch(agent_b)
-    arrived = stream(a, b, count=600, gap=0.015)  # about 10 s: three rekeys or more
-    rekeys_a = [e for e in _drain(watch_a) if e["event"] == "ChildSaReady" and e["rekeyed_from"]]
-    rekeys_b = [e for e in _drain(watch_b) if e["event"] == "ChildSaReady" and e["rekeyed_from"]]
+    arrived = stream(a, b, count=count, gap=0.015)
+    rekeys = [
+        [e for e in _drain(watch) if e["event"] == "ChildSaReady" and e["rekeyed_from"]]
+        for watch in (watch_a, watch_b)
+    ]
+    return agent_a, agent_b, arrived, rekeys
+
+
+def test_rekeys_on_a_short_schedule_lose_no_packets(netns_hosts, agents):
+    agent_a, _, arrived, (rekeys_a, rekeys_b) = _stream_through_rekeys(
+        netns_hosts, agents, 600, rekey_time="3s", life_time="6s", rand_time="1s"
+    )  # about 10 s: three rekeys or more
     assert len(rekeys_a) >= 2 and len(rekeys_b) >= 2
     assert arrived == 600, f"{600 - arrived} packets lost across {len(rekeys_a)} rekeys"
     assert len(agent_a.child_spis("ab")) == 1  # old SAs deleted after each rekey
@@ -85,13 +94,9 @@ def test_rekeys_on_a_short_schedule_lose_no_packets(netns_hosts, agents):
 def test_both_ends_rekeying_at_the_same_moments_lose_no_packets(netns_hosts, agents):
     """rand_time 0 on both ends: their Child SA rekeys fall due together and cross on
     the wire; the collision rules leave one SA pair and the stream loses nothing."""
-    a, b, agent_a, agent_b = pair(
-        netns_hosts, agents, rekey_time="2s", life_time="20s", rand_time="0s"
-    )
-    watch_a, watch_b = Watch(agent_a), Watch(agent_b)
-    arrived = stream(a, b, count=500, gap=0.015)  # about 7.5 s: three rounds or more
-    ready_a = [e for e in _drain(watch_a) if e["event"] == "ChildSaReady" and e["rekeyed_from"]]
-    ready_b = [e for e in _drain(watch_b) if e["event"] == "ChildSaReady" and e["rekeyed_from"]]
+    agent_a, agent_b, arrived, (ready_a, ready_b) = _stream_through_rekeys(
+        netns_hosts, agents, 500, rekey_time="2s", life_time="20s", rand_time="0s"
+    )  # about 7.5 s: three rounds or more
     settled = [
         line
         for line in (agent_a.log() + agent_b.log()).splitlines()
