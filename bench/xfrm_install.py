@@ -89,6 +89,19 @@ def timed_batch(netns: str, lines: str) -> float:
     return time.perf_counter() - start
 
 
+def compare(what: str, items, install, ip_netns: str, ip_lines: str) -> None:
+    """Install `items` one by one through Keyway's plane, then the same through
+    `ip -batch` in another namespace, and print both rates and their ratio."""
+    start = time.perf_counter()
+    for item in items:
+        install(item)
+    keyway = time.perf_counter() - start
+    ip = timed_batch(ip_netns, ip_lines)
+    n = len(items)
+    print(f"{n} {what}: keyway {n / keyway:,.0f}/s, ip -batch {n / ip:,.0f}/s,"
+          f" ratio keyway/ip {ip / keyway:.2f}")  # fmt: skip
+
+
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 2000
     with_sas = not probe_kernel_esp()
@@ -97,21 +110,9 @@ def main() -> None:
     ours, theirs = namespace("keyway"), namespace("ip")
     try:
         plane = KernelPlane(netns=ours)
-        start = time.perf_counter()
-        for policy in pols:
-            plane.install_policy(policy)
-        keyway_p = time.perf_counter() - start
-        ip_p = timed_batch(theirs, p_lines)
-        print(f"{n} XFRM policies: keyway {n / keyway_p:,.0f}/s, ip -batch {n / ip_p:,.0f}/s,"
-              f" ratio keyway/ip {ip_p / keyway_p:.2f}")  # fmt: skip
+        compare("XFRM policies", pols, plane.install_policy, theirs, p_lines)
         if with_sas:
-            start = time.perf_counter()
-            for sa in sa_list:
-                plane.install_sa(sa)
-            keyway_s = time.perf_counter() - start
-            ip_s = timed_batch(theirs, s_lines)
-            print(f"{n} ESP SAs: keyway {n / keyway_s:,.0f}/s, ip -batch {n / ip_s:,.0f}/s,"
-                  f" ratio keyway/ip {ip_s / keyway_s:.2f}")  # fmt: skip
+            compare("ESP SAs", sa_list, plane.install_sa, theirs, s_lines)
         else:
             print("ESP SAs: this kernel refuses them (run in the VM tier for SA figures)")
     finally:
