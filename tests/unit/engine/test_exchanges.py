@@ -310,6 +310,7 @@ def test_childless_ike_auth_is_negotiated_in_ike_sa_init():
 def test_invalid_spi_from_the_peer_replaces_the_child_it_names():
     pair = established()
     sa_a, sa_b = pair.a.sas()[0], pair.b.sas()[0]
+    assert pair.b.sas_with(A[0]) == [sa_b] and pair.b.sas_with("192.0.2.99") == []
     (old_a,) = sa_a.children.values()
     (old_b,) = sa_b.children.values()
     pair.b.notify_invalid_spi(sa_b, 0x12345678, pair.net.now)  # not an SA of A's: ignored

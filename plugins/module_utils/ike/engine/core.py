@@ -294,6 +294,12 @@ class IkeSa:
             self.engine._by_conn.setdefault(conn.name, {})[id(self)] = self
 
     @property
+    def superseded(self) -> bool:
+        """A rekey, a reauthentication or a collision made this SA surplus: it only
+        waits for its Delete, and starts nothing new."""
+        return self.replaced or self.reauthenticated or bool(self.redundant)
+
+    @property
     def local_spi(self) -> bytes:
         return self.spi_i if self.initiator else self.spi_r
 
@@ -921,7 +927,7 @@ class IkeSa:
         new_spi, ni, kx = req.arg
         errors = errors_of(inner)
         group = self._asked_group(errors, kx, [g for s in self._ike_specs() for g in s.ke])
-        if group is not None and not self.replaced:
+        if group is not None and not self.superseded:
             log.info("%s: IKE rekey: peer asks for KE group %d, retrying", self.conn.name, group)
             self._send_rekey_ike(now, group)
             return
@@ -1050,7 +1056,7 @@ class IkeSa:
 
     def _busy_for_ike_rekey(self) -> str:
         """Why the peer's IKE rekey must wait (TEMPORARY_FAILURE), or ""."""
-        if self.replaced or self.redundant or self.reauthenticated or self._deleting_ike():
+        if self.superseded or self._deleting_ike():
             return "this IKE SA is being replaced or deleted"
         if self.ike_collision is not None:
             return "a rekey of it is being settled"
@@ -1060,7 +1066,7 @@ class IkeSa:
 
     def _busy_for_child(self, old: ChildSaReady | None) -> str:
         """Why the peer's Child SA request must wait (TEMPORARY_FAILURE), or ""."""
-        if self.replaced or self.redundant or self._deleting_ike():
+        if self.superseded or self._deleting_ike():
             return "this IKE SA is being replaced or deleted"
         if self.request is not None and self.request.kind == "rekey_ike":
             return "we are rekeying the IKE SA"
@@ -1399,7 +1405,7 @@ class IkeSa:
             self._send_child_request(arg, now)
             return
         if kind == "rekey_ike":
-            if self.replaced or self.redundant or self.reauthenticated:
+            if self.superseded:
                 self._next_pending(now)
             else:
                 self._send_rekey_ike(now)
@@ -1560,9 +1566,7 @@ class IkeSa:
         for other in self.engine._established_with(self.conn.name, self.remote_id, self):
             if (
                 other.initiator == self.initiator  # ours twice: asked for, kept
-                or other.replaced
-                or other.reauthenticated
-                or other.redundant
+                or other.superseded
                 or other.reauth_of is self
                 or self.reauth_of is other
                 or other.established_at is None
@@ -1638,7 +1642,7 @@ class IkeSa:
         if now < req.sent_at + policy.interval(req.attempt):
             return
         if req.attempt >= policy.tries:
-            if self.redundant or self.replaced or self.reauthenticated:
+            if self.superseded:
                 self._down("deleted by us")  # surplus anyway: the peer forgot it first
                 return
             log.warning("%s: no answer after %d retransmissions", self.conn.name, policy.tries)
@@ -2068,6 +2072,10 @@ class Engine:
     def sa_by_spi(self, spi: bytes) -> IkeSa | None:
         """The IKE SA whose SPI on our side is `spi`."""
         return self._by_spi.get(spi)
+
+    def sas_with(self, remote_ip: str) -> list[IkeSa]:
+        """The IKE SAs of the connections to a peer address (through the indexes)."""
+        return [sa for c in self._by_address.get(remote_ip, []) for sa in self.sas_of(c.name)]
 
     def sas_of(self, name: str) -> list[IkeSa]:
         """The IKE SAs of connection `name` (any state but failed and deleted)."""
