@@ -47,7 +47,6 @@ from ..dataplane import base
 from ..ike.engine.core import (
     DUPLICATE_IKE,
     PEER_DEAD,
-    REDUNDANT_CHILD,
     REDUNDANT_IKE,
     ChildParams,
     Engine,
@@ -199,7 +198,8 @@ class Agent:
         self.runners: dict[str, UdpRunner] = {}
         self.local_of: dict[str, str] = {}  # connection -> local address
         self.children: dict[tuple[str, str], _ChildState] = {}
-        self.sa_pairs: dict[int, tuple[base.SaId, base.SaId]] = {}  # spi_in -> (out, in)
+        # spi_in -> (out, in) as installed; out is None while deferred or never to be sent on
+        self.sa_pairs: dict[int, tuple[base.SaId | None, base.SaId]] = {}
         # old spi_in -> (its successor's spi_in, the successor's outbound SA to install)
         self._deferred_out: dict[int, tuple[int, base.SaSpec]] = {}
         self._next_reqid = base.KEYWAY_REQID_MIN + 1
@@ -609,6 +609,7 @@ class Agent:
                 if_id_out=conn.if_id_out,
             )
             self.plane.install_sa(inbound)  # inbound first: the peer may send at once
+            installed_out = None
             if event.rekeyed_from and not event.initiated:
                 # The rekey's initiator may not hold the new inbound SA yet: keep sending
                 # on the old one until it deletes that (then _child_deleted installs this).
@@ -621,6 +622,7 @@ class Agent:
                 except base.DataPlaneError:
                     self.plane.delete_sa(inbound.id)
                     raise
+                installed_out = out.id
         except base.DataPlaneError as exc:
             log.error("[%s/%s] Child SA not installed: %s", conn.name, child.name, exc)
             self.stats["install_failures"] += 1
@@ -628,7 +630,7 @@ class Agent:
                 if event.spi_in in sa.children:
                     sa.engine.delete_child_sa(sa, event.spi_in, sa.engine.now)
             return
-        self.sa_pairs[event.spi_in] = (out.id, inbound.id)
+        self.sa_pairs[event.spi_in] = (installed_out, inbound.id)
         first = not state.spis  # not a rekey nor a reauthentication's twin
         state.spis.add(event.spi_in)
         self._install_policies(conn, child, state, base.PolicyAction.PROTECT)
@@ -653,13 +655,16 @@ class Agent:
                 del self._deferred_out[old]
         successor = self._deferred_out.pop(event.spi_in, None)
         if successor is not None:  # make-before-break: the new outbound SA goes in first
+            successor_spi, out = successor
             try:
-                self.plane.install_sa(successor[1])
+                self.plane.install_sa(out)
             except base.DataPlaneError as exc:
                 log.error("[%s] rekeyed outbound SA not installed: %s", event.connection, exc)
+            else:
+                self.sa_pairs[successor_spi] = (out.id, self.sa_pairs[successor_spi][1])
         pair = self.sa_pairs.pop(event.spi_in, None)
         if pair is not None:
-            for sa_id in pair if event.reason != REDUNDANT_CHILD else pair[1:]:
+            for sa_id in filter(None, pair):
                 try:
                     self.plane.delete_sa(sa_id)
                 except base.DataPlaneError as exc:
@@ -757,8 +762,8 @@ class Agent:
         sa = next(
             (
                 s
-                for s in engine.sas()
-                if s.remote[0] == event.src and s.state == "established" and not s.replaced
+                for s in engine.sas_with(event.src)
+                if s.state == "established" and not s.superseded
             ),
             None,
         )
@@ -950,6 +955,8 @@ class Agent:
                     pair = self.sa_pairs.get(child.spi_in)
                     if pair is not None:
                         for label, sa_id in zip(("out", "in"), pair, strict=True):
+                            if sa_id is None:
+                                continue
                             try:
                                 counters = self.plane.sa_counters(sa_id)
                             except base.DataPlaneError:
