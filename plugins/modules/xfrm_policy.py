@@ -82,6 +82,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.base import
 from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.params import (
     MARK_SPEC,
     SELECTOR_SPEC,
+    converge,
     policy_from_params,
     policy_view,
 )
@@ -125,32 +126,21 @@ def main() -> None:
         current = next((x for x in plane.list_policies() if x.id == wanted.id), None)
     except DataPlaneError as exc:
         module.fail_json(msg=str(exc))
-    present = p["state"] == "present"
 
     def comparable(policy):  # the kernel reports the priority it derived
         return (policy.action, policy.templates, effective_priority(policy))
 
-    if present:
-        changed = current is None or comparable(current) != comparable(wanted)
-    else:
-        changed = current is not None
-    result = {"changed": changed}
-    if module._diff:
-        result["diff"] = {
-            "before": policy_view(current) if current else {},
-            "after": policy_view(wanted) if present else {},
-        }
-    if changed and not module.check_mode:
-        try:
-            if current is not None:
-                plane.remove_policy(current.id)
-            if present:
-                plane.install_policy(wanted)
-        except DataPlaneError as exc:
-            module.fail_json(msg=str(exc), **result)
-    if present:
-        result["policy"] = policy_view(wanted)
-    module.exit_json(**result)
+    converge(
+        module,
+        current,
+        wanted,
+        present=p["state"] == "present",
+        same=lambda a, b: comparable(a) == comparable(b),
+        view=policy_view,
+        remove=plane.remove_policy,
+        install=plane.install_policy,
+        key="policy",
+    )
 
 
 if __name__ == "__main__":

@@ -126,6 +126,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.params impo
     LIFETIME_SPEC,
     MARK_SPEC,
     SELECTOR_SPEC,
+    converge,
     sa_from_params,
     sa_view,
 )
@@ -183,25 +184,17 @@ def main() -> None:
         current = next((sa for sa in plane.list_sas() if sa.id == wanted.id), None)
     except DataPlaneError as exc:
         module.fail_json(msg=str(exc))
-    present = p["state"] == "present"
-    changed = (current != wanted) if present else current is not None
-    result = {"changed": changed}
-    if module._diff:
-        result["diff"] = {
-            "before": sa_view(current) if current else {},
-            "after": sa_view(wanted) if present else {},
-        }
-    if changed and not module.check_mode:
-        try:
-            if current is not None:
-                plane.delete_sa(current.id)  # keys and algorithms cannot be updated in place
-            if present:
-                plane.install_sa(wanted)
-        except DataPlaneError as exc:
-            module.fail_json(msg=str(exc), **result)
-    if present:
-        result["sa"] = sa_view(wanted)
-    module.exit_json(**result)
+    converge(
+        module,
+        current,
+        wanted,
+        present=p["state"] == "present",
+        same=lambda a, b: a == b,
+        view=sa_view,
+        remove=plane.delete_sa,  # keys and algorithms cannot be updated in place
+        install=plane.install_sa,
+        key="sa",
+    )
 
 
 if __name__ == "__main__":

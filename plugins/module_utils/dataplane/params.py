@@ -5,9 +5,11 @@ how an SA or policy is shown (keys never: only their length)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from .base import (
+    DataPlaneError,
     Direction,
     IpsecProto,
     Lifetime,
@@ -103,6 +105,41 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "value") and isinstance(value, str):  # StrEnum
         return str(value)
     return value
+
+
+def converge(
+    module: Any,
+    current: Any,
+    wanted: Any,
+    *,
+    present: bool,
+    same: Callable[[Any, Any], bool],
+    view: Callable[[Any], dict],
+    remove: Callable[[Any], None],
+    install: Callable[[Any], None],
+    key: str,
+) -> None:
+    """End an Ansible module that makes the kernel hold `wanted` (present) or nothing in
+    its place: changed, check mode and diff, a difference replaced (remove, install),
+    DataPlaneError as fail_json; the result carries view(wanted) under `key`."""
+    changed = (current is None or not same(current, wanted)) if present else current is not None
+    result: dict[str, Any] = {"changed": changed}
+    if module._diff:
+        result["diff"] = {
+            "before": view(current) if current else {},
+            "after": view(wanted) if present else {},
+        }
+    if changed and not module.check_mode:
+        try:
+            if current is not None:
+                remove(current.id)
+            if present:
+                install(wanted)
+        except DataPlaneError as exc:
+            module.fail_json(msg=str(exc), **result)
+    if present:
+        result[key] = view(wanted)
+    module.exit_json(**result)
 
 
 def sa_view(sa: SaSpec) -> dict:
