@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -36,6 +37,48 @@ Handler = Callable[[dict], Awaitable[Any]]
 
 class ControlError(Exception):
     """The daemon refused a command, or could not be reached; the message says why."""
+
+
+class InstanceLock:
+    """One keywayd per control socket: an exclusive lock on `SOCKET.lock`, taken before
+    the daemon touches its data plane or its socket (a second instance would flush the
+    running one's SAs and unlink its socket). The kernel drops the lock when the process
+    ends however it ends, so a crash leaves nothing that blocks a restart."""
+
+    def __init__(self, socket_path: str):
+        self.socket_path = socket_path
+        self.path = socket_path + ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        Path(self.path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise ControlError(
+                    f"another keywayd (pid {holder}) is running with control socket "
+                    f"{self.socket_path}; not starting a second one"
+                ) from None
+            # Its last holder may have removed the file between our open and lock.
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # while still held: no one can take a file being removed
+        os.close(self._fd)
+        self._fd = None
 
 
 class ControlServer:

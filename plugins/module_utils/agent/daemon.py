@@ -52,6 +52,7 @@ from ..ike.engine.core import (
     Engine,
     IkeConnection,
     IkeSa,
+    untrusted,
 )
 from ..ike.engine.events import (
     AuthFailed,
@@ -68,7 +69,7 @@ from ..ike.engine.retransmit import RetransmitPolicy
 from ..ike.proposals import describe
 from . import install
 from .config import AgentConfig, ConfigError, ConnectionConfig, diff_configs, load_config
-from .control import ControlError, ControlServer
+from .control import ControlError, ControlServer, InstanceLock
 from .udp import UdpRunner
 
 log = logging.getLogger("keyway.agent")
@@ -218,6 +219,7 @@ class Agent:
         self._dpd_task: asyncio.Task | None = None
         self.stats: collections.Counter[str] = collections.Counter()
         self.control: ControlServer | None = None
+        self._instance: InstanceLock | None = None
         self.started = time.time()
         self._stopping = False
         self._stopped = asyncio.Event()
@@ -232,6 +234,11 @@ class Agent:
         except ConfigError as exc:
             raise AgentError(str(exc)) from None
         logging.getLogger("keyway").setLevel(self.config.log_level.upper())
+        self._instance = InstanceLock(self.config.control_socket)
+        try:
+            self._instance.acquire()
+        except ControlError as exc:
+            raise AgentError(str(exc)) from None
         if self.plane is None:
             self.plane = await choose_plane(self.config, self._send_encapsulated)
         self._udp_encap_handler = getattr(self.plane, "handle_udp_encap", None)
@@ -301,6 +308,8 @@ class Agent:
             await self.plane.stop()
         if self.control:
             await self.control.stop()
+        if self._instance is not None:
+            self._instance.release()
         for queue in self._watchers:
             queue.put_nowait(None)
         log.info("keywayd stopped")
@@ -492,6 +501,10 @@ class Agent:
         self.stats[type(event).__name__] += 1
         self._publish(event_record(event))
         name = event.connection
+        if isinstance(event, AuthFailed) and not event.initiator:
+            # A peer's IKE_AUTH we refused (the engine logged why): it neither ends nor
+            # retries an initiation of ours, whoever sent it.
+            return
         if isinstance(event, IkeSaUp | AuthFailed | NegotiationFailed | PeerDead | IkeSaDown):
             self._initiation_over(name)
         if isinstance(event, ChildSaReady):
@@ -769,7 +782,7 @@ class Agent:
         )
         if sa is None:
             return
-        log.info("[%s] ESP for unknown SPI %08x from %s", sa.conn.name, event.spi, event.src)
+        untrusted.info("[%s] ESP for unknown SPI %08x from %s", sa.conn.name, event.spi, event.src)
         engine.notify_invalid_spi(sa, event.spi, self._loop.time())
         self.runners[engine.local[0]].pump()
 

@@ -11,6 +11,8 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
+from collections.abc import Callable
 
 from .daemon import Agent, AgentError
 
@@ -27,6 +29,36 @@ class _NoSecretsFilter(logging.Filter):
         return True
 
 
+class RateLimit(logging.Filter):
+    """For the `keyway.untrusted` logger (what any sender can provoke with a datagram):
+    each message template passes at most `burst` times per `window` seconds, and the
+    first one after a suppression says how many were dropped. A flood then costs a few
+    lines a minute and stays visible; the set of templates is fixed by the code, so this
+    state is bounded whatever arrives."""
+
+    def __init__(
+        self, burst: int = 10, window: float = 60.0, clock: Callable[[], float] = time.monotonic
+    ):
+        super().__init__()
+        self.burst, self.window, self.clock = burst, window, clock
+        self._windows: dict[str, list] = {}  # template -> [start, passed, suppressed]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = self.clock()
+        template = str(record.msg)
+        state = self._windows.get(template)
+        if state is None or now - state[0] >= self.window:
+            suppressed = state[2] if state else 0
+            state = self._windows[template] = [now, 0, 0]
+            if suppressed:
+                record.msg = f"{template} [{suppressed} similar messages suppressed]"
+        if state[1] >= self.burst:
+            state[2] += 1
+            return False
+        state[1] += 1
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="keywayd", description="Keyway's IKEv2 keying agent")
     parser.add_argument("--config", required=True, help="YAML config (see agent/config.py)")
@@ -40,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     handler.addFilter(_NoSecretsFilter())
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
+    logging.getLogger("keyway.untrusted").addFilter(RateLimit())
     agent = Agent(args.config)
 
     async def run() -> None:

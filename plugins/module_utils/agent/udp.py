@@ -11,15 +11,13 @@ is dropped when there is none. keywayd grows from this (the agent issue).
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from collections.abc import Callable
 
 from ..ike.constants import IKE_PORT, NAT_T_PORT, NON_ESP_MARKER
-from ..ike.engine.core import Engine
+from ..ike.engine.core import Engine, untrusted
 from ..ike.engine.events import Event
 
-log = logging.getLogger("keyway.agent")
 SOCKET_BUFFER = 4 << 20
 
 
@@ -35,7 +33,7 @@ class _Endpoint(asyncio.DatagramProtocol):
         self.on_datagram(data, addr)
 
     def error_received(self, exc: Exception) -> None:
-        log.info("UDP error: %s", exc)  # e.g. ICMP port unreachable: retransmits cope
+        untrusted.info("UDP error: %s", exc)  # e.g. ICMP port unreachable: retransmits cope
 
 
 class UdpRunner:

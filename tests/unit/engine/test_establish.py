@@ -171,7 +171,63 @@ def test_wrong_psk_fails_on_both_sides_with_a_reason():
     (fail_a,) = of(pair.events[A], AuthFailed)
     assert "AUTHENTICATION_FAILED" in fail_a.reason
     assert not of(pair.events[A], IkeSaUp) and not of(pair.events[B], IkeSaUp)
-    assert not pair.a.sas() and pair.b.next_deadline() is None
+    assert not pair.a.sas() and not pair.b.sas() and pair.b.next_deadline() is None
+
+
+def test_a_flood_of_wrong_psks_leaves_the_responder_no_state():
+    net = FakeNetwork()
+    cb = conn("h2.lab", "h1.lab", A, ("10.2.0.0/24",), ("10.1.0.0/24",))
+    liar = conn("h1.lab", "h2.lab", B, ("10.1.0.0/24",), ("10.2.0.0/24",), psk=b"guess" * 5)
+    pair = Pair(net, liar, cb)
+    for attempt in range(300):
+        pair.a.initiate("h1-h2", float(attempt))
+        pair.pump(until=float(attempt) + 0.5)
+    assert len(of(pair.events[B], AuthFailed)) == 300
+    assert not pair.b.sas() and not pair.b.sas_of("h1-h2")
+    assert not pair.b._half_open and not pair.b._by_spi
+
+
+def test_a_proposal_chosen_for_another_connection_is_refused_in_ike_auth():
+    """A responder picks the IKE proposal from every connection to the peer's address;
+    the identity in IKE_AUTH then selects one that must accept it (no downgrade)."""
+    net = FakeNetwork()
+    weak = "aes128-sha1-modp1536"
+    strict = conn("h2.lab", "h1.lab", A, ("10.2.0.0/24",), ("10.1.0.0/24",))
+    legacy = dataclasses.replace(
+        strict, name="legacy", remote_id="old.lab", proposals=(weak,), allow_weak=True
+    )
+    attacker = conn(
+        "h1.lab", "h2.lab", B, ("10.1.0.0/24",), ("10.2.0.0/24",), proposals=(weak,),
+        allow_weak=True,
+    )  # fmt: skip
+    pair = Pair(net, attacker, strict)
+    pair.b.add_connection(legacy)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    (refused,) = of(pair.events[B], AuthFailed)
+    assert "aes128-prfsha1-sha1-modp1536 chosen in IKE_SA_INIT" in refused.reason
+    assert "h1-h2" in refused.reason
+    assert "AUTHENTICATION_FAILED" in of(pair.events[A], AuthFailed)[0].reason
+    assert not of(pair.events[B], IkeSaUp) and not pair.b.sas()
+
+
+def test_the_connection_the_identity_names_is_used_when_it_accepts_the_proposal():
+    net = FakeNetwork()
+    weak = "aes128-sha1-modp1536"
+    strict = conn("h2.lab", "h1.lab", A, ("10.2.0.0/24",), ("10.1.0.0/24",))
+    legacy = dataclasses.replace(
+        strict, name="legacy", remote_id="old.lab", proposals=(weak,), allow_weak=True
+    )
+    old_peer = dataclasses.replace(
+        conn("old.lab", "h2.lab", B, ("10.1.0.0/24",), ("10.2.0.0/24",)),
+        name="legacy", proposals=(weak,), allow_weak=True,
+    )  # fmt: skip
+    pair = Pair(net, old_peer, strict)
+    pair.b.add_connection(legacy)
+    pair.a.initiate("legacy", 0.0)
+    pair.pump()
+    (up,) = of(pair.events[B], IkeSaUp)
+    assert up.connection == "legacy" and up.proposal == "aes128-prfsha1-sha1-modp1536"
 
 
 def test_no_common_proposal():

@@ -68,6 +68,9 @@ from .retransmit import RetransmitPolicy
 from .schedule import LifetimeSchedule
 
 log = logging.getLogger("keyway.ike")
+# What any sender can provoke with one datagram (garbage, unknown SPIs, failed
+# IKE_AUTH): keywayd rate-limits this logger, so a flood cannot fill a disk.
+untrusted = logging.getLogger("keyway.untrusted")
 NONCE_SIZE = 32
 HALF_OPEN_TIMEOUT = 30.0  # seconds a responder waits for IKE_AUTH (strongSwan's default)
 REDUNDANT_GRACE = 10.0  # seconds a collision's loser has to delete its redundant SA
@@ -117,6 +120,11 @@ class IkeConnection:
 @functools.lru_cache(maxsize=256)
 def _ike_proposal(text: str, allow_weak: bool):
     return parse_proposal_string(text, "ike", allow_weak=allow_weak)
+
+
+def _ike_specs_of(conn: IkeConnection) -> list:
+    """A connection's IKE proposals, parsed (cached: thousands of SAs share them)."""
+    return [_ike_proposal(text, conn.allow_weak) for text in conn.proposals]
 
 
 # RFC 7427 hash algorithms we verify with: SHA2-256/384/512 and Identity (Ed25519).
@@ -849,10 +857,7 @@ class IkeSa:
     # rekey's initiator deletes the old one.
 
     def _ike_specs(self):
-        return [
-            parse_proposal_string(p, "ike", allow_weak=self.conn.allow_weak)
-            for p in self.conn.proposals
-        ]
+        return _ike_specs_of(self.conn)
 
     def _send_rekey_ike(self, now: float, group: int | None = None) -> None:
         specs = self._ike_specs()
@@ -1205,7 +1210,7 @@ class IkeSa:
         ]
         chosen = select_proposal(ours, sa.proposals)
         if chosen is None:
-            log.info(
+            untrusted.info(
                 "IKE_SA_INIT from %s: no proposal chosen (offered %s)",
                 self.remote,
                 ", ".join(describe(p) for p in sa.proposals),
@@ -1271,16 +1276,22 @@ class IkeSa:
             self._respond_auth_failed(mid, "IKE_AUTH request lacks IDi or AUTH")
             return
         peer_id = idi.to_text()
-        conn = next(
-            (
-                c
-                for c in self.engine._connections_for(self.remote, peer_id)
-                if c.remote_id == peer_id
-            ),
-            None,
-        )
-        if conn is None:
+        named = [
+            c for c in self.engine._connections_for(self.remote, peer_id) if c.remote_id == peer_id
+        ]
+        if not named:
             self._respond_auth_failed(mid, f"no connection for peer identity {peer_id!r}")
+            return
+        # IKE_SA_INIT chose from every connection to this address; the connection the
+        # identity selects must accept that choice too, or a peer could take another
+        # connection's (weaker) proposal under this one's name.
+        conn = next((c for c in named if self._accepts_chosen_ike(c)), None)
+        if conn is None:
+            self._respond_auth_failed(
+                mid,
+                f"{peer_id!r}: IKE proposal {describe(self.chosen_ike)} chosen in IKE_SA_INIT "
+                f"is not one of connection {named[0].name}'s proposals",
+            )
             return
         self.conn = conn
         reason = self._verify_auth(
@@ -1310,6 +1321,10 @@ class IkeSa:
         if child[1] is not None:
             self._child_ready(*child[1])
 
+    def _accepts_chosen_ike(self, conn: IkeConnection) -> bool:
+        ours = [spec.to_proposal(i + 1) for i, spec in enumerate(_ike_specs_of(conn))]
+        return proposal_acceptable(ours, self.chosen_ike)
+
     def _responder_child(self, inner: list[codec.Payload]):
         sa = next((p for p in inner if isinstance(p, codec.SA)), None)
         tsi = next((p for p in inner if isinstance(p, codec.TSi)), None)
@@ -1335,12 +1350,15 @@ class IkeSa:
         return payloads, (chosen, new_tsi, new_tsr, use_transport)
 
     def _respond_auth_failed(self, mid: int, reason: str) -> None:
-        log.warning("IKE_AUTH from %s failed: %s", self.remote, reason)
+        untrusted.warning("IKE_AUTH from %s failed: %s", self.remote, reason)
         self._respond(
             ExchangeType.IKE_AUTH, mid, [codec.Notify(type=NotifyType.AUTHENTICATION_FAILED)]
         )
-        self.engine._event(AuthFailed(self.conn.name if self.conn else "?", reason))
+        self.engine._event(AuthFailed(self.conn.name if self.conn else "?", reason, False))
         self.state = "failed"
+        # Nothing is kept for a failed IKE_AUTH: a retransmission of it meets
+        # INVALID_IKE_SPI, and a flood of wrong credentials costs no memory.
+        self.engine._forget(self)
 
     # ------------------------------------------------------------ INFORMATIONAL
 
@@ -1616,7 +1634,7 @@ class IkeSa:
     def tick(self, now: float) -> None:
         if self.state == "auth" and not self.initiator:
             if now >= self.created_at + HALF_OPEN_TIMEOUT:
-                log.info(
+                untrusted.info(
                     "IKE SA from %s half-open for %.0f s: dropped",
                     self.remote,
                     now - self.created_at,
@@ -1736,12 +1754,12 @@ class Engine:
         try:
             msg = codec.decode_message(data)
         except codec.IkeDecodeError as exc:
-            log.info("dropped datagram from %s: %s", src, exc)
+            untrusted.info("dropped datagram from %s: %s", src, exc)
             return
         h = msg.header
         if h.exchange == ExchangeType.IKE_SA_INIT and not h.is_response:
             if h.spi_r != bytes(8):
-                log.info("IKE_SA_INIT request from %s with a responder SPI: dropped", src)
+                untrusted.info("IKE_SA_INIT request from %s with a responder SPI: dropped", src)
                 return
             self._on_init_request(msg, data, src, now)
             return
@@ -1749,7 +1767,7 @@ class Engine:
         local_spi = h.spi_r if h.is_initiator else h.spi_i
         sa = self._by_spi.get(local_spi)
         if sa is None or sa.initiator == h.is_initiator:
-            log.info("message from %s for unknown IKE SA %s", src, local_spi.hex())
+            untrusted.info("message from %s for unknown IKE SA %s", src, local_spi.hex())
             if not h.is_response:
                 self._answer_invalid_ike_spi(msg, src, now)
             return
@@ -1768,12 +1786,12 @@ class Engine:
                 self._emit_all(sa.last_response[1], src)
             return
         if not self._connections_for(src):
-            log.info("IKE_SA_INIT from %s matches no connection", src)
+            untrusted.info("IKE_SA_INIT from %s matches no connection", src)
             return
         if len(self._half_open) >= self.cookie_threshold and not self._cookie_ok(msg, src, now):
             return
         if len(self._half_open) >= self.max_half_open:
-            log.warning(
+            untrusted.warning(
                 "half-open limit %d reached: dropping IKE_SA_INIT from %s", self.max_half_open, src
             )
             return
@@ -1938,7 +1956,7 @@ class Engine:
     def _on_response(self, sa: IkeSa, msg: codec.Message, data: bytes, now: float) -> None:
         h = msg.header
         if sa.request is None or h.message_id != sa.request.message_id:
-            log.info("%s: unexpected response id %d", sa.conn.name, h.message_id)
+            untrusted.info("%s: unexpected response id %d", sa.conn.name, h.message_id)
             return
         if h.exchange == ExchangeType.IKE_SA_INIT and sa.state == "init":
             sa._on_init_response(msg, data, now)
@@ -1954,7 +1972,7 @@ class Engine:
             ExchangeType.CREATE_CHILD_SA: "established",
         }
         if expected.get(h.exchange) != sa.state:
-            log.info(
+            untrusted.info(
                 "%s: response to exchange %d in state %s dropped",
                 sa.conn.name,
                 h.exchange,
@@ -1964,7 +1982,7 @@ class Engine:
         try:
             inner = sa._open(msg, data)
         except codec.IkeDecodeError as exc:
-            log.info(
+            untrusted.info(
                 "%s: dropped %s response: %s", sa.conn.name, ExchangeType(h.exchange).name, exc
             )
             return
@@ -1991,12 +2009,14 @@ class Engine:
                 self._emit_all(sa.last_response[1], src)
             return
         if h.message_id != sa.recv_mid:
-            log.info("request id %d outside the window (expected %d)", h.message_id, sa.recv_mid)
+            untrusted.info(
+                "request id %d outside the window (expected %d)", h.message_id, sa.recv_mid
+            )
             return
         try:
             inner = sa._open(msg, data)
         except codec.IkeDecodeError as exc:
-            log.info("dropped request from %s: %s", sa.remote, exc)
+            untrusted.info("dropped request from %s: %s", sa.remote, exc)
             return
         if inner is None:
             return  # more fragments to come
@@ -2016,7 +2036,9 @@ class Engine:
             sa.recv_mid += 1
             sa.on_create_child_request(inner, h.message_id)
         else:
-            log.info("%s: exchange %d in state %s not handled yet", sa.remote, h.exchange, sa.state)
+            untrusted.info(
+                "%s: exchange %d in state %s not handled yet", sa.remote, h.exchange, sa.state
+            )
 
     def _established_with(self, name: str, remote_id: str, besides: IkeSa) -> list[IkeSa]:
         """Established IKE SAs of connection `name` with peer `remote_id`, but `besides`."""

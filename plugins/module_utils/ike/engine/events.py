@@ -92,6 +92,9 @@ class IkeSaDown:
 class AuthFailed:
     connection: str
     reason: str
+    # False: a peer's IKE_AUTH that we refused as responder (anyone may send one, so it
+    # says nothing about our own initiations of the connection).
+    initiator: bool = True
 
 
 @dataclass(frozen=True)

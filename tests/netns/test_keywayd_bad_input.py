@@ -1,0 +1,109 @@
+"""keywayd facing what anyone who reaches its ports or its host can do: floods of wrong
+credentials and garbage, and a second keywayd started with the same config. The
+tunnels it serves must not notice, and nothing it keeps or logs may grow with the flood."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+
+import pytest
+
+from tests.fixtures.keywayd import ENTRY, ROOT, Keywayd, site_connection
+from tests.fixtures.netns import in_netns, udp_exchange
+
+GARBAGE = 6000
+WRONG_PSK_ATTEMPTS = 300
+
+
+@pytest.fixture
+def agents(tmp_path):
+    started: list[Keywayd] = []
+
+    def make(host, connections, **settings) -> Keywayd:
+        agent = Keywayd(host.netns, tmp_path / host.name, connections, **settings)
+        started.append(agent)
+        return agent
+
+    yield make
+    for agent in started:
+        with contextlib.suppress(Exception):
+            agent.stop()
+
+
+def traffic_flows(a, b) -> bool:
+    return udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"ping") == b"gnip"
+
+
+def test_wrong_psks_and_garbage_leave_no_state_and_cost_a_few_log_lines(netns_hosts, agents):
+    a, b, c = netns_hosts(3).hosts
+    agent_b = agents(
+        b,
+        {
+            "ab": site_connection(b, a, start=False),
+            "bc": site_connection(b, c, start=False),  # c's address is configured: IKE_AUTH runs
+        },
+    )
+    agent_a = agents(a, {"ab": site_connection(a, b, start=True)})
+    agent_a.wait_for(lambda: agent_b.sas("ab"), "ab established")
+    spis = agent_b.child_spis("ab")
+    lines_before = len(agent_b.log().splitlines())
+    spec = {
+        "local": c.ipv4,
+        "peer": b.ipv4,
+        "local_id": f"{c.name}.lab",
+        "remote_id": f"{b.name}.lab",
+        "local_ts": c.site4,
+        "remote_ts": b.site4,
+        "attempts": WRONG_PSK_ATTEMPTS,
+        "garbage": GARBAGE,
+    }
+    flood = in_netns(
+        c.netns, sys.executable, "-m", "tests.fixtures.flood", json.dumps(spec), cwd=ROOT,
+        timeout=300,
+    )  # fmt: skip
+    assert flood.returncode == 0, flood.stderr
+    assert json.loads(flood.stdout)["auth_failed"] == WRONG_PSK_ATTEMPTS
+    # Every failed IKE SA was freed at once: only the real tunnel is listed.
+    listed = agent_b.ctl("list-sas")
+    assert [(sa["connection"], sa["state"]) for sa in listed] == [("ab", "established")]
+    flood_log = agent_b.log().splitlines()[lines_before:]
+    # Each message template passes 10 times a minute; the flood sent 6,300 provocations.
+    assert 0 < len(flood_log) <= 100, "\n".join(flood_log[:200])
+    assert any("IKE_AUTH from" in line and "failed" in line for line in flood_log)
+    assert any("dropped datagram from" in line for line in flood_log)
+    assert agent_b.child_spis("ab") == spis
+    assert traffic_flows(a, b)
+
+
+def test_a_second_keywayd_with_the_same_config_refuses_and_takes_nothing(netns_hosts, agents):
+    a, b = netns_hosts(2).hosts
+    agents(b, {"ab": site_connection(b, a, start=False)})
+    agent_a = agents(a, {"ab": site_connection(a, b, start=True)})
+    agent_a.wait_for(lambda: agent_a.sas("ab"), "ab established")
+    spis = agent_a.child_spis("ab")
+    second = in_netns(
+        a.netns, sys.executable, "-m", ENTRY, "--config", str(agent_a.config_path),
+        cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert second.returncode == 1, second.stderr
+    assert f"another keywayd (pid {agent_a.process.pid}) is running" in second.stderr
+    assert agent_a.ctl("status")  # its control socket is still its own
+    assert agent_a.child_spis("ab") == spis
+    assert traffic_flows(a, b)
+    # Stopped cleanly, it leaves neither socket nor lock; a new one starts at once.
+    assert agent_a.stop() == 0
+    assert not list(agent_a.workdir.glob("keywayd.sock*"))
+    agent_a.start()
+    agent_a.wait_for(lambda: agent_a.sas("ab"), "ab established again")
+
+
+def test_a_keywayd_killed_with_sigkill_does_not_block_its_restart(netns_hosts, agents):
+    a, b = netns_hosts(2).hosts
+    agents(b, {"ab": site_connection(b, a, start=False)})
+    agent_a = agents(a, {"ab": site_connection(a, b, start=True)})
+    agent_a.kill()
+    assert agent_a.process.returncode == -9
+    agent_a.start()  # raises if the dead daemon's lock or socket were in the way
+    agent_a.wait_for(lambda: agent_a.sas("ab"), "ab established after the restart")
