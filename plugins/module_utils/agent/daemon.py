@@ -79,6 +79,10 @@ MAX_INITIATING = 32  # IKE SAs we initiate that may be half-way up at once
 # IkeSaDown reasons of an SA whose successor (or twin) carries the connection on.
 REPLACED = ("replaced by rekey", "replaced by reauthentication", REDUNDANT_IKE, DUPLICATE_IKE)
 SHUTDOWN_GRACE = 2.0  # seconds to wait for the peers' answers to our Deletes
+# Seconds an inbound SA outlives its replacement (a rekey, a reauthentication, a
+# collision): packets the peer sent on it just before switching are still on their way
+# when its Delete arrives (strongSwan's delete_rekeyed_delay, 5 s).
+DELETE_REKEYED_DELAY = 5.0
 WATCH_QUEUE = 1000  # events buffered per `watch` client before it is dropped
 
 
@@ -203,6 +207,8 @@ class Agent:
         self.sa_pairs: dict[int, tuple[base.SaId | None, base.SaId]] = {}
         # old spi_in -> (its successor's spi_in, the successor's outbound SA to install)
         self._deferred_out: dict[int, tuple[int, base.SaSpec]] = {}
+        # inbound SAs of replaced children, deleted DELETE_REKEYED_DELAY later
+        self._late_deletes: dict[base.SaId, asyncio.TimerHandle] = {}
         self._next_reqid = base.KEYWAY_REQID_MIN + 1
         self._reqids: dict[tuple[str, str], int] = {}
         self._closing: set[bytes] = set()  # spi_i of IKE SAs we asked to delete
@@ -298,6 +304,9 @@ class Agent:
             await asyncio.sleep(0.05)  # answers arrive through the runners meanwhile
         if self._dpd_task:
             self._dpd_task.cancel()
+        for handle in self._late_deletes.values():
+            handle.cancel()  # flush_owned below removes them all
+        self._late_deletes.clear()
         for runner in self.runners.values():
             await runner.stop()
         if self.plane is not None:
@@ -676,13 +685,17 @@ class Agent:
             else:
                 self.sa_pairs[successor_spi] = (out.id, self.sa_pairs[successor_spi][1])
         pair = self.sa_pairs.pop(event.spi_in, None)
-        if pair is not None:
-            for sa_id in filter(None, pair):
-                try:
-                    self.plane.delete_sa(sa_id)
-                except base.DataPlaneError as exc:
-                    log.info("[%s] SA %08x already gone: %s", event.connection, sa_id.spi, exc)
         state = self.children.get((event.connection, event.child))
+        carried_on = state is not None and bool(state.spis - {event.spi_in})
+        if pair is not None:
+            out, inbound = pair
+            self._delete_sa(event.connection, out)
+            if carried_on:  # a successor carries the child: let the stragglers in
+                self._late_deletes[inbound] = self._loop.call_later(
+                    DELETE_REKEYED_DELAY, self._delete_late, event.connection, inbound
+                )
+            else:
+                self._delete_sa(event.connection, inbound)
         if state is None:
             return
         state.spis.discard(event.spi_in)
@@ -697,6 +710,18 @@ class Agent:
             if not state.trap:
                 self._remove_policies(state)
             self._updown("down", event.connection, event.child, event)
+
+    def _delete_sa(self, connection: str, sa_id: base.SaId | None) -> None:
+        if sa_id is None:
+            return
+        try:
+            self.plane.delete_sa(sa_id)
+        except base.DataPlaneError as exc:
+            log.info("[%s] SA %08x already gone: %s", connection, sa_id.spi, exc)
+
+    def _delete_late(self, connection: str, sa_id: base.SaId) -> None:
+        self._late_deletes.pop(sa_id, None)
+        self._delete_sa(connection, sa_id)
 
     def _updown(self, verb: str, connection: str, child: str, event) -> None:
         """Run the child's `updown` command (as strongSwan's updown, without a shell):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ansible_collections.keyway.ipsec.plugins.module_utils.agent import daemon
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import load_config
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent.daemon import Agent
 from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane import base
@@ -21,6 +22,31 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events imp
 )
 
 ME, PEER = "192.0.2.11", "192.0.2.12"
+
+
+class Timers:
+    """The agent's loop as far as timers go: callbacks run when the test says."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.pending: list[list] = []  # [due, callback, args, cancelled]
+
+    def call_later(self, delay: float, callback, *args):
+        entry = [self.now + delay, callback, args, False]
+        self.pending.append(entry)
+
+        class Handle:
+            def cancel(self) -> None:
+                entry[3] = True
+
+        return Handle()
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        due = [e for e in self.pending if e[0] <= self.now and not e[3]]
+        self.pending = [e for e in self.pending if e not in due]
+        for _, callback, args, _ in due:
+            callback(*args)
 
 
 @pytest.fixture
@@ -49,6 +75,7 @@ def agent(tmp_path: Path) -> Agent:
     agent = Agent(path, plane=RecordingPlane())
     agent.config = load_config(path)
     agent.local_of["ab"] = ME  # as _add_connection would, without sockets
+    agent._loop = Timers()
     return agent
 
 
@@ -102,6 +129,8 @@ def test_the_rekey_responder_keeps_the_old_outbound_sa_until_the_old_child_goes(
     assert installed_spis(plane) == {0x100, 0x200, 0x101}
     policies = dict(plane.policies)
     agent._on_engine_event(ChildSaDeleted("ab", "sites", 0x100, 0x200, "deleted by peer"))
+    assert installed_spis(plane) == {0x100, 0x101, 0x201}
+    agent._loop.advance(daemon.DELETE_REKEYED_DELAY)
     assert installed_spis(plane) == {0x101, 0x201}
     # The new outbound SA went in before the old pair was removed.
     calls = [(name, getattr(arg, "spi", None)) for name, arg in plane.calls]
@@ -120,6 +149,7 @@ def test_a_rekey_collision_s_surplus_sas_are_never_sent_on(agent):
     assert installed_spis(plane) == {0x100, 0x200, 0x101, 0x102}  # no 0x202: never used
     agent._on_engine_event(ChildSaDeleted("ab", "sites", 0x102, 0x202, core.REDUNDANT_CHILD))
     agent._on_engine_event(ChildSaDeleted("ab", "sites", 0x100, 0x200, "deleted by peer"))
+    agent._loop.advance(daemon.DELETE_REKEYED_DELAY)
     assert installed_spis(plane) == {0x101, 0x201}
     assert not [c for c in plane.calls if c[0] == "delete_sa" and c[1].spi == 0x202]
 
@@ -133,7 +163,22 @@ def test_a_successor_deleted_before_the_sa_it_replaces_is_never_installed(agent)
     agent._on_engine_event(ready(0x102, 0x202, rekeyed_from=0x100, initiated=True))
     agent._on_engine_event(ChildSaDeleted("ab", "sites", 0x101, 0x201, "deleted by peer"))
     agent._on_engine_event(ChildSaDeleted("ab", "sites", 0x100, 0x200, "deleted by us"))
+    agent._loop.advance(daemon.DELETE_REKEYED_DELAY)
     assert installed_spis(plane) == {0x102, 0x202}  # 0x201 stayed out: it is gone
+
+
+def test_a_replaced_inbound_sa_takes_the_stragglers_for_a_few_seconds(agent):
+    """The peer's Delete of the old SA can overtake packets it sent on it just before
+    switching; its outbound half goes at once, its inbound half a little later."""
+    plane = agent.plane
+    agent._on_engine_event(ready(0x100, 0x200))
+    agent._on_engine_event(ready(0x101, 0x201, rekeyed_from=0x100, initiated=True))
+    agent._on_engine_event(ChildSaDeleted("ab", "sites", 0x100, 0x200, "deleted by us"))
+    assert installed_spis(plane) == {0x100, 0x101, 0x201}
+    agent._loop.advance(daemon.DELETE_REKEYED_DELAY - 0.1)
+    assert 0x100 in installed_spis(plane)
+    agent._loop.advance(0.1)
+    assert installed_spis(plane) == {0x101, 0x201}
 
 
 def test_the_last_sa_of_a_child_takes_its_policies_with_it(agent):
