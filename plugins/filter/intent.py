@@ -1,66 +1,98 @@
-"""Filters computing Keyway's intent from the inventory (see module_utils/intent).
+"""Filters computing Keyway's intent from the whole inventory (module_utils/intent).
 
-    hostvars | keyway.ipsec.mesh_connections(members, inventory_hostname)
-    keyway_mesh_secret | keyway.ipsec.mesh_psks(inventory_hostname, members)
-
-Each member declares `keyway_address` (outer address), `keyway_sites` (prefixes it
-protects) and optionally `keyway_ike_id` (default: its inventory name).
+hostvars | keyway.ipsec.intent(groups, keyway_topologies, ...)
+keyway_intent.hosts[inventory_hostname].psk_refs
+  | keyway.ipsec.intent_psks(keyway_master_secret, keyway_external_peers)
 """
 
 from __future__ import annotations
 
 from ansible.errors import AnsibleFilterError
 
-from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import (
-    ConfigError,
-    parse_config,
-)
-from ansible_collections.keyway.ipsec.plugins.module_utils.intent.mesh import (
+from ansible_collections.keyway.ipsec.plugins.module_utils.intent.topology import (
     IntentError,
-    mesh_connections,
-    mesh_psks,
+    compute_intent,
+    host_connections,
+    host_psks,
+    psk_refs,
+    validate_with_agent,
 )
 
 
-def _mesh_connections(hostvars, members, me, **kwargs):
+def _plain(value):
+    """Ansible's lazy and vault-wrapped values as plain Python (strings, lists, dicts)."""
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, bool | int | float) or value is None:
+        return value
+    return str(value)
+
+
+_HOST_KEYS = ("keyway_address", "keyway_sites", "keyway_ike_id", "keyway_overrides")
+
+
+def _intent(
+    hostvars,
+    groups,
+    topologies,
+    defaults=None,
+    group_overrides=None,
+    external_peers=None,
+    master_secret_length=None,
+):
     hosts = {}
-    for name in members:
+    for name in hostvars:
         host = hostvars[name]
-        if "keyway_sites" not in host:
-            continue  # not part of the mesh
-        if "keyway_address" not in host:
-            raise AnsibleFilterError(f"keyway.ipsec.mesh_connections: {name}: no keyway_address")
-        sites = host["keyway_sites"]
-        if isinstance(sites, str) or not isinstance(sites, list | tuple):
-            raise AnsibleFilterError(
-                f"keyway.ipsec.mesh_connections: {name}: keyway_sites must be a list"
-            )
-        hosts[name] = {
-            "address": str(host["keyway_address"]),
-            "sites": [str(s) for s in sites],
-            "id": str(host.get("keyway_ike_id", name)),
-        }
+        hosts[str(name)] = {key: _plain(host[key]) for key in _HOST_KEYS if key in host}
     try:
-        connections = mesh_connections(me, hosts, **kwargs)
+        links = compute_intent(
+            hosts,
+            {str(g): [str(h) for h in members] for g, members in groups.items()},
+            _plain(topologies),
+            defaults=_plain(defaults),
+            group_overrides=_plain(group_overrides),
+            external_peers=_plain(external_peers),
+            master_secret_length=master_secret_length,
+        )
+        result = {"links": {n: link.to_dict() for n, link in sorted(links.items())}, "hosts": {}}
+        problems = []
+        for name in sorted({end for link in links.values() for end in link.ends}):
+            if name not in hosts:
+                continue  # an external peer
+            connections = host_connections(name, links)
+            try:
+                validate_with_agent(name, connections, links)
+            except IntentError as exc:
+                problems += exc.problems
+            result["hosts"][name] = {
+                "connections": connections,
+                "psk_refs": psk_refs(name, links),
+                # what this host's tunnels reach (for probes and status)
+                "reaches": sorted(
+                    {ts for conn in connections.values()
+                     for child in conn["children"].values() for ts in child["remote_ts"]}
+                ),
+            }  # fmt: skip
+        if problems:
+            raise IntentError(problems)
     except IntentError as exc:
-        raise AnsibleFilterError(f"keyway.ipsec.mesh_connections: {exc}") from None
-    # Validate here, on the controller, with keywayd's own parser: a bad inventory fails
-    # the play before any host is touched (the PSK is a placeholder: it lives elsewhere).
-    placeholder = {name: {**conn, "psk": "p" * 32} for name, conn in connections.items()}
-    try:
-        parse_config({"connections": placeholder}, source=f"{me}'s mesh connections")
-    except ConfigError as exc:
-        raise AnsibleFilterError(f"keyway.ipsec.mesh_connections: {exc}") from None
-    return connections
+        raise AnsibleFilterError(f"keyway.ipsec.intent: {exc}") from None
+    return result
 
 
-def _mesh_psks(master, me, members):
+def _intent_psks(refs, master_secret=None, external_peers=None):
     try:
-        return mesh_psks(me, list(members), master)
+        return host_psks(
+            _plain(refs),
+            None if master_secret is None else str(master_secret),
+            _plain(external_peers),
+        )
     except IntentError as exc:
-        raise AnsibleFilterError(f"keyway.ipsec.mesh_psks: {exc}") from None
+        raise AnsibleFilterError(f"keyway.ipsec.intent_psks: {exc}") from None
 
 
 class FilterModule:
     def filters(self):
-        return {"mesh_connections": _mesh_connections, "mesh_psks": _mesh_psks}
+        return {"intent": _intent, "intent_psks": _intent_psks}

@@ -52,10 +52,9 @@ EXAMPLES = r"""
     path: /etc/keyway/keywayd.yml
     settings:
       dataplane: auto
-    connections: "{{ hostvars | keyway.ipsec.mesh_connections(groups['mesh'],
-      inventory_hostname) }}"
-    psks: "{{ keyway_mesh_secret | keyway.ipsec.mesh_psks(inventory_hostname,
-      groups['mesh']) }}"
+    connections: "{{ keyway_intent.hosts[inventory_hostname].connections }}"
+    psks: "{{ keyway_intent.hosts[inventory_hostname].psk_refs
+      | keyway.ipsec.intent_psks(keyway_master_secret) }}"
 """
 
 RETURN = r"""

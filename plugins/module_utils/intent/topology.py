@@ -1,0 +1,750 @@
+"""Keyway's intent: the whole inventory in, every host's keywayd connections out.
+
+A pure function of the inventory (never of the play's hosts alone), computed on the
+controller: both ends of a link are derived from the same data, so they agree without
+talking, and a bad inventory is refused before any host is touched.
+
+The model (README: "The inventory model"):
+
+- Hosts take part through `keyway_topologies`, a list of named topologies:
+    {name, type: mesh, members}                     every pair of members
+    {name, type: hub_spoke, hubs, spokes,            spokes to every hub; spokes reach
+     spoke_to_spoke: hub | direct | none}            each other through the first hub
+                                                    (default), by direct trap links, or not
+    {name, type: site_to_site, pairs: [[a, b]...]}   gateway pairs, each protecting its sites
+    {name, type: links, links: [{ends: [a, b], <overrides>}]}
+  Members, hubs and spokes are a group name or a list of host names; topologies also
+  take `overrides`. A host in no topology is left alone.
+- Each host: `keyway_address` (outer address), `keyway_sites` (prefixes behind it;
+  without them it protects its own address), `keyway_ike_id` (default: its name),
+  `keyway_overrides`.
+- `keyway_external_peers`: unmanaged peers by name {address, id, sites, psk, overrides},
+  usable as link ends, site_to_site gateways and hubs.
+- Overrides, highest first: the link's own, the ends' `keyway_overrides`, the ends'
+  groups' (`keyway_group_overrides`), the topology's `overrides`, `keyway_defaults`;
+  keys left unset take keywayd's defaults. Both ends of a link share one value: two
+  ends (or two groups) that disagree at the highest level setting a key are an error.
+- Initiators: the managed end towards an external peer, the spoke towards a hub, else
+  the end whose name sorts first; `initiator: both` makes both ends start, and
+  `start_action: trap` makes both ends wait for traffic.
+- Each link's PSK is derived from one master secret, the link's two IKE identities
+  and its `psk_version` (see `link_psk`): renaming a host keeps its keys as long as its
+  IKE identity stays; external peers bring their own `psk`.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import itertools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from ..agent.config import MIN_PSK_LENGTH, ConfigError, parse_config
+
+TOPOLOGY_TYPES = ("mesh", "hub_spoke", "site_to_site", "links")
+SPOKE_TO_SPOKE = ("hub", "direct", "none")
+MIN_MASTER_SECRET = 32
+PSK_SALT = b"keyway link psk"
+
+# Override keys and where each lands in keywayd's config: the connection or its child.
+CONNECTION_KEYS = {
+    "proposals": "proposals",
+    "allow_weak": "allow_weak",
+    "ike_rekey_time": "rekey_time",
+    "reauth_time": "reauth_time",
+    "dpd_delay": "dpd_delay",
+    "encap": "encap",
+}
+CHILD_KEYS = {
+    "esp_proposals": "esp_proposals",
+    "mode": "mode",
+    "rekey_time": "rekey_time",
+    "life_time": "life_time",
+    "rekey_bytes": "rekey_bytes",
+    "life_bytes": "life_bytes",
+    "rekey_packets": "rekey_packets",
+    "life_packets": "life_packets",
+}
+CHOICES = {
+    "start_action": ("start", "trap"),
+    "dpd_action": ("restart", "clear", "trap"),
+    "initiator": ("auto", "both"),
+    "encap": ("auto", "force"),
+    "mode": ("tunnel", "transport"),
+}
+OVERRIDE_KEYS = (
+    frozenset(CONNECTION_KEYS) | frozenset(CHILD_KEYS) | frozenset(CHOICES) | {"psk_version"}
+)
+# Keys an operator may reach for that keywayd cannot honour per link (yet): refused with
+# the reason rather than accepted and ignored.
+REFUSED_KEYS = {
+    "ah_proposals": "keywayd cannot negotiate AH yet; use esp_proposals",
+    "dataplane": "one keywayd has one data plane: set keyway_agent_dataplane on the host",
+}
+
+
+class IntentError(ValueError):
+    """The inventory does not describe consistent tunnels; `problems` says where."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__(
+            f"{len(problems)} problem(s) in the inventory:\n  " + "\n  ".join(problems)
+        )
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One end of links: a managed inventory host or an external peer."""
+
+    name: str
+    address: str
+    ike_id: str
+    sites: tuple[str, ...]
+    managed: bool
+    groups: tuple[str, ...] = ()
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def overrides_variable(self) -> str:
+        if self.managed:
+            return f"host {self.name}: keyway_overrides"
+        return f"keyway_external_peers.{self.name}.overrides"
+
+    @property
+    def protected(self) -> tuple[str, ...]:
+        """What this end protects: its sites, else its own address."""
+        if self.sites:
+            return self.sites
+        return (str(ipaddress.ip_network(self.address)),)
+
+
+@dataclass
+class Link:
+    """A tunnel between two ends, the same on both: one connection on each managed end."""
+
+    name: str
+    topology: str
+    ends: tuple[str, str]  # sorted
+    ts: dict[str, tuple[str, ...]]  # what each end protects on this link
+    settings: dict[str, Any]
+    source: dict[str, str]  # override key -> which variable set it
+    initiators: tuple[str, ...]
+    endpoints: dict[str, Endpoint]
+
+    def to_dict(self) -> dict:
+        return {
+            "topology": self.topology,
+            "ends": list(self.ends),
+            "ts": {end: list(ts) for end, ts in self.ts.items()},
+            "settings": dict(self.settings),
+            "initiators": list(self.initiators),
+        }
+
+
+def link_name(a: str, b: str) -> str:
+    return "-".join(sorted((a, b)))
+
+
+def link_psk(master: str, id_a: str, id_b: str, version: int) -> str:
+    """HKDF-SHA256 of the master secret over the link's two IKE identities (sorted) and
+    its version: distinct per link and version, nothing to store, and no host learns
+    another link's key from its own."""
+    if len(master) < MIN_MASTER_SECRET:
+        raise IntentError([f"the master secret is shorter than {MIN_MASTER_SECRET} characters"])
+    first, second = sorted((id_a, id_b))
+    info = f"v{version}\0{first}\0{second}".encode()
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=PSK_SALT, info=info).derive(
+        master.encode()
+    )
+    return base64.b64encode(key).decode()
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.items.append(f"{where}: {message}")
+
+
+def _overrides(raw: Any, where: str, problems: _Problems) -> dict[str, Any]:
+    """Override keys checked against the known set; choices checked here, everything
+    else by keywayd's parser later (with this variable named)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        problems.add(where, "must be a mapping of override keys")
+        return {}
+    result = {}
+    for key, value in raw.items():
+        if key in REFUSED_KEYS:
+            problems.add(f"{where}.{key}", REFUSED_KEYS[key])
+        elif key not in OVERRIDE_KEYS:
+            problems.add(
+                f"{where}.{key}",
+                f"unknown override key (known: {', '.join(sorted(OVERRIDE_KEYS))})",
+            )
+        elif key in CHOICES and value not in CHOICES[key]:
+            hint = " (encap: no is not honoured by keywayd yet)" if key == "encap" else ""
+            problems.add(f"{where}.{key}", f"{value!r} is not one of {CHOICES[key]}{hint}")
+        elif key == "psk_version" and not (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        ):
+            problems.add(f"{where}.{key}", f"{value!r} is not a positive integer")
+        else:
+            result[key] = value
+    return result
+
+
+def _prefixes(raw: Any, where: str, problems: _Problems) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if isinstance(raw, str) or not isinstance(raw, Iterable):
+        problems.add(where, "must be a list of prefixes")
+        return ()
+    result = []
+    for item in raw:
+        try:
+            result.append(str(ipaddress.ip_network(str(item), strict=True)))
+        except ValueError as exc:
+            problems.add(where, f"{item!r} is not a prefix: {exc}")
+    for a, b in itertools.combinations(result, 2):
+        if _overlap(a, b):
+            problems.add(where, f"{a} and {b} overlap")
+    return tuple(result)
+
+
+def _overlap(a: str, b: str) -> bool:
+    na, nb = ipaddress.ip_network(a), ipaddress.ip_network(b)
+    return na.version == nb.version and na.overlaps(nb)
+
+
+def _address(raw: Any, where: str, problems: _Problems) -> str | None:
+    if raw in (None, ""):
+        problems.add(where, "missing (the outer address the peers reach this end at)")
+        return None
+    try:
+        return str(ipaddress.ip_address(str(raw)))
+    except ValueError:
+        problems.add(where, f"{raw!r} is not an IP address")
+        return None
+
+
+class _Inventory:
+    """Endpoints read on demand: only hosts that take part need Keyway's variables."""
+
+    def __init__(
+        self,
+        hostvars: Mapping[str, Mapping[str, Any]],
+        groups: Mapping[str, Iterable[str]],
+        external_peers: Mapping[str, Mapping[str, Any]],
+        problems: _Problems,
+    ):
+        self.hostvars, self.problems = hostvars, problems
+        self.groups = {g: list(members) for g, members in groups.items()}
+        self.external = external_peers
+        self._endpoints: dict[str, Endpoint | None] = {}
+        self._groups_of: dict[str, list[str]] = {}
+        for group, members in self.groups.items():
+            if group in ("all", "ungrouped"):
+                continue
+            for member in members:
+                self._groups_of.setdefault(member, []).append(group)
+        for name in external_peers:
+            if name in hostvars:
+                problems.add(
+                    f"keyway_external_peers.{name}", "is also an inventory host; rename one"
+                )
+
+    def members(self, raw: Any, where: str) -> list[str]:
+        """A group name or a list of host and external peer names."""
+        if isinstance(raw, str):
+            if raw not in self.groups:
+                self.problems.add(where, f"unknown group {raw!r}")
+                return []
+            return sorted(self.groups[raw])
+        if not isinstance(raw, list) or not all(isinstance(m, str) for m in raw):
+            self.problems.add(where, "must be a group name or a list of host names")
+            return []
+        known = [m for m in raw if self.known(m, where)]
+        if len(set(known)) != len(known):
+            self.problems.add(where, "names a host twice")
+        return sorted(set(known))
+
+    def known(self, name: str, where: str) -> bool:
+        if name in self.hostvars or name in self.external:
+            return True
+        self.problems.add(
+            where, f"unknown host {name!r} (neither inventory host nor external peer)"
+        )
+        return False
+
+    def endpoint(self, name: str) -> Endpoint | None:
+        if name not in self._endpoints:
+            self._endpoints[name] = self._read(name)
+        return self._endpoints[name]
+
+    def _read(self, name: str) -> Endpoint | None:
+        p = self.problems
+        before = len(p.items)
+        if name in self.external:
+            raw = self.external[name]
+            where = f"keyway_external_peers.{name}"
+            if not isinstance(raw, Mapping):
+                p.add(where, "must be a mapping (address, id, sites, psk)")
+                return None
+            unknown = set(raw) - {"address", "id", "sites", "psk", "overrides"}
+            for key in sorted(unknown):
+                p.add(f"{where}.{key}", "unknown key (known: address, id, sites, psk, overrides)")
+            psk = raw.get("psk")
+            if not psk:
+                p.add(f"{where}.psk", "missing: an external peer needs its PSK (vault it)")
+            elif len(str(psk)) < MIN_PSK_LENGTH:
+                p.add(f"{where}.psk", f"is shorter than {MIN_PSK_LENGTH} characters")
+            endpoint = Endpoint(
+                name=name,
+                address=_address(raw.get("address"), f"{where}.address", p) or "",
+                ike_id=str(raw.get("id") or raw.get("address") or name),
+                sites=_prefixes(raw.get("sites"), f"{where}.sites", p),
+                managed=False,
+                overrides=_overrides(raw.get("overrides"), f"{where}.overrides", p),
+            )
+        else:
+            host = self.hostvars[name]
+            where = f"host {name}"
+            endpoint = Endpoint(
+                name=name,
+                address=_address(host.get("keyway_address"), f"{where}: keyway_address", p) or "",
+                ike_id=str(host.get("keyway_ike_id") or name),
+                sites=_prefixes(host.get("keyway_sites"), f"{where}: keyway_sites", p),
+                managed=True,
+                groups=tuple(sorted(self._groups_of.get(name, ()))),
+                overrides=_overrides(host.get("keyway_overrides"), f"{where}: keyway_overrides", p),
+            )
+        return endpoint if len(p.items) == before else None
+
+
+def _link_ts(ends: tuple[Endpoint, Endpoint]) -> dict[str, tuple[str, ...]]:
+    return {end.name: end.protected for end in ends}
+
+
+def _links_of_topology(
+    topology: Mapping[str, Any], index: int, inv: _Inventory
+) -> list[tuple[tuple[str, str], dict[str, tuple[str, ...]], dict, tuple[str, ...] | None]]:
+    """(ends, ts, link overrides, initiators or None for the default rule) per link."""
+    p = inv.problems
+    name = topology.get("name", f"#{index}")
+    where = f"topology {name}"
+    kind = topology.get("type")
+    allowed = {"name", "type", "overrides"} | {
+        "mesh": {"members"},
+        "hub_spoke": {"hubs", "spokes", "spoke_to_spoke"},
+        "site_to_site": {"pairs"},
+        "links": {"links"},
+    }.get(kind, set())
+    if kind not in TOPOLOGY_TYPES:
+        p.add(where, f"type {kind!r} is not one of {TOPOLOGY_TYPES}")
+        return []
+    for key in sorted(set(topology) - allowed):
+        p.add(f"{where}.{key}", f"unknown key for a {kind} topology (known: {sorted(allowed)})")
+    result = []
+
+    def pair(a: str, b: str, at: str, overrides=None, initiators=None, ts=None) -> None:
+        if a == b:
+            p.add(at, f"a link from {a} to itself")
+            return
+        ea, eb = inv.endpoint(a), inv.endpoint(b)
+        if ea is None or eb is None:
+            return
+        if not ea.managed and not eb.managed:
+            p.add(at, f"{a} and {b} are both external peers: Keyway manages neither end")
+            return
+        if ea.address and eb.address:
+            fa = ipaddress.ip_address(ea.address).version
+            if fa != ipaddress.ip_address(eb.address).version:
+                p.add(at, f"{a} ({ea.address}) and {b} ({eb.address}) differ in address family")
+                return
+        ends = tuple(sorted((a, b)))
+        result.append((ends, ts or _link_ts((ea, eb)), overrides or {}, initiators))
+
+    if kind == "mesh":
+        members = inv.members(topology.get("members"), f"{where}.members")
+        for a, b in itertools.combinations(members, 2):
+            pair(a, b, where)
+        _disjoint_sites(members, inv, where)
+    elif kind == "site_to_site":
+        pairs = topology.get("pairs")
+        if not isinstance(pairs, list) or not pairs:
+            p.add(f"{where}.pairs", "must be a list of [gateway, gateway] pairs")
+            return []
+        for n, gateways in enumerate(pairs):
+            at = f"{where}.pairs[{n}]"
+            if not (isinstance(gateways, list) and len(gateways) == 2):
+                p.add(at, "must be two gateway names")
+                continue
+            if not all(inv.known(g, at) for g in gateways):
+                continue
+            for gateway in gateways:
+                end = inv.endpoint(gateway)
+                if end is not None and not end.sites:
+                    p.add(at, f"gateway {gateway} protects no sites (keyway_sites)")
+            pair(*gateways, at)
+    elif kind == "links":
+        links = topology.get("links")
+        if not isinstance(links, list) or not links:
+            p.add(f"{where}.links", "must be a list of links ({ends: [a, b], ...overrides})")
+            return []
+        for n, link in enumerate(links):
+            at = f"{where}.links[{n}]"
+            if not isinstance(link, Mapping):
+                p.add(at, "must be a mapping with ends and overrides")
+                continue
+            ends = link.get("ends")
+            if not (
+                isinstance(ends, list) and len(ends) == 2 and all(isinstance(e, str) for e in ends)
+            ):
+                p.add(f"{at}.ends", "must be two host names")
+                continue
+            if not all(inv.known(e, f"{at}.ends") for e in ends):
+                continue
+            overrides = _overrides({k: v for k, v in link.items() if k != "ends"}, at, p)
+            pair(*ends, at, overrides=overrides)
+    else:  # hub_spoke
+        hubs = inv.members(topology.get("hubs"), f"{where}.hubs")
+        spokes = inv.members(topology.get("spokes"), f"{where}.spokes")
+        mode = topology.get("spoke_to_spoke", "hub")
+        if mode not in SPOKE_TO_SPOKE:
+            p.add(f"{where}.spoke_to_spoke", f"{mode!r} is not one of {SPOKE_TO_SPOKE}")
+            return []
+        both = set(hubs) & set(spokes)
+        if both:
+            p.add(where, f"{', '.join(sorted(both))}: both hub and spoke")
+            return []
+        if not hubs or not spokes:
+            p.add(where, "needs at least one hub and one spoke")
+            return []
+        _disjoint_sites(hubs + spokes, inv, where)
+        ends = {n: inv.endpoint(n) for n in hubs + spokes}
+        if any(e is None for e in ends.values()):
+            return []
+        transit = hubs[0]  # spokes reach each other through the first hub
+        for hub in hubs:
+            for spoke in spokes:
+                ts = {hub: ends[hub].protected, spoke: ends[spoke].protected}
+                if mode == "hub" and hub == transit:
+                    others = [s for o in spokes if o != spoke for s in ends[o].protected]
+                    ts[hub] = ts[hub] + tuple(others)
+                pair(hub, spoke, where, ts=ts, initiators=(spoke,))
+        if mode == "direct":
+            for a, b in itertools.combinations(spokes, 2):
+                pair(a, b, f"{where} (spoke to spoke)", overrides={"start_action": "trap"})
+    return result
+
+
+def _disjoint_sites(members: list[str], inv: _Inventory, where: str) -> None:
+    """The sites behind the members of one topology must not overlap: a packet to them
+    could go into either tunnel."""
+    for a, b in itertools.combinations(members, 2):
+        ea, eb = inv.endpoint(a), inv.endpoint(b)
+        if ea is None or eb is None:
+            continue
+        for x, y in itertools.product(ea.protected, eb.protected):
+            if _overlap(x, y):
+                inv.problems.add(where, f"sites of {a} ({x}) and {b} ({y}) overlap")
+
+
+def _resolve(
+    link_overrides: dict,
+    ends: tuple[Endpoint, Endpoint],
+    group_overrides: Mapping[str, dict],
+    topology: str,
+    topology_overrides: dict,
+    defaults: dict,
+    where: str,
+    problems: _Problems,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Each override key from the highest level that sets it; at one level the ends (or
+    their groups) must agree."""
+    settings: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    levels: list[list[tuple[str, dict]]] = [
+        [(f"{where} (link)", link_overrides)],
+        [
+            (
+                e.overrides_variable,
+                dict(e.overrides),
+            )
+            for e in ends
+        ],
+        [
+            (f"keyway_group_overrides.{g}", group_overrides[g])
+            for e in ends
+            for g in e.groups
+            if g in group_overrides
+        ],
+        [(f"topology {topology}: overrides", topology_overrides)],
+        [("keyway_defaults", defaults)],
+    ]
+    for key in sorted(OVERRIDE_KEYS):
+        for level in levels:
+            found = [(origin, values[key]) for origin, values in level if key in values]
+            if not found:
+                continue
+            distinct = {repr(v) for _, v in found}
+            if len(distinct) > 1:
+                said = "; ".join(f"{origin} says {value!r}" for origin, value in found)
+                problems.add(
+                    where,
+                    f"conflicting overrides for {key}: {said}; "
+                    "set it on the link or make them agree",
+                )
+            settings[key], source[key] = found[0][1], found[0][0]
+            break
+    return settings, source
+
+
+def compute_intent(
+    hostvars: Mapping[str, Mapping[str, Any]],
+    groups: Mapping[str, Iterable[str]],
+    topologies: Any,
+    *,
+    defaults: Any = None,
+    group_overrides: Any = None,
+    external_peers: Any = None,
+    master_secret_length: int | None = None,
+) -> dict[str, Link]:
+    """Every link of the inventory, validated; IntentError lists every problem found."""
+    problems = _Problems()
+    if topologies is None:
+        topologies = []
+    if not isinstance(topologies, list):
+        raise IntentError(["keyway_topologies: must be a list of topologies"])
+    external = external_peers or {}
+    if not isinstance(external, Mapping):
+        raise IntentError(["keyway_external_peers: must be a mapping of peer names"])
+    inv = _Inventory(hostvars, groups, external, problems)
+    defaults = _overrides(defaults, "keyway_defaults", problems)
+    group_overrides = group_overrides or {}
+    if not isinstance(group_overrides, Mapping):
+        problems.add("keyway_group_overrides", "must be a mapping of group names to overrides")
+        group_overrides = {}
+    by_group = {}
+    for group, raw in group_overrides.items():
+        if group in ("all", "ungrouped"):
+            problems.add(f"keyway_group_overrides.{group}", "use keyway_defaults for every host")
+        elif group not in inv.groups:
+            problems.add(f"keyway_group_overrides.{group}", "unknown group")
+        by_group[group] = _overrides(raw, f"keyway_group_overrides.{group}", problems)
+    links: dict[str, Link] = {}
+    names = [t.get("name") if isinstance(t, Mapping) else None for t in topologies]
+    for index, topology in enumerate(topologies):
+        if not isinstance(topology, Mapping) or not isinstance(topology.get("name"), str):
+            problems.add(f"keyway_topologies[{index}]", "must be a mapping with a name")
+            continue
+        if names.count(topology["name"]) > 1:
+            problems.add(f"topology {topology['name']}", "two topologies have this name")
+        where = f"topology {topology['name']}"
+        overrides = _overrides(topology.get("overrides"), f"{where}.overrides", problems)
+        for ends, ts, link_overrides, initiators in _links_of_topology(topology, index, inv):
+            name = link_name(*ends)
+            at = f"{where}: link {name}"
+            if name in links:
+                problems.add(at, f"also made by topology {links[name].topology}: one link per pair")
+                continue
+            endpoints = (inv.endpoint(ends[0]), inv.endpoint(ends[1]))
+            settings, source = _resolve(
+                link_overrides,
+                endpoints,
+                by_group,
+                topology["name"],
+                overrides,
+                defaults,
+                at,
+                problems,
+            )
+            sited = [e.name for e in endpoints if e.sites]
+            if settings.get("mode") == "transport" and sited:
+                problems.add(
+                    at,
+                    f"mode transport (from {source['mode']}) protects the two hosts "
+                    f"themselves, but {' and '.join(sited)} protect sites: use tunnel",
+                )
+            links[name] = Link(
+                name, topology["name"], ends, ts, settings, source,
+                _initiators(endpoints, settings, initiators),
+                {e.name: e for e in endpoints},
+            )  # fmt: skip
+    _check_unique(links, problems)
+    _check_selectors(links, problems)
+    derived = any(all(e.managed for e in link.endpoints.values()) for link in links.values())
+    if derived and (master_secret_length or 0) < MIN_MASTER_SECRET:
+        length = f"{master_secret_length} characters" if master_secret_length else "missing"
+        problems.add(
+            "keyway_master_secret",
+            f"{length}; links between managed hosts derive their PSKs from it and it needs "
+            f"at least {MIN_MASTER_SECRET} (e.g. `openssl rand -base64 48 | "
+            "ansible-vault encrypt_string --stdin-name keyway_master_secret`)",
+        )
+    if problems.items:
+        raise IntentError(problems.items)
+    return links
+
+
+def _initiators(
+    ends: tuple[Endpoint, Endpoint], settings: dict, preferred: tuple[str, ...] | None
+) -> tuple[str, ...]:
+    if settings.get("start_action") == "trap":
+        return ()
+    managed = [e.name for e in ends if e.managed]
+    if settings.get("initiator") == "both":
+        return tuple(managed)
+    if len(managed) == 1:
+        return tuple(managed)
+    if preferred:
+        return preferred
+    return (min(e.name for e in ends),)
+
+
+def _check_unique(links: dict[str, Link], problems: _Problems) -> None:
+    """Peers are told apart by outer address and IKE identity."""
+    seen_address: dict[str, str] = {}
+    seen_id: dict[str, str] = {}
+    endpoints = {e.name: e for link in links.values() for e in link.endpoints.values()}
+    for name in sorted(endpoints):
+        end = endpoints[name]
+        other = seen_address.setdefault(end.address, name)
+        if other != name:
+            problems.add(f"host {name}", f"outer address {end.address} is also {other}'s")
+        other = seen_id.setdefault(end.ike_id, name)
+        if other != name:
+            problems.add(f"host {name}", f"IKE identity {end.ike_id!r} is also {other}'s")
+
+
+def _check_selectors(links: dict[str, Link], problems: _Problems) -> None:
+    """On each host, what its links reach must not overlap what another link reaches or
+    what it protects itself: policies would then be ambiguous."""
+    reach: dict[str, list[tuple[str, str]]] = {}
+    for link in links.values():
+        for end in link.ends:
+            peer = link.ends[1] if end == link.ends[0] else link.ends[0]
+            reach.setdefault(end, []).extend((p, link.name) for p in link.ts[peer])
+    for host, targets in reach.items():
+        for (x, lx), (y, ly) in itertools.combinations(targets, 2):
+            if lx != ly and _overlap(x, y):
+                problems.add(
+                    f"host {host}",
+                    f"link {lx} reaches {x} and link {ly} reaches {y}: they overlap",
+                )
+        own = next(link.endpoints[host] for link in links.values() if host in link.ends)
+        for (x, lx), y in itertools.product(targets, own.protected):
+            if _overlap(x, y):
+                problems.add(f"host {host}", f"link {lx} reaches {x}, which overlaps its own {y}")
+
+
+def host_connections(host: str, links: Mapping[str, Link]) -> dict[str, dict]:
+    """keywayd `connections` for `host`, without secrets (see `host_psks`)."""
+    connections = {}
+    for link in links.values():
+        if host not in link.ends:
+            continue
+        me = link.endpoints[host]
+        peer_name = link.ends[1] if host == link.ends[0] else link.ends[0]
+        peer = link.endpoints[peer_name]
+        conn: dict[str, Any] = {
+            "local_addrs": [me.address],
+            "remote_addrs": [peer.address],
+            "local": {"id": me.ike_id, "auth": "psk"},
+            "remote": {"id": peer.ike_id, "auth": "psk"},
+        }
+        child: dict[str, Any] = {
+            "local_ts": list(link.ts[host]),
+            "remote_ts": list(link.ts[peer_name]),
+        }
+        if not me.sites and not peer.sites:
+            child["mode"] = "transport"  # host to host: nothing to tunnel
+        for key, value in link.settings.items():
+            if key in CONNECTION_KEYS:
+                conn[CONNECTION_KEYS[key]] = value
+            elif key in CHILD_KEYS:
+                child[CHILD_KEYS[key]] = value
+        if link.settings.get("start_action") == "trap":
+            child["start_action"] = "trap"
+        else:
+            child["start_action"] = "start" if host in link.initiators else "none"
+        starts = child["start_action"] != "none"
+        default_dpd = "trap" if child["start_action"] == "trap" else "restart"
+        child["dpd_action"] = link.settings.get("dpd_action", default_dpd if starts else "clear")
+        conn["children"] = {"sites" if (me.sites or peer.sites) else "host": child}
+        connections[link.name] = conn
+    return connections
+
+
+def psk_refs(host: str, links: Mapping[str, Link]) -> dict[str, dict]:
+    """For each of `host`'s links, where its PSK comes from (no secret in it)."""
+    refs = {}
+    for link in links.values():
+        if host not in link.ends:
+            continue
+        ends = [link.endpoints[n] for n in link.ends]
+        external = next((e.name for e in ends if not e.managed), None)
+        if external:
+            refs[link.name] = {"external": external}
+        else:
+            refs[link.name] = {
+                "ids": sorted(e.ike_id for e in ends),
+                "version": link.settings.get("psk_version", 1),
+            }
+    return refs
+
+
+def host_psks(
+    refs: Mapping[str, Mapping[str, Any]],
+    master_secret: str | None,
+    external_peers: Mapping[str, Mapping[str, Any]] | None,
+) -> dict[str, str]:
+    """The PSK of each connection named in `refs` (from `psk_refs`)."""
+    psks = {}
+    for name, ref in refs.items():
+        if "external" in ref:
+            psks[name] = str((external_peers or {})[ref["external"]]["psk"])
+        else:
+            psks[name] = link_psk(master_secret or "", *ref["ids"], ref["version"])
+    return psks
+
+
+def validate_with_agent(host: str, connections: dict[str, dict], links: Mapping[str, Link]) -> None:
+    """keywayd's own parser on a host's connections (PSKs as placeholders): a value it
+    refuses fails the run here, naming the variable that set it."""
+    placeholder = {name: {**conn, "psk": "p" * 32} for name, conn in connections.items()}
+    try:
+        parse_config({"connections": placeholder}, source=f"host {host}")
+    except ConfigError as exc:
+        explained = [_explain(host, path, message, links) for path, message in exc.problems]
+        raise IntentError(explained) from None
+
+
+# keywayd config fields back to the override keys that set them.
+_CONNECTION_FIELDS = {v: k for k, v in CONNECTION_KEYS.items()}
+_CHILD_FIELDS = {v: k for k, v in CHILD_KEYS.items()}
+
+
+def _explain(host: str, path: str, message: str, links: Mapping[str, Link]) -> str:
+    """A parser problem at `connections.LINK[.children.CHILD].FIELD[...]` told as the
+    link, and the inventory variable that set the value."""
+    link = next((k for k in links if path.startswith(f"connections.{k}.")), None)
+    if link is None:
+        return f"host {host}: {path}: {message}"
+    rest = path[len(f"connections.{link}.") :].split(".")
+    if rest[0] == "children" and len(rest) > 2:
+        key = _CHILD_FIELDS.get(rest[2].split("[")[0])
+    else:
+        key = _CONNECTION_FIELDS.get(rest[0].split("[")[0])
+    origin = links[link].source.get(key) if key else None
+    said = f" ({key}, set by {origin})" if origin else f" ({'.'.join(rest)})"
+    return f"topology {links[link].topology}: link {link} on host {host}: {message}{said}"

@@ -1,0 +1,398 @@
+"""The inventory model: topologies, overrides and their precedence, initiators, PSKs,
+and every inconsistency refused with where it is, before any host is touched."""
+
+from __future__ import annotations
+
+import pytest
+
+from ansible_collections.keyway.ipsec.plugins.module_utils.intent.topology import (
+    IntentError,
+    compute_intent,
+    host_connections,
+    host_psks,
+    link_psk,
+    psk_refs,
+    validate_with_agent,
+)
+
+MASTER = "m" * 40
+
+
+def host(n: int, sites=True, **extra) -> dict:
+    vars_ = {"keyway_address": f"192.0.2.{10 + n}"}
+    if sites:
+        vars_["keyway_sites"] = [f"10.{n}.0.0/24", f"fd00:{n}::/64"]
+    return {**vars_, **extra}
+
+
+def inventory(count: int = 4, **extra_hosts):
+    hostvars = {f"h{n}": host(n) for n in range(1, count + 1)}
+    hostvars.update(extra_hosts)
+    groups = {"all": list(hostvars), "lab": [f"h{n}" for n in range(1, count + 1)]}
+    return hostvars, groups
+
+
+def intent(topologies, hostvars=None, groups=None, **kw):
+    if hostvars is None:
+        hostvars, groups = inventory()
+    kw.setdefault("master_secret_length", len(MASTER))
+    links = compute_intent(hostvars, groups, topologies, **kw)
+    for name in hostvars:
+        validate_with_agent(name, host_connections(name, links), links)
+    return links
+
+
+def problems_of(topologies, hostvars=None, groups=None, **kw) -> list[str]:
+    with pytest.raises(IntentError) as caught:
+        intent(topologies, hostvars, groups, **kw)
+    return caught.value.problems
+
+
+def test_a_mesh_links_every_pair_and_both_ends_agree():
+    links = intent([{"name": "core", "type": "mesh", "members": "lab"}])
+    assert sorted(links) == ["h1-h2", "h1-h3", "h1-h4", "h2-h3", "h2-h4", "h3-h4"]
+    one, two = host_connections("h1", links)["h1-h2"], host_connections("h2", links)["h1-h2"]
+    assert one["local"] == two["remote"] and one["remote"] == two["local"]
+    assert one["local_addrs"] == two["remote_addrs"] == ["192.0.2.11"]
+    c1, c2 = one["children"]["sites"], two["children"]["sites"]
+    assert c1["local_ts"] == c2["remote_ts"] == ["10.1.0.0/24", "fd00:1::/64"]
+    # The end whose name sorts first starts; the other waits and does not restart.
+    assert (c1["start_action"], c1["dpd_action"]) == ("start", "restart")
+    assert (c2["start_action"], c2["dpd_action"]) == ("none", "clear")
+    # Settings nobody overrode are left to keywayd's own defaults.
+    assert "proposals" not in one and "esp_proposals" not in c1
+
+
+def test_hosts_in_no_topology_are_left_alone():
+    hostvars, groups = inventory(3, bystander={"ansible_host": "x"})  # no Keyway variables
+    links = intent([{"name": "core", "type": "mesh", "members": ["h1", "h2"]}], hostvars, groups)
+    assert list(links) == ["h1-h2"]
+    assert host_connections("h3", links) == {} == host_connections("bystander", links)
+
+
+def test_hub_and_spokes_reach_each_other_through_the_first_hub():
+    hostvars, groups = inventory(5)
+    groups.update(hubs=["h1", "h2"], spokes=["h3", "h4", "h5"])
+    links = intent(
+        [{"name": "wan", "type": "hub_spoke", "hubs": "hubs", "spokes": "spokes"}], hostvars, groups
+    )
+    assert sorted(links) == ["h1-h3", "h1-h4", "h1-h5", "h2-h3", "h2-h4", "h2-h5"]
+    spoke = host_connections("h3", links)
+    via = spoke["h1-h3"]["children"]["sites"]
+    assert via["remote_ts"] == [
+        "10.1.0.0/24",
+        "fd00:1::/64",
+        "10.4.0.0/24",
+        "fd00:4::/64",
+        "10.5.0.0/24",
+        "fd00:5::/64",
+    ]
+    assert spoke["h2-h3"]["children"]["sites"]["remote_ts"] == ["10.2.0.0/24", "fd00:2::/64"]
+    assert via["start_action"] == "start"  # spokes dial in
+    hub = host_connections("h1", links)["h1-h3"]["children"]["sites"]
+    assert hub["local_ts"] == via["remote_ts"] and hub["start_action"] == "none"
+
+
+def test_spokes_may_reach_each_other_directly_on_demand():
+    hostvars, groups = inventory(4)
+    groups.update(hubs=["h1"], spokes=["h2", "h3", "h4"])
+    links = intent(
+        [
+            {
+                "name": "wan",
+                "type": "hub_spoke",
+                "hubs": "hubs",
+                "spokes": "spokes",
+                "spoke_to_spoke": "direct",
+            }
+        ],
+        hostvars,
+        groups,
+    )
+    direct = host_connections("h2", links)["h2-h3"]["children"]["sites"]
+    assert direct["start_action"] == "trap" and direct["dpd_action"] == "trap"
+    assert host_connections("h3", links)["h2-h3"]["children"]["sites"]["start_action"] == "trap"
+    assert host_connections("h2", links)["h1-h2"]["children"]["sites"]["remote_ts"] == [
+        "10.1.0.0/24",
+        "fd00:1::/64",
+    ]
+
+
+def test_hosts_without_sites_get_host_to_host_transport():
+    hostvars = {"a": host(1, sites=False), "b": host(2, sites=False)}
+    links = intent(
+        [{"name": "p", "type": "links", "links": [{"ends": ["a", "b"]}]}],
+        hostvars,
+        {"all": ["a", "b"]},
+    )
+    child = host_connections("a", links)["a-b"]["children"]["host"]
+    assert child["mode"] == "transport"
+    assert (child["local_ts"], child["remote_ts"]) == (["192.0.2.11/32"], ["192.0.2.12/32"])
+
+
+def test_overrides_follow_link_host_group_topology_defaults():
+    hostvars, groups = inventory(4)
+    hostvars["h2"]["keyway_overrides"] = {"rekey_time": "20m"}
+    groups["fast"] = ["h3"]
+    links = intent(
+        [
+            {
+                "name": "core",
+                "type": "mesh",
+                "members": "lab",
+                "overrides": {"esp_proposals": ["aes128gcm16"], "rekey_time": "30m"},
+            },
+        ],
+        hostvars,
+        groups,
+        defaults={"esp_proposals": ["chacha20poly1305"], "dpd_delay": "10s", "rekey_time": "2h"},
+        group_overrides={"fast": {"rekey_time": "5m"}},
+    )
+    assert links["h1-h2"].settings["rekey_time"] == "20m"  # host
+    assert links["h1-h3"].settings["rekey_time"] == "5m"  # group
+    assert links["h1-h4"].settings["rekey_time"] == "30m"  # topology
+    assert links["h1-h4"].settings["esp_proposals"] == ["aes128gcm16"]  # topology > defaults
+    assert links["h1-h4"].settings["dpd_delay"] == "10s"  # defaults
+    child = host_connections("h4", links)["h1-h4"]["children"]["sites"]
+    assert child["rekey_time"] == "30m" and child["esp_proposals"] == ["aes128gcm16"]
+    assert host_connections("h4", links)["h1-h4"]["dpd_delay"] == "10s"
+    # the link level beats them all
+    links = intent(
+        [
+            {
+                "name": "x",
+                "type": "links",
+                "links": [
+                    {
+                        "ends": ["h1", "h2"],
+                        "rekey_time": "1m",
+                        "proposals": ["aes128gcm16-prfsha256-ecp256"],
+                    }
+                ],
+            }
+        ],
+        hostvars,
+        groups,
+    )
+    conn = host_connections("h1", links)["h1-h2"]
+    assert conn["proposals"] == ["aes128gcm16-prfsha256-ecp256"]
+    assert conn["children"]["sites"]["rekey_time"] == "1m"
+    assert links["h1-h2"].source["rekey_time"] == "topology x: link h1-h2 (link)"
+
+
+def test_ends_that_disagree_are_an_error_unless_the_link_decides():
+    hostvars, groups = inventory(2)
+    hostvars["h1"]["keyway_overrides"] = {"dpd_delay": "10s"}
+    hostvars["h2"]["keyway_overrides"] = {"dpd_delay": "20s"}
+    mesh = [{"name": "core", "type": "mesh", "members": "lab"}]
+    (problem,) = problems_of(mesh, hostvars, groups)
+    assert problem.startswith("topology core: link h1-h2: conflicting overrides for dpd_delay")
+    assert "host h1: keyway_overrides says '10s'" in problem
+    links = intent(
+        [{"name": "p", "type": "links", "links": [{"ends": ["h1", "h2"], "dpd_delay": "15s"}]}],
+        hostvars,
+        groups,
+    )
+    assert host_connections("h1", links)["h1-h2"]["dpd_delay"] == "15s"
+
+
+def test_initiator_both_and_trap():
+    links = intent(
+        [
+            {
+                "name": "core",
+                "type": "mesh",
+                "members": ["h1", "h2"],
+                "overrides": {"initiator": "both"},
+            }
+        ]
+    )
+    for name in ("h1", "h2"):
+        assert (
+            host_connections(name, links)["h1-h2"]["children"]["sites"]["start_action"] == "start"
+        )
+    links = intent(
+        [
+            {
+                "name": "core",
+                "type": "mesh",
+                "members": ["h1", "h2"],
+                "overrides": {"start_action": "trap"},
+            }
+        ]
+    )
+    for name in ("h1", "h2"):
+        assert host_connections(name, links)["h1-h2"]["children"]["sites"]["start_action"] == "trap"
+
+
+def test_external_peers_bring_their_own_psk_and_the_managed_end_starts():
+    hostvars, groups = inventory(2)
+    external = {
+        "cloud": {
+            "address": "192.0.2.99",
+            "id": "vpn.example.net",
+            "sites": ["10.99.0.0/16"],
+            "psk": "an-external-psk-of-some-length",
+        }
+    }
+    links = intent(
+        [{"name": "s2s", "type": "site_to_site", "pairs": [["h2", "cloud"]]}],
+        hostvars,
+        groups,
+        external_peers=external,
+    )
+    conn = host_connections("h2", links)["cloud-h2"]
+    assert conn["remote"]["id"] == "vpn.example.net"
+    assert conn["children"]["sites"]["start_action"] == "start"
+    refs = psk_refs("h2", links)
+    assert refs == {"cloud-h2": {"external": "cloud"}}
+    assert host_psks(refs, None, external) == {"cloud-h2": "an-external-psk-of-some-length"}
+    assert "an-external-psk" not in repr(links)
+
+
+def test_derived_psks_match_on_both_ends_differ_per_link_and_version_and_survive_renames():
+    links = intent([{"name": "core", "type": "mesh", "members": "lab"}])
+    p1 = host_psks(psk_refs("h1", links), MASTER, None)
+    p2 = host_psks(psk_refs("h2", links), MASTER, None)
+    assert p1["h1-h2"] == p2["h1-h2"] and len(set(p1.values())) == 3
+    assert len(p1["h1-h2"]) >= 32
+    # The IKE identity, not the inventory name, keys the derivation.
+    assert link_psk(MASTER, "h1", "h2", 1) == link_psk(MASTER, "h2", "h1", 1) == p1["h1-h2"]
+    assert link_psk(MASTER, "h1", "h2", 2) != p1["h1-h2"]
+    hostvars, groups = inventory(2)
+    hostvars["renamed"] = {**hostvars.pop("h1"), "keyway_ike_id": "h1"}
+    groups["lab"] = ["renamed", "h2"]
+    renamed = intent([{"name": "core", "type": "mesh", "members": "lab"}], hostvars, groups)
+    assert host_psks(psk_refs("h2", renamed), MASTER, None)["h2-renamed"] == p1["h1-h2"]
+    bumped = intent(
+        [{"name": "core", "type": "mesh", "members": "lab", "overrides": {"psk_version": 2}}]
+    )
+    assert host_psks(psk_refs("h1", bumped), MASTER, None)["h1-h2"] != p1["h1-h2"]
+
+
+@pytest.mark.parametrize(
+    ("topologies", "expected"),
+    [
+        (
+            [{"name": "t", "type": "mesh", "members": "nope"}],
+            "topology t.members: unknown group 'nope'",
+        ),
+        ([{"name": "t", "type": "mesh", "members": ["h1", "h9"]}], "unknown host 'h9'"),
+        (
+            [{"name": "t", "type": "links", "links": [{"ends": ["h1", "h1"]}]}],
+            "a link from h1 to itself",
+        ),
+        (
+            [{"name": "t", "type": "ring", "members": "lab"}],
+            "topology t: type 'ring' is not one of",
+        ),
+        (
+            [{"name": "t", "type": "mesh", "members": "lab", "overrides": {"colour": 1}}],
+            "topology t.overrides.colour: unknown override key",
+        ),
+        (
+            [
+                {
+                    "name": "t",
+                    "type": "mesh",
+                    "members": "lab",
+                    "overrides": {"ah_proposals": ["sha256"]},
+                }
+            ],
+            "keywayd cannot negotiate AH yet",
+        ),
+        (
+            [{"name": "t", "type": "mesh", "members": "lab", "overrides": {"dataplane": "kernel"}}],
+            "set keyway_agent_dataplane on the host",
+        ),
+        (
+            [{"name": "t", "type": "mesh", "members": "lab", "overrides": {"encap": "no"}}],
+            "encap: no is not honoured",
+        ),
+        (
+            [{"name": "t", "type": "mesh", "members": "lab", "hubs": "lab"}],
+            "topology t.hubs: unknown key for a mesh topology",
+        ),
+        (
+            [
+                {"name": "t", "type": "mesh", "members": "lab"},
+                {"name": "u", "type": "mesh", "members": ["h1", "h2"]},
+            ],
+            "topology u: link h1-h2: also made by topology t",
+        ),
+        (
+            [{"name": "t", "type": "site_to_site", "pairs": [["h1", "bare"]]}],
+            "gateway bare protects no sites",
+        ),
+    ],
+)
+def test_inconsistent_inventories_are_refused_with_where(topologies, expected):
+    hostvars, groups = inventory(3, bare=host(7, sites=False))
+    problems = problems_of(topologies, hostvars, groups)
+    assert any(expected in p for p in problems), problems
+
+
+def test_transport_mode_between_gateways_is_refused():
+    (problem,) = problems_of(
+        [{"name": "t", "type": "links", "links": [{"ends": ["h1", "h2"], "mode": "transport"}]}]
+    )
+    assert problem.startswith("topology t: link h1-h2: mode transport (from topology t: link")
+    assert "h1 and h2 protect sites: use tunnel" in problem
+
+
+def test_host_level_problems_name_host_and_variable():
+    hostvars, groups = inventory(4)
+    hostvars["h1"]["keyway_sites"] = ["10.1.0.0/24", "10.1.0.128/25"]
+    hostvars["h2"]["keyway_ike_id"] = "h3"
+    hostvars["h3"].pop("keyway_address")
+    hostvars["h4"]["keyway_address"] = "2001:db8::4"
+    problems = problems_of([{"name": "t", "type": "mesh", "members": "lab"}], hostvars, groups)
+    text = "\n".join(problems)
+    assert "host h1: keyway_sites: 10.1.0.0/24 and 10.1.0.128/25 overlap" in text
+    assert "host h3: keyway_address: missing" in text
+    assert "topology t: h2 (192.0.2.12) and h4 (2001:db8::4) differ in address family" in text
+
+
+def test_duplicate_identities_addresses_and_overlapping_sites_across_hosts():
+    hostvars, groups = inventory(3)
+    hostvars["h2"]["keyway_ike_id"] = "h1"
+    hostvars["h3"]["keyway_address"] = "192.0.2.11"
+    hostvars["h3"]["keyway_sites"] = ["10.1.0.0/16"]
+    text = "\n".join(
+        problems_of([{"name": "t", "type": "mesh", "members": "lab"}], hostvars, groups)
+    )
+    assert "host h2: IKE identity 'h1' is also h1's" in text
+    assert "host h3: outer address 192.0.2.11 is also h1's" in text
+    assert "topology t: sites of h1 (10.1.0.0/24) and h3 (10.1.0.0/16) overlap" in text
+
+
+def test_a_master_secret_too_short_says_so():
+    (problem,) = problems_of(
+        [{"name": "t", "type": "mesh", "members": "lab"}], master_secret_length=12
+    )
+    assert problem.startswith("keyway_master_secret: 12 characters;") and "at least 32" in problem
+    (problem,) = problems_of(
+        [{"name": "t", "type": "mesh", "members": "lab"}], master_secret_length=0
+    )
+    assert problem.startswith("keyway_master_secret: missing")
+
+
+def test_an_external_peer_without_psk_is_refused():
+    hostvars, groups = inventory(1)
+    problems = problems_of(
+        [{"name": "t", "type": "links", "links": [{"ends": ["h1", "cloud"]}]}],
+        hostvars,
+        groups,
+        external_peers={"cloud": {"address": "192.0.2.99", "sites": ["10.99.0.0/16"]}},
+    )
+    assert problems == [
+        "keyway_external_peers.cloud.psk: missing: an external peer needs its PSK (vault it)"
+    ]
+
+
+def test_values_keywayd_refuses_name_the_variable_that_set_them():
+    hostvars, groups = inventory(2)
+    hostvars["h2"]["keyway_overrides"] = {"esp_proposals": ["rot13"]}
+    (problem,) = problems_of([{"name": "core", "type": "mesh", "members": "lab"}], hostvars, groups)
+    assert problem.startswith("topology core: link h1-h2 on host h1:")
+    assert "(esp_proposals, set by host h2: keyway_overrides)" in problem
