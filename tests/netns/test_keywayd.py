@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
+import time
 
 import pytest
 
@@ -172,6 +174,53 @@ def test_reload_changes_one_connection_and_leaves_the_other_untouched(netns_host
     assert agent_a.ctl("reload")["removed"] == ["ac"]
     agent_c.wait_for(lambda: not agent_c.sas("ac"), "ac closed at c")
     assert agent_a.sas("ab")[0]["spi_i"] == ab_before["spi_i"]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"esp_proposals": ["aes128gcm16"]}, "aes128gcm16"),
+        ({"remote_ts_extra": "10.250.0.0/24"}, "aes256gcm16"),
+    ],
+    ids=["proposal", "selectors"],
+)
+def test_a_changed_connection_is_renegotiated_make_before_break(
+    netns_hosts, agents, change, expected
+):
+    """Both ends reload a changed connection (one after the other, as a rolling playbook
+    run does) under a counted stream: a new IKE SA and Child SA first, then the old ones
+    go; nothing is lost."""
+    a, b, agent_a, agent_b = pair(netns_hosts, agents)
+    before = agent_a.child_spis("ab")
+    extra = change.pop("remote_ts_extra", None)
+    conn_b = site_connection(b, a, start=False, **change)
+    conn_a = site_connection(a, b, start=True, **change)
+    if extra:  # a's side also protects a second prefix (b's view mirrors it)
+        conn_a["children"]["sites"]["local_ts"].append(extra)
+        conn_b["children"]["sites"]["remote_ts"].append(extra)
+    results = []
+
+    def reload_both() -> None:
+        time.sleep(1.5)
+        agent_b.write_config({"ab": conn_b})
+        results.append(agent_b.ctl("reload"))
+        agent_a.write_config({"ab": conn_a})
+        results.append(agent_a.ctl("reload"))
+
+    worker = threading.Thread(target=reload_both)
+    worker.start()
+    arrived = stream(a, b, count=400, gap=0.015)
+    worker.join()
+    assert [r["changed"] for r in results] == [["ab"], ["ab"]]
+    assert results[1]["reauthenticated"] == ["ab"]
+    assert arrived == 400, f"{400 - arrived} packets lost across the change"
+    agent_a.wait_for(lambda: len(agent_a.sas("ab")) == 1, "one IKE SA left at a")
+    (sa,) = agent_a.sas("ab")
+    (child,) = sa["children"]
+    assert child["proposal"].startswith(expected)
+    assert (child["spi_in"], child["spi_out"]) not in before
+    if extra:
+        assert extra in child["local_ts"]
 
 
 def test_kill_9_and_restart_converges_and_initial_contact_clears_the_stale_sa(netns_hosts, agents):

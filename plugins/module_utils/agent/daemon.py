@@ -68,7 +68,14 @@ from ..ike.engine.events import (
 from ..ike.engine.retransmit import RetransmitPolicy
 from ..ike.proposals import describe
 from . import install
-from .config import AgentConfig, ConfigError, ConnectionConfig, diff_configs, load_config
+from .config import (
+    AgentConfig,
+    ChildConfig,
+    ConfigError,
+    ConnectionConfig,
+    diff_configs,
+    load_config,
+)
 from .control import ControlError, ControlServer, InstanceLock
 from .udp import UdpRunner
 
@@ -88,6 +95,23 @@ WATCH_QUEUE = 1000  # events buffered per `watch` client before it is dropped
 
 class AgentError(Exception):
     """keywayd cannot start: the message says why (bad config, no data plane, ...)."""
+
+
+def _same_peer(a: ConnectionConfig, b: ConnectionConfig) -> bool:
+    """Two versions of a connection that reach the same peer as the same identities, with
+    the same policy marks and interfaces: the new one can take over from the old."""
+
+    def key(c: ConnectionConfig) -> tuple:
+        return (c.local_addrs, c.remote_addrs, c.local_port, c.remote_port, c.local.id,
+                c.remote.id, c.mark_in, c.mark_out, c.if_id_in, c.if_id_out)  # fmt: skip
+
+    return key(a) == key(b)
+
+
+def _same_policies(a: ChildConfig, b: ChildConfig) -> bool:
+    return (a.local_ts, a.remote_ts, a.mode, a.protocol) == (
+        b.local_ts, b.remote_ts, b.mode, b.protocol
+    )  # fmt: skip
 
 
 def resolve_local_address(conn: ConnectionConfig) -> str:
@@ -359,11 +383,10 @@ class Agent:
         for child in conn.children:
             state = self._child_state(conn.name, child.name)
             if child.mode in ("pass", "drop"):
-                action = base.PolicyAction(child.mode)
-                self._install_policies(conn, child, state, action)
+                self._install_policies(conn, child, state)
             elif child.start_action == "trap":
                 state.trap = True
-                self._install_policies(conn, child, state, base.PolicyAction.PROTECT)
+                self._install_policies(conn, child, state)
         if any(c.start_action == "start" for c in conn.children):
             self._initiate(conn.name)
 
@@ -400,15 +423,18 @@ class Agent:
             self.children[key] = _ChildState(self._reqids[key])
         return self.children[key]
 
-    def _install_policies(self, conn, child, state: _ChildState, action) -> None:
-        if state.policies:
-            return
-        local = self.local_of[conn.name]
-        policies = install.child_policies(
+    def _policies_of(
+        self, conn: ConnectionConfig, child: ChildConfig, state: _ChildState
+    ) -> list[base.PolicySpec]:
+        if child.mode in ("pass", "drop"):
+            action = base.PolicyAction(child.mode)
+        else:
+            action = base.PolicyAction.PROTECT
+        return install.child_policies(
             child.local_ts,
             child.remote_ts,
             reqid=state.reqid,
-            local_address=local,
+            local_address=self.local_of[conn.name],
             remote_address=conn.remote_addrs[0],
             mode=child.mode,
             protocol=child.protocol,
@@ -418,7 +444,11 @@ class Agent:
             if_id_in=conn.if_id_in,
             if_id_out=conn.if_id_out,
         )
-        for policy in policies:
+
+    def _install_policies(self, conn, child, state: _ChildState) -> None:
+        if state.policies:
+            return
+        for policy in self._policies_of(conn, child, state):
             try:
                 self.plane.install_policy(policy)
                 state.policies.append(policy)
@@ -655,7 +685,7 @@ class Agent:
         self.sa_pairs[event.spi_in] = (installed_out, inbound.id)
         first = not state.spis  # not a rekey nor a reauthentication's twin
         state.spis.add(event.spi_in)
-        self._install_policies(conn, child, state, base.PolicyAction.PROTECT)
+        self._install_policies(conn, child, state)
         if first:
             self._updown("up", event.connection, event.child, event)
         log.info(
@@ -859,6 +889,64 @@ class Agent:
                         self._dpd_next[sa.spi_i] = now + conn.dpd_delay
                 self.runners[engine.local[0]].pump()
 
+    def _change_in_place(self, old: ConnectionConfig, conn: ConnectionConfig) -> bool:
+        """Apply a changed connection to the same peer without a gap: new negotiations
+        use the new settings at once, its policies follow changed selectors (new ones in
+        before stale ones go), and each established IKE SA is reauthenticated (a new IKE
+        SA and its children first, then the old deleted; if the new one fails, the old
+        one stays). True if an IKE SA is being reauthenticated."""
+        name = conn.name
+        local = self.local_of[name]
+        engine, runner = self.engines[local], self.runners[local]
+        engine.add_connection(ike_connection(conn, self.config))
+        before = {c.name: c for c in old.children}
+        for gone in before.keys() - {c.name for c in conn.children}:
+            state = self.children.pop((name, gone), None)
+            if state is not None:
+                self._remove_policies(state)
+        for child in conn.children:
+            state = self._child_state(name, child.name)
+            was = before.get(child.name)
+            trap = child.start_action == "trap"
+            if was is not None and _same_policies(was, child) and state.trap == trap:
+                continue
+            state.trap = trap
+            if state.policies or trap:
+                self._swap_policies(conn, child, state)
+        established = [
+            sa for sa in self._ike_sas(name) if sa.state == "established" and not sa.superseded
+        ]
+        for sa in established:
+            log.info("[%s] changed: reauthenticating, a new IKE SA first", name)
+            engine.reauthenticate(sa, runner.now())
+        if not established and any(c.start_action == "start" for c in conn.children):
+            self._initiate(name)
+        runner.pump()
+        return bool(established)
+
+    def _swap_policies(self, conn: ConnectionConfig, child: ChildConfig, state: _ChildState):
+        """Replace a child's policies: new selectors in first, then stale ones out, so
+        that traffic is never left without a policy (a policy whose selector stays but
+        whose template changes is removed and at once installed again)."""
+        stale, state.policies = state.policies, []
+        kept = {p.id: p for p in stale}
+        for policy in self._policies_of(conn, child, state):
+            if kept.get(policy.id) == policy:
+                state.policies.append(kept.pop(policy.id))
+                continue
+            try:
+                if policy.id in kept:
+                    self.plane.remove_policy(kept.pop(policy.id).id)
+                self.plane.install_policy(policy)
+                state.policies.append(policy)
+            except base.DataPlaneError as exc:
+                log.error("[%s/%s] policy not installed: %s", conn.name, child.name, exc)
+        for policy in kept.values():
+            try:
+                self.plane.remove_policy(policy.id)
+            except base.DataPlaneError as exc:
+                log.info("[%s/%s] stale policy already gone: %s", conn.name, child.name, exc)
+
     def _config_of(self, name: str) -> ConnectionConfig | None:
         try:
             return self.config.connection(name)
@@ -891,17 +979,34 @@ class Agent:
         if fixed:
             log.warning("reload: %s change(s) only take effect on restart", ", ".join(fixed))
         old = self.config
-        for name in (*changes.removed, *changes.changed):
+        # A connection to the same peer under the same identities changes make-before-
+        # break (reauthenticated with the new settings); any other change, or one to a
+        # connection that is not up, is a close and a new start.
+        in_place = [
+            n
+            for n in changes.changed
+            if _same_peer(old.connection(n), new.connection(n))
+            and n in self.local_of
+            and resolve_local_address(new.connection(n)) == self.local_of[n]
+        ]
+        restarted = [n for n in changes.changed if n not in in_place]
+        for name in (*changes.removed, *restarted):
             self._remove_connection(name)
         self.config = dataclasses.replace(new, **{name: getattr(old, name) for name in fixed})
         logging.getLogger("keyway").setLevel(self.config.log_level.upper())
-        for name in (*changes.changed, *changes.added):
+        reauthenticated = [
+            name
+            for name in in_place
+            if self._change_in_place(old.connection(name), new.connection(name))
+        ]
+        for name in (*restarted, *changes.added):
             await self._add_connection(new.connection(name))
         self.stats["reloads"] += 1
         result = {
             "added": list(changes.added),
             "removed": list(changes.removed),
             "changed": list(changes.changed),
+            "reauthenticated": reauthenticated,
             "unchanged": list(changes.unchanged),
             "restart_needed": fixed,
         }
