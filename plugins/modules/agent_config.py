@@ -28,7 +28,10 @@ options:
     type: dict
     required: true
   psks:
-    description: PSK of each PSK-authenticated connection, by connection name.
+    description:
+      - PSK of each PSK-authenticated connection, by connection name.
+      - During a rotation, a list of PSKs, newest first; keywayd sends the newest and
+        still accepts the others from peers that have not rotated yet.
     type: dict
     default: {}
   secrets_dir:
@@ -94,14 +97,15 @@ except ImportError:  # pragma: no cover
 DEFAULT_SOCKET = "/run/keyway/keywayd.sock"
 
 
-def render(settings: dict, connections: dict, psk_files: dict[str, str]) -> str:
+def render(settings: dict, connections: dict, psk_files: dict[str, list[str]]) -> str:
     document = dict(sorted(settings.items()))
     conns = {}
     for name in sorted(connections):
         conn = dict(connections[name])
         conn.pop("psk", None)
         if name in psk_files:
-            conn["psk_file"] = psk_files[name]
+            files = psk_files[name]
+            conn["psk_file"] = files[0] if len(files) == 1 else files
         conns[name] = conn
     document["connections"] = conns
     header = "# Written by keyway.ipsec.agent_config: edits are replaced on the next run.\n"
@@ -147,8 +151,12 @@ def main() -> None:
         module.fail_json(msg="PyYAML is required on the host")
     path = Path(module.params["path"])
     secrets_dir = Path(module.params["secrets_dir"] or path.parent / "secrets")
-    connections, psks = module.params["connections"], module.params["psks"]
-    settings = module.params["settings"]
+    connections, settings = module.params["connections"], module.params["settings"]
+    # One PSK, or a rotation's list (newest first), as strings.
+    psks = {
+        name: [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        for name, value in module.params["psks"].items()
+    }
     unknown = sorted(set(psks) - set(connections))
     if unknown:
         module.fail_json(msg=f"psks for connections that do not exist: {', '.join(unknown)}")
@@ -156,7 +164,7 @@ def main() -> None:
     # Validate exactly what keywayd will read, with the PSKs inline (same parser).
     candidate = dict(settings)
     candidate["connections"] = {
-        name: {**conn, **({"psk": str(psks[name])} if name in psks else {})}
+        name: {**conn, **({"psk": psks[name]} if name in psks else {})}
         for name, conn in connections.items()
     }
     try:
@@ -164,16 +172,30 @@ def main() -> None:
     except ConfigError as exc:
         module.fail_json(msg=str(exc), problems=[list(p) for p in exc.problems])
 
-    psk_files = {name: str(secrets_dir / f"{name}.psk") for name in psks}
+    # NAME.psk holds the PSK keywayd sends; NAME.psk-1, -2... the older ones it accepts.
+    psk_files = {
+        name: [str(secrets_dir / (f"{name}.psk" + (f"-{n}" if n else ""))) for n in range(len(v))]
+        for name, v in psks.items()
+    }
+    wanted = {Path(f).name for files in psk_files.values() for f in files}
     text = render(settings, connections, psk_files)
     before = _read(path)
     stale = (
-        sorted(p.name for p in secrets_dir.glob("*.psk") if p.stem not in psks)
+        sorted(
+            p.name
+            for p in secrets_dir.iterdir()
+            if (p.name.endswith(".psk") or ".psk-" in p.name) and p.name not in wanted
+        )
         if secrets_dir.is_dir()
         else []
     )
     secrets_changed = (
-        sorted(name for name in psks if _read(Path(psk_files[name])) != str(psks[name])) + stale
+        sorted(
+            name
+            for name, values in psks.items()
+            if any(_read(Path(f)) != v for f, v in zip(psk_files[name], values, strict=True))
+        )
+        + stale
     )
     changed = before != text or bool(secrets_changed)
     result = {
@@ -195,9 +217,10 @@ def main() -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(secrets_dir, 0o700)
-    for name, value in psks.items():
-        if _read(Path(psk_files[name])) != str(value):
-            _write_private(Path(psk_files[name]), str(value))
+    for name, values in psks.items():
+        for file, value in zip(psk_files[name], values, strict=True):
+            if _read(Path(file)) != value:
+                _write_private(Path(file), value)
     for name in stale:
         (secrets_dir / name).unlink()
     if before != text:

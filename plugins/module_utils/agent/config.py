@@ -13,7 +13,8 @@ at home), in YAML:
         remote_addrs: [192.0.2.12]
         local: {id: h1.lab, auth: psk}
         remote: {id: h2.lab, auth: psk}
-        psk_file: /etc/keyway/secrets/h1-h2.psk   # or psk: "...", file then 0600
+        psk_file: /etc/keyway/secrets/h1-h2.psk   # or psk: "...", file then 0600; a list
+                                                  # during a rotation: newest first
         proposals: [aes256gcm16-prfsha384-x25519]
         rekey_time: 4h
         children:
@@ -142,6 +143,7 @@ class ConnectionConfig:
     remote: AuthConfig
     children: tuple[ChildConfig, ...]
     psk: Secret | None = field(default=None, repr=False)
+    previous_psks: tuple[Secret, ...] = field(default=(), repr=False)  # still accepted
     version: int = 2
     local_port: int = 500
     remote_port: int = 500
@@ -526,6 +528,39 @@ def _mark(reader: _Reader, raw: dict, key: str, path: str) -> tuple[int, int] | 
         return None
 
 
+def _psks(reader: _Reader, raw: dict, path: str, file_private: bool) -> list[Secret]:
+    """`psk` or `psk_file`: one, or a list during a rotation (newest first: sent; the
+    others still accepted from peers that have not rotated yet)."""
+    if "psk" in raw and "psk_file" in raw:
+        reader.problem(path, "psk and psk_file exclude each other")
+        return []
+    key = "psk" if "psk" in raw else "psk_file" if "psk_file" in raw else None
+    if key is None:
+        return []
+    values = raw[key] if isinstance(raw[key], list) else [raw[key]]
+    if not values:
+        reader.problem(f"{path}.{key}", "must not be empty")
+    secrets = []
+    for n, value in enumerate(values):
+        where = f"{path}.{key}" + (f"[{n}]" if isinstance(raw[key], list) else "")
+        if key == "psk_file":
+            secret = reader.secret_file(value, where)
+        elif not isinstance(value, str) or not value:
+            reader.problem(where, "must be a non-empty string")
+            secret = None
+        elif not file_private:
+            reader.problem(
+                where,
+                "an inline PSK needs the config file to be 0600; fix its mode or use psk_file",
+            )
+            secret = None
+        else:
+            secret = Secret(value.encode())
+        if secret is not None:
+            secrets.append(secret)
+    return secrets
+
+
 def _connection(reader: _Reader, name: str, raw: Any, file_private: bool) -> ConnectionConfig:
     path = f"connections.{name}"
     if not _NAME.match(name):
@@ -534,30 +569,18 @@ def _connection(reader: _Reader, name: str, raw: Any, file_private: bool) -> Con
     allow_weak = reader.boolean(raw, "allow_weak", path, False)
     local = _auth(reader, raw.get("local"), f"{path}.local")
     remote = _auth(reader, raw.get("remote"), f"{path}.remote")
-    psk = None
-    if "psk" in raw and "psk_file" in raw:
-        reader.problem(path, "psk and psk_file exclude each other")
-    elif "psk" in raw:
-        value = raw["psk"]
-        if not isinstance(value, str) or not value:
-            reader.problem(f"{path}.psk", "must be a non-empty string")
-        elif not file_private:
-            reader.problem(
-                f"{path}.psk",
-                "an inline PSK needs the config file to be 0600; fix its mode or use psk_file",
-            )
-        else:
-            psk = Secret(value.encode())
-    elif "psk_file" in raw:
-        psk = reader.secret_file(raw["psk_file"], f"{path}.psk_file")
+    psks = _psks(reader, raw, path, file_private)
+    psk = psks[0] if psks else None
     if "psk" in (local.auth, remote.auth):
         if psk is None and not any(p[0].startswith(f"{path}.psk") for p in reader.problems):
             reader.problem(path, "auth psk needs psk or psk_file")
-        elif psk is not None and len(psk.reveal()) < MIN_PSK_LENGTH and not allow_weak:
-            reader.problem(
-                f"{path}.psk",
-                f"is shorter than {MIN_PSK_LENGTH} bytes; use a longer one (or allow_weak: true)",
-            )
+        for n, secret in enumerate(psks):
+            if len(secret.reveal()) < MIN_PSK_LENGTH and not allow_weak:
+                reader.problem(
+                    f"{path}.psk" + (f"[{n}]" if len(psks) > 1 else ""),
+                    f"is shorter than {MIN_PSK_LENGTH} bytes; use a longer one "
+                    "(or allow_weak: true)",
+                )
     for side in (local, remote):
         if side.auth == "pubkey" and side is local and (not side.certs or not side.key):
             reader.problem(f"{path}.local", "auth pubkey needs certs and key")
@@ -591,6 +614,7 @@ def _connection(reader: _Reader, name: str, raw: Any, file_private: bool) -> Con
         remote=remote,
         children=tuple(children),
         psk=psk,
+        previous_psks=tuple(psks[1:]),
         local_port=reader.integer(raw, "local_port", path, 500, 1, 65535),
         remote_port=reader.integer(raw, "remote_port", path, 500, 1, 65535),
         proposals=reader.proposals(

@@ -179,6 +179,7 @@ def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> 
         conn.proposals,
         children,
         allow_weak=conn.allow_weak,
+        previous_psks=tuple(p.reveal() for p in conn.previous_psks),
         fragment_size=agent.fragment_size,
         retransmit=RetransmitPolicy(
             agent.retransmit_timeout, agent.retransmit_base, agent.retransmit_tries

@@ -29,7 +29,8 @@ The model (README: "The inventory model"):
   `start_action: trap` makes both ends wait for traffic.
 - Each link's PSK is derived from one master secret, the link's two IKE identities
   and its `psk_version` (see `link_psk`): renaming a host keeps its keys as long as its
-  IKE identity stays; external peers bring their own `psk`.
+  IKE identity stays; external peers bring their own `psk`. Above version 1 the
+  previous version stays accepted until `psk_accept_previous: false` retires it.
 """
 
 from __future__ import annotations
@@ -78,7 +79,10 @@ CHOICES = {
     "mode": ("tunnel", "transport"),
 }
 OVERRIDE_KEYS = (
-    frozenset(CONNECTION_KEYS) | frozenset(CHILD_KEYS) | frozenset(CHOICES) | {"psk_version"}
+    frozenset(CONNECTION_KEYS)
+    | frozenset(CHILD_KEYS)
+    | frozenset(CHOICES)
+    | {"psk_version", "psk_accept_previous"}
 )
 # Keys an operator may reach for that keywayd cannot honour per link (yet): refused with
 # the reason rather than accepted and ignored.
@@ -193,6 +197,8 @@ def _overrides(raw: Any, where: str, problems: _Problems) -> dict[str, Any]:
         elif key in CHOICES and value not in CHOICES[key]:
             hint = " (encap: no is not honoured by keywayd yet)" if key == "encap" else ""
             problems.add(f"{where}.{key}", f"{value!r} is not one of {CHOICES[key]}{hint}")
+        elif key == "psk_accept_previous" and not isinstance(value, bool):
+            problems.add(f"{where}.{key}", f"{value!r} is not true or false")
         elif key == "psk_version" and not (
             isinstance(value, int) and not isinstance(value, bool) and value >= 1
         ):
@@ -696,9 +702,12 @@ def psk_refs(host: str, links: Mapping[str, Link]) -> dict[str, dict]:
         if external:
             refs[link.name] = {"external": external}
         else:
+            version = link.settings.get("psk_version", 1)
             refs[link.name] = {
                 "ids": sorted(e.ike_id for e in ends),
-                "version": link.settings.get("psk_version", 1),
+                "version": version,
+                # During a rotation the previous version stays accepted until retired.
+                "previous": version > 1 and link.settings.get("psk_accept_previous", True),
             }
     return refs
 
@@ -707,14 +716,20 @@ def host_psks(
     refs: Mapping[str, Mapping[str, Any]],
     master_secret: str | None,
     external_peers: Mapping[str, Mapping[str, Any]] | None,
-) -> dict[str, str]:
-    """The PSK of each connection named in `refs` (from `psk_refs`)."""
-    psks = {}
+) -> dict[str, str | list[str]]:
+    """The PSK of each connection named in `refs` (from `psk_refs`); during a rotation a
+    list, newest first (keywayd sends the first and accepts both)."""
+    psks: dict[str, str | list[str]] = {}
     for name, ref in refs.items():
         if "external" in ref:
             psks[name] = str((external_peers or {})[ref["external"]]["psk"])
+            continue
+        current = link_psk(master_secret or "", *ref["ids"], ref["version"])
+        if ref.get("previous"):
+            previous = link_psk(master_secret or "", *ref["ids"], ref["version"] - 1)
+            psks[name] = [current, previous]
         else:
-            psks[name] = link_psk(master_secret or "", *ref["ids"], ref["version"])
+            psks[name] = current
     return psks
 
 

@@ -145,6 +145,24 @@ def test_inline_psk_needs_a_private_file_and_psk_files_must_be_private(tmp_path)
     assert conn.psk.reveal() == PSK.encode()
 
 
+def test_a_rotation_lists_psks_newest_first_each_checked(tmp_path):
+    for n, secret in enumerate((PSK, "the-previous-psk-still-accepted")):
+        (tmp_path / f"v{n}.psk").write_text(secret)
+        os.chmod(tmp_path / f"v{n}.psk", 0o600)
+    path = tmp_path / "keywayd.yaml"
+    path.write_text(GOOD.replace(f"psk: {PSK}", "psk_file: [v0.psk, v1.psk]"))
+    conn = load_config(path, validate_proposal=accept_all).connections[0]
+    assert conn.psk.reveal() == PSK.encode()
+    assert [p.reveal() for p in conn.previous_psks] == [b"the-previous-psk-still-accepted"]
+    assert "still-accepted" not in repr(conn)
+    path.write_text(GOOD.replace(f"psk: {PSK}", "psk_file: [v0.psk, missing.psk]"))
+    with pytest.raises(ConfigError, match=r"psk_file\[1\]: cannot read"):
+        load_config(path, validate_proposal=accept_all)
+    inline = conf(GOOD.replace(f"psk: {PSK}", f"psk: [{PSK}, short]"))
+    with pytest.raises(ConfigError, match=r"h1-h2\.psk\[1\]: is shorter than 16 bytes"):
+        parse_config(inline, validate_proposal=accept_all)
+
+
 def test_yaml_syntax_errors_say_where_but_not_what(tmp_path):
     path = tmp_path / "keywayd.yaml"
     path.write_text(f"connections:\n  a:\n    psk: [{PSK}\n")

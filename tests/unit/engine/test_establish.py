@@ -587,3 +587,52 @@ def test_child_sa_events_say_which_side_started_the_exchange(side):
     assert not rekeyed[B if engine is pair.a else A].initiated
     assert rekeyed[A].ike_initiator and not rekeyed[B].ike_initiator
     assert rekeyed[A].local_address == A[0] and rekeyed[A].remote_address == B[0]
+
+
+NEW_PSK, OLD_PSK = b"rotated-psk-version-2-0123456789", b"the-psk-of-version-1-0123456789"
+
+
+@pytest.mark.parametrize(
+    ("psks_a", "psks_b", "refused_at_b"),
+    [
+        ((NEW_PSK, OLD_PSK), (OLD_PSK,), 1),  # the initiator rotated first: falls back
+        ((OLD_PSK,), (NEW_PSK, OLD_PSK), 0),  # the responder rotated first: accepts v1
+        ((NEW_PSK, OLD_PSK), (NEW_PSK, OLD_PSK), 0),  # both rotated: v2 at once
+        ((NEW_PSK,), (NEW_PSK, OLD_PSK), 0),  # both converged, the responder not retired
+    ],
+    ids=["initiator-first", "responder-first", "both", "retired-initiator"],
+)
+def test_a_rotation_keeps_the_link_whichever_end_moves_first(psks_a, psks_b, refused_at_b):
+    def rotating(psks, *args):
+        made = conn(*args, psk=psks[0])
+        return dataclasses.replace(made, previous_psks=psks[1:])
+
+    pair = Pair(
+        FakeNetwork(),
+        rotating(psks_a, "h1.lab", "h2.lab", B, ("10.1.0.0/24",), ("10.2.0.0/24",)),
+        rotating(psks_b, "h2.lab", "h1.lab", A, ("10.2.0.0/24",), ("10.1.0.0/24",)),
+    )
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    assert len(of(pair.events[A], IkeSaUp)) == len(of(pair.events[B], IkeSaUp)) == 1
+    assert not of(pair.events[A], AuthFailed)
+    assert len(of(pair.events[B], AuthFailed)) == refused_at_b
+    (ca,), (cb,) = of(pair.events[A], ChildSaReady), of(pair.events[B], ChildSaReady)
+    assert ca.key_out == cb.key_in
+    assert len(pair.a.sas()) == len(pair.b.sas()) == 1
+
+
+def test_a_rotation_whose_psks_all_fail_reports_one_failure():
+    net = FakeNetwork()
+    ca = dataclasses.replace(
+        conn("h1.lab", "h2.lab", B, ("10.1.0.0/24",), ("10.2.0.0/24",), psk=NEW_PSK),
+        previous_psks=(OLD_PSK,),
+    )
+    cb = conn("h2.lab", "h1.lab", A, ("10.2.0.0/24",), ("10.1.0.0/24",), psk=b"x" * 32)
+    pair = Pair(net, ca, cb)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    (failed,) = of(pair.events[A], AuthFailed)
+    assert "AUTHENTICATION_FAILED" in failed.reason
+    assert len(of(pair.events[B], AuthFailed)) == 2  # each PSK was tried once
+    assert not pair.a.sas() and not pair.b.sas()

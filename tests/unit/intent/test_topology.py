@@ -267,7 +267,20 @@ def test_derived_psks_match_on_both_ends_differ_per_link_and_version_and_survive
     bumped = intent(
         [{"name": "core", "type": "mesh", "members": "lab", "overrides": {"psk_version": 2}}]
     )
-    assert host_psks(psk_refs("h1", bumped), MASTER, None)["h1-h2"] != p1["h1-h2"]
+    # A rotation: version 2 is sent, version 1 still accepted, until retired.
+    rotating = host_psks(psk_refs("h1", bumped), MASTER, None)["h1-h2"]
+    assert rotating == [link_psk(MASTER, "h1", "h2", 2), p1["h1-h2"]]
+    retired = intent(
+        [
+            {
+                "name": "core",
+                "type": "mesh",
+                "members": "lab",
+                "overrides": {"psk_version": 2, "psk_accept_previous": False},
+            }
+        ]
+    )
+    assert host_psks(psk_refs("h2", retired), MASTER, None)["h1-h2"] == rotating[0]
 
 
 @pytest.mark.parametrize(

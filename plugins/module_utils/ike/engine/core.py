@@ -103,7 +103,7 @@ class IkeConnection:
     remote_address: Address
     local_id: str
     remote_id: str
-    psk: bytes = field(repr=False)
+    psk: bytes = field(repr=False)  # sent as initiator; accepted
     proposals: tuple[str, ...] = ("aes256gcm16-prfsha384-x25519",)
     children: tuple[ChildParams, ...] = ()
     allow_weak: bool = False
@@ -115,6 +115,13 @@ class IkeConnection:
     # Largest IP datagram an IKE message may take before it is sent as RFC 7383
     # fragments (when the peer supports them); 0: never fragment. strongSwan's default.
     fragment_size: int = 1280
+    # Older PSKs still accepted during a rotation, newest first: a responder verifies
+    # AUTH against each, an initiator the peer refuses tries the next one.
+    previous_psks: tuple[bytes, ...] = field(default=(), repr=False)
+
+    @property
+    def psks(self) -> tuple[bytes, ...]:
+        return (self.psk, *self.previous_psks)
 
 
 @functools.lru_cache(maxsize=256)
@@ -268,6 +275,7 @@ class IkeSa:
         self.nat = False
         self.replaced = False  # a rekey moved this SA's role to a successor
         self.reauth_of: IkeSa | None = None  # the IKE SA this one reauthenticates
+        self.psk_index = 0  # which of conn.psks this SA authenticates with
         self.reauthenticated = False  # a reauthentication replaced this SA
         self.redundant = ""  # why a collision made this SA surplus (it goes, unreplaced)
         self.created_at = engine.now
@@ -483,8 +491,9 @@ class IkeSa:
                 codec.AUTH(kind=method, data=data),
             ]
         auth = crypto.psk_auth(
-            self.prf, conn.psk, message, peer_nonce, sk_p, id_payload.encode_body()
-        )
+            self.prf, conn.psks[self.psk_index], message, peer_nonce, sk_p,
+            id_payload.encode_body(),
+        )  # fmt: skip
         return [codec.AUTH(kind=AuthMethod.PSK, data=auth)]
 
     def _verify_auth(
@@ -515,11 +524,18 @@ class IkeSa:
             return None
         if auth.kind != AuthMethod.PSK:
             return f"peer authenticates with method {auth.kind}, connection expects a PSK"
-        if not crypto.verify_psk_auth(
-            self.prf, conn.psk, auth.data, message, nonce, sk_p, id_payload.encode_body()
-        ):
-            return f"AUTH does not verify with the PSK of connection {conn.name!r}"
-        return None
+        # A responder accepts any PSK of a rotation (and answers with the one that
+        # verified); an initiator expects the one it sent.
+        tried = range(len(conn.psks)) if not self.initiator else (self.psk_index,)
+        for index in tried:
+            if crypto.verify_psk_auth(
+                self.prf, conn.psks[index], auth.data, message, nonce, sk_p,
+                id_payload.encode_body(),
+            ):  # fmt: skip
+                self.psk_index = index
+                return None
+        older = f" nor its {len(tried) - 1} previous one(s)" if len(tried) > 1 else ""
+        return f"AUTH does not verify with the PSK of connection {conn.name!r}{older}"
 
     def _send_auth_request(self, now: float) -> None:
         conn = self.conn
@@ -557,6 +573,9 @@ class IkeSa:
         self.request = None
         notifies = [p for p in inner if isinstance(p, codec.Notify)]
         if any(n.type == NotifyType.AUTHENTICATION_FAILED for n in notifies):
+            if conn.auth == "psk" and self.psk_index + 1 < len(conn.psks):
+                self._retry_with_previous_psk(now)
+                return
             self._auth_failed("peer reports AUTHENTICATION_FAILED (wrong PSK or identity?)")
             return
         idr = next((p for p in inner if isinstance(p, codec.IDr)), None)
@@ -597,6 +616,21 @@ class IkeSa:
                 any(n.type == NotifyType.USE_TRANSPORT_MODE for n in notifies),
             )
         self._next_pending(now)
+
+    def _retry_with_previous_psk(self, now: float) -> None:
+        """The peer refused our PSK: during a rotation it may not hold the newest one yet.
+        A new IKE SA tries the next older PSK; this one ends without a failure event."""
+        log.info(
+            "%s: peer refused PSK %d of %d (not rotated yet?); trying the previous one",
+            self.conn.name,
+            self.psk_index + 1,
+            len(self.conn.psks),
+        )
+        retry = self.engine.initiate(self.conn.name, now, psk_index=self.psk_index + 1)
+        retry.reauth_of = self.reauth_of
+        self.state = "failed"
+        self.request = None
+        self.engine._forget(self)
 
     def _child_ready(
         self,
@@ -1734,7 +1768,7 @@ class Engine:
             if not index[key]:
                 del index[key]
 
-    def initiate(self, name: str, now: float) -> IkeSa:
+    def initiate(self, name: str, now: float, psk_index: int = 0) -> IkeSa:
         self.now = now
         sa = IkeSa(
             self,
@@ -1744,6 +1778,7 @@ class Engine:
             os.urandom(8),
             bytes(8),
         )
+        sa.psk_index = psk_index
         self._by_spi[sa.spi_i] = sa
         sa.start(now)
         self._touch(sa)
