@@ -66,6 +66,43 @@ connections:
   returned: always
   type: list
   elements: str
+secrets_changed:
+  description: Connections whose PSK files change (names only), and stale PSK files.
+  returned: always
+  type: list
+  elements: str
+plan:
+  description:
+    - Each connection of the old and the new config by what this run does to it, also
+      in check mode. C(changed) connections are reauthenticated make-before-break by a
+      running keywayd; C(psk_only) lists changed connections whose settings stay and
+      only whose PSKs change.
+  returned: always
+  type: dict
+  contains:
+    created:
+      description: Connections that are new.
+      type: list
+      elements: str
+    changed:
+      description: Connections whose settings or PSKs change.
+      type: list
+      elements: str
+    psk_only:
+      description: Changed connections whose only change is their PSKs.
+      type: list
+      elements: str
+    removed:
+      description: Connections that go.
+      type: list
+      elements: str
+    unchanged:
+      description: Connections left as they are.
+      type: list
+      elements: str
+    links:
+      description: Each connection with what happens to it, in words.
+      type: dict
 reload:
   description: keywayd's answer to the reload (connections added, removed, changed, unchanged).
   returned: when a running keywayd was asked to reload
@@ -110,6 +147,41 @@ def render(settings: dict, connections: dict, psk_files: dict[str, list[str]]) -
     document["connections"] = conns
     header = "# Written by keyway.ipsec.agent_config: edits are replaced on the next run.\n"
     return header + yaml.safe_dump(document, sort_keys=True, default_flow_style=False)
+
+
+def plan(before: str | None, connections: dict, secrets_changed: list[str]) -> dict:
+    """What this run does to each connection, from the file as it is and the new one
+    (PSK file names aside: their contents are compared separately, never shown)."""
+    old = {}
+    if before:
+        try:
+            old = (yaml.safe_load(before) or {}).get("connections") or {}
+        except yaml.YAMLError:
+            old = {}
+
+    def settings(conn: dict) -> dict:
+        return {k: v for k, v in conn.items() if k not in ("psk", "psk_file")}
+
+    new = {name: settings(conn) for name, conn in connections.items()}
+    both = new.keys() & old.keys()
+    settings_changed = {n for n in both if settings(old[n]) != new[n]}
+    keys_changed = {n for n in both if n in secrets_changed}
+    result = {
+        "created": sorted(new.keys() - old.keys()),
+        "changed": sorted(settings_changed | keys_changed),
+        "psk_only": sorted(keys_changed - settings_changed),
+        "removed": sorted(old.keys() - new.keys()),
+        "unchanged": sorted(both - settings_changed - keys_changed),
+    }
+    result["links"] = {
+        name: status
+        for status in ("created", "changed", "removed", "unchanged")
+        for name in result[status]
+    }
+    for name in result["changed"]:
+        how = "PSK only" if name in result["psk_only"] else "settings"
+        result["links"][name] = f"changed ({how}): reauthenticated make-before-break"
+    return dict(sorted(result.items()))
 
 
 def _read(path: Path) -> str | None:
@@ -203,6 +275,7 @@ def main() -> None:
         "path": str(path),
         "connections": sorted(connections),
         "secrets_changed": secrets_changed,  # names only
+        "plan": plan(before, connections, secrets_changed),
     }
     if module._diff:
         result["diff"] = {

@@ -237,6 +237,13 @@ def main() -> None:
                 stop(pid)
         module.exit_json(**result)
 
+    if module.check_mode and not config.exists():
+        # A first run in check mode: the config task before this one only said it would
+        # write the file. Report what would happen without reading it.
+        result["installed"] = install(lib_dir, True)
+        result["changed"] = p["state"] != "installed" or bool(result["installed"])
+        result["msg"] = f"{config} does not exist yet: keywayd would be installed and started"
+        module.exit_json(**result)
     try:
         agent_config = load_config(config)
     except ConfigError as exc:
