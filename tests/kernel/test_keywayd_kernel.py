@@ -52,8 +52,12 @@ def test_keywayd_pair_on_the_kernel_plane(netns_hosts, tmp_path, encap):
         )  # fmt: skip
         assert udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"k2",
                             timeout=60) == b"2k"  # fmt: skip
-        kernel = in_netns(a.netns, "ip", "xfrm", "state").stdout
-        assert f"spi 0x{child['spi_in']}" not in kernel  # the old SA went after the new
+        # The old SAs go after the new ones (its inbound half DELETE_REKEYED_DELAY later).
+        agent_a.wait_for(
+            lambda: f"spi 0x{child['spi_in']}" not in
+            in_netns(a.netns, "ip", "xfrm", "state").stdout,
+            "the old inbound SA gone", SLOW,
+        )  # fmt: skip
 
         assert agent_a.stop(timeout=SLOW) == 0
         assert not re.search(r"reqid 126399\d+", in_netns(a.netns, "ip", "xfrm", "state").stdout)
