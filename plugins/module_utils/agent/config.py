@@ -59,6 +59,7 @@ START_ACTIONS = ("none", "trap", "start")
 DPD_ACTIONS = ("clear", "trap", "restart")
 ENCAP_MODES = ("auto", "force", "no")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+CONNECTION_NAME = _NAME  # what connection and child names may look like
 _DURATION = re.compile(r"^(\d+)\s*([smhd]?)$")
 _SIZE = re.compile(r"^(\d+)\s*([kKmMgGtT]?)$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}

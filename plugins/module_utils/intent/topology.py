@@ -36,6 +36,7 @@ The model (README: "The inventory model"):
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 import itertools
 from collections.abc import Iterable, Mapping
@@ -45,7 +46,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ..agent.config import MIN_PSK_LENGTH, ConfigError, parse_config
+from ..agent.config import CONNECTION_NAME, MIN_PSK_LENGTH, ConfigError, parse_config
 
 TOPOLOGY_TYPES = ("mesh", "hub_spoke", "site_to_site", "links")
 SPOKE_TO_SPOKE = ("hub", "direct", "none")
@@ -141,6 +142,9 @@ class Link:
     initiators: tuple[str, ...]
     endpoints: dict[str, Endpoint]
 
+    def peer_of(self, end: str) -> str:
+        return self.ends[1] if end == self.ends[0] else self.ends[0]
+
     def to_dict(self) -> dict:
         return {
             "topology": self.topology,
@@ -149,6 +153,22 @@ class Link:
             "settings": dict(self.settings),
             "initiators": list(self.initiators),
         }
+
+
+class Intent(dict):
+    """Every link by name, and each host's links (the index built once: per-host work
+    must not scan half a million links of a large mesh)."""
+
+    @functools.cached_property
+    def by_host(self) -> dict[str, list[Link]]:
+        index: dict[str, list[Link]] = {}
+        for link in self.values():
+            for end in link.ends:
+                index.setdefault(end, []).append(link)
+        return index
+
+    def of(self, host: str) -> list[Link]:
+        return self.by_host.get(host, [])
 
 
 def link_name(a: str, b: str) -> str:
@@ -220,15 +240,37 @@ def _prefixes(raw: Any, where: str, problems: _Problems) -> tuple[str, ...]:
             result.append(str(ipaddress.ip_network(str(item), strict=True)))
         except ValueError as exc:
             problems.add(where, f"{item!r} is not a prefix: {exc}")
-    for a, b in itertools.combinations(result, 2):
-        if _overlap(a, b):
-            problems.add(where, f"{a} and {b} overlap")
+    for (a, _), (b, _) in _overlapping([(p, None) for p in result]):
+        problems.add(where, f"{a} and {b} overlap")
     return tuple(result)
 
 
-def _overlap(a: str, b: str) -> bool:
-    na, nb = ipaddress.ip_network(a), ipaddress.ip_network(b)
-    return na.version == nb.version and na.overlaps(nb)
+@functools.lru_cache(maxsize=1 << 16)
+def _family(address: str) -> int:
+    return ipaddress.ip_address(address).version
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _interval(prefix: str) -> tuple[int, int, int]:
+    net = ipaddress.ip_network(prefix)
+    return net.version, int(net.network_address), int(net.broadcast_address)
+
+
+def _overlapping(tagged: Iterable[tuple[str, Any]]) -> list[tuple[tuple[str, Any], ...]]:
+    """Pairs of overlapping prefixes among (prefix, tag) items, in one sweep over them
+    sorted: prefixes either nest or are apart, so each one that starts inside the
+    furthest-reaching one before it overlaps that one (n log n, not n squared: a
+    1,000-host mesh has 999 peers on every host)."""
+    ordered = sorted(tagged, key=lambda item: (lambda v, s, e: (v, s, -e))(*_interval(item[0])))
+    found = []
+    reach: tuple[int, int, tuple[str, Any]] | None = None
+    for item in ordered:
+        version, start, end = _interval(item[0])
+        if reach is not None and reach[0] == version and start <= reach[1]:
+            found.append((reach[2], item))
+        if reach is None or reach[0] != version or end > reach[1]:
+            reach = (version, end, item)
+    return found
 
 
 def _address(raw: Any, where: str, problems: _Problems) -> str | None:
@@ -371,11 +413,9 @@ def _links_of_topology(
         if not ea.managed and not eb.managed:
             p.add(at, f"{a} and {b} are both external peers: Keyway manages neither end")
             return
-        if ea.address and eb.address:
-            fa = ipaddress.ip_address(ea.address).version
-            if fa != ipaddress.ip_address(eb.address).version:
-                p.add(at, f"{a} ({ea.address}) and {b} ({eb.address}) differ in address family")
-                return
+        if ea.address and eb.address and _family(ea.address) != _family(eb.address):
+            p.add(at, f"{a} ({ea.address}) and {b} ({eb.address}) differ in address family")
+            return
         ends = tuple(sorted((a, b)))
         result.append((ends, ts or _link_ts((ea, eb)), overrides or {}, initiators))
 
@@ -456,13 +496,11 @@ def _links_of_topology(
 def _disjoint_sites(members: list[str], inv: _Inventory, where: str) -> None:
     """The sites behind the members of one topology must not overlap: a packet to them
     could go into either tunnel."""
-    for a, b in itertools.combinations(members, 2):
-        ea, eb = inv.endpoint(a), inv.endpoint(b)
-        if ea is None or eb is None:
-            continue
-        for x, y in itertools.product(ea.protected, eb.protected):
-            if _overlap(x, y):
-                inv.problems.add(where, f"sites of {a} ({x}) and {b} ({y}) overlap")
+    ends = [e for e in map(inv.endpoint, members) if e is not None]
+    tagged = [(prefix, end.name) for end in ends for prefix in end.protected]
+    for (x, a), (y, b) in _overlapping(tagged):
+        if a != b:
+            inv.problems.add(where, f"sites of {a} ({x}) and {b} ({y}) overlap")
 
 
 def _resolve(
@@ -497,7 +535,8 @@ def _resolve(
         [(f"topology {topology}: overrides", topology_overrides)],
         [("keyway_defaults", defaults)],
     ]
-    for key in sorted(OVERRIDE_KEYS):
+    present = {key for level in levels for _, values in level for key in values}
+    for key in sorted(present):
         for level in levels:
             found = [(origin, values[key]) for origin, values in level if key in values]
             if not found:
@@ -524,7 +563,7 @@ def compute_intent(
     group_overrides: Any = None,
     external_peers: Any = None,
     master_secret_length: int | None = None,
-) -> dict[str, Link]:
+) -> Intent:
     """Every link of the inventory, validated; IntentError lists every problem found."""
     problems = _Problems()
     if topologies is None:
@@ -547,7 +586,7 @@ def compute_intent(
         elif group not in inv.groups:
             problems.add(f"keyway_group_overrides.{group}", "unknown group")
         by_group[group] = _overrides(raw, f"keyway_group_overrides.{group}", problems)
-    links: dict[str, Link] = {}
+    links = Intent()
     names = [t.get("name") if isinstance(t, Mapping) else None for t in topologies]
     for index, topology in enumerate(topologies):
         if not isinstance(topology, Mapping) or not isinstance(topology.get("name"), str):
@@ -560,6 +599,13 @@ def compute_intent(
         for ends, ts, link_overrides, initiators in _links_of_topology(topology, index, inv):
             name = link_name(*ends)
             at = f"{where}: link {name}"
+            if not CONNECTION_NAME.match(name):
+                problems.add(
+                    at,
+                    "is not a valid keywayd connection name (letters, digits, '_', '.', '-', "
+                    "64 at most): shorten or rename the inventory hosts",
+                )
+                continue
             if name in links:
                 problems.add(at, f"also made by topology {links[name].topology}: one link per pair")
                 continue
@@ -617,7 +663,7 @@ def _initiators(
     return (min(e.name for e in ends),)
 
 
-def _check_unique(links: dict[str, Link], problems: _Problems) -> None:
+def _check_unique(links: Intent, problems: _Problems) -> None:
     """Peers are told apart by outer address and IKE identity."""
     seen_address: dict[str, str] = {}
     seen_id: dict[str, str] = {}
@@ -632,71 +678,70 @@ def _check_unique(links: dict[str, Link], problems: _Problems) -> None:
             problems.add(f"host {name}", f"IKE identity {end.ike_id!r} is also {other}'s")
 
 
-def _check_selectors(links: dict[str, Link], problems: _Problems) -> None:
+def _check_selectors(links: Intent, problems: _Problems) -> None:
     """On each host, what its links reach must not overlap what another link reaches or
     what it protects itself: policies would then be ambiguous."""
-    reach: dict[str, list[tuple[str, str]]] = {}
-    for link in links.values():
-        for end in link.ends:
-            peer = link.ends[1] if end == link.ends[0] else link.ends[0]
-            reach.setdefault(end, []).extend((p, link.name) for p in link.ts[peer])
-    for host, targets in reach.items():
-        for (x, lx), (y, ly) in itertools.combinations(targets, 2):
-            if lx != ly and _overlap(x, y):
+    for host, mine in links.by_host.items():
+        own = mine[0].endpoints[host].protected
+        tagged = [(p, None) for p in own] + [
+            (p, link.name) for link in mine for p in link.ts[link.peer_of(host)]
+        ]
+        for (x, lx), (y, ly) in _overlapping(tagged):
+            if lx == ly:
+                continue
+            if lx is None or ly is None:
+                (reached, link), ours = ((y, ly), x) if lx is None else ((x, lx), y)
+                problems.add(
+                    f"host {host}", f"link {link} reaches {reached}, which overlaps its own {ours}"
+                )
+            else:
                 problems.add(
                     f"host {host}",
                     f"link {lx} reaches {x} and link {ly} reaches {y}: they overlap",
                 )
-        own = next(link.endpoints[host] for link in links.values() if host in link.ends)
-        for (x, lx), y in itertools.product(targets, own.protected):
-            if _overlap(x, y):
-                problems.add(f"host {host}", f"link {lx} reaches {x}, which overlaps its own {y}")
 
 
-def host_connections(host: str, links: Mapping[str, Link]) -> dict[str, dict]:
+def host_connections(host: str, links: Intent) -> dict[str, dict]:
     """keywayd `connections` for `host`, without secrets (see `host_psks`)."""
-    connections = {}
-    for link in links.values():
-        if host not in link.ends:
-            continue
-        me = link.endpoints[host]
-        peer_name = link.ends[1] if host == link.ends[0] else link.ends[0]
-        peer = link.endpoints[peer_name]
-        conn: dict[str, Any] = {
-            "local_addrs": [me.address],
-            "remote_addrs": [peer.address],
-            "local": {"id": me.ike_id, "auth": "psk"},
-            "remote": {"id": peer.ike_id, "auth": "psk"},
-        }
-        child: dict[str, Any] = {
-            "local_ts": list(link.ts[host]),
-            "remote_ts": list(link.ts[peer_name]),
-        }
-        if not me.sites and not peer.sites:
-            child["mode"] = "transport"  # host to host: nothing to tunnel
-        for key, value in link.settings.items():
-            if key in CONNECTION_KEYS:
-                conn[CONNECTION_KEYS[key]] = value
-            elif key in CHILD_KEYS:
-                child[CHILD_KEYS[key]] = value
-        if link.settings.get("start_action") == "trap":
-            child["start_action"] = "trap"
-        else:
-            child["start_action"] = "start" if host in link.initiators else "none"
-        starts = child["start_action"] != "none"
-        default_dpd = "trap" if child["start_action"] == "trap" else "restart"
-        child["dpd_action"] = link.settings.get("dpd_action", default_dpd if starts else "clear")
-        conn["children"] = {"sites" if (me.sites or peer.sites) else "host": child}
-        connections[link.name] = conn
-    return connections
+    return {link.name: _connection(host, link) for link in links.of(host)}
 
 
-def psk_refs(host: str, links: Mapping[str, Link]) -> dict[str, dict]:
+def _connection(host: str, link: Link) -> dict:
+    me = link.endpoints[host]
+    peer_name = link.peer_of(host)
+    peer = link.endpoints[peer_name]
+    conn: dict[str, Any] = {
+        "local_addrs": [me.address],
+        "remote_addrs": [peer.address],
+        "local": {"id": me.ike_id, "auth": "psk"},
+        "remote": {"id": peer.ike_id, "auth": "psk"},
+    }
+    child: dict[str, Any] = {
+        "local_ts": list(link.ts[host]),
+        "remote_ts": list(link.ts[peer_name]),
+    }
+    if not me.sites and not peer.sites:
+        child["mode"] = "transport"  # host to host: nothing to tunnel
+    for key, value in link.settings.items():
+        if key in CONNECTION_KEYS:
+            conn[CONNECTION_KEYS[key]] = value
+        elif key in CHILD_KEYS:
+            child[CHILD_KEYS[key]] = value
+    if link.settings.get("start_action") == "trap":
+        child["start_action"] = "trap"
+    else:
+        child["start_action"] = "start" if host in link.initiators else "none"
+    starts = child["start_action"] != "none"
+    default_dpd = "trap" if child["start_action"] == "trap" else "restart"
+    child["dpd_action"] = link.settings.get("dpd_action", default_dpd if starts else "clear")
+    conn["children"] = {"sites" if (me.sites or peer.sites) else "host": child}
+    return conn
+
+
+def psk_refs(host: str, links: Intent) -> dict[str, dict]:
     """For each of `host`'s links, where its PSK comes from (no secret in it)."""
     refs = {}
-    for link in links.values():
-        if host not in link.ends:
-            continue
+    for link in links.of(host):
         ends = [link.endpoints[n] for n in link.ends]
         external = next((e.name for e in ends if not e.managed), None)
         if external:
@@ -733,15 +778,27 @@ def host_psks(
     return psks
 
 
-def validate_with_agent(host: str, connections: dict[str, dict], links: Mapping[str, Link]) -> None:
-    """keywayd's own parser on a host's connections (PSKs as placeholders): a value it
-    refuses fails the run here, naming the variable that set it."""
-    placeholder = {name: {**conn, "psk": "p" * 32} for name, conn in connections.items()}
-    try:
-        parse_config({"connections": placeholder}, source=f"host {host}")
-    except ConfigError as exc:
-        explained = [_explain(host, path, message, links) for path, message in exc.problems]
-        raise IntentError(explained) from None
+def validate_with_agent(links: Intent) -> None:
+    """keywayd's own parser on the connections the intent makes (PSKs as placeholders):
+    a value it refuses fails the run here, naming the link and the variable that set it.
+    Addresses, identities and selectors are the intent's own checks; what keywayd adds
+    is the override values, so each distinct set of them is parsed once (on the first
+    managed end of the first link that has it), not once per link and host."""
+    seen: dict[str, tuple[str, Link]] = {}
+    for link in links.values():
+        ends = [e for e in link.endpoints.values()]
+        shape = repr((sorted(link.settings.items()), [bool(e.sites) for e in ends]))
+        if shape not in seen:
+            seen[shape] = (next(e.name for e in ends if e.managed), link)
+    problems = []
+    for host, link in seen.values():
+        connection = {**_connection(host, link), "psk": "p" * 32}
+        try:
+            parse_config({"connections": {link.name: connection}}, source=f"host {host}")
+        except ConfigError as exc:
+            problems += [_explain(host, path, message, links) for path, message in exc.problems]
+    if problems:
+        raise IntentError(problems)
 
 
 # keywayd config fields back to the override keys that set them.
