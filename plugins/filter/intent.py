@@ -92,6 +92,12 @@ def _compute(
             result["hosts"][name] = {
                 "connections": connections,
                 "psk_refs": psk_refs(name, links),
+                # the managed host at the other end of each link
+                "peers": {
+                    link.name: link.peer_of(name)
+                    for link in links.of(name)
+                    if link.endpoints[link.peer_of(name)].managed
+                },
                 # what this host's tunnels reach (for probes and status)
                 "reaches": sorted(
                     {ts for conn in connections.values()

@@ -45,6 +45,13 @@ options:
     description: Ask a running keywayd to reload when the config changed.
     type: bool
     default: true
+  peers_outside_run:
+    description:
+      - Connections whose other end this run does not converge (a C(--limit) run), by
+        name, with that end's name. A connection created or changed here warns that it
+        runs on the other end's old settings until that end converges.
+    type: dict
+    default: {}
 notes:
   - Supports check mode and diff mode; diffs never contain PSKs.
 """
@@ -66,6 +73,10 @@ connections:
   returned: always
   type: list
   elements: str
+waiting_for_peers:
+  description: Created or changed connections whose other end is outside this run, with it.
+  returned: always
+  type: dict
 secrets_changed:
   description: Connections whose PSK files change (names only), and stale PSK files.
   returned: always
@@ -216,6 +227,7 @@ def main() -> None:
             secrets_dir=dict(type="path"),
             settings=dict(type="dict", default={}),
             reload=dict(type="bool", default=True),
+            peers_outside_run=dict(type="dict", default={}),
         ),
         supports_check_mode=True,
     )
@@ -277,6 +289,19 @@ def main() -> None:
         "secrets_changed": secrets_changed,  # names only
         "plan": plan(before, connections, secrets_changed),
     }
+    outside = module.params["peers_outside_run"]
+    waiting = {
+        name: outside[name]
+        for name in result["plan"]["created"] + result["plan"]["changed"]
+        if name in outside
+    }
+    for name, peer in sorted(waiting.items()):
+        module.warn(
+            f"{name} changes here, but {peer} is not in this run: until {peer} converges, "
+            f"it keeps its old settings for this link (keywayd reauthenticates "
+            f"make-before-break; what {peer} refuses or narrows is logged there)"
+        )
+    result["waiting_for_peers"] = waiting
     if module._diff:
         result["diff"] = {
             "before": before or "",

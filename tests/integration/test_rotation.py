@@ -4,6 +4,7 @@ A counted stream runs across all of it: nothing may be lost."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -36,6 +37,17 @@ def test_a_psk_rotation_in_parts_loses_nothing(netns_hosts, tmp_path):
     ]
     assert sender.is_alive(), "the stream must outlast the rotation to count it"
     sender.join()
+    # The --limit h1 run says which link waits for a peer outside it.
+    (written,) = [
+        task["hosts"]["h1"]
+        for play in json.loads(runs[0].stdout)["plays"]
+        for task in play["tasks"]
+        if task["name"].endswith(
+            "keywayd's config (validated by keywayd's parser; PSKs in 0600 files)"
+        )
+    ]
+    assert written["waiting_for_peers"] == {"h1-h2": "h2"}
+    assert "h1-h2 changes here, but h2 is not in this run" in runs[0].stdout
     stats = [recap(r) for r in runs]
     assert set(stats[0]) == {"h1"} and stats[0]["h1"]["changed"] > 0
     assert set(stats[1]) == {"h2"} and stats[1]["h2"]["changed"] > 0
