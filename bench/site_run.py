@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -114,6 +116,7 @@ def lab_figures(size: int, noop: Path) -> None:
         )
     finally:
         lab_down(plan.name, plan.root)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:
@@ -121,6 +124,7 @@ def main() -> None:
     parser.add_argument("--hosts", default="5,10,20,40", help="lab sizes (comma-separated)")
     parser.add_argument("--intent", default="100,1000", help="mesh sizes for the intent alone")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # so that labs are taken down
     for size in filter(None, args.intent.split(",")):
         seconds, links = intent_seconds(int(size))
         print(f"intent, {int(size):>5}-host mesh ({links} links): {seconds:6.2f} s", flush=True)

@@ -130,9 +130,14 @@ def _payload_files():
 
 
 def install(lib_dir: Path, check: bool) -> list[str]:
-    """Write the files whose content differs; return their relative paths."""
+    """Write the files whose content differs; return their relative paths. Keyway's
+    state folder (the library's parent) is made private to root if it is missing."""
     base = lib_dir / PACKAGE.replace(".", "/")
     written = []
+    if not lib_dir.parent.exists():
+        written.append(f"{lib_dir.parent}/")
+        if not check:
+            lib_dir.parent.mkdir(mode=0o700, parents=True)
     for rel, data in _payload_files():
         target = base / rel
         try:
