@@ -11,7 +11,7 @@ COLLECTIONS := $(CURDIR)/.collections
 export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PYTHONPATH := $(COLLECTIONS)
-LAB_HOSTS ?= 4
+LAB_HOSTS ?= 5
 export KEYWAY_LAB_HOSTS := $(LAB_HOSTS)
 PYTEST_ARGS ?=
 
@@ -56,7 +56,9 @@ test-kernel: venv collection
 	tools/vm_run.py --timeout 1800 -- python -m pytest -m kernel tests/kernel -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: venv collection
+	tools/apt-deps.sh demo
 	$(PY) -m ansible_collections.keyway.ipsec.plugins.module_utils.lab up --hosts $(LAB_HOSTS)
+	$(VENV)/bin/ansible-playbook -i inventory/lab playbooks/lab_partner.yml
 	$(VENV)/bin/ansible-playbook -i inventory/lab playbooks/site.yml
 	$(VENV)/bin/ansible-playbook -i inventory/lab playbooks/lab_status.yml
 

@@ -1,11 +1,13 @@
 #!/bin/bash
 # Install the Debian packages a test tier needs, only those missing.
-# Usage: tools/apt-deps.sh TIER...   (host: netns and interop tiers; kernel: the VM tier)
+# Usage: tools/apt-deps.sh TIER...   (host: netns and interop tiers; kernel: the VM tier;
+# demo: what `make demo` needs)
 set -euo pipefail
 
 declare -A TIER_PACKAGES=(
     [host]="iproute2 nftables procps strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-extra-plugins libstrongswan-standard-plugins strongswan-pki"
     [kernel]="qemu-system-x86 kmod busybox-static file"
+    [demo]="iproute2 procps strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-extra-plugins libstrongswan-standard-plugins"
 )
 
 wanted=()

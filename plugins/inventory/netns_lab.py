@@ -13,6 +13,10 @@ description:
     config, state and run folders as host variables.
   - The hosts come from the lab's state file when the lab is up, otherwise from the
     lab plan for O(hosts) hosts (the same computation the lab builder uses).
+  - Besides C(lab) (every host), the groups C(lab_core), C(lab_hub), C(lab_branches)
+    and C(lab_external) give the demo's topologies their members. From 5 hosts on they
+    are a meshed core of three (the first also the hub), branches, and the last host as
+    an external strongSwan peer; with fewer hosts all are in C(lab_core).
   - The inventory file name must end in C(netns_lab.yml) or C(netns_lab.yaml).
 author: Keyway developers
 version_added: 0.1.0
@@ -53,6 +57,24 @@ from ansible.plugins.inventory import BaseInventoryPlugin
 from ansible_collections.keyway.ipsec.plugins.module_utils.lab.netns import lab_plan_of
 from ansible_collections.keyway.ipsec.plugins.module_utils.lab.plan import LabError, plan_lab
 
+# With this many hosts the lab shows every kind of topology (see demo_roles).
+DEMO_HOSTS = 5
+
+
+def demo_roles(hosts: list[str]) -> dict[str, list[str]]:
+    """The lab's groups for the demo's topologies (inventory/lab/group_vars/lab.yml).
+    From DEMO_HOSTS hosts on: a core of three meshed hosts (the first is also the hub),
+    branches dialling in to the hub, and the last host as an external strongSwan peer;
+    with fewer hosts, all are core (a full mesh)."""
+    if len(hosts) < DEMO_HOSTS:
+        return {"core": hosts, "hub": [], "branches": [], "external": []}
+    return {
+        "core": hosts[:3],
+        "hub": hosts[:1],
+        "branches": hosts[3:-1],
+        "external": hosts[-1:],
+    }
+
 
 class InventoryModule(BaseInventoryPlugin):
     NAME = "keyway.ipsec.netns_lab"
@@ -69,8 +91,14 @@ class InventoryModule(BaseInventoryPlugin):
         except LabError as exc:
             raise AnsibleParserError(f"keyway.ipsec.netns_lab: {exc}") from exc
         group = self.inventory.add_group("lab")
+        roles = demo_roles([h.name for h in plan.hosts])
+        for role in roles:
+            self.inventory.add_group(f"lab_{role}")
         for host in plan.hosts:
             self.inventory.add_host(host.name, group=group)
+            for role, members in roles.items():
+                if host.name in members:
+                    self.inventory.add_child(f"lab_{role}", host.name)
             for key, value in {
                 "keyway_netns": host.netns,
                 "keyway_lab_name": plan.name,

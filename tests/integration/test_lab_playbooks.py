@@ -103,3 +103,42 @@ def test_an_inconsistent_inventory_fails_before_any_host_is_touched(netns_hosts,
     for host in plan.hosts:  # nothing was made on any host
         assert not Path(host.state_dir).exists()
         assert not (Path(host.config_dir) / "keywayd.yml").exists()
+
+
+def test_the_demo_lab_shows_every_topology_with_an_external_strongswan(netns_hosts):
+    """From 5 lab hosts on the lab inventory is the demo: h1-h3 meshed, branches dialling
+    in to h1 and reaching each other through it, and the last host running charon as an
+    unmanaged partner gateway of h2. Every link carries traffic, encrypted."""
+    plan = netns_hosts(6)
+    partner = run_playbook("playbooks/lab_partner.yml", plan)
+    assert recap(partner)["h6"]["failures"] == 0
+    site = recap(run_playbook("playbooks/site.yml", plan))
+    assert set(site) == {"h1", "h2", "h3", "h4", "h5", "h6"}
+    assert site["h6"]["changed"] == 0  # the partner is not Keyway's
+    status = run_playbook("playbooks/lab_status.yml", plan)
+    probes = _task_results(status, "Site to site through the tunnels, encrypted on the wire")
+    seen = {
+        (host, probe["item"][0], probe["item"][1]): probe
+        for host, result in probes.items()
+        for probe in result["results"]
+        if "sent" in probe
+    }
+    both = ("4", "6")
+    expected = {
+        *(
+            (a, b, v)
+            for a in ("h1", "h2", "h3")
+            for b in ("h1", "h2", "h3")
+            if a != b
+            for v in both
+        ),
+        *((s, h, v) for s in ("h4", "h5") for h in ("h1", "h4", "h5") if s != h for v in both),
+        *(("h1", s, v) for s in ("h4", "h5") for v in both),
+        *(("h2", "h6", v) for v in both),
+    }
+    assert set(seen) == expected
+    for (host, peer, _), probe in seen.items():
+        assert probe["received"] == probe["sent"] == 3, (host, peer, probe)
+        assert probe["wire"]["cleartext"] == 0
+        # charon's userspace ESP (libipsec) always encapsulates in UDP
+        assert probe["wire"]["esp_in_udp" if peer == "h6" else "esp"] >= 3

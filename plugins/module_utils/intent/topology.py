@@ -13,8 +13,9 @@ The model (README: "The inventory model"):
                                                     (default), by direct trap links, or not
     {name, type: site_to_site, pairs: [[a, b]...]}   gateway pairs, each protecting its sites
     {name, type: links, links: [{ends: [a, b], <overrides>}]}
-  Members, hubs and spokes are a group name or a list of host names; topologies also
-  take `overrides`. A host in no topology is left alone.
+  Members, hubs and spokes are a group name or a list of host names (a group with no
+  hosts yet makes no links); topologies also take `overrides`. A host in no topology
+  is left alone.
 - Each host: `keyway_address` (outer address), `keyway_sites` (prefixes behind it;
   without them it protects its own address), `keyway_ike_id` (default: its name),
   `keyway_overrides`.
@@ -426,7 +427,7 @@ def _links_of_topology(
         _disjoint_sites(members, inv, where)
     elif kind == "site_to_site":
         pairs = topology.get("pairs")
-        if not isinstance(pairs, list) or not pairs:
+        if not isinstance(pairs, list):
             p.add(f"{where}.pairs", "must be a list of [gateway, gateway] pairs")
             return []
         for n, gateways in enumerate(pairs):
@@ -443,7 +444,7 @@ def _links_of_topology(
             pair(*gateways, at)
     elif kind == "links":
         links = topology.get("links")
-        if not isinstance(links, list) or not links:
+        if not isinstance(links, list):
             p.add(f"{where}.links", "must be a list of links ({ends: [a, b], ...overrides})")
             return []
         for n, link in enumerate(links):
@@ -472,8 +473,8 @@ def _links_of_topology(
         if both:
             p.add(where, f"{', '.join(sorted(both))}: both hub and spoke")
             return []
-        if not hubs or not spokes:
-            p.add(where, "needs at least one hub and one spoke")
+        if spokes and not hubs:
+            p.add(where, "has spokes but no hub")
             return []
         _disjoint_sites(hubs + spokes, inv, where)
         ends = {n: inv.endpoint(n) for n in hubs + spokes}
