@@ -6,16 +6,7 @@ import json
 import stat
 from pathlib import Path
 
-from tests.fixtures.ansible import ROOT, recap, run_playbook
-
-
-def _task_results(proc, name: str) -> dict:
-    """Per-host results of the task called `name` in a JSON-callback run."""
-    for play in json.loads(proc.stdout)["plays"]:
-        for task in play["tasks"]:
-            if task["name"].split(" : ")[-1] == name:
-                return task["hosts"]
-    raise AssertionError(f"no task {name!r} ran")
+from tests.fixtures.ansible import ROOT, recap, run_playbook, task_results
 
 
 def test_site_builds_the_mesh_idempotently_and_traffic_is_encrypted(netns_hosts):
@@ -37,7 +28,7 @@ def test_site_builds_the_mesh_idempotently_and_traffic_is_encrypted(netns_hosts)
         for psk in (Path(host.config_dir) / "secrets").iterdir():
             assert stat.S_IMODE(psk.stat().st_mode) == 0o600
             assert psk.read_text() not in first_run.stdout
-    started = _task_results(first_run, "keywayd installed and running, its tunnels established")
+    started = task_results(first_run, "keywayd installed and running, its tunnels established")
     # Each host initiates towards the hosts whose names sort after its own, and the task
     # waits for those.
     assert {"h1-h2", "h1-h3"} <= set(started["h1"]["established"])
@@ -51,7 +42,7 @@ def test_site_builds_the_mesh_idempotently_and_traffic_is_encrypted(netns_hosts)
     assert all(s["changed"] == 0 for s in checked.values())
 
     status = run_playbook("playbooks/lab_status.yml", plan)
-    probes = _task_results(status, "Site to site through the tunnels, encrypted on the wire")
+    probes = task_results(status, "Site to site through the tunnels, encrypted on the wire")
     for host in plan.hosts:
         results = probes[host.name]["results"]
         assert len(results) == 4  # two peers, IPv4 and IPv6
@@ -96,7 +87,7 @@ def test_an_inconsistent_inventory_fails_before_any_host_is_touched(netns_hosts,
     bad.write_text("all:\n  hosts:\n    h2:\n      keyway_sites: [10.2.0.0/33]\n")
     proc = run_playbook("playbooks/site.yml", plan, "-i", str(bad), check=False)
     assert proc.returncode != 0
-    failed = _task_results(proc, "Every host's links, from the whole inventory, validated")
+    failed = task_results(proc, "Every host's links, from the whole inventory, validated")
     (message,) = {result["msg"] for result in failed.values()}  # computed once, for all
     # The failure says which host's which variable is wrong.
     assert "host h2: keyway_sites: '10.2.0.0/33' is not a prefix" in message
@@ -116,7 +107,7 @@ def test_the_demo_lab_shows_every_topology_with_an_external_strongswan(netns_hos
     assert set(site) == {"h1", "h2", "h3", "h4", "h5", "h6"}
     assert site["h6"]["changed"] == 0  # the partner is not Keyway's
     status = run_playbook("playbooks/lab_status.yml", plan)
-    probes = _task_results(status, "Site to site through the tunnels, encrypted on the wire")
+    probes = task_results(status, "Site to site through the tunnels, encrypted on the wire")
     seen = {
         (host, probe["item"][0], probe["item"][1]): probe
         for host, result in probes.items()

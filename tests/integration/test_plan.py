@@ -3,14 +3,13 @@ then changes only those links, make-before-break, and a second run changes nothi
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
 import yaml
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent import control
-from tests.fixtures.ansible import recap, run_playbook
+from tests.fixtures.ansible import recap, run_playbook, task_results
 from tests.fixtures.traffic import stream
 
 CHANGED = {
@@ -29,11 +28,7 @@ CHANGED = {
 
 
 def _plan(proc) -> dict[str, dict[str, str]]:
-    for play in json.loads(proc.stdout)["plays"]:
-        for task in play["tasks"]:
-            if task["name"].endswith("The plan, link by link"):
-                return {host: result["msg"] for host, result in task["hosts"].items()}
-    raise AssertionError("no plan was shown")
+    return {h: r["msg"] for h, r in task_results(proc, "The plan, link by link").items()}
 
 
 def _child_spis(host) -> dict[str, tuple[str, str]]:

@@ -4,14 +4,13 @@ A counted stream runs across all of it: nothing may be lost."""
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
 import yaml
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.intent.topology import link_psk
-from tests.fixtures.ansible import recap, run_playbook
+from tests.fixtures.ansible import recap, run_playbook, task_results
 from tests.fixtures.traffic import stream
 
 
@@ -38,14 +37,9 @@ def test_a_psk_rotation_in_parts_loses_nothing(netns_hosts, tmp_path):
     assert sender.is_alive(), "the stream must outlast the rotation to count it"
     sender.join()
     # The --limit h1 run says which link waits for a peer outside it.
-    (written,) = [
-        task["hosts"]["h1"]
-        for play in json.loads(runs[0].stdout)["plays"]
-        for task in play["tasks"]
-        if task["name"].endswith(
-            "keywayd's config (validated by keywayd's parser; PSKs in 0600 files)"
-        )
-    ]
+    written = task_results(
+        runs[0], "keywayd's config (validated by keywayd's parser; PSKs in 0600 files)"
+    )["h1"]
     assert written["waiting_for_peers"] == {"h1-h2": "h2"}
     assert "h1-h2 changes here, but h2 is not in this run" in runs[0].stdout
     stats = [recap(r) for r in runs]

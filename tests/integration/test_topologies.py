@@ -4,14 +4,13 @@ hosts in no topology left alone, and bad inventories refused before any host is 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import yaml
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent import control
-from tests.fixtures.ansible import recap, run_playbook
+from tests.fixtures.ansible import recap, run_playbook, task_results
 
 TOPOLOGIES = {
     "keyway_topologies": [
@@ -24,14 +23,6 @@ TOPOLOGIES = {
         },
     ]
 }
-
-
-def _task_hosts(proc, name: str) -> dict:
-    for play in json.loads(proc.stdout)["plays"]:
-        for task in play["tasks"]:
-            if task["name"].split(" : ")[-1] == name:
-                return task["hosts"]
-    raise AssertionError(f"no task {name!r} ran")
 
 
 def _list_sas(host) -> list[dict]:
@@ -64,7 +55,7 @@ def test_hub_spoke_site_to_site_and_links_in_one_inventory(netns_hosts, tmp_path
     assert backup["children"][0]["proposal"].startswith("chacha20poly1305")
 
     status = run_playbook("playbooks/lab_status.yml", plan, "-e", f"@{extra}")
-    probes = _task_hosts(status, "Site to site through the tunnels, encrypted on the wire")
+    probes = task_results(status, "Site to site through the tunnels, encrypted on the wire")
     reached = {
         host: sorted((r["item"][0], r["item"][1]) for r in result["results"] if "sent" in r)
         for host, result in probes.items()
@@ -111,7 +102,7 @@ def test_a_bad_inventory_fails_with_its_reason_and_touches_no_host(
     vars_file.write_text(yaml.safe_dump(extra))
     proc = run_playbook("playbooks/site.yml", plan, "-e", f"@{vars_file}", check=False)
     assert proc.returncode != 0
-    failed = _task_hosts(proc, "Every host's links, from the whole inventory, validated")
+    failed = task_results(proc, "Every host's links, from the whole inventory, validated")
     messages = {r.get("msg", "") for r in failed.values()}
     assert any(expected in m for m in messages), messages
     for host in plan.hosts:

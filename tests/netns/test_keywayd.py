@@ -4,7 +4,6 @@ INITIAL_CONTACT, trap policies, bad input next to good tunnels, and SIGTERM."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import time
@@ -18,21 +17,6 @@ from tests.fixtures.traffic import stream
 
 def traffic_flows(a, b) -> bool:
     return udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"ping") == b"gnip"
-
-
-@pytest.fixture
-def agents(tmp_path):
-    started: list[Keywayd] = []
-
-    def make(host, connections, **settings) -> Keywayd:
-        agent = Keywayd(host.netns, tmp_path / host.name, connections, **settings)
-        started.append(agent)
-        return agent
-
-    yield make
-    for agent in started:
-        with contextlib.suppress(Exception):
-            agent.stop()
 
 
 def pair(netns_hosts, agents, **child):

@@ -4,32 +4,14 @@ tunnels it serves must not notice, and nothing it keeps or logs may grow with th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 
-import pytest
-
-from tests.fixtures.keywayd import ENTRY, ROOT, Keywayd, site_connection
+from tests.fixtures.keywayd import ENTRY, ROOT, site_connection
 from tests.fixtures.netns import in_netns, udp_exchange
 
 GARBAGE = 6000
 WRONG_PSK_ATTEMPTS = 300
-
-
-@pytest.fixture
-def agents(tmp_path):
-    started: list[Keywayd] = []
-
-    def make(host, connections, **settings) -> Keywayd:
-        agent = Keywayd(host.netns, tmp_path / host.name, connections, **settings)
-        started.append(agent)
-        return agent
-
-    yield make
-    for agent in started:
-        with contextlib.suppress(Exception):
-            agent.stop()
 
 
 def traffic_flows(a, b) -> bool:

@@ -476,6 +476,8 @@ def _links_of_topology(
         if spokes and not hubs:
             p.add(where, "has spokes but no hub")
             return []
+        if not spokes:
+            return []  # no spokes (yet): no links
         _disjoint_sites(hubs + spokes, inv, where)
         ends = {n: inv.endpoint(n) for n in hubs + spokes}
         if any(e is None for e in ends.values()):

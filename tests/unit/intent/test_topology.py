@@ -69,6 +69,27 @@ def test_hosts_in_no_topology_are_left_alone():
     assert host_connections("h3", links) == {} == host_connections("bystander", links)
 
 
+def test_groups_without_hosts_yet_make_no_links():
+    hostvars, groups = inventory(2)
+    groups.update(none=[], hubs=["h1"])
+    links = intent(
+        [
+            {"name": "m", "type": "mesh", "members": "lab"},
+            {"name": "a", "type": "hub_spoke", "hubs": "none", "spokes": "none"},
+            {"name": "b", "type": "hub_spoke", "hubs": "hubs", "spokes": "none"},
+            {"name": "c", "type": "site_to_site", "pairs": []},
+            {"name": "d", "type": "links", "links": []},
+        ],
+        hostvars,
+        groups,
+    )
+    assert list(links) == ["h1-h2"]
+    (problem,) = problems_of(
+        [{"name": "e", "type": "hub_spoke", "hubs": "none", "spokes": "hubs"}], hostvars, groups
+    )
+    assert problem == "topology e: has spokes but no hub"
+
+
 def test_hub_and_spokes_reach_each_other_through_the_first_hub():
     hostvars, groups = inventory(5)
     groups.update(hubs=["h1", "h2"], spokes=["h3", "h4", "h5"])
