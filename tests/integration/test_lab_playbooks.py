@@ -133,3 +133,21 @@ def test_the_demo_lab_shows_every_topology_with_an_external_strongswan(netns_hos
         assert probe["wire"]["cleartext"] == 0
         # charon's userspace ESP (libipsec) always encapsulates in UDP
         assert probe["wire"]["esp_in_udp" if peer == "h6" else "esp"] >= 3
+
+    # status.yml: every link as both ends see it; all up, both ends on one SA pair.
+    table = task_results(run_playbook("playbooks/status.yml", plan), "Every link, both ends' view")
+    (shown,) = table.values()  # run once, for all
+    rows = [line.split() for line in shown["msg"][1:]]
+    assert {(r[0], r[1]) for r in rows} == {
+        ("h1-h2", "h1"), ("h1-h2", "h2"), ("h1-h3", "h1"), ("h1-h3", "h3"), ("h2-h3", "h2"),
+        ("h2-h3", "h3"), ("h1-h4", "h1"), ("h1-h4", "h4"), ("h1-h5", "h1"), ("h1-h5", "h5"),
+        ("h2-partner", "h2"),
+    }  # fmt: skip
+    assert all(r[2] == "up" for r in rows)
+    # A host whose keywayd is gone: status fails and names its links.
+    (Path(plan.hosts[2].run_dir) / "keywayd.sock").unlink()
+    broken = run_playbook("playbooks/status.yml", plan, check=False)
+    assert broken.returncode != 0
+    failed = task_results(broken, "Every link is up at both ends, on the same SA pair")
+    (message,) = {str(r.get("msg")) for r in failed.values()}
+    assert "h1-h3 (core): not seen at h3" in message and "h2-h3 (core): not seen at h3" in message

@@ -230,6 +230,7 @@ class Agent:
         self.children: dict[tuple[str, str], _ChildState] = {}
         # spi_in -> (out, in) as installed; out is None while deferred or never to be sent on
         self.sa_pairs: dict[int, tuple[base.SaId | None, base.SaId]] = {}
+        self._child_since: dict[int, float] = {}  # spi_in -> when it was installed
         # old spi_in -> (its successor's spi_in, the successor's outbound SA to install)
         self._deferred_out: dict[int, tuple[int, base.SaSpec]] = {}
         # inbound SAs of replaced children, deleted DELETE_REKEYED_DELAY later
@@ -684,6 +685,7 @@ class Agent:
                     sa.engine.delete_child_sa(sa, event.spi_in, sa.engine.now)
             return
         self.sa_pairs[event.spi_in] = (installed_out, inbound.id)
+        self._child_since[event.spi_in] = self._loop.time()
         first = not state.spis  # not a rekey nor a reauthentication's twin
         state.spis.add(event.spi_in)
         self._install_policies(conn, child, state)
@@ -716,6 +718,7 @@ class Agent:
             else:
                 self.sa_pairs[successor_spi] = (out.id, self.sa_pairs[successor_spi][1])
         pair = self.sa_pairs.pop(event.spi_in, None)
+        self._child_since.pop(event.spi_in, None)
         state = self.children.get((event.connection, event.child))
         carried_on = state is not None and bool(state.spis - {event.spi_in})
         if pair is not None:
@@ -1096,6 +1099,8 @@ class Agent:
                         "remote_ts": list(child.remote_ts),
                         "encap": child.udp_encap,
                     }
+                    if child.spi_in in self._child_since:
+                        entry["age"] = round(self._loop.time() - self._child_since[child.spi_in])
                     pair = self.sa_pairs.get(child.spi_in)
                     if pair is not None:
                         for label, sa_id in zip(("out", "in"), pair, strict=True):
@@ -1119,6 +1124,10 @@ class Agent:
                         "spi_i": sa.spi_i.hex(),
                         "spi_r": sa.spi_r.hex(),
                         "proposal": _describe_ike(sa),
+                        # seconds since it came up (the engine's clock is the loop's)
+                        "age": None
+                        if sa.established_at is None
+                        else round(self._loop.time() - sa.established_at),
                         "children": children,
                     }
                 )

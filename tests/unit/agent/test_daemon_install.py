@@ -31,6 +31,9 @@ class Timers:
         self.now = 0.0
         self.pending: list[list] = []  # [due, callback, args, cancelled]
 
+    def time(self) -> float:
+        return self.now
+
     def call_later(self, delay: float, callback, *args):
         entry = [self.now + delay, callback, args, False]
         self.pending.append(entry)
