@@ -58,17 +58,19 @@ def _intent(
     group_overrides=None,
     external_peers=None,
     master_secret_length=None,
+    exclude=None,
 ):
     with _cyclic_gc_paused():
         return _compute(
             hostvars, groups, topologies, defaults, group_overrides, external_peers,
-            master_secret_length,
+            master_secret_length, exclude,
         )  # fmt: skip
 
 
 def _compute(
-    hostvars, groups, topologies, defaults, group_overrides, external_peers, master_secret_length
-):
+    hostvars, groups, topologies, defaults, group_overrides, external_peers, master_secret_length,
+    exclude,
+):  # fmt: skip
     hosts = {}
     for name in hostvars:
         host = hostvars[name]
@@ -82,6 +84,7 @@ def _compute(
             group_overrides=_plain(group_overrides),
             external_peers=_plain(external_peers),
             master_secret_length=master_secret_length,
+            exclude=[str(h) for h in exclude or ()],
         )
         validate_with_agent(links)
         result = {"links": {n: link.to_dict() for n, link in sorted(links.items())}, "hosts": {}}

@@ -24,9 +24,10 @@ options:
     type: path
     required: true
   connections:
-    description: keywayd connections by name (see keywayd's config format), without PSKs.
+    description:
+      - keywayd connections by name (see keywayd's config format), without PSKs.
+      - Required with O(state=present).
     type: dict
-    required: true
   psks:
     description:
       - PSK of each PSK-authenticated connection, by connection name.
@@ -41,6 +42,13 @@ options:
     description: Top-level agent settings (dataplane, log_level, control_socket, ...).
     type: dict
     default: {}
+  state:
+    description:
+      - C(present) writes the config and PSK files; C(absent) removes them, the secrets
+        folder, and the config's folder when nothing else is left in it.
+    type: str
+    choices: [present, absent]
+    default: present
   reload:
     description: Ask a running keywayd to reload when the config changed.
     type: bool
@@ -195,6 +203,31 @@ def plan(before: str | None, connections: dict, secrets_changed: list[str]) -> d
     return dict(sorted(result.items()))
 
 
+def _is_psk_file(path: Path) -> bool:
+    """NAME.psk (the PSK sent) or NAME.psk-N (older ones still accepted)."""
+    return path.name.endswith(".psk") or ".psk-" in path.name
+
+
+def remove(path: Path, secrets_dir: Path, check: bool) -> dict:
+    """The config, the PSK files and their folder gone; the config's folder too when
+    nothing else is left in it."""
+    files = [path] if path.exists() else []
+    if secrets_dir.is_dir():
+        files += sorted(p for p in secrets_dir.iterdir() if _is_psk_file(p))
+    result = {"changed": bool(files) or secrets_dir.is_dir(), "removed": [str(f) for f in files]}
+    if check:
+        return result
+    for file in files:
+        file.unlink()
+    for folder in (secrets_dir, path.parent):
+        try:
+            folder.rmdir()
+        except OSError:
+            continue  # absent, or something else lives there
+        result["removed"].append(str(folder))
+    return result
+
+
 def _read(path: Path) -> str | None:
     try:
         return path.read_text()
@@ -222,11 +255,12 @@ def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(
             path=dict(type="path", required=True),
-            connections=dict(type="dict", required=True),
+            connections=dict(type="dict"),
             psks=dict(type="dict", default={}, no_log=True),
             secrets_dir=dict(type="path"),
             settings=dict(type="dict", default={}),
             reload=dict(type="bool", default=True),
+            state=dict(type="str", choices=["present", "absent"], default="present"),
             peers_outside_run=dict(type="dict", default={}),
         ),
         supports_check_mode=True,
@@ -235,6 +269,10 @@ def main() -> None:
         module.fail_json(msg="PyYAML is required on the host")
     path = Path(module.params["path"])
     secrets_dir = Path(module.params["secrets_dir"] or path.parent / "secrets")
+    if module.params["state"] == "absent":
+        module.exit_json(**remove(path, secrets_dir, module.check_mode))
+    if module.params["connections"] is None:
+        module.fail_json(msg="connections is required with state present")
     connections, settings = module.params["connections"], module.params["settings"]
     # One PSK, or a rotation's list (newest first), as strings.
     psks = {
@@ -265,11 +303,7 @@ def main() -> None:
     text = render(settings, connections, psk_files)
     before = _read(path)
     stale = (
-        sorted(
-            p.name
-            for p in secrets_dir.iterdir()
-            if (p.name.endswith(".psk") or ".psk-" in p.name) and p.name not in wanted
-        )
+        sorted(p.name for p in secrets_dir.iterdir() if _is_psk_file(p) and p.name not in wanted)
         if secrets_dir.is_dir()
         else []
     )

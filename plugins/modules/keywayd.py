@@ -23,8 +23,11 @@ options:
     description:
       - C(started) (installed and running), C(stopped), C(restarted).
       - C(installed) only installs the library (systemd hosts run keywayd from its unit).
+      - C(absent) stops keywayd (which tells its peers and removes every SA, policy,
+        route, rule and device it made) and removes its library, PID file, log, control
+        socket and lock, then the run folder and the library's parent when empty.
     type: str
-    choices: [started, stopped, restarted, installed]
+    choices: [started, stopped, restarted, installed, absent]
     default: started
   config:
     description: keywayd's config file (see M(keyway.ipsec.agent_config)).
@@ -83,6 +86,7 @@ established:
 import contextlib
 import importlib.resources
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,6 +180,34 @@ def stop(pid: int, timeout: float = 10.0) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def remove(module, pid, config: Path, lib_dir: Path, run_dir: Path, pid_file, log_file) -> dict:
+    """Everything this module and keywayd put on the host, gone (state: absent)."""
+    socket_path = run_dir / "keywayd.sock"
+    # A config that does not load names no other socket.
+    with contextlib.suppress(ConfigError, OSError):
+        socket_path = Path(load_config(config).control_socket)
+    files = [f for f in (pid_file, log_file, socket_path, Path(f"{socket_path}.lock"))
+             if f.exists() or f.is_symlink()]  # fmt: skip
+    folders = [d for d in (lib_dir,) if d.exists()]
+    empty = [d for d in (run_dir, lib_dir.parent) if d.exists()]
+    changed = pid is not None or bool(files or folders)
+    result = {"changed": changed, "removed": sorted(str(f) for f in files + folders)}
+    if module.check_mode:
+        return result
+    if pid is not None:
+        stop(pid, timeout=15.0)  # SIGTERM: Deletes to the peers, its SAs and policies gone
+    for file in files:
+        file.unlink(missing_ok=True)
+    for folder in folders:
+        shutil.rmtree(folder)
+    for folder in empty:
+        with contextlib.suppress(OSError):  # not empty: something else lives there
+            folder.rmdir()
+            result["removed"].append(str(folder))
+            result["changed"] = True
+    return result
+
+
 def start(module, python: str, lib_dir: Path, config: Path, pid_file: Path, log_file: Path):
     log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     pid_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -214,7 +246,7 @@ def main() -> None:
         argument_spec=dict(
             state=dict(
                 type="str",
-                choices=["started", "stopped", "restarted", "installed"],
+                choices=["started", "stopped", "restarted", "installed", "absent"],
                 default="started",
             ),
             config=dict(type="path", required=True),
@@ -241,6 +273,9 @@ def main() -> None:
             if not module.check_mode:
                 stop(pid)
         module.exit_json(**result)
+
+    if p["state"] == "absent":
+        module.exit_json(**remove(module, pid, config, lib_dir, run_dir, pid_file, log_file))
 
     if module.check_mode and not config.exists():
         # A first run in check mode: the config task before this one only said it would

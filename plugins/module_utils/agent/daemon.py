@@ -920,10 +920,14 @@ class Agent:
         established = [
             sa for sa in self._ike_sas(name) if sa.state == "established" and not sa.superseded
         ]
-        for sa in established:
+        if established:
+            # One IKE SA carries the connection: the one with Child SAs, the newest. Any
+            # other is transient (a peer's reauthentication that may yet fail and be
+            # deleted): reauthenticating it too would leave two IKE SAs.
+            carrier = max(established, key=lambda sa: (bool(sa.children), sa.established_at))
             log.info("[%s] changed: reauthenticating, a new IKE SA first", name)
-            engine.reauthenticate(sa, runner.now())
-        if not established and any(c.start_action == "start" for c in conn.children):
+            engine.reauthenticate(carrier, runner.now())
+        elif any(c.start_action == "start" for c in conn.children):
             self._initiate(name)
         runner.pump()
         return bool(established)

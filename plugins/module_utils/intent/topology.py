@@ -294,8 +294,10 @@ class _Inventory:
         groups: Mapping[str, Iterable[str]],
         external_peers: Mapping[str, Mapping[str, Any]],
         problems: _Problems,
+        excluded: frozenset[str] = frozenset(),
     ):
         self.hostvars, self.problems = hostvars, problems
+        self.excluded = excluded  # being torn down: in no link
         self.groups = {g: list(members) for g, members in groups.items()}
         self.external = external_peers
         self._endpoints: dict[str, Endpoint | None] = {}
@@ -405,6 +407,8 @@ def _links_of_topology(
     result = []
 
     def pair(a: str, b: str, at: str, overrides=None, initiators=None, ts=None) -> None:
+        if a in inv.excluded or b in inv.excluded:
+            return
         if a == b:
             p.add(at, f"a link from {a} to itself")
             return
@@ -479,6 +483,10 @@ def _links_of_topology(
         if not spokes:
             return []  # no spokes (yet): no links
         _disjoint_sites(hubs + spokes, inv, where)
+        hubs = [h for h in hubs if h not in inv.excluded]
+        spokes = [s for s in spokes if s not in inv.excluded]
+        if not hubs or not spokes:
+            return []
         ends = {n: inv.endpoint(n) for n in hubs + spokes}
         if any(e is None for e in ends.values()):
             return []
@@ -566,6 +574,7 @@ def compute_intent(
     group_overrides: Any = None,
     external_peers: Any = None,
     master_secret_length: int | None = None,
+    exclude: Iterable[str] = (),
 ) -> Intent:
     """Every link of the inventory, validated; IntentError lists every problem found."""
     problems = _Problems()
@@ -576,7 +585,10 @@ def compute_intent(
     external = external_peers or {}
     if not isinstance(external, Mapping):
         raise IntentError(["keyway_external_peers: must be a mapping of peer names"])
-    inv = _Inventory(hostvars, groups, external, problems)
+    excluded = frozenset(exclude)
+    for name in sorted(excluded - set(hostvars)):
+        problems.add("keyway_teardown", f"{name} is not an inventory host")
+    inv = _Inventory(hostvars, groups, external, problems, excluded)
     defaults = _overrides(defaults, "keyway_defaults", problems)
     group_overrides = group_overrides or {}
     if not isinstance(group_overrides, Mapping):
