@@ -61,6 +61,7 @@ demo: venv collection
 	$(VENV)/bin/ansible-playbook -i inventory/lab playbooks/lab_partner.yml
 	$(VENV)/bin/ansible-playbook -i inventory/lab playbooks/site.yml
 	$(VENV)/bin/ansible-playbook -i inventory/lab playbooks/lab_status.yml
+	$(VENV)/bin/ansible-playbook -i inventory/lab playbooks/status.yml
 
 lab-up: venv collection
 	$(PY) -m ansible_collections.keyway.ipsec.plugins.module_utils.lab up --hosts $(LAB_HOSTS)
