@@ -15,7 +15,7 @@ description:
     O(log_file) and its PID in O(pid_file), for hosts without systemd (the netns lab,
     containers). A running keywayd whose library changed is restarted.
   - With O(wait), waits until every connection that has a child with
-    C(start_action: start) is established, failing with keywayd's reason otherwise.
+    C(start_action=start) is established, failing with keywayd's reason otherwise.
 version_added: "0.1.0"
 author: Keyway
 options:

@@ -14,7 +14,7 @@ description:
     requests in the clear, with the SPIs and sequence numbers seen. With
     O(expect=encrypted) the task fails unless every request was answered and none
     crossed the underlay in the clear.
-  - Read-only: never reports a change.
+  - Read-only, it never reports a change.
 version_added: "0.1.0"
 author: Keyway
 options:
