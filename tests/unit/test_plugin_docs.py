@@ -32,13 +32,21 @@ def doc_strings(path: Path) -> dict[str, str]:
     return found
 
 
+def _lines(text: str | list) -> list:
+    return [text] if isinstance(text, str) else list(text)
+
+
 @pytest.mark.parametrize("path", PYTHON_PLUGINS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_python_plugin_documentation_parses(path):
     docs = doc_strings(path)
     documentation = yaml.safe_load(docs["DOCUMENTATION"])
     assert documentation["short_description"] and documentation["description"]
+    # Text, not a mapping that a stray ': ' made of a line (ansible-doc fails on those).
+    assert all(isinstance(line, str) for line in _lines(documentation["description"]))
+    assert all(isinstance(line, str) for line in _lines(documentation.get("notes", [])))
     for option, spec in (documentation.get("options") or {}).items():
         assert spec.get("description"), f"{path.name}: option {option} undocumented"
+        assert all(isinstance(line, str) for line in _lines(spec["description"])), option
     if path.parent.name == "modules":
         assert yaml.safe_load(docs["EXAMPLES"]) and yaml.safe_load(docs["RETURN"]) is not None
 
