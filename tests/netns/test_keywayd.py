@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from ansible_collections.keyway.ipsec.plugins.module_utils.agent import keywayctl
 from tests.fixtures.keywayd import PSK, Keywayd, Watch, site_connection
 from tests.fixtures.netns import in_netns, udp_exchange
 from tests.fixtures.traffic import stream
@@ -205,6 +206,17 @@ def test_a_changed_connection_is_renegotiated_make_before_break(
     assert (child["spi_in"], child["spi_out"]) not in before
     if extra:
         assert extra in child["local_ts"]
+
+
+def test_keywayctl_initiate_brings_a_connection_up_and_reports_it(netns_hosts, agents, capsys):
+    a, b = netns_hosts(2).hosts
+    agents(b, {"ab": site_connection(b, a, start=False)})
+    agent_a = agents(a, {"ab": site_connection(a, b, start=False)})
+    assert keywayctl.main(["--socket", agent_a.socket, "initiate", "ab", "--timeout", "20"]) == 0
+    assert json.loads(capsys.readouterr().out)["up"] is True
+    assert agent_a.sas("ab")
+    assert keywayctl.main(["--socket", agent_a.socket, "initiate", "ab", "--no-wait"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"up": True, "already": True}
 
 
 def test_kill_9_and_restart_converges_and_initial_contact_clears_the_stale_sa(netns_hosts, agents):

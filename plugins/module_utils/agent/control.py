@@ -166,8 +166,13 @@ def _connect(path: str, timeout: float) -> socket.socket:
     return sock
 
 
-def request(path: str, command: str, timeout: float = 30.0, **args: Any) -> Any:
-    """Send one command and return its result; ControlError if the daemon refused it."""
+def request(
+    path: str, command: str, timeout: float = 30.0, args: dict | None = None, **kwargs: Any
+) -> Any:
+    """Send one command with `args` (and/or keyword arguments; `timeout` is the socket's,
+    a command's own timeout goes in `args`) and return its result; ControlError if the
+    daemon refused it."""
+    args = {**(args or {}), **kwargs}
     with _connect(path, timeout) as sock:
         sock.sendall(json.dumps({"command": command, "args": args}).encode() + b"\n")
         reply = _read_line(sock.makefile("rb"))

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.child:
                 extra["child"] = args.child
         result = request(
-            args.socket, args.command, timeout=max(30, extra.get("timeout", 0) + 5), **extra
+            args.socket, args.command, timeout=max(30, extra.get("timeout", 0) + 5), args=extra
         )
     except ControlError as exc:
         print(f"keywayctl: {exc}", file=sys.stderr)
