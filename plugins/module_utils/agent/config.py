@@ -46,7 +46,23 @@ from typing import Any
 try:  # PyYAML is a runtime dependency; the C loader is faster where built.
     import yaml
 
-    _YamlLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    class _YamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+        """A safe loader that refuses a key given twice in one mapping: YAML's own rule,
+        which PyYAML does not enforce (a second connection of the same name would
+        silently replace the first)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})",
+                        key_node.start_mark,
+                    )  # fmt: skip
+                seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep)
+
 except ImportError:  # pragma: no cover - reported when a file is actually loaded
     yaml = None
 
@@ -693,6 +709,8 @@ def load_config(path: str | os.PathLike, **kwargs: Any) -> AgentConfig:
         # The YAML error quotes the offending line, which may hold a secret: say where.
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown place"
-        raise ConfigError([("", f"not valid YAML at {where}")], str(file)) from None
+        problem = getattr(exc, "problem", "") or ""
+        what = f": {problem}" if problem.startswith("duplicate key") else ""
+        raise ConfigError([("", f"not valid YAML at {where}{what}")], str(file)) from None
     private = not mode & (stat.S_IRWXG | stat.S_IRWXO)
     return parse_config(raw, source=str(file), file_private=private, base_dir=file.parent, **kwargs)

@@ -199,3 +199,17 @@ def test_the_ike_layer_validates_proposals_by_default():
     problems = dict(caught.value.problems)
     assert "needs a key exchange group" in problems["connections.h1-h2.proposals[0]"]
     assert "weak" in problems["connections.h1-h2.children.sites.esp_proposals[0]"]
+
+
+def test_a_connection_or_child_named_twice_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "keywayd.yaml"
+    twice = GOOD + GOOD.split("connections:\n", 1)[1]  # h1-h2 again, under connections
+    path.write_text(twice)
+    os.chmod(path, 0o600)
+    with pytest.raises(ConfigError, match=r"duplicate key 'h1-h2' \(first at line 4\)") as caught:
+        load_config(path, validate_proposal=accept_all)
+    assert PSK not in str(caught.value)
+    child_twice = GOOD.replace("      sites:\n", "      sites: {}\n      sites:\n")
+    path.write_text(child_twice)
+    with pytest.raises(ConfigError, match="duplicate key 'sites'"):
+        load_config(path, validate_proposal=accept_all)
