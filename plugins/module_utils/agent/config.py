@@ -235,9 +235,15 @@ ProposalValidator = Callable[[str, str, bool], None]
 
 
 def _default_proposal_validator(text: str, kind: str, allow_weak: bool) -> None:
-    from ..ike.proposals import parse_proposal_string  # imported late: no cycle
+    """Valid, and implemented: by the IKE engine for IKE, by the data planes for ESP/AH
+    (every transform the parser accepts works, or is refused here with the reason)."""
+    from ..ike.proposals import parse_proposal_string, unsupported_ike  # late: no cycle
+    from .install import unsupported_child
 
-    parse_proposal_string(text, kind, allow_weak=allow_weak)
+    spec = parse_proposal_string(text, kind, allow_weak=allow_weak)
+    problem = unsupported_ike(spec) if kind == "ike" else unsupported_child(spec)
+    if problem:
+        raise ValueError(f"{text!r}: {problem}")
 
 
 def _join(path: str, key: object) -> str:

@@ -28,6 +28,23 @@ INTEG_NAMES = {
 }
 
 
+def unsupported_child(spec) -> str | None:
+    """What of an ESP or AH proposal (a parsed ProposalSpec) the data planes cannot
+    install (None: all of it); else it would negotiate and then fail to install."""
+    encr = [i for i, _ in spec.encr if i not in ENCR_NAMES]
+    integ = [i for i in spec.integ if i not in INTEG_NAMES]
+    if not (encr or integ):
+        return None
+    names = [EncrId(i).name for i in encr] + [IntegId(i).name for i in integ]
+    known = sorted(n for n in ENCR_NAMES.values() if n) + sorted(
+        n for n in INTEG_NAMES.values() if n
+    )
+    return (
+        f"keywayd's data planes do not implement {', '.join(names)} "
+        f"(they implement {', '.join(known)})"
+    )
+
+
 def _family(prefix: str) -> int:
     return ipaddress.ip_network(prefix, strict=False).version
 

@@ -357,9 +357,11 @@ def _pi_times_2_to(bits: int) -> int:
 
 @functools.cache
 def modp_prime(group: int) -> int:
-    """RFC 3526's primes, from their defining formula
+    """RFC 2409's and RFC 3526's primes, from their defining formula
     p = 2^n - 2^(n-64) - 1 + 2^64 * (floor(2^(n-130) * pi) + k)."""
     n, k = {
+        KeGroup.MODP_768: (768, 149686),
+        KeGroup.MODP_1024: (1024, 129093),
         KeGroup.MODP_1536: (1536, 741804),
         KeGroup.MODP_2048: (2048, 124476),
         KeGroup.MODP_3072: (3072, 1690314),
@@ -382,14 +384,25 @@ def _dh_parameters(group: int) -> dh.DHParameters:
 
 
 _CURVES = {
+    KeGroup.ECP_192: ec.SECP192R1,
+    KeGroup.ECP_224: ec.SECP224R1,
     KeGroup.ECP_256: ec.SECP256R1,
     KeGroup.ECP_384: ec.SECP384R1,
     KeGroup.ECP_521: ec.SECP521R1,
 }
-SUPPORTED_GROUPS = (
+_MODP_GROUPS = (
+    KeGroup.MODP_768,
+    KeGroup.MODP_1024,
+    KeGroup.MODP_1536,
     KeGroup.MODP_2048,
     KeGroup.MODP_3072,
     KeGroup.MODP_4096,
+)
+# Every group a proposal string can name (the weak ones need allow_weak).
+SUPPORTED_GROUPS = (
+    *_MODP_GROUPS,
+    KeGroup.ECP_192,
+    KeGroup.ECP_224,
     KeGroup.ECP_256,
     KeGroup.ECP_384,
     KeGroup.ECP_521,
@@ -406,7 +419,7 @@ class KeyExchange:
         """A fresh key pair; `private` fixes the private value (test vectors only)."""
         check_strength("ke", group, allow_weak)
         self.group = group
-        if group in (KeGroup.MODP_1536, KeGroup.MODP_2048, KeGroup.MODP_3072, KeGroup.MODP_4096):
+        if group in _MODP_GROUPS:
             with warnings.catch_warnings():
                 warnings.filterwarnings(**_FFDH_DEPRECATION)
                 params = _dh_parameters(group)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from .codec import Proposal, Transform
 from .constants import EncrId, EsnId, IntegId, KeGroup, PrfId, ProtocolId, TransformType
-from .crypto import WeakAlgorithmError, check_strength
+from .crypto import UnsupportedAlgorithmError, WeakAlgorithmError, check_strength
 
 _AEAD_ICV = {
     "16": EncrId.AES_GCM_16,
@@ -166,6 +166,26 @@ def parse_proposal_string(text: str, protocol: str, *, allow_weak: bool = False)
     return ProposalSpec(
         protocol, tuple(encr), tuple(integ), tuple(dict.fromkeys(prf)), tuple(ke), tuple(esn)
     )
+
+
+def unsupported_ike(spec: ProposalSpec) -> str | None:
+    """What of an IKE proposal the engine cannot do (None: it can do all of it); a
+    parsed-but-unimplemented transform would only fail at negotiation."""
+    from .crypto import SUPPORTED_GROUPS, encr_for, integ_for, prf_for
+
+    try:
+        for ident, bits in spec.encr:
+            encr_for(ident, bits, allow_weak=True)
+        for ident in spec.integ:
+            integ_for(ident, allow_weak=True)
+        for ident in spec.prf:
+            prf_for(ident, allow_weak=True)
+    except UnsupportedAlgorithmError as exc:
+        return f"keywayd's IKE engine cannot use it ({exc})"
+    missing = [g for g in spec.ke if g not in SUPPORTED_GROUPS]
+    if missing:
+        return f"keywayd's IKE engine does not implement KE group(s) {missing}"
+    return None
 
 
 def _choices(proposal: Proposal) -> dict[int, list[tuple[int, int | None]]]:

@@ -213,3 +213,32 @@ def test_a_connection_or_child_named_twice_is_refused_with_its_line(tmp_path):
     path.write_text(child_twice)
     with pytest.raises(ConfigError, match="duplicate key 'sites'"):
         load_config(path, validate_proposal=accept_all)
+
+
+@pytest.mark.parametrize(
+    ("kind", "proposal", "reason"),
+    [
+        ("esp", "aes128gcm8", "data planes do not implement AES_GCM_8"),
+        ("esp", "aes256gcm12", "data planes do not implement AES_GCM_12"),
+        ("esp", "aes256-sha1", "data planes do not implement HMAC_SHA1_96"),
+        ("ike", "3des-sha1-modp1024", "IKE engine cannot use it"),
+    ],
+)
+def test_what_cannot_be_used_is_refused_even_when_weak_is_allowed(kind, proposal, reason):
+    raw = conf(GOOD)
+    conn = raw["connections"]["h1-h2"]
+    conn["allow_weak"] = True
+    if kind == "ike":
+        conn["proposals"] = [proposal]
+    else:
+        conn["children"]["sites"]["esp_proposals"] = [proposal]
+    with pytest.raises(ConfigError, match=reason):
+        parse_config(raw)
+
+
+@pytest.mark.parametrize("group", ["modp768", "modp1024", "modp1536", "ecp192", "ecp224"])
+def test_weak_groups_the_parser_accepts_are_implemented(group):
+    raw = conf(GOOD)
+    raw["connections"]["h1-h2"]["allow_weak"] = True
+    raw["connections"]["h1-h2"]["proposals"] = [f"aes128-sha256-{group}"]
+    assert parse_config(raw).connections[0].proposals == (f"aes128-sha256-{group}",)

@@ -636,3 +636,14 @@ def test_a_rotation_whose_psks_all_fail_reports_one_failure():
     assert "AUTHENTICATION_FAILED" in failed.reason
     assert len(of(pair.events[B], AuthFailed)) == 2  # each PSK was tried once
     assert not pair.a.sas() and not pair.b.sas()
+
+
+@pytest.mark.parametrize("group", ["modp768", "modp1024", "ecp192", "ecp224"])
+def test_weak_groups_negotiate_when_allowed(group):
+    suite = f"aes128-sha256-{group}"
+    pair = lab_pair(proposals=(suite,), allow_weak=True)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    (up,) = of(pair.events[A], IkeSaUp)
+    assert up.proposal.endswith(group)
+    assert of(pair.events[B], ChildSaReady)
