@@ -263,6 +263,19 @@ def test_a_wrong_psk_fails_that_tunnel_only(netns_hosts, agents):
     assert not agent_a.sas("ac")
 
 
+def test_list_conns_says_why_a_connection_is_down_and_when_it_is_tried_again(netns_hosts, agents):
+    a, b = netns_hosts(2).hosts
+    agents(b, {"ab": site_connection(b, a, start=False, psk="not-the-same-psk-at-all")})
+    agent_a = agents(a, {"ab": site_connection(a, b, start=True)})
+    (conn,) = agent_a.wait_for(
+        lambda: [c for c in agent_a.ctl("list-conns") if c["retry_in"] is not None],
+        "a retry scheduled",
+    )
+    assert conn["state"] == "down"
+    assert conn["last_error"].startswith("authentication failed: peer reports AUTHENTICATION")
+    assert 0 < conn["retry_in"] <= 1.2  # the first backoff: 1 s, jittered
+
+
 def test_sigterm_deletes_at_the_peer_and_leaves_nothing(netns_hosts, agents):
     a, _, agent_a, agent_b = pair(netns_hosts, agents)
     watch = Watch(agent_b)

@@ -241,6 +241,7 @@ class Agent:
         self._terminated: set[str] = set()  # closed by the operator: no restart
         self._retries: dict[str, tuple[int, asyncio.TimerHandle]] = {}
         self._attempts: dict[str, int] = {}
+        self._last_error: dict[str, str] = {}  # why the connection's last attempt failed
         self._initiating: set[str] = set()  # our IKE SAs on their way up
         self._ike_timers: dict[bytes, list[asyncio.TimerHandle]] = {}  # by spi_i
         self._updown_running: set[subprocess.Popen] = set()
@@ -510,6 +511,7 @@ class Agent:
         if not wanted:
             self._attempts.pop(name, None)
             return
+        self._last_error.setdefault(name, why)  # a more precise reason may be known
         failures = self._retries.get(name, (0, None))[0] + 1
         delay = min(BACKOFF_MAX, 2.0 ** (failures - 1)) * random.uniform(0.8, 1.2)
         self._cancel_retry(name)
@@ -522,6 +524,12 @@ class Agent:
         self._retries[name] = (failures, None)
         if name in self.local_of and name not in self._terminated:
             self._initiate(name)
+
+    def _retry_in(self, name: str) -> float | None:
+        handle = self._retries.get(name, (0, None))[1]
+        if handle is None or handle.cancelled():
+            return None
+        return round(max(0.0, handle.when() - self._loop.time()), 1)
 
     def _cancel_retry(self, name: str) -> None:
         _, handle = self._retries.pop(name, (0, None))
@@ -794,6 +802,10 @@ class Agent:
                     log.warning("updown %s exited %d", process.args[0], process.returncode)
 
     def _wake(self, name: str, result: dict) -> None:
+        if result.get("error"):
+            self._last_error[name] = result["error"]
+        elif result.get("up"):
+            self._last_error.pop(name, None)
         for future in self._waiters.pop(name, []):
             if not future.done():
                 future.set_result(result)
@@ -1068,6 +1080,9 @@ class Agent:
                     "state": "established"
                     if "established" in states
                     else ("connecting" if states else "down"),
+                    # why it is not up, and when keywayd tries again (seconds)
+                    "last_error": self._last_error.get(conn.name),
+                    "retry_in": self._retry_in(conn.name),
                     "children": [
                         {
                             "name": c.name,
