@@ -881,7 +881,10 @@ class Agent:
             sa.engine.delete_child_sa(sa, spi_in, now)
         else:  # soft expiry or sequence overflow: rekey (collisions are the engine's)
             log.info("[%s] Child SA %08x hit its soft limit: rekeying", sa.conn.name, spi_in)
-            sa.engine.rekey_child_sa(sa, spi_in, now)
+            try:
+                sa.engine.rekey_child_sa(sa, spi_in, now)
+            except ValueError as exc:  # its rekey or delete is under way already
+                log.info("[%s] %s", sa.conn.name, exc)
         self.runners[sa.engine.local[0]].pump()
 
     # -- DPD ------------------------------------------------------------------------
@@ -1201,8 +1204,8 @@ class Agent:
                 continue
             now = self._loop.time()
             if child:
-                for spi_in, ready in list(sa.children.items()):
-                    if ready.child == child:
+                for spi_in in sa.live_children():
+                    if sa.children[spi_in].child == child:
                         sa.engine.rekey_child_sa(sa, spi_in, now)
                         started += 1
             else:

@@ -11,6 +11,7 @@ test_ike_rekey.c (read for their scenarios; these tests are our own).
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -70,12 +71,14 @@ def _on(engine, action, args=lambda sa: ()):
 
 def _child_action(engine, action: str):
     """Rekey or delete the Child SA on whichever IKE SA holds it by then (as keywayd
-    does); it is the one there at the start, or already its replacement."""
+    does); it is the one there at the start, or already its replacement. A rekey the
+    engine refuses (that Child SA is already replaced or going) is skipped."""
 
     def start(now):
         holder = next((sa for sa in engine.sas() if sa.children and not sa.replaced), None)
         if holder is not None:
-            getattr(engine, action)(holder, next(iter(holder.children)), now)
+            with contextlib.suppress(ValueError):
+                getattr(engine, action)(holder, next(iter(holder.children)), now)
 
     return start
 

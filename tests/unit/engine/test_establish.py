@@ -647,3 +647,19 @@ def test_weak_groups_negotiate_when_allowed(group):
     (up,) = of(pair.events[A], IkeSaUp)
     assert up.proposal.endswith(group)
     assert of(pair.events[B], ChildSaReady)
+
+
+def test_a_rekey_of_a_child_already_replaced_or_going_is_refused_to_the_caller():
+    pair = established()
+    (sa,) = pair.a.sas()
+    (old,) = sa.children
+    pair.a.rekey_child_sa(sa, old, pair.net.now)
+    pair.pump(until=pair.net.now + 10)
+    (new,) = sa.live_children()
+    assert new != old
+    with pytest.raises(ValueError, match=f"Child SA {old:08x} is unknown"):
+        pair.a.rekey_child_sa(sa, old, pair.net.now)
+    pair.a.delete_child_sa(sa, new, pair.net.now)  # its Delete is now in flight
+    assert new in sa.children and not sa.live_children()
+    with pytest.raises(ValueError, match="already replaced or going"):
+        pair.a.rekey_child_sa(sa, new, pair.net.now)

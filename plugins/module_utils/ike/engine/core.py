@@ -315,6 +315,15 @@ class IkeSa:
         waits for its Delete, and starts nothing new."""
         return self.replaced or self.reauthenticated or bool(self.redundant)
 
+    def live_children(self) -> list[int]:
+        """The inbound SPIs of Child SAs that are neither replaced by a rekey nor being
+        deleted: the ones a caller may still rekey or delete."""
+        return [
+            spi
+            for spi in self.children
+            if spi not in self.rekeyed_children and spi not in self.deleting_children
+        ]
+
     @property
     def local_spi(self) -> bytes:
         return self.spi_i if self.initiator else self.spi_r
@@ -1891,7 +1900,11 @@ class Engine:
 
     def rekey_child_sa(self, sa: IkeSa, spi_in: int, now: float) -> None:
         """Rekey a Child SA make-before-break: ChildSaReady (rekeyed_from=spi_in) for the
-        new one, then ChildSaDeleted for the old one."""
+        new one, then ChildSaDeleted for the old one. ValueError for a Child SA that is
+        already replaced or going (the caller learns it, instead of waiting for nothing)."""
+        if spi_in not in sa.live_children():
+            state = "unknown" if spi_in not in sa.children else "already replaced or going"
+            raise ValueError(f"Child SA {spi_in:08x} is {state}: nothing to rekey")
         sa.queue("rekey_child", now, spi_in)
         self._touch(sa)
 
