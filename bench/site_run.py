@@ -90,7 +90,8 @@ def playbook(plan, *args: str) -> float:
     )  # fmt: skip
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"{args[-1]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-2000:]}")
+        why = "\n".join(line for line in proc.stdout.splitlines() if "msg:" in line)
+        raise SystemExit(f"{args[-1]} failed:\n{why[-4000:]}\n{proc.stderr[-2000:]}")
     return elapsed
 
 

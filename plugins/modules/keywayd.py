@@ -95,13 +95,6 @@ from pathlib import Path
 
 from ansible.module_utils.basic import AnsibleModule
 
-# The agent's modules are imported so that Ansible ships them in this module's payload,
-# from where they are installed; keywayd never runs from the payload itself.
-from ansible_collections.keyway.ipsec.plugins.module_utils.agent import (  # noqa: F401
-    daemon,
-    keywayctl,
-    keywayd,
-)
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import (
     ConfigError,
     load_config,
@@ -110,9 +103,21 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.agent.control import 
     ControlError,
     request,
 )
-from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane import (  # noqa: F401
-    userspace,
-)
+
+
+def _shipped_library() -> None:
+    """Never called. Ansible ships what a module imports, wherever the import stands;
+    these make it ship keywayd's whole library in this module's payload, from where
+    install() copies it. Importing them when the module runs would only cost time."""
+    from ansible_collections.keyway.ipsec.plugins.module_utils.agent import (  # noqa: F401
+        daemon,
+        keywayctl,
+        keywayd,
+    )
+    from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane import (  # noqa: F401
+        userspace,
+    )
+
 
 PACKAGE = "ansible_collections.keyway.ipsec.plugins.module_utils"
 ENTRY = f"{PACKAGE}.agent.keywayd"

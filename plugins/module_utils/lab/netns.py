@@ -146,6 +146,31 @@ def _create_host(plan: LabPlan, host: LabHost) -> None:
         os.makedirs(folder, mode=0o700, exist_ok=True)
 
 
+def _static_neighbours(plan: LabPlan) -> None:
+    """Every host knows every other's MAC address for good (permanent entries). The
+    kernel's neighbour tables are shared by all namespaces, with one garbage-collection
+    ceiling (gc_thresh3, 1,024 by default): a 40-host lab that resolved its neighbours
+    with ARP overflowed it and lost IKE packets. Permanent entries are not counted."""
+    macs = {}
+    for host in plan.hosts:
+        (link,) = json.loads(_run([IP, "-n", host.netns, "-j", "link", "show", "eth0"]))
+        macs[host.name] = link["address"]
+    for host in plan.hosts:
+        _batch(
+            host.netns,
+            [
+                f"neigh replace {peer.ipv4} lladdr {macs[peer.name]} dev eth0 nud permanent"
+                for peer in plan.hosts
+                if peer is not host
+            ]
+            + [
+                f"neigh replace {peer.ipv6} lladdr {macs[peer.name]} dev eth0 nud permanent"
+                for peer in plan.hosts
+                if peer is not host
+            ],
+        )
+
+
 def _stop_processes(netns: str) -> None:
     """End every process inside `netns` (all of them are the lab's): TERM, then KILL."""
     proc = subprocess.run([IP, "netns", "pids", netns], capture_output=True, text=True)
@@ -209,6 +234,8 @@ def lab_up(plan: LabPlan) -> dict:
             if host.netns not in existing:
                 created.append(host.netns)
                 _create_host(plan, host)
+        if created:
+            _static_neighbours(plan)
     except BaseException:
         for netns in reversed(created):
             with contextlib.suppress(LabError):
