@@ -405,3 +405,21 @@ def test_a_dead_peer_s_sas_leave_the_data_plane(netns_hosts, agents):
     status = agent_a.ctl("status")
     assert status["ike_sas"] == status["child_sas"] == status["dataplane_sas"] == 0
     assert "peer dead" in agent_a.log()
+
+
+def test_initiate_answers_for_a_connection_without_children_and_names_a_refused_child(
+    netns_hosts, agents
+):
+    """Issue 14, item 17: IKE_AUTH without a Child SA (RFC 6023) is the whole
+    connection; a Child SA refused on an IKE SA that came up says that the IKE SA is up."""
+    a, b = netns_hosts(2).hosts
+    # Identities of its own: a responder tells connections to one address apart by them.
+    ids_a, ids_b = {"id": "bare-a.lab"}, {"id": "bare-b.lab"}
+    bare_b = {**site_connection(b, a, start=False), "children": {}, "local": ids_b, "remote": ids_a}
+    bare_a = {**site_connection(a, b, start=False), "children": {}, "local": ids_a, "remote": ids_b}
+    refusing = site_connection(b, a, start=False, esp_proposals=["chacha20poly1305"])
+    agents(b, {"bare": bare_b, "ab": refusing})
+    agent_a = agents(a, {"bare": bare_a, "ab": site_connection(a, b, start=False)})
+    assert agent_a.ctl("initiate", connection="bare", timeout=10) == {"up": True, "ike_only": True}
+    with pytest.raises(Exception, match=r"NO_PROPOSAL_CHOSEN \(the IKE SA is up\)"):
+        agent_a.ctl("initiate", connection="ab", timeout=10)

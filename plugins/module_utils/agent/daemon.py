@@ -566,6 +566,11 @@ class Agent:
             self._cancel_retry(name)
             self._attempts.pop(name, None)
             self._schedule_ike(name, event.spi_i, event.spi_r, event.initiator)
+            conn = self._config_of(name)
+            negotiated = [c for c in conn.children if c.mode in ("tunnel", "transport")]
+            if not negotiated:
+                # Nothing more to negotiate (RFC 6023): the connection is up now.
+                self._wake(name, {"up": True, "ike_only": True})
         elif isinstance(event, IkeSaRekeyed):
             log.info("[%s] IKE SA rekeyed (%s)", name, event.proposal)
             self._schedule_ike(name, event.spi_i, event.spi_r, None)
@@ -589,7 +594,9 @@ class Agent:
             self._schedule_retry(name, "authentication failed")
         elif isinstance(event, NegotiationFailed):
             log.warning("[%s] negotiation failed: %s", name, event.reason)
-            self._wake(name, {"up": False, "error": event.reason})
+            up = any(sa.state == "established" for sa in self._ike_sas(name))
+            error = f"{event.reason} (the IKE SA is up)" if up else event.reason
+            self._wake(name, {"up": False, "error": error})
             self._schedule_retry(name, "negotiation failed")
 
     # -- IKE SA schedules ------------------------------------------------------------
