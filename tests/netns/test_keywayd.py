@@ -423,3 +423,35 @@ def test_initiate_answers_for_a_connection_without_children_and_names_a_refused_
     assert agent_a.ctl("initiate", connection="bare", timeout=10) == {"up": True, "ike_only": True}
     with pytest.raises(Exception, match=r"NO_PROPOSAL_CHOSEN \(the IKE SA is up\)"):
         agent_a.ctl("initiate", connection="ab", timeout=10)
+
+
+@pytest.mark.parametrize("start_action", ["start", "trap"])
+def test_a_child_sa_the_peer_deletes_comes_back_on_the_same_ike_sa(
+    netns_hosts, agents, start_action
+):
+    """Issue 14, item 2: `start` children come back at once on CREATE_CHILD_SA, `trap`
+    ones on their next packet; the IKE SA stays."""
+    a, b = netns_hosts(2).hosts
+    agent_b = agents(b, {"ab": site_connection(b, a, start=False)})
+    conn_a = site_connection(a, b, start=True, start_action=start_action)
+    agent_a = agents(a, {"ab": conn_a})
+
+    def knock() -> None:  # a packet for the trap policy: its acquire starts the SA
+        udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"knock", timeout=1)
+
+    if start_action == "trap":
+        knock()  # the first packet brings the tunnel up
+    agent_a.wait_for(lambda: agent_a.child_spis("ab"), "ab established")
+    ike, first = agent_a.sas("ab")[0]["spi_i"], agent_a.child_spis("ab")
+    agent_b.ctl("terminate", connection="ab", child="sites")  # the peer deletes the child
+    if start_action == "trap":
+        agent_a.wait_for(lambda: not agent_a.child_spis("ab"), "the child gone at a")
+        assert agent_a.sas("ab")  # the IKE SA lives on
+        knock()  # its next packet brings it back
+    agent_a.wait_for(
+        lambda: agent_a.child_spis("ab") and agent_a.child_spis("ab") != first,
+        "a new Child SA",
+        timeout=15,
+    )
+    assert agent_a.sas("ab")[0]["spi_i"] == ike  # on the same IKE SA
+    assert traffic_flows(a, b)

@@ -46,6 +46,7 @@ from typing import Any
 from ..dataplane import base
 from ..ike.engine.core import (
     DUPLICATE_IKE,
+    HARD_LIFETIME,
     PEER_DEAD,
     REDUNDANT_IKE,
     ChildParams,
@@ -83,6 +84,8 @@ log = logging.getLogger("keyway.agent")
 
 BACKOFF_MAX = 60.0
 MAX_INITIATING = 32  # IKE SAs we initiate that may be half-way up at once
+# ChildSaDeleted reasons of a Child SA lost while its IKE SA lives (not the operator's).
+LOST_CHILD = ("deleted by peer", HARD_LIFETIME)
 # IkeSaDown reasons of an SA whose successor (or twin) carries the connection on.
 REPLACED = ("replaced by rekey", "replaced by reauthentication", REDUNDANT_IKE, DUPLICATE_IKE)
 SHUTDOWN_GRACE = 2.0  # seconds to wait for the peers' answers to our Deletes
@@ -759,6 +762,33 @@ class Agent:
             if not state.trap:
                 self._remove_policies(state)
             self._updown("down", event.connection, event.child, event)
+            if event.reason in LOST_CHILD:
+                self._child_lost(event)
+
+    def _carrier(self, name: str) -> IkeSa | None:
+        """The connection's established IKE SA that new Child SAs go on, if any."""
+        return next(
+            (sa for sa in self._ike_sas(name) if sa.state == "established" and not sa.superseded),
+            None,
+        )
+
+    def _child_lost(self, event: ChildSaDeleted) -> None:
+        """A Child SA the peer deleted (or whose hard lifetime came before a rekey) while
+        the IKE SA lives: `start` children come back at once on CREATE_CHILD_SA, `trap`
+        ones on their next packet (the acquire); the operator's own deletes do not."""
+        name = event.connection
+        conn = self._config_of(name)
+        child = next((c for c in conn.children if c.name == event.child), None) if conn else None
+        if child is None or self._stopping or name in self._terminated:
+            return
+        if "start" not in (child.start_action, child.close_action):
+            return
+        sa = self._carrier(name)
+        if sa is None:
+            return  # the IKE SA goes too: the connection's own restart brings it back
+        log.info("[%s/%s] Child SA lost (%s): creating it again", name, child.name, event.reason)
+        sa.engine.create_child_sa(sa, child.name, self._loop.time())
+        self.runners[sa.engine.local[0]].pump()
 
     def _delete_sa(self, connection: str, sa_id: base.SaId | None) -> None:
         if sa_id is None:
@@ -870,8 +900,15 @@ class Agent:
         if isinstance(event, base.AcquireEvent):
             for (name, child), state in self.children.items():
                 if state.reqid == event.reqid and state.trap:
-                    log.info("[%s/%s] acquire for %s: initiating", name, child, event.selector)
-                    self._initiate(name)
+                    sa = self._carrier(name)
+                    if sa is None:
+                        log.info("[%s/%s] acquire for %s: initiating", name, child, event.selector)
+                        self._initiate(name)
+                    elif not any(sa.children[spi].child == child for spi in sa.live_children()):
+                        # The IKE SA lives, the Child SA does not (the peer deleted it).
+                        log.info("[%s/%s] acquire: new Child SA", name, child)
+                        sa.engine.create_child_sa(sa, child, self._loop.time())
+                        self.runners[sa.engine.local[0]].pump()
                     return
             return
         if isinstance(event, base.UnknownSpiEvent):

@@ -83,6 +83,7 @@ REDUNDANT_CHILD = "redundant after a rekey collision"
 REDUNDANT_IKE = "redundant after a rekey collision"
 DUPLICATE_IKE = "duplicate of a simultaneous initiation"
 PEER_DEAD = "peer dead"
+HARD_LIFETIME = "hard lifetime reached"
 
 
 @dataclass(frozen=True)
@@ -1424,6 +1425,7 @@ class IkeSa:
                 del self.child_timers[spi_in]
                 log.info("%s: Child SA %08x reached its hard lifetime", self.conn.name, spi_in)
                 self.queue("delete_child", now, spi_in)
+                self.deleting_children[spi_in] = HARD_LIFETIME
             elif timers.rekey_at is not None and now >= timers.rekey_at:
                 self.child_timers[spi_in] = LifetimeSchedule(None, timers.expire_at)
                 self.queue("rekey_child", now, spi_in)
