@@ -664,3 +664,24 @@ def test_a_rekey_of_a_child_already_replaced_or_going_is_refused_to_the_caller()
     assert new in sa.children and not sa.live_children()
     with pytest.raises(ValueError, match="already replaced or going"):
         pair.a.rekey_child_sa(sa, new, pair.net.now)
+
+
+def test_an_initiator_that_refuses_the_responder_says_so_and_the_responder_lets_go():
+    """RFC 7296 2.21.2: the responder answered IKE_AUTH (its IKE SA and Child SA up),
+    but its identity is not the one the initiator expects."""
+    net = FakeNetwork()
+    ca = conn("h1.lab", "h2.lab", B, ("10.1.0.0/24",), ("10.2.0.0/24",))
+    cb = conn("imposter.lab", "h1.lab", A, ("10.2.0.0/24",), ("10.1.0.0/24",))
+    pair = Pair(net, ca, cb)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump(until=5.0)
+    (refused,) = of(pair.events[A], AuthFailed)
+    assert "'imposter.lab' is not 'h2.lab'" in refused.reason
+    # The responder had it up, learned it was refused, and dropped all of it.
+    assert of(pair.events[B], IkeSaUp) and of(pair.events[B], ChildSaReady)
+    (told,) = of(pair.events[B], AuthFailed)
+    assert "AUTHENTICATION_FAILED" in told.reason and told.initiator is False
+    (down,) = of(pair.events[B], IkeSaDown)
+    (gone,) = of(pair.events[B], ChildSaDeleted)
+    assert "refused our authentication" in down.reason and gone.reason == down.reason
+    assert not pair.a.sas() and not pair.b.sas()

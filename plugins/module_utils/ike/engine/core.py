@@ -591,16 +591,18 @@ class IkeSa:
         idr = next((p for p in inner if isinstance(p, codec.IDr)), None)
         auth = next((p for p in inner if isinstance(p, codec.AUTH)), None)
         if idr is None or auth is None:
-            self._auth_failed("IKE_AUTH response lacks IDr or AUTH")
+            self._refuse_responder("IKE_AUTH response lacks IDr or AUTH", now)
             return
         if idr.to_text() != conn.remote_id:
-            self._auth_failed(f"peer identity {idr.to_text()!r} is not {conn.remote_id!r}")
+            self._refuse_responder(
+                f"peer identity {idr.to_text()!r} is not {conn.remote_id!r}", now
+            )
             return
         reason = self._verify_auth(
             conn, inner, idr, auth, self.init_response, self.nonce_i, self.keys.sk_pr
         )
         if reason:
-            self._auth_failed(f"responder: {reason}")
+            self._refuse_responder(f"responder: {reason}", now)
             return
         self.remote_id = idr.to_text()
         self._up(now)
@@ -626,6 +628,18 @@ class IkeSa:
                 any(n.type == NotifyType.USE_TRANSPORT_MODE for n in notifies),
             )
         self._next_pending(now)
+
+    def _refuse_responder(self, reason: str, now: float) -> None:
+        """We do not accept the responder's authentication: tell it in an INFORMATIONAL
+        with AUTHENTICATION_FAILED (RFC 7296 2.21.2), so that it drops the IKE SA and
+        Child SA it holds for us, and forget ours. Sent once: nothing of ours waits
+        for the answer."""
+        self._request(
+            ExchangeType.INFORMATIONAL,
+            [codec.Notify(type=NotifyType.AUTHENTICATION_FAILED)],
+            now,
+        )
+        self._auth_failed(reason)
 
     def _retry_with_previous_psk(self, now: float) -> None:
         """The peer refused our PSK: during a rotation it may not hold the newest one yet.
@@ -1512,6 +1526,18 @@ class IkeSa:
         return child
 
     def on_informational_request(self, inner: list[codec.Payload], mid: int) -> None:
+        if any(
+            isinstance(p, codec.Notify) and p.type == NotifyType.AUTHENTICATION_FAILED
+            for p in inner
+        ):
+            # The initiator refused our authentication (RFC 7296 2.21.2): protected, so
+            # it is the peer's word; what we built on it goes.
+            self._respond(ExchangeType.INFORMATIONAL, mid, [])
+            reason = "the peer refused our authentication (AUTHENTICATION_FAILED)"
+            log.warning("%s: %s", self.conn.name, reason)
+            self.engine._event(AuthFailed(self.conn.name, reason, self.initiator))
+            self._down(reason)
+            return
         deletes = [p for p in inner if isinstance(p, codec.Delete)]
         reply: list[codec.Payload] = []
         if any(d.protocol == ProtocolId.IKE for d in deletes):
