@@ -766,11 +766,13 @@ class Agent:
                 self._child_lost(event)
 
     def _carrier(self, name: str) -> IkeSa | None:
-        """The connection's established IKE SA that new Child SAs go on, if any."""
-        return next(
-            (sa for sa in self._ike_sas(name) if sa.state == "established" and not sa.superseded),
-            None,
-        )
+        """The established IKE SA that carries the connection, if any: the one with Child
+        SAs, the newest. Another one is transient (a peer's reauthentication that may
+        yet fail and be deleted), so new Child SAs and reauthentications go here."""
+        established = [
+            sa for sa in self._ike_sas(name) if sa.state == "established" and not sa.superseded
+        ]
+        return max(established, key=lambda sa: (bool(sa.children), sa.established_at), default=None)
 
     def _child_lost(self, event: ChildSaDeleted) -> None:
         """A Child SA the peer deleted (or whose hard lifetime came before a rekey) while
@@ -787,7 +789,13 @@ class Agent:
         if sa is None:
             return  # the IKE SA goes too: the connection's own restart brings it back
         log.info("[%s/%s] Child SA lost (%s): creating it again", name, child.name, event.reason)
-        sa.engine.create_child_sa(sa, child.name, self._loop.time())
+        self._recreate_child(sa, child.name)
+
+    def _recreate_child(self, sa: IkeSa, child: str) -> None:
+        """A new Child SA of `child` on `sa`, unless one is up or on its way already."""
+        if sa.creating(child) or any(sa.children[s].child == child for s in sa.live_children()):
+            return
+        sa.engine.create_child_sa(sa, child, self._loop.time())
         self.runners[sa.engine.local[0]].pump()
 
     def _delete_sa(self, connection: str, sa_id: base.SaId | None) -> None:
@@ -904,11 +912,8 @@ class Agent:
                     if sa is None:
                         log.info("[%s/%s] acquire for %s: initiating", name, child, event.selector)
                         self._initiate(name)
-                    elif not any(sa.children[spi].child == child for spi in sa.live_children()):
-                        # The IKE SA lives, the Child SA does not (the peer deleted it).
-                        log.info("[%s/%s] acquire: new Child SA", name, child)
-                        sa.engine.create_child_sa(sa, child, self._loop.time())
-                        self.runners[sa.engine.local[0]].pump()
+                    else:  # the IKE SA lives; its Child SA may not (the peer deleted it)
+                        self._recreate_child(sa, child)
                     return
             return
         if isinstance(event, base.UnknownSpiEvent):
@@ -976,20 +981,14 @@ class Agent:
             state.trap = trap
             if state.policies or trap:
                 self._swap_policies(conn, child, state)
-        established = [
-            sa for sa in self._ike_sas(name) if sa.state == "established" and not sa.superseded
-        ]
-        if established:
-            # One IKE SA carries the connection: the one with Child SAs, the newest. Any
-            # other is transient (a peer's reauthentication that may yet fail and be
-            # deleted): reauthenticating it too would leave two IKE SAs.
-            carrier = max(established, key=lambda sa: (bool(sa.children), sa.established_at))
+        carrier = self._carrier(name)  # only it: reauthenticating two would leave two
+        if carrier is not None:
             log.info("[%s] changed: reauthenticating, a new IKE SA first", name)
             engine.reauthenticate(carrier, runner.now())
         elif any(c.start_action == "start" for c in conn.children):
             self._initiate(name)
         runner.pump()
-        return bool(established)
+        return carrier is not None
 
     def _swap_policies(self, conn: ConnectionConfig, child: ChildConfig, state: _ChildState):
         """Replace a child's policies: new selectors in first, then stale ones out, so

@@ -685,3 +685,14 @@ def test_an_initiator_that_refuses_the_responder_says_so_and_the_responder_lets_
     (gone,) = of(pair.events[B], ChildSaDeleted)
     assert "refused our authentication" in down.reason and gone.reason == down.reason
     assert not pair.a.sas() and not pair.b.sas()
+
+
+def test_a_child_sa_being_created_is_known_until_it_is_up():
+    pair = established()
+    (sa,) = pair.a.sas()
+    assert not sa.creating("sites")
+    pair.a.create_child_sa(sa, "sites", pair.net.now)
+    pair.a.create_child_sa(sa, "sites", pair.net.now)  # the second one waits its turn
+    assert sa.creating("sites") and not sa.creating("other")
+    pair.pump(until=pair.net.now + 10)
+    assert not sa.creating("sites") and len(sa.live_children()) == 3

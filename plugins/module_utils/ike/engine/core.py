@@ -325,6 +325,13 @@ class IkeSa:
             if spi not in self.rekeyed_children and spi not in self.deleting_children
         ]
 
+    def creating(self, child: str) -> bool:
+        """A CREATE_CHILD_SA for configured child `child` is in flight or queued."""
+        req = self.request
+        if req is not None and req.kind == "create_child" and req.arg[4].name == child:
+            return True
+        return any(kind == "create_child" and arg.name == child for kind, arg in self.pending)
+
     @property
     def local_spi(self) -> bytes:
         return self.spi_i if self.initiator else self.spi_r
@@ -652,9 +659,7 @@ class IkeSa:
         )
         retry = self.engine.initiate(self.conn.name, now, psk_index=self.psk_index + 1)
         retry.reauth_of = self.reauth_of
-        self.state = "failed"
-        self.request = None
-        self.engine._forget(self)
+        self._discard()
 
     def _child_ready(
         self,
@@ -1324,8 +1329,7 @@ class IkeSa:
             codec.encode_message(codec.Message(header, [codec.Notify(type=notify, data=data)])),
             self.remote,
         )
-        self.state = "failed"
-        self.engine._forget(self)
+        self._discard()
 
     def on_auth_request(self, inner: list[codec.Payload], mid: int, now: float) -> None:
         idi = next((p for p in inner if isinstance(p, codec.IDi)), None)
@@ -1413,10 +1417,9 @@ class IkeSa:
             ExchangeType.IKE_AUTH, mid, [codec.Notify(type=NotifyType.AUTHENTICATION_FAILED)]
         )
         self.engine._event(AuthFailed(self.conn.name if self.conn else "?", reason, False))
-        self.state = "failed"
         # Nothing is kept for a failed IKE_AUTH: a retransmission of it meets
         # INVALID_IKE_SPI, and a flood of wrong credentials costs no memory.
-        self.engine._forget(self)
+        self._discard()
 
     # ------------------------------------------------------------ INFORMATIONAL
 
@@ -1677,14 +1680,16 @@ class IkeSa:
     def _auth_failed(self, reason: str) -> None:
         log.warning("%s: authentication failed: %s", self.conn.name, reason)
         self.engine._event(AuthFailed(self.conn.name, reason))
-        self.state = "failed"
-        self.request = None
-        self.engine._forget(self)
+        self._discard()
 
     def _fail(self, reason: str, notify: int | None = None) -> None:
         log.warning("%s: %s", self.conn.name if self.conn else self.remote, reason)
         if self.conn is not None and self.initiator:
             self.engine._event(NegotiationFailed(self.conn.name, reason, notify))
+        self._discard()
+
+    def _discard(self) -> None:
+        """This SA failed: nothing of it stays (no request to retransmit, no index)."""
         self.state = "failed"
         self.request = None
         self.engine._forget(self)
@@ -1710,8 +1715,7 @@ class IkeSa:
                     self.remote,
                     now - self.created_at,
                 )
-                self.state = "failed"
-                self.engine._forget(self)
+                self._discard()
             return
         if self.state == "established":
             self._lifetime_actions(now)
@@ -1739,9 +1743,7 @@ class IkeSa:
             if self.state == "established":
                 self._down(PEER_DEAD)  # its Child SAs go with it
                 return
-            self.state = "failed"
-            self.request = None
-            self.engine._forget(self)
+            self._discard()
             return
         req.attempt += 1
         req.sent_at = now
