@@ -60,55 +60,49 @@ def _intent(
     master_secret_length=None,
     exclude=None,
 ):
-    with _cyclic_gc_paused():
-        return _compute(
-            hostvars, groups, topologies, defaults, group_overrides, external_peers,
-            master_secret_length, exclude,
-        )  # fmt: skip
-
-
-def _compute(
-    hostvars, groups, topologies, defaults, group_overrides, external_peers, master_secret_length,
-    exclude,
-):  # fmt: skip
     hosts = {}
     for name in hostvars:
         host = hostvars[name]
         hosts[str(name)] = {key: _plain(host[key]) for key in _HOST_KEYS if key in host}
     try:
-        links = compute_intent(
-            hosts,
-            {str(g): [str(h) for h in members] for g, members in groups.items()},
-            _plain(topologies),
-            defaults=_plain(defaults),
-            group_overrides=_plain(group_overrides),
-            external_peers=_plain(external_peers),
-            master_secret_length=master_secret_length,
-            exclude=[str(h) for h in exclude or ()],
-        )
-        validate_with_agent(links)
-        result = {"links": {n: link.to_dict() for n, link in sorted(links.items())}, "hosts": {}}
-        for name in sorted(links.by_host):
-            if name not in hosts:
-                continue  # an external peer
-            connections = host_connections(name, links)
-            result["hosts"][name] = {
-                "connections": connections,
-                "psk_refs": psk_refs(name, links),
-                # the managed host at the other end of each link
-                "peers": {
-                    link.name: link.peer_of(name)
-                    for link in links.of(name)
-                    if link.endpoints[link.peer_of(name)].managed
-                },
-                # what this host's tunnels reach (for probes and status)
-                "reaches": sorted(
-                    {ts for conn in connections.values()
-                     for child in conn["children"].values() for ts in child["remote_ts"]}
+        with _cyclic_gc_paused():
+            return _render(
+                compute_intent(
+                    hosts,
+                    {str(g): [str(h) for h in members] for g, members in groups.items()},
+                    _plain(topologies),
+                    defaults=_plain(defaults),
+                    group_overrides=_plain(group_overrides),
+                    external_peers=_plain(external_peers),
+                    master_secret_length=master_secret_length,
+                    exclude=[str(h) for h in exclude or ()],
                 ),
-            }  # fmt: skip
+                hosts,
+            )
     except IntentError as exc:
         raise AnsibleFilterError(f"keyway.ipsec.intent: {exc}") from None
+
+
+def _render(links, hosts) -> dict:
+    """The validated intent as plain data: every link, and each managed host's share."""
+    validate_with_agent(links)
+    result = {"links": {n: link.to_dict() for n, link in sorted(links.items())}, "hosts": {}}
+    for name in sorted(links.by_host):
+        if name not in hosts:
+            continue  # an external peer
+        mine = links.of(name)
+        result["hosts"][name] = {
+            "connections": host_connections(name, links),
+            "psk_refs": psk_refs(name, links),
+            # the managed host at the other end of each link
+            "peers": {
+                link.name: link.peer_of(name)
+                for link in mine
+                if link.endpoints[link.peer_of(name)].managed
+            },
+            # what this host's tunnels reach (for probes and status)
+            "reaches": sorted({p for link in mine for p in link.ts[link.peer_of(name)]}),
+        }
     return result
 
 

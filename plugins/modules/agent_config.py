@@ -153,6 +153,11 @@ except ImportError:  # pragma: no cover
 DEFAULT_SOCKET = "/run/keyway/keywayd.sock"
 
 
+def _psk_file_entry(files: list[str]) -> str | list[str]:
+    """A connection's psk_file in the config: one file, or a rotation's list."""
+    return files[0] if len(files) == 1 else files
+
+
 def render(settings: dict, connections: dict, psk_files: dict[str, list[str]]) -> str:
     document = dict(sorted(settings.items()))
     conns = {}
@@ -160,17 +165,22 @@ def render(settings: dict, connections: dict, psk_files: dict[str, list[str]]) -
         conn = dict(connections[name])
         conn.pop("psk", None)
         if name in psk_files:
-            files = psk_files[name]
-            conn["psk_file"] = files[0] if len(files) == 1 else files
+            conn["psk_file"] = _psk_file_entry(psk_files[name])
         conns[name] = conn
     document["connections"] = conns
     header = "# Written by keyway.ipsec.agent_config: edits are replaced on the next run.\n"
     return header + yaml.safe_dump(document, sort_keys=True, default_flow_style=False)
 
 
-def plan(before: str | None, connections: dict, secrets_changed: list[str]) -> dict:
-    """What this run does to each connection, from the file as it is and the new one
-    (PSK file names aside: their contents are compared separately, never shown)."""
+def plan(
+    before: str | None,
+    connections: dict,
+    secrets_changed: list[str],
+    psk_files: dict[str, list[str]],
+) -> dict:
+    """What this run does to each connection, from the file as it is and the new one.
+    Its PSKs change when their contents do (compared, never shown) or when it gains or
+    retires one (a rotation)."""
     old = {}
     if before:
         try:
@@ -184,7 +194,12 @@ def plan(before: str | None, connections: dict, secrets_changed: list[str]) -> d
     new = {name: settings(conn) for name, conn in connections.items()}
     both = new.keys() & old.keys()
     settings_changed = {n for n in both if settings(old[n]) != new[n]}
-    keys_changed = {n for n in both if n in secrets_changed}
+    keys_changed = {
+        n
+        for n in both
+        if n in secrets_changed
+        or old[n].get("psk_file") != (_psk_file_entry(psk_files[n]) if n in psk_files else None)
+    }
     result = {
         "created": sorted(new.keys() - old.keys()),
         "changed": sorted(settings_changed | keys_changed),
@@ -321,7 +336,7 @@ def main() -> None:
         "path": str(path),
         "connections": sorted(connections),
         "secrets_changed": secrets_changed,  # names only
-        "plan": plan(before, connections, secrets_changed),
+        "plan": plan(before, connections, secrets_changed, psk_files),
     }
     outside = module.params["peers_outside_run"]
     waiting = {

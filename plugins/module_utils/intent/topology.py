@@ -381,10 +381,6 @@ class _Inventory:
         return endpoint if len(p.items) == before else None
 
 
-def _link_ts(ends: tuple[Endpoint, Endpoint]) -> dict[str, tuple[str, ...]]:
-    return {end.name: end.protected for end in ends}
-
-
 def _links_of_topology(
     topology: Mapping[str, Any], index: int, inv: _Inventory
 ) -> list[tuple[tuple[str, str], dict[str, tuple[str, ...]], dict, tuple[str, ...] | None]]:
@@ -422,7 +418,8 @@ def _links_of_topology(
             p.add(at, f"{a} ({ea.address}) and {b} ({eb.address}) differ in address family")
             return
         ends = tuple(sorted((a, b)))
-        result.append((ends, ts or _link_ts((ea, eb)), overrides or {}, initiators))
+        ts = ts or {ea.name: ea.protected, eb.name: eb.protected}
+        result.append((ends, ts, overrides or {}, initiators))
 
     if kind == "mesh":
         members = inv.members(topology.get("members"), f"{where}.members")
