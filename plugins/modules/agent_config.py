@@ -126,6 +126,25 @@ reload:
   description: keywayd's answer to the reload (connections added, removed, changed, unchanged).
   returned: when a running keywayd was asked to reload
   type: dict
+agent:
+  description:
+    - The keywayd answering on the control socket, if any, after this task.
+  returned: with O(state=present)
+  type: dict
+  contains:
+    running:
+      description: A keywayd answers on the control socket.
+      type: bool
+    pid:
+      description: Its process ID.
+      type: int
+      returned: when running
+    current:
+      description:
+        - It runs from O(path) and runs the library this collection ships (the
+          fingerprint it reports equals this module's payload's), so that
+          M(keyway.ipsec.keywayd) has nothing to install or restart.
+      type: bool
 """
 
 import os
@@ -141,6 +160,10 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import (
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent.control import (
     ControlError,
     request,
+)
+from ansible_collections.keyway.ipsec.plugins.module_utils.agent.library import (
+    fingerprint,
+    payload_files,
 )
 
 try:
@@ -266,6 +289,19 @@ def _write_private(path: Path, text: str) -> None:
         raise
 
 
+def agent_state(socket_path: str, path: Path) -> dict:
+    """The keywayd on `socket_path`: running, and current (this config and library)."""
+    try:
+        status = request(socket_path, "status", timeout=5)
+    except (ControlError, OSError):
+        return {"running": False, "current": False}
+    current = (
+        status.get("library") == fingerprint(payload_files())
+        and Path(status.get("config", "")).resolve() == path.resolve()
+    )
+    return {"running": True, "pid": status.get("pid"), "current": current}
+
+
 def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(
@@ -358,8 +394,9 @@ def main() -> None:
             "before_header": str(path),
             "after_header": str(path),
         }
+    socket_path = settings.get("control_socket", DEFAULT_SOCKET)
     if not changed or module.check_mode:
-        module.exit_json(**result)
+        module.exit_json(**result, agent=agent_state(socket_path, path))
 
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -372,13 +409,12 @@ def main() -> None:
         (secrets_dir / name).unlink()
     if before != text:
         _write_private(path, text)
-    socket_path = settings.get("control_socket", DEFAULT_SOCKET)
     if module.params["reload"] and os.path.exists(socket_path):
         try:
             result["reload"] = request(socket_path, "reload")
         except ControlError as exc:
             module.fail_json(msg=f"written, but keywayd refused to reload: {exc}", **result)
-    module.exit_json(**result)
+    module.exit_json(**result, agent=agent_state(socket_path, path))
 
 
 if __name__ == "__main__":

@@ -84,7 +84,6 @@ established:
 """
 
 import contextlib
-import importlib.resources
 import os
 import shutil
 import signal
@@ -103,39 +102,11 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.agent.control import 
     ControlError,
     request,
 )
-
-
-def _shipped_library() -> None:
-    """Never called. Ansible ships what a module imports, wherever the import stands;
-    these make it ship keywayd's whole library in this module's payload, from where
-    install() copies it. Importing them when the module runs would only cost time."""
-    from ansible_collections.keyway.ipsec.plugins.module_utils.agent import (  # noqa: F401
-        daemon,
-        keywayctl,
-        keywayd,
-    )
-    from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane import (  # noqa: F401
-        userspace,
-    )
-
-
-PACKAGE = "ansible_collections.keyway.ipsec.plugins.module_utils"
-ENTRY = f"{PACKAGE}.agent.keywayd"
-
-
-def _payload_files():
-    """(relative path, bytes) of every Python file of module_utils in this payload."""
-    root = importlib.resources.files(PACKAGE)
-
-    def walk(node, prefix):
-        for child in sorted(node.iterdir(), key=lambda c: c.name):
-            if child.is_dir():
-                if child.name != "__pycache__":
-                    yield from walk(child, f"{prefix}{child.name}/")
-            elif child.name.endswith(".py"):
-                yield prefix + child.name, child.read_bytes()
-
-    yield from walk(root, "")
+from ansible_collections.keyway.ipsec.plugins.module_utils.agent.library import (
+    ENTRY,
+    PACKAGE,
+    payload_files,
+)
 
 
 def install(lib_dir: Path, check: bool) -> list[str]:
@@ -147,7 +118,7 @@ def install(lib_dir: Path, check: bool) -> list[str]:
         written.append(f"{lib_dir.parent}/")
         if not check:
             lib_dir.parent.mkdir(mode=0o700, parents=True)
-    for rel, data in _payload_files():
+    for rel, data in payload_files():
         target = base / rel
         try:
             if target.read_bytes() == data:

@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import stat
+import time
 from pathlib import Path
 
 from tests.fixtures.ansible import ROOT, recap, run_playbook, task_results
+
+CONFIG_TASK = "keywayd's config (validated by keywayd's parser; PSKs in 0600 files)"
+KEYWAYD_TASK = "keywayd installed and running"
+
+
+def wait_gone(pid: int, timeout: float = 15.0) -> None:
+    """Until process `pid` has exited (keywayd's SIGTERM handler tells its peers)."""
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, f"process {pid} still runs after {timeout} s"
+        time.sleep(0.05)
 
 
 def test_site_builds_the_mesh_idempotently_and_traffic_is_encrypted(netns_hosts):
@@ -42,6 +56,9 @@ def test_site_builds_the_mesh_idempotently_and_traffic_is_encrypted(netns_hosts)
     assert all(s["changed"] == 0 and s["failures"] == 0 for s in second.values()), (
         second_run.stdout[-6000:]
     )
+    # Each keywayd runs this config and this library: nothing for the keywayd module.
+    assert all(r["agent"]["current"] for r in task_results(second_run, CONFIG_TASK).values())
+    assert all(r.get("skipped") for r in task_results(second_run, KEYWAYD_TASK).values())
     checked = recap(run_playbook("playbooks/site.yml", plan, "--check", "--diff"))
     assert all(s["changed"] == 0 for s in checked.values())
 
@@ -54,6 +71,20 @@ def test_site_builds_the_mesh_idempotently_and_traffic_is_encrypted(netns_hosts)
             assert probe["received"] == probe["sent"] == 3
             assert probe["wire"]["cleartext"] == 0
             assert probe["wire"]["esp"] >= 3
+
+    # h1's keywayd stopped: the next run starts it again (and only it), and waits for
+    # the tunnels h1 initiates.
+    h1 = plan.hosts[0]
+    pid = int((Path(h1.run_dir) / "keywayd.pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+    wait_gone(pid)
+    third_run = run_playbook("playbooks/site.yml", plan)
+    keywayd = task_results(third_run, KEYWAYD_TASK)
+    assert keywayd["h1"]["changed"] and keywayd["h1"]["pid"] != pid
+    assert keywayd["h2"].get("skipped") and keywayd["h3"].get("skipped")
+    assert {"h1-h2", "h1-h3"} <= set(
+        task_results(third_run, "Its tunnels established")["h1"]["established"]
+    )
 
 
 def test_facts_are_the_namespace_s_own(netns_hosts):

@@ -68,7 +68,7 @@ from ..ike.engine.events import (
 )
 from ..ike.engine.retransmit import RetransmitPolicy
 from ..ike.proposals import describe
-from . import install
+from . import install, library
 from .config import (
     AgentConfig,
     ChildConfig,
@@ -257,6 +257,8 @@ class Agent:
         self.control: ControlServer | None = None
         self._instance: InstanceLock | None = None
         self.started = time.time()
+        # What the agent's Ansible role compares with its own payload (agent/library.py).
+        self.library = library.fingerprint(library.payload_files())
         self._stopping = False
         self._stopped = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1103,6 +1105,7 @@ class Agent:
             "pid": os.getpid(),
             "uptime": round(time.time() - self.started, 1),
             "config": str(self.config_path),
+            "library": self.library,
             "dataplane": self.plane.name,
             "connections": len(self.config.connections),
             "ike_sas": sum(sa.state == "established" for sa in sas),
