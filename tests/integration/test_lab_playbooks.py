@@ -186,3 +186,21 @@ def test_the_demo_lab_shows_every_topology_with_an_external_strongswan(netns_hos
     failed = task_results(broken, "Every link is up at both ends, on the same SA pair")
     (message,) = {str(r.get("msg")) for r in failed.values()}
     assert "h1-h3 (core): not seen at h3" in message and "h2-h3 (core): not seen at h3" in message
+
+
+def test_a_20_host_mesh_comes_up_and_a_second_run_changes_nothing(netns_hosts, tmp_path):
+    """190 links: every one up at both ends on one SA pair (status.yml), then a second
+    run with nothing to change, no module call but the config's on any host."""
+    plan = netns_hosts(20)
+    mesh = tmp_path / "mesh.yml"
+    mesh.write_text("keyway_topologies: [{name: mesh, type: mesh, members: lab}]\n")
+    first = recap(run_playbook("playbooks/site.yml", plan, "-e", f"@{mesh}"))
+    assert len(first) == 20 and all(s["failures"] == 0 for s in first.values())
+    status = run_playbook("playbooks/status.yml", plan, "-e", f"@{mesh}")
+    (shown,) = task_results(status, "Every link, both ends' view").values()
+    links = {line.split()[0] for line in shown["msg"][1:] if line.split()}
+    names = [f"h{i}" for i in range(1, 21)]
+    assert {"-".join(sorted((a, b))) for a in names for b in names if a < b} <= links
+    second_run = run_playbook("playbooks/site.yml", plan, "-e", f"@{mesh}")
+    assert all(s["changed"] == 0 and s["failures"] == 0 for s in recap(second_run).values())
+    assert all(r.get("skipped") for r in task_results(second_run, KEYWAYD_TASK).values())
