@@ -1,9 +1,12 @@
-"""keyway.ipsec.link_status: every link as both of its ends see it (module_utils/intent)."""
+"""keyway.ipsec.link_status and psk_rotation: links as their ends see them (module_utils/intent)."""
 
 from __future__ import annotations
 
 from ansible_collections.keyway.ipsec.plugins.filter.intent import _plain
-from ansible_collections.keyway.ipsec.plugins.module_utils.intent.status import link_status
+from ansible_collections.keyway.ipsec.plugins.module_utils.intent.status import (
+    link_status,
+    psk_rotation,
+)
 
 
 def _link_status(intent, hostvars):
@@ -17,6 +20,20 @@ def _link_status(intent, hostvars):
     return link_status(intent, sas)
 
 
+def _psk_rotation(intent, hostvars):
+    """`hostvars`: each managed host's keyway_agent_config_result (the agent role's
+    config task) and keyway_agent fact, when this run has them; else not seen."""
+    intent = _plain(intent)
+    states, sas = {}, {}
+    for host in intent.get("hosts", {}):
+        facts = hostvars.get(host, {})
+        config = facts.get("keyway_agent_config_result") or {}
+        states[host] = _plain(config["psk_state"]) if "psk_state" in config else None
+        agent = facts.get("keyway_agent")
+        sas[host] = _plain(agent["sas"]) if agent else None
+    return psk_rotation(intent, states, sas)
+
+
 class FilterModule:
     def filters(self):
-        return {"link_status": _link_status}
+        return {"link_status": _link_status, "psk_rotation": _psk_rotation}

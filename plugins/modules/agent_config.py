@@ -126,6 +126,15 @@ reload:
   description: keywayd's answer to the reload (connections added, removed, changed, unchanged).
   returned: when a running keywayd was asked to reload
   type: dict
+psk_state:
+  description:
+    - For each PSK-authenticated connection, after this task (in check mode, as it is
+      now), C(held), how many PSK files the host holds for it (two during a rotation),
+      and C(current), whether the PSK it sends already is the newest of O(psks).
+      Booleans and counts only, never a PSK. C(playbooks/rekey.yml) retires a previous
+      PSK only when every end of the link is C(current).
+  returned: with O(state=present)
+  type: dict
 agent:
   description:
     - The keywayd answering on the control socket, if any, after this task.
@@ -367,8 +376,16 @@ def main() -> None:
         + stale
     )
     changed = before != text or bool(secrets_changed)
+    held = {
+        name: sum(Path(f).exists() for f in files) + sum(p.startswith(f"{name}.psk") for p in stale)
+        for name, files in psk_files.items()
+    }
     result = {
         "changed": changed,
+        "psk_state": {
+            name: {"held": held[name], "current": _read(Path(files[0])) == psks[name][0]}
+            for name, files in psk_files.items()
+        },
         "path": str(path),
         "connections": sorted(connections),
         "secrets_changed": secrets_changed,  # names only
@@ -409,6 +426,7 @@ def main() -> None:
         (secrets_dir / name).unlink()
     if before != text:
         _write_private(path, text)
+    result["psk_state"] = {name: {"held": len(v), "current": True} for name, v in psks.items()}
     if module.params["reload"] and os.path.exists(socket_path):
         try:
             result["reload"] = request(socket_path, "reload")

@@ -1125,6 +1125,8 @@ class Agent:
                     "local_id": conn.local.id,
                     "remote_id": conn.remote.id,
                     "auth": conn.local.auth,
+                    # PSKs it holds (more than one during a rotation), never their values
+                    "psks": (conn.psk is not None) + len(conn.previous_psks),
                     "proposals": list(conn.proposals),
                     "state": "established"
                     if "established" in states
@@ -1192,6 +1194,9 @@ class Agent:
                         "spi_i": sa.spi_i.hex(),
                         "spi_r": sa.spi_r.hex(),
                         "proposal": _describe_ike(sa),
+                        # which of the connection's PSKs authenticated it (0: the newest,
+                        # 1: the previous one still accepted during a rotation)
+                        "psk_index": sa.psk_index if sa.conn.auth == "psk" else None,
                         # seconds since it came up (the engine's clock is the loop's)
                         "age": None
                         if sa.established_at is None

@@ -91,3 +91,88 @@ def _table(rows: list[dict], problems: list[str]) -> list[str]:
         "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
     ]
     return lines + [f"PROBLEM {p}" for p in problems]
+
+
+def _authenticated(name: str, sas: list[dict] | None) -> str:
+    """Which PSK the newest established IKE SA of connection `name` authenticated with
+    ("newest", "previous"), or why none did."""
+    if sas is None:
+        return NOT_SEEN
+    mine = [sa for sa in sas if sa.get("connection") == name]
+    established = [sa for sa in mine if sa["state"] == "established"]
+    if not established:
+        return DOWN
+    newest = min(established, key=lambda sa: sa.get("age") or 0)
+    return ("newest", "previous")[min(newest.get("psk_index") or 0, 1)]
+
+
+def psk_rotation(
+    intent: Mapping[str, Any],
+    psk_states: Mapping[str, Mapping[str, Any] | None],
+    sas_by_host: Mapping[str, list[dict] | None],
+):
+    """The links in a PSK rotation (an end is to accept the previous PSK beside the
+    newest, or still holds one the intent retires), and what retiring now would break.
+
+    `psk_states`: for each managed host of the run, keyway.ipsec.agent_config's
+    `psk_state` (per connection: PSK files held, whether the one it sends is the
+    newest); None or absent: not seen. `sas_by_host`: keywayd's list-sas, for the
+    "authenticated with" column. Retiring a link's previous PSK is safe only when every
+    managed end already sends the newest: an end that does not (it has not converged
+    the rotation, or is not in the run) would lose the link."""
+    rows, ready, blockers = [], [], []
+    for name, link in sorted(intent.get("links", {}).items()):
+        ends = [end for end in link["ends"] if end in intent.get("hosts", {})]
+        refs = {end: intent["hosts"][end]["psk_refs"].get(name, {}) for end in ends}
+        if any("external" in ref for ref in refs.values()):
+            continue  # an external peer's PSK is its own, not versioned
+        states = {end: ((psk_states.get(end) or {}).get(name)) for end in ends}
+        accepts_previous = any(ref.get("previous") for ref in refs.values())
+        retiring = not accepts_previous and any(
+            (st or {}).get("held", 0) > 1 for st in states.values()
+        )
+        if not (accepts_previous or retiring):
+            continue
+        version = max(ref.get("version", 1) for ref in refs.values())
+        for end in ends:
+            st = states[end]
+            rows.append(
+                {
+                    "link": name,
+                    "end": end,
+                    "version": version,
+                    "holds": NOT_SEEN if st is None else str(st["held"]),
+                    "sends_newest": None if st is None else st["current"],
+                    "authenticated": _authenticated(name, sas_by_host.get(end)),
+                    "step": "retire" if retiring else "rotate",
+                }
+            )
+        behind = sorted(end for end, st in states.items() if not (st or {}).get("current"))
+        if not behind:
+            ready.append(name)
+        elif retiring:
+            why = [
+                f"{end} is not in this run"
+                if states[end] is None
+                else f"{end} still sends the previous PSK (it has not converged the rotation)"
+                for end in behind
+            ]
+            blockers.append(
+                f"{name}: {', '.join(why)}; retiring version {version - 1} now would cut "
+                "the link: converge the rotation on every end first"
+            )
+    return {"rows": rows, "ready": ready, "blockers": blockers, "table": _rotation_table(rows)}
+
+
+def _rotation_table(rows: list[dict]) -> list[str]:
+    header = ("link", "end", "version", "PSKs held", "sends newest", "authenticated", "step")
+    yes_no = {True: "yes", False: "no", None: NOT_SEEN}
+    cells = [header] + [
+        (r["link"], r["end"], f"v{r['version']}", r["holds"], yes_no[r["sends_newest"]],
+         r["authenticated"], r["step"])
+        for r in rows
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return [
+        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
