@@ -84,7 +84,11 @@ from ansible.module_utils.basic import AnsibleModule
 
 ETH_P_ALL = 0x0003
 PACKET_OUTGOING = 4
-ESP, UDP, ICMP, ICMPV6 = 50, 17, 1, 58
+# IP protocol numbers (one per line: ansible-doc's reader warns on tuple assignments)
+ESP = 50
+UDP = 17
+ICMP = 1
+ICMPV6 = 58
 
 
 def _checksum(data: bytes) -> int:
