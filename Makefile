@@ -21,7 +21,7 @@ help:
 	@echo "make demo      build the netns lab, run the site playbook, show the result"
 	@echo "make test      install what the tests need and run every tier"
 	@echo "make lab-down  remove the lab (namespaces, links, processes, files)"
-	@echo "make lint      ruff"
+	@echo "make lint      ruff, ansible-lint (production profile), changelog fragments"
 	@echo "make build     ansible-galaxy collection build into build/"
 	@echo "make fuzz      fuzz the IKE decoder for FUZZ_SECONDS (default 60)"
 
@@ -41,8 +41,12 @@ collection:
 deps: venv collection
 	tools/apt-deps.sh host
 
-lint: venv
+# ruff; ansible-lint's production profile (offline: nothing fetched from Galaxy); the
+# changelog fragments.
+lint: venv collection
 	$(VENV)/bin/ruff check .
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/ansible-lint --profile production --offline -q
+	$(VENV)/bin/antsibull-changelog lint
 
 # Host tiers first (unit, netns, interop), then the kernel tier in one VM boot.
 test: deps lint

@@ -21,13 +21,13 @@ def _link_status(intent, hostvars):
 
 
 def _psk_rotation(intent, hostvars):
-    """`hostvars`: each managed host's keyway_agent_config_result (the agent role's
+    """`hostvars`: each managed host's agent_config_result (the agent role's
     config task) and keyway_agent fact, when this run has them; else not seen."""
     intent = _plain(intent)
     states, sas = {}, {}
     for host in intent.get("hosts", {}):
         facts = hostvars.get(host, {})
-        config = facts.get("keyway_agent_config_result") or {}
+        config = facts.get("agent_config_result") or {}
         states[host] = _plain(config["psk_state"]) if "psk_state" in config else None
         agent = facts.get("keyway_agent")
         sas[host] = _plain(agent["sas"]) if agent else None

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from tests.fixtures.ansible import ROOT, recap, run_playbook, task_results
 
-CONFIG_TASK = "keywayd's config (validated by keywayd's parser; PSKs in 0600 files)"
-KEYWAYD_TASK = "keywayd installed and running"
+CONFIG_TASK = "The agent's config (validated by keywayd's parser; PSKs in 0600 files)"
+KEYWAYD_TASK = "The agent installed and running (no systemd)"
 
 
 def wait_gone(pid: int, timeout: float = 15.0) -> None:

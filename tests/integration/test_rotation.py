@@ -63,7 +63,7 @@ def test_a_psk_rotation_in_parts_loses_nothing(netns_hosts, tmp_path):
     assert report["msg"][-1].startswith("1 of 1 rotating links")
     # The --limit h1 run says which link waits for a peer outside it.
     written = task_results(
-        runs[0], "keywayd's config (validated by keywayd's parser; PSKs in 0600 files)"
+        runs[0], "The agent's config (validated by keywayd's parser; PSKs in 0600 files)"
     )["h1"]
     assert written["waiting_for_peers"] == {"h1-h2": "h2"}
     assert "h1-h2 changes here, but h2 is not in this run" in runs[0].stdout

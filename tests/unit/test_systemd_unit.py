@@ -24,9 +24,9 @@ def unit(tmp_path) -> Path:
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     env.filters["dirname"] = os.path.dirname  # as Ansible's filter of that name
     text = env.from_string(TEMPLATE.read_text()).render(
-        keyway_agent_lib_dir="/usr/local/lib/keyway",
-        keyway_agent_python="/usr/bin/python3",
-        keyway_agent_config="/etc/keyway/keywayd.yml",
+        agent_lib_dir="/usr/local/lib/keyway",
+        agent_python="/usr/bin/python3",
+        agent_config="/etc/keyway/keywayd.yml",
     )
     path = tmp_path / "keywayd.service"
     path.write_text(text)

@@ -90,7 +90,7 @@ OVERRIDE_KEYS = (
 # the reason rather than accepted and ignored.
 REFUSED_KEYS = {
     "ah_proposals": "keywayd cannot negotiate AH yet; use esp_proposals",
-    "dataplane": "one keywayd has one data plane: set keyway_agent_dataplane on the host",
+    "dataplane": "one keywayd has one data plane: set agent_dataplane on the host",
 }
 
 

@@ -336,7 +336,7 @@ def test_derived_psks_match_on_both_ends_differ_per_link_and_version_and_survive
         ),
         (
             [{"name": "t", "type": "mesh", "members": "lab", "overrides": {"dataplane": "kernel"}}],
-            "set keyway_agent_dataplane on the host",
+            "set agent_dataplane on the host",
         ),
         (
             [{"name": "t", "type": "mesh", "members": "lab", "overrides": {"encap": "no"}}],
