@@ -15,14 +15,15 @@ LAB_HOSTS ?= 5
 export KEYWAY_LAB_HOSTS := $(LAB_HOSTS)
 PYTEST_ARGS ?=
 
-.PHONY: help venv deps collection test test-kernel lint fuzz demo lab-up lab-down build clean
+.PHONY: help venv deps collection test test-kernel lint sanity fuzz demo lab-up lab-down build clean
 
 help:
 	@echo "make demo      build the netns lab, run the site playbook, show the result"
 	@echo "make test      install what the tests need and run every tier"
 	@echo "make lab-down  remove the lab (namespaces, links, processes, files)"
 	@echo "make lint      ruff, ansible-lint (production profile), changelog fragments"
-	@echo "make build     ansible-galaxy collection build into build/"
+	@echo "make sanity    ansible-test sanity on the built collection"
+	@echo "make build     ansible-galaxy collection build into build/ (tracked files only)"
 	@echo "make fuzz      fuzz the IKE decoder for FUZZ_SECONDS (default 60)"
 
 $(VENV)/.deps: pyproject.toml tools/pydeps.py
@@ -48,8 +49,13 @@ lint: venv collection
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/ansible-lint --profile production --offline -q
 	$(VENV)/bin/antsibull-changelog lint
 
+# ansible-test sanity on the collection as it ships (tools/sanity.py: the built tarball,
+# ansible-test's own virtualenvs from PyPI, cached after the first run).
+sanity: venv
+	$(PY) tools/sanity.py
+
 # Host tiers first (unit, netns, interop), then the kernel tier in one VM boot.
-test: deps lint
+test: deps lint sanity
 	$(PY) -m pytest -m "not kernel" $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-kernel
 

@@ -15,7 +15,7 @@ description:
     transfers are local copies. This is how Keyway's lab hosts are reached; lab hosts
     get per-host config, state and run folders through inventory variables.
   - Needs root on the controller (entering a namespace takes CAP_SYS_ADMIN).
-author: Keyway developers
+author: Keyway developers (@keyway)
 version_added: 0.1.0
 extends_documentation_fragment:
   - ansible.builtin.connection_pipelining

@@ -18,7 +18,7 @@ description:
     are a meshed core of three (the first also the hub), branches, and the last host as
     an external strongSwan peer; with fewer hosts all are in C(lab_core).
   - The inventory file name must end in C(netns_lab.yml) or C(netns_lab.yaml).
-author: Keyway developers
+author: Keyway developers (@keyway)
 version_added: 0.1.0
 options:
   plugin:

@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: Keyway developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Write keywayd's configuration, validated by the agent's own parser, and reload it."""
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ description:
     answers on its control socket, it is asked to reload; unchanged connections keep
     their SAs.
 version_added: "0.1.0"
-author: Keyway
+author: Keyway developers (@keyway)
 options:
   path:
     description: The config file to write.
@@ -60,8 +62,14 @@ options:
         runs on the other end's old settings until that end converges.
     type: dict
     default: {}
-notes:
-  - Supports check mode and diff mode; diffs never contain PSKs.
+extends_documentation_fragment:
+  - keyway.ipsec.attributes
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+    details: The config file's before and after; PSKs live in their own files and never show.
 """
 
 EXAMPLES = r"""

@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: Keyway developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """keywayd's status, connections and SAs (never keys), as facts."""
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ description:
     them as the fact C(keyway_agent).
   - Fails with keywayd's own words when it does not answer.
 version_added: "0.1.0"
-author: Keyway
+author: Keyway developers (@keyway)
 options:
   socket:
     description: keywayd's control socket.
@@ -30,14 +32,9 @@ options:
       - C(0) does not wait.
     type: int
     default: 0
-attributes:
-  check_mode:
-    support: full
-    description: Read-only.
-  diff_mode:
-    support: none
-notes:
-  - Read-only; supports check mode.
+extends_documentation_fragment:
+  - keyway.ipsec.attributes
+  - keyway.ipsec.attributes.info_module
 """
 
 EXAMPLES = r"""

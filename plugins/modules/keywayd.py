@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: Keyway developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Install keywayd's Python package on the host and run it without systemd."""
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ description:
   - With O(wait), waits until every connection that has a child with
     C(start_action=start) is established, failing with keywayd's reason otherwise.
 version_added: "0.1.0"
-author: Keyway
+author: Keyway developers (@keyway)
 options:
   state:
     description:
@@ -54,8 +56,14 @@ options:
     description: Seconds to wait for the C(start) connections to be established (0 = do not wait).
     type: int
     default: 30
-notes:
-  - Supports check mode.
+extends_documentation_fragment:
+  - keyway.ipsec.attributes
+attributes:
+  check_mode:
+    support: full
+    details: Reports the library files it would write and whether it would start or restart keywayd.
+  diff_mode:
+    support: none
 """
 
 EXAMPLES = r"""

@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: Keyway developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Prove a tunnel on the wire: echo requests through it, and what the underlay carried."""
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ description:
     crossed the underlay in the clear.
   - Read-only, it never reports a change.
 version_added: "0.1.0"
-author: Keyway
+author: Keyway developers (@keyway)
 options:
   source:
     description: Local address to send from (e.g. the host's site address).
@@ -43,8 +45,17 @@ options:
     type: str
     choices: [encrypted, any]
     default: encrypted
+extends_documentation_fragment:
+  - keyway.ipsec.attributes
+attributes:
+  check_mode:
+    support: full
+    details: It changes nothing; in check mode it still sends its probes.
+  diff_mode:
+    support: N/A
+    details: It changes nothing.
 notes:
-  - Needs CAP_NET_RAW. Supports check mode (it only sends probes).
+  - Needs CAP_NET_RAW.
 """
 
 EXAMPLES = r"""
@@ -163,13 +174,13 @@ def main() -> None:
         deadline = time.monotonic() + p["timeout"]
         answered = False
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([echo, capture], [], [], deadline - time.monotonic())
+            ready = select.select([echo, capture], [], [], deadline - time.monotonic())[0]
             if capture in ready:
                 frame, addr = capture.recvfrom(65535)
                 if addr[2] == PACKET_OUTGOING:
                     _classify(frame, dst.packed, v6, counts, spis)
             if echo in ready:
-                data, _ = echo.recvfrom(65535)
+                data, _unused = echo.recvfrom(65535)
                 icmp = data if v6 else data[(data[0] & 0x0F) * 4 :]
                 if (
                     len(icmp) >= 8

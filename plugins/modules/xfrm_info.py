@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: Keyway developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Keyway's XFRM SAs (keys redacted) and policies, as facts."""
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ description:
   - Returns the SAs (keys shown as their length only) and policies Keyway owns in the
     kernel, with each SA's counters, and sets them as the fact C(keyway_xfrm).
 version_added: "0.1.0"
-author: Keyway
+author: Keyway developers (@keyway)
 options:
   netns:
     description: Network namespace (as C(ip netns)) to read instead of the host's own.
     type: str
-notes:
-  - Read-only; supports check mode.
+extends_documentation_fragment:
+  - keyway.ipsec.attributes
+  - keyway.ipsec.attributes.info_module
 """
 
 EXAMPLES = r"""
@@ -34,7 +37,7 @@ ansible_facts:
   type: dict
 """
 
-from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.base import (
     DataPlaneError,
@@ -47,7 +50,11 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.params impo
 
 def main() -> None:
     module = AnsibleModule(argument_spec=dict(netns=dict(type="str")), supports_check_mode=True)
-    from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm import KernelPlane
+    try:  # pyroute2 (the netlink library) is only needed here
+        from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm import KernelPlane
+    except ImportError as exc:
+        package = (exc.name or "pyroute2").split(".")[0]
+        module.fail_json(msg=missing_required_lib(package), exception=str(exc))
 
     try:
         plane = KernelPlane(netns=module.params["netns"])

@@ -1,4 +1,6 @@
 #!/usr/bin/python
+# Copyright: Keyway developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Declarative XFRM SAs (static manual keying), compared field by field with the kernel."""
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ description:
   - Static manual keying with this module and M(keyway.ipsec.xfrm_policy) is a supported
     mode of its own; keywayd negotiates keys otherwise.
 version_added: "0.1.0"
-author: Keyway
+author:
+  - Keyway developers (@keyway)
 options:
   state:
     description: present or absent.
@@ -72,9 +75,45 @@ options:
   selector:
     description: The SA's traffic selector (src, dst prefixes; proto, sport, dport).
     type: dict
+    suboptions:
+      src:
+        description:
+          - Source prefix of the traffic the SA may carry, for example V(10.1.0.0/24).
+          - A host address (V(192.0.2.11)) means the host (V(192.0.2.11/32)); host bits of a
+            prefix are dropped (V(10.1.0.5/24) is V(10.1.0.0/24)), as the kernel does.
+        type: str
+        required: true
+      dst:
+        description:
+          - Destination prefix of the traffic the SA may carry, for example V(10.2.0.0/24).
+          - A host address (V(192.0.2.12)) means the host (V(192.0.2.12/32)); host bits of a
+            prefix are dropped (V(10.1.0.5/24) is V(10.1.0.0/24)), as the kernel does.
+        type: str
+        required: true
+      proto:
+        description: IP protocol number of that traffic (V(6) TCP, V(17) UDP); V(0) matches any.
+        type: int
+        default: 0
+      sport:
+        description: Source port (TCP, UDP, SCTP) of that traffic; V(0) matches any.
+        type: int
+        default: 0
+      dport:
+        description: Destination port (TCP, UDP, SCTP) of that traffic; V(0) matches any.
+        type: int
+        default: 0
   encap:
     description: ESP in UDP ports (sport, dport), for NAT traversal.
     type: dict
+    suboptions:
+      sport:
+        description: UDP source port of this SA's ESP-in-UDP packets (the port at O(src)).
+        type: int
+        default: 4500
+      dport:
+        description: UDP destination port of this SA's ESP-in-UDP packets (the port at O(dst)).
+        type: int
+        default: 4500
   replay_window:
     description: Anti-replay window in packets (at most 32 without ESN, as the kernel keeps).
     type: int
@@ -86,13 +125,76 @@ options:
   lifetime:
     description: soft_/hard_ bytes, packets and seconds (0 = none).
     type: dict
+    suboptions:
+      soft_bytes:
+        description:
+          - Bytes after which the kernel announces a soft expire (a cue to rekey; the SA
+            stays); V(0) means no limit.
+        type: int
+        default: 0
+      hard_bytes:
+        description: Bytes after which the kernel deletes the SA; V(0) means no limit.
+        type: int
+        default: 0
+      soft_packets:
+        description:
+          - Packets after which the kernel announces a soft expire (the SA stays); V(0) means
+            no limit.
+        type: int
+        default: 0
+      hard_packets:
+        description: Packets after which the kernel deletes the SA; V(0) means no limit.
+        type: int
+        default: 0
+      soft_seconds:
+        description:
+          - Seconds after the SA was added at which the kernel announces a soft expire (the
+            SA stays); V(0) means no limit.
+        type: int
+        default: 0
+      hard_seconds:
+        description:
+          - Seconds after the SA was added at which the kernel deletes the SA; V(0) means no
+            limit.
+        type: int
+        default: 0
   mark:
     description: XFRM mark (value, mask).
     type: dict
+    suboptions:
+      value:
+        description: The mark a packet must carry, after O(mark.mask) is applied, to use this SA.
+        type: int
+        required: true
+      mask:
+        description:
+          - The bits of a packet's mark that are compared with O(mark.value); the default
+            (0xFFFFFFFF) compares all 32.
+        type: int
+        default: 4294967295
   if_id:
     description: XFRM interface ID.
     type: int
     default: 0
+attributes:
+  check_mode:
+    description:
+      - Can run in C(check_mode) and return changed status prediction without modifying
+        target.
+    support: full
+  diff_mode:
+    description:
+      - Will return details on what has changed (or possibly needs changing in
+        C(check_mode)), when in diff mode.
+    support: full
+    details:
+      - Keys are shown as their length only.
+  platform:
+    description: Target OS/families that can be operated against.
+    support: partial
+    platforms: posix
+    details:
+      - Linux only; XFRM is the Linux kernel's IPsec interface.
 notes:
   - Supports check mode and diff mode; keys appear in neither (only their length).
 """
@@ -115,7 +217,7 @@ sa:
   type: dict
 """
 
-from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.base import (
     KEYWAY_REQID_MIN,
@@ -173,10 +275,14 @@ def main() -> None:
         wanted = sa_from_params(p)
     except ValueError as exc:
         module.fail_json(msg=f"bad SA parameters: {exc}")
-    from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm import (
-        KernelPlane,
-        as_kernel_holds,
-    )
+    try:  # pyroute2 (the netlink library) is only needed here
+        from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm import (
+            KernelPlane,
+            as_kernel_holds,
+        )
+    except ImportError as exc:
+        package = (exc.name or "pyroute2").split(".")[0]
+        module.fail_json(msg=missing_required_lib(package), exception=str(exc))
 
     wanted = as_kernel_holds(wanted)
     try:

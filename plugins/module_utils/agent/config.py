@@ -53,7 +53,7 @@ try:  # PyYAML is a runtime dependency; the C loader is faster where built.
 
         def construct_mapping(self, node, deep=False):
             seen = {}
-            for key_node, _ in node.value:
+            for key_node, _unused in node.value:
                 key = self.construct_object(key_node, deep=True)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
@@ -544,7 +544,7 @@ def _mark(reader: _Reader, raw: dict, key: str, path: str) -> tuple[int, int] | 
         return None
     text = str(value)
     try:
-        mark, _, mask = text.partition("/")
+        mark, _unused, mask = text.partition("/")
         return int(mark, 0), int(mask, 0) if mask else 0xFFFFFFFF
     except ValueError:
         reader.problem(_join(path, key), f"{value!r} is not MARK or MARK/MASK")
@@ -609,6 +609,13 @@ def _connection(reader: _Reader, name: str, raw: Any, file_private: bool) -> Con
             reader.problem(f"{path}.local", "auth pubkey needs certs and key")
         if side.auth == "pubkey" and side is remote and not side.cacerts:
             reader.problem(f"{path}.remote", "auth pubkey needs cacerts to verify the peer")
+        if side.auth == "pubkey" and side is remote and side.cacerts:
+            try:  # late: the parser itself needs no cryptography
+                from ..ike.certs import PATH_VALIDATION_MISSING as missing
+            except ImportError as exc:
+                missing = f"verifying a peer's certificate needs cryptography ({exc})"
+            if missing:
+                reader.problem(f"{path}.remote", missing)
     rekey_time = reader.duration(raw, "rekey_time", path, 14400)
     reauth_time = reader.duration(raw, "reauth_time", path, 0)
     over_time = reader.duration(raw, "over_time", path, 0) or max(rekey_time, reauth_time) // 10

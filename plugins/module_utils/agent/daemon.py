@@ -322,7 +322,7 @@ class Agent:
 
     async def shutdown(self) -> None:
         self._stopping = True
-        for _, handle in self._retries.values():
+        for _unused, handle in self._retries.values():
             handle.cancel()
         self._retries.clear()
         for engine in self.engines.values():
@@ -382,7 +382,7 @@ class Agent:
 
     async def _add_connection(self, conn: ConnectionConfig) -> None:
         local = resolve_local_address(conn)
-        engine, _ = await self._endpoint(local)
+        engine, _unused = await self._endpoint(local)
         engine.add_connection(ike_connection(conn, self.config))
         self.local_of[conn.name] = local
         for remote in conn.remote_addrs:
@@ -537,7 +537,7 @@ class Agent:
         return round(max(0.0, handle.when() - self._loop.time()), 1)
 
     def _cancel_retry(self, name: str) -> None:
-        _, handle = self._retries.pop(name, (0, None))
+        _unused, handle = self._retries.pop(name, (0, None))
         if handle:
             handle.cancel()
 
@@ -725,7 +725,7 @@ class Agent:
     def _child_deleted(self, event: ChildSaDeleted) -> None:
         # A successor deleted before the SA it replaces (a rekey collision's surplus SA):
         # its outbound half must never be installed.
-        for old, (successor_spi, _) in list(self._deferred_out.items()):
+        for old, (successor_spi, _unused) in list(self._deferred_out.items()):
             if successor_spi == event.spi_in:
                 del self._deferred_out[old]
         successor = self._deferred_out.pop(event.spi_in, None)

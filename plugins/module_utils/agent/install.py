@@ -31,7 +31,7 @@ INTEG_NAMES = {
 def unsupported_child(spec) -> str | None:
     """What of an ESP or AH proposal (a parsed ProposalSpec) the data planes cannot
     install (None: all of it); else it would negotiate and then fail to install."""
-    encr = [i for i, _ in spec.encr if i not in ENCR_NAMES]
+    encr = [i for i, _unused in spec.encr if i not in ENCR_NAMES]
     integ = [i for i in spec.integ if i not in INTEG_NAMES]
     if not (encr or integ):
         return None

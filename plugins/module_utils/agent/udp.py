@@ -62,11 +62,11 @@ class UdpRunner:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        _, self._ike = await self._loop.create_datagram_endpoint(
+        _unused, self._ike = await self._loop.create_datagram_endpoint(
             lambda: _Endpoint(self._on_ike), sock=self._socket(self.ike_port, self.prepare_socket)
         )
         nat_t = self._socket(self.nat_t_port, self.prepare_nat_t_socket)
-        _, self._nat_t = await self._loop.create_datagram_endpoint(
+        _unused, self._nat_t = await self._loop.create_datagram_endpoint(
             lambda: _Endpoint(self._on_nat_t), sock=nat_t
         )
 

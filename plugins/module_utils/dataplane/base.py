@@ -199,6 +199,8 @@ class UnknownSpiEvent:
     dst: str
 
 
+# Classes union at run time since Python 3.10; pylint as ansible-test runs it thinks not.
+# pylint: disable-next=unsupported-binary-operation
 DataPlaneEvent = ExpireEvent | AcquireEvent | SeqOverflowEvent | UnknownSpiEvent
 EventSink = Callable[[DataPlaneEvent], None]
 

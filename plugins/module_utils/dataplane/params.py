@@ -5,6 +5,7 @@ how an SA or policy is shown (keys never: only their length)."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Callable
 from typing import Any
 
@@ -47,15 +48,27 @@ def _mark(raw: dict | None) -> tuple[int, int] | None:
     return (raw["value"], raw["mask"]) if raw else None
 
 
+# Addresses and prefixes as the kernel reports them (network address, compressed lower
+# case IPv6), so that what a playbook writes compares equal to what it reads back.
+def _address(text: str) -> str:
+    return str(ipaddress.ip_address(text)) if text else ""
+
+
+def _prefix(text: str) -> str:
+    return str(ipaddress.ip_network(text, strict=False))
+
+
 def _selector(raw: dict | None) -> Selector | None:
-    return Selector(**raw) if raw else None
+    if not raw:
+        return None
+    return Selector(**{**raw, "src": _prefix(raw["src"]), "dst": _prefix(raw["dst"])})
 
 
 def sa_from_params(p: dict) -> SaSpec:
     encap = p.get("encap")
     return SaSpec(
-        src=p["src"],
-        dst=p["dst"],
+        src=_address(p["src"]),
+        dst=_address(p["dst"]),
         proto=IpsecProto(p["proto"]),
         spi=p["spi"],
         mode=Mode(p["mode"]),
@@ -76,18 +89,19 @@ def sa_from_params(p: dict) -> SaSpec:
 
 
 def policy_from_params(p: dict) -> PolicySpec:
+    # A transport-mode template has no outer addresses (the kernel keeps none).
     templates = tuple(
         Template(
             IpsecProto(t["proto"]),
             Mode(t["mode"]),
             t["reqid"],
-            t.get("src") or "",
-            t.get("dst") or "",
+            _address(t.get("src") or "") if t["mode"] == "tunnel" else "",
+            _address(t.get("dst") or "") if t["mode"] == "tunnel" else "",
         )
         for t in p.get("templates") or ()
     )
     return PolicySpec(
-        selector=Selector(**p["selector"]),
+        selector=_selector(p["selector"]),
         direction=Direction(p["dir"]),
         action=PolicyAction(p["action"]),
         templates=templates,

@@ -197,7 +197,7 @@ class UserspacePlane(DataPlane):
         except tun.TunError as exc:
             await self.stop()
             raise DataPlaneError(str(exc)) from None
-        for policy, _ in self._out_order:
+        for policy, _unused in self._out_order:
             self._route_for(policy)
         self._tick()
 
@@ -356,7 +356,7 @@ class UserspacePlane(DataPlane):
         return {Direction.OUT: self._out_order, Direction.IN: self._in_order}.get(direction)
 
     def list_policies(self) -> list[PolicySpec]:
-        return [p for p, _ in self._policies.values()]
+        return [p for p, _unused in self._policies.values()]
 
     def flush_owned(self) -> None:
         for sa_id in [i for i, e in self._sas.items() if is_keyway_reqid(e.spec.reqid)]:
@@ -378,7 +378,7 @@ class UserspacePlane(DataPlane):
     # -- outbound ----------------------------------------------------------------------
 
     def _on_tun(self) -> None:
-        for _ in range(BATCH):
+        for _unused in range(BATCH):
             try:
                 data = os.read(self._tun_fd, 65535)
             except BlockingIOError:
@@ -480,13 +480,13 @@ class UserspacePlane(DataPlane):
     # -- inbound -----------------------------------------------------------------------
 
     def _on_raw(self, sock: socket.socket, family: int) -> None:
-        for _ in range(BATCH):
+        for _unused in range(BATCH):
             try:
                 if family == socket.AF_INET:
                     data = sock.recv(65535)
                     self.handle_ipv4(data)
                 else:
-                    data, anc, _, addr = sock.recvmsg(65535, 64)
+                    data, anc, _unused, addr = sock.recvmsg(65535, 64)
                     dst = next((a[2][:16] for a in anc if a[1] == socket.IPV6_PKTINFO), None)
                     if dst is None:
                         self.drops[pk.TRUNCATED] += 1
@@ -501,7 +501,7 @@ class UserspacePlane(DataPlane):
                 return
 
     def _on_udp(self) -> None:
-        for _ in range(BATCH):
+        for _unused in range(BATCH):
             try:
                 data, (src, _port) = self._udp.recvfrom(65535)
             except (BlockingIOError, AttributeError):
@@ -562,9 +562,9 @@ class UserspacePlane(DataPlane):
             return
         try:
             if proto == pk.IPPROTO_AH:
-                inner, _ = pk.unprotect_ah(entry.crypto, header, data, src, dst)
+                inner, _unused = pk.unprotect_ah(entry.crypto, header, data, src, dst)
             else:
-                inner, _ = pk.unprotect_esp(entry.crypto, data, src, dst)
+                inner, _unused = pk.unprotect_esp(entry.crypto, data, src, dst)
             ip = pk.IpPacket(inner)
         except pk.Drop as drop:
             self.drops[drop.reason] += 1

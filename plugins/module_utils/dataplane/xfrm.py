@@ -275,7 +275,7 @@ def _defaults(fields: Iterable) -> dict:
 
 def struct_size(fields: Iterable) -> int:
     """Size in bytes of a flat field list (each field packed on its own, as pyroute2 does)."""
-    return sum(struct.calcsize(fmt) for _, fmt in fields)
+    return sum(struct.calcsize(fmt) for _unused, fmt in fields)
 
 
 def _decode_flat(obj: nla, fields: tuple, offset: int) -> tuple[dict, int]:
@@ -327,7 +327,7 @@ class _struct_nla(nla):
         return _encode_flat(self, self.fixed, offset, self), 0
 
     def ft_decode(self, offset):
-        values, _ = _decode_flat(self, self.fixed, offset)
+        values, _unused = _decode_flat(self, self.fixed, offset)
         self.update(values)
 
 
@@ -1251,15 +1251,15 @@ class KernelPlane(DataPlane):
         """GETSADINFO / GETSPDINFO: how many SAs and policies (per direction) the kernel
         holds in this namespace, Keyway's or not (for status and metrics)."""
         counts: dict = {}
-        for msg_type, attrs in ((XFRM_MSG_GETSADINFO, _sad_attrs), (XFRM_MSG_GETSPDINFO,
-                                                                   _spd_attrs)):  # fmt: skip
+        queries = ((XFRM_MSG_GETSADINFO, _sad_attrs), (XFRM_MSG_GETSPDINFO, _spd_attrs))
+        for msg_type, attrs in queries:
             seq = next(self._seq) & 0xFFFFFFFF
             body = struct.pack("=I", 0xFFFFFFFF)  # the flags word the kernel expects
             header = struct.pack("=IHHII", 16 + len(body), msg_type, NLM_F_REQUEST, seq, 0)
             self._sock.send(header + body)
             while True:
                 reply = self._sock.recv(1 << 16)
-                _, kind, _, rseq, _ = struct.unpack_from("=IHHII", reply)
+                _unused, kind, _unused, rseq, _unused = struct.unpack_from("=IHHII", reply)
                 if rseq != seq:
                     continue
                 if kind == NLMSG_ERROR:
@@ -1273,7 +1273,7 @@ class KernelPlane(DataPlane):
         sock = self._events_sock
         if sock is None:
             return
-        for _ in range(64):  # bounded batch, then yield to the loop
+        for _unused in range(64):  # bounded batch, then yield to the loop
             try:
                 data = sock.recv(1 << 20)
             except (BlockingIOError, InterruptedError):

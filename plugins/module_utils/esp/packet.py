@@ -160,7 +160,7 @@ class SaCrypto:
     def _set_mac(self, integ_alg: str | None, integ_key: bytes) -> None:
         if integ_alg not in _HMACS:
             raise SaConfigError(f"unsupported integrity algorithm {integ_alg!r}")
-        name, _, key_len = _HMACS[integ_alg]
+        name, _unused, key_len = _HMACS[integ_alg]
         if len(integ_key) != key_len:
             raise SaConfigError(f"{integ_alg} needs a {key_len}-byte key, got {len(integ_key)}")
         self._mac_key, self._mac_name = integ_key, name
@@ -444,7 +444,7 @@ def unprotect_ah(
     n = len(ah)
     if n < 12 + sa.icv_len:
         raise Drop(TRUNCATED, f"AH {n} bytes")
-    next_header, length_words, _, spi, seq_low = struct.unpack_from("!BBHII", ah, 0)
+    next_header, length_words, _unused, spi, seq_low = struct.unpack_from("!BBHII", ah, 0)
     if spi != sa.spi:
         raise Drop(BAD_SPI, f"0x{spi:08x}")
     ah_len = (length_words + 2) * 4

@@ -110,7 +110,7 @@ def _route(command: int, prefix: str, dev: str) -> None:
     _rtnl.send(struct.pack("=IHHII", 16 + len(body), command, flags, _rtnl_seq, 0) + body)
     while True:
         reply = _rtnl.recv(65536)
-        _, kind, _, seq, _ = struct.unpack_from("=IHHII", reply)
+        _unused, kind, _unused, seq, _unused = struct.unpack_from("=IHHII", reply)
         if kind == NLMSG_ERROR and seq == _rtnl_seq:
             (error,) = struct.unpack_from("=i", reply, 16)
             if error:

@@ -16,7 +16,18 @@ import ipaddress
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.verification import DNSName, IPAddress, PolicyBuilder, Store
+
+try:
+    from cryptography.x509.verification import DNSName, IPAddress, PolicyBuilder, Store
+except ImportError:  # cryptography < 42 (Debian 12 ships 38): no path validation
+    import cryptography
+
+    PATH_VALIDATION_MISSING: str | None = (
+        "verifying a peer's certificate chain needs the Python package cryptography 42 or "
+        f"newer (this host has {cryptography.__version__})"
+    )
+else:
+    PATH_VALIDATION_MISSING = None
 
 from .constants import NotifyType
 from .crypto import IkeCryptoError
@@ -58,6 +69,8 @@ def verify_peer(
         raise IkeCryptoError("peer sent no certificate", fail)
     if not ca_certs:
         raise IkeCryptoError("no CA configured to verify the peer's certificate", fail)
+    if PATH_VALIDATION_MISSING:
+        raise IkeCryptoError(PATH_VALIDATION_MISSING, fail)
     try:
         leaf, *intermediates = (x509.load_der_x509_certificate(d) for d in chain_ders)
     except ValueError as exc:

@@ -158,7 +158,7 @@ class SA(Payload):
         while not last:
             if len(body) - offset < 8:
                 raise IkeDecodeError(f"SA: proposal header truncated at offset {offset}")
-            more, _, length, number, protocol, spi_size, count = struct.unpack_from(
+            more, _unused, length, number, protocol, spi_size, count = struct.unpack_from(
                 "!BBHBBBB", body, offset
             )
             if more not in (0, 2):
@@ -184,7 +184,7 @@ def _decode_transforms(data: bytes, count: int, number: int) -> list[Transform]:
     for index in range(count):
         if len(data) - offset < 8:
             raise IkeDecodeError(f"SA: proposal {number} transform {index} truncated")
-        more, _, length, ttype, _, tid = struct.unpack_from("!BBHBBH", data, offset)
+        more, _unused, length, ttype, _unused, tid = struct.unpack_from("!BBHBBH", data, offset)
         if more != (0 if index == count - 1 else 3):
             raise IkeDecodeError(
                 f"SA: proposal {number} transform {index} 'last' field {more} disagrees with "

@@ -38,14 +38,12 @@ from __future__ import annotations
 
 import base64
 import functools
+import hmac
 import ipaddress
 import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..agent.config import CONNECTION_NAME, MIN_PSK_LENGTH, ConfigError, parse_config
 
@@ -184,9 +182,10 @@ def link_psk(master: str, id_a: str, id_b: str, version: int) -> str:
         raise IntentError([f"the master secret is shorter than {MIN_MASTER_SECRET} characters"])
     first, second = sorted((id_a, id_b))
     info = f"v{version}\0{first}\0{second}".encode()
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=PSK_SALT, info=info).derive(
-        master.encode()
-    )
+    # RFC 5869 with the standard library (the controller needs no cryptography): for 32
+    # bytes, Expand is one block, T(1) = HMAC(PRK, info | 0x01).
+    prk = hmac.digest(PSK_SALT, master.encode(), "sha256")
+    key = hmac.digest(prk, info + b"\x01", "sha256")
     return base64.b64encode(key).decode()
 
 
@@ -241,7 +240,7 @@ def _prefixes(raw: Any, where: str, problems: _Problems) -> tuple[str, ...]:
             result.append(str(ipaddress.ip_network(str(item), strict=True)))
         except ValueError as exc:
             problems.add(where, f"{item!r} is not a prefix: {exc}")
-    for (a, _), (b, _) in _overlapping([(p, None) for p in result]):
+    for (a, _unused), (b, _unused) in _overlapping([(p, None) for p in result]):
         problems.add(where, f"{a} and {b} overlap")
     return tuple(result)
 
@@ -262,7 +261,12 @@ def _overlapping(tagged: Iterable[tuple[str, Any]]) -> list[tuple[tuple[str, Any
     sorted: prefixes either nest or are apart, so each one that starts inside the
     furthest-reaching one before it overlaps that one (n log n, not n squared: a
     1,000-host mesh has 999 peers on every host)."""
-    ordered = sorted(tagged, key=lambda item: (lambda v, s, e: (v, s, -e))(*_interval(item[0])))
+
+    def order(item: tuple[str, Any]) -> tuple[int, int, int]:
+        version, start, end = _interval(item[0])
+        return version, start, -end  # of two that start together, the wider one first
+
+    ordered = sorted(tagged, key=order)
     found = []
     reach: tuple[int, int, tuple[str, Any]] | None = None
     for item in ordered:
@@ -543,13 +547,13 @@ def _resolve(
         [(f"topology {topology}: overrides", topology_overrides)],
         [("keyway_defaults", defaults)],
     ]
-    present = {key for level in levels for _, values in level for key in values}
+    present = {key for level in levels for _unused, values in level for key in values}
     for key in sorted(present):
         for level in levels:
             found = [(origin, values[key]) for origin, values in level if key in values]
             if not found:
                 continue
-            distinct = {repr(v) for _, v in found}
+            distinct = {repr(v) for _unused, v in found}
             if len(distinct) > 1:
                 said = "; ".join(f"{origin} says {value!r}" for origin, value in found)
                 problems.add(
@@ -798,7 +802,7 @@ def validate_with_agent(links: Intent) -> None:
     managed end of the first link that has it), not once per link and host."""
     seen: dict[str, tuple[str, Link]] = {}
     for link in links.values():
-        ends = [e for e in link.endpoints.values()]
+        ends = list(link.endpoints.values())
         shape = repr((sorted(link.settings.items()), [bool(e.sites) for e in ends]))
         if shape not in seen:
             seen[shape] = (next(e.name for e in ends if e.managed), link)

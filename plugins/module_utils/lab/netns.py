@@ -173,7 +173,7 @@ def _static_neighbours(plan: LabPlan) -> None:
 
 def _stop_processes(netns: str) -> None:
     """End every process inside `netns` (all of them are the lab's): TERM, then KILL."""
-    proc = subprocess.run([IP, "netns", "pids", netns], capture_output=True, text=True)
+    proc = subprocess.run([IP, "netns", "pids", netns], capture_output=True, text=True, check=False)
     pids = [int(p) for p in proc.stdout.split()] if proc.returncode == 0 else []
     pidfds = {}
     for pid in pids:
@@ -189,7 +189,7 @@ def _stop_processes(netns: str) -> None:
     remaining = dict(pidfds)
     while remaining and (left := deadline - time.monotonic()) > 0:
         # A pidfd becomes readable when its process exits: wait on that event.
-        for fd, _ in poller.poll(left * 1000):
+        for fd, _unused in poller.poll(left * 1000):
             poller.unregister(fd)
             remaining = {p: f for p, f in remaining.items() if f != fd}
     for pid in remaining:

@@ -311,3 +311,33 @@ def test_recording_plane_events():
     asyncio.run(plane.stop())
     assert got == [event]
     assert plane.calls == [("start", None), ("stop", None)]
+
+
+def test_module_parameters_are_read_as_the_kernel_reports_them():
+    """Idempotence: what a playbook writes must compare equal to what the kernel gives
+    back (network address of a prefix, compressed lower-case IPv6, no outer addresses in
+    a transport-mode template)."""
+    from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.params import (
+        policy_from_params,
+        sa_from_params,
+    )
+
+    selector = {"src": "10.1.0.5/24", "dst": "2001:DB8:0:0::7", "proto": 0, "sport": 0,
+                "dport": 0}  # fmt: skip
+    sa = sa_from_params(
+        {"src": "2001:DB8::0:1", "dst": "192.0.2.2", "proto": "esp", "spi": 0x100,
+         "mode": "tunnel", "reqid": 0x4B570001, "enc_alg": "aes-gcm-16",
+         "enc_key": "00" * 20, "selector": selector}
+    )  # fmt: skip
+    assert (sa.src, sa.dst) == ("2001:db8::1", "192.0.2.2")
+    assert (sa.selector.src, sa.selector.dst) == ("10.1.0.0/24", "2001:db8::7/128")
+    policy = policy_from_params(
+        {"selector": selector, "dir": "out", "action": "protect",
+         "templates": [{"proto": "esp", "mode": "transport", "reqid": 0x4B570001,
+                        "src": "192.0.2.1", "dst": "192.0.2.2"},
+                       {"proto": "esp", "mode": "tunnel", "reqid": 0x4B570002,
+                        "src": "2001:DB8::1", "dst": "2001:db8:0::2"}]}
+    )  # fmt: skip
+    assert [(t.src, t.dst) for t in policy.templates] == [
+        ("", ""), ("2001:db8::1", "2001:db8::2")
+    ]  # fmt: skip

@@ -3,6 +3,8 @@ and every inconsistency refused with where it is, before any host is touched."""
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.intent.topology import (
@@ -429,3 +431,20 @@ def test_values_keywayd_refuses_name_the_variable_that_set_them():
     (problem,) = problems_of([{"name": "core", "type": "mesh", "members": "lab"}], hostvars, groups)
     assert problem.startswith("topology core: link h1-h2 on host h1:")
     assert "(esp_proposals, set by host h2: keyway_overrides)" in problem
+
+
+def test_link_psks_are_rfc_5869_hkdf_sha256_as_cryptography_computes_it():
+    """The controller derives PSKs with the standard library; deployed links keep their
+    keys only if that is exactly HKDF-SHA256 (salt PSK_SALT, info v<N>\\0<id>\\0<id>)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    from ansible_collections.keyway.ipsec.plugins.module_utils.intent.topology import PSK_SALT
+
+    for version, ids in ((1, ("h1", "h2")), (7, ("gw.example.net", "10.0.0.1"))):
+        first, second = sorted(ids)
+        info = f"v{version}\0{first}\0{second}".encode()
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=PSK_SALT, info=info).derive(
+            MASTER.encode()
+        )
+        assert link_psk(MASTER, *ids, version) == base64.b64encode(key).decode()

@@ -682,7 +682,7 @@ class IkeSa:
         ni, nr = nonces or (self.nonce_i, self.nonce_r)
         by_type = {t.type: t for t in chosen.transforms}
         encr_t, integ_t = by_type[TransformType.ENCR], by_type.get(TransformType.INTEG)
-        _, encr, integ = negotiated_suite(chosen, self.conn.allow_weak)
+        _unused, encr, integ = negotiated_suite(chosen, self.conn.allow_weak)
         keys = crypto.derive_child_keys(self.prf, self.keys.sk_d, encr, integ, ni, nr, shared)
         esn = by_type.get(TransformType.ESN)
         local, remote = (tsi, tsr) if i_side else (tsr, tsi)
@@ -1119,7 +1119,7 @@ class IkeSa:
 
     def _deleting_ike(self) -> bool:
         return (self.request is not None and self.request.kind == "delete_ike") or any(
-            kind == "delete_ike" for kind, _ in self.pending
+            kind == "delete_ike" for kind, _unused in self.pending
         )
 
     def _busy_for_ike_rekey(self) -> str:
@@ -1965,7 +1965,7 @@ class Engine:
         """Tell the peer it sent ESP on an SPI we do not hold (RFC 7296 2.21.4); the
         shell calls this for the data plane's rate-limited reports. At most a few wait
         in the queue: ESP with spoofed sources must not grow it."""
-        if sum(kind == "invalid_spi" for kind, _ in sa.pending) >= MAX_QUEUED_INVALID_SPI:
+        if sum(kind == "invalid_spi" for kind, _unused in sa.pending) >= MAX_QUEUED_INVALID_SPI:
             log.info("%s: INVALID_SPI for %08x not sent: enough are queued", sa.conn.name, spi)
             return
         sa.queue("invalid_spi", now, spi)
@@ -1982,7 +1982,7 @@ class Engine:
         self._refresh_timers()
         due = []
         while self._timers and self._timers[0][0] <= now:
-            deadline, _, sa = heapq.heappop(self._timers)
+            deadline, _unused, sa = heapq.heappop(self._timers)
             if self._timer_of.get(id(sa)) == deadline:
                 del self._timer_of[id(sa)]
                 due.append(sa)
@@ -1993,7 +1993,7 @@ class Engine:
     def next_deadline(self) -> float | None:
         self._refresh_timers()
         while self._timers:
-            deadline, _, sa = self._timers[0]
+            deadline, _unused, sa = self._timers[0]
             if self._timer_of.get(id(sa)) == deadline:
                 return deadline
             heapq.heappop(self._timers)  # superseded or forgotten

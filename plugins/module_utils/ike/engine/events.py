@@ -111,6 +111,9 @@ class NegotiationFailed:
     notify: int | None = None
 
 
+# Classes union at run time since Python 3.10; pylint as ansible-test runs it thinks not.
+# pylint: disable=unsupported-binary-operation
 Event = (
     IkeSaUp | ChildSaReady | ChildSaDeleted | IkeSaDown | AuthFailed | PeerDead | NegotiationFailed
 )
+# pylint: enable=unsupported-binary-operation
