@@ -134,6 +134,11 @@ reload:
   description: keywayd's answer to the reload (connections added, removed, changed, unchanged).
   returned: when a running keywayd was asked to reload
   type: dict
+systemd:
+  description:
+    - Whether systemd is the host's init (C(/run/systemd/system) exists, as sd_booted() checks).
+  returned: with O(state=present)
+  type: bool
 psk_state:
   description:
     - For each PSK-authenticated connection, after this task (in check mode, as it is
@@ -156,12 +161,17 @@ agent:
       description: Its process ID.
       type: int
       returned: when running
-    current:
+    config:
+      description: The config file it runs from.
+      type: str
+      returned: when running
+    library:
       description:
-        - It runs from O(path) and runs the library this collection ships (the
-          fingerprint it reports equals this module's payload's), so that
-          M(keyway.ipsec.keywayd) has nothing to install or restart.
-      type: bool
+        - The fingerprint of the library it runs (SHA-256 over its files); the role
+          keyway.ipsec.agent compares it with the lookup P(keyway.ipsec.agent_library#lookup)
+          and skips M(keyway.ipsec.keywayd) when they are equal.
+      type: str
+      returned: when running
 """
 
 import os
@@ -178,15 +188,15 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.agent.control import 
     ControlError,
     request,
 )
-from ansible_collections.keyway.ipsec.plugins.module_utils.agent.library import (
-    fingerprint,
-    payload_files,
-)
 
 try:
     import yaml
 
     HAS_YAML = True
+    # libyaml's, where PyYAML has it: a config of hundreds of connections is read and
+    # written on every run.
+    SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    SafeDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 except ImportError:  # pragma: no cover
     HAS_YAML = False
 
@@ -209,7 +219,7 @@ def render(settings: dict, connections: dict, psk_files: dict[str, list[str]]) -
         conns[name] = conn
     document["connections"] = conns
     header = "# Written by keyway.ipsec.agent_config: edits are replaced on the next run.\n"
-    return header + yaml.safe_dump(document, sort_keys=True, default_flow_style=False)
+    return header + yaml.dump(document, Dumper=SafeDumper, sort_keys=True, default_flow_style=False)
 
 
 def plan(
@@ -224,7 +234,7 @@ def plan(
     old = {}
     if before:
         try:
-            old = (yaml.safe_load(before) or {}).get("connections") or {}
+            old = (yaml.load(before, Loader=SafeLoader) or {}).get("connections") or {}
         except yaml.YAMLError:
             old = {}
 
@@ -306,17 +316,13 @@ def _write_private(path: Path, text: str) -> None:
         raise
 
 
-def agent_state(socket_path: str, path: Path) -> dict:
-    """The keywayd on `socket_path`: running, and current (this config and library)."""
+def agent_state(socket_path: str) -> dict:
+    """The keywayd on `socket_path`, if one answers: its PID, config and library."""
     try:
         status = request(socket_path, "status", timeout=5)
     except (ControlError, OSError):
-        return {"running": False, "current": False}
-    current = (
-        status.get("library") == fingerprint(payload_files())
-        and Path(status.get("config", "")).resolve() == path.resolve()
-    )
-    return {"running": True, "pid": status.get("pid"), "current": current}
+        return {"running": False}
+    return {"running": True, **{k: status.get(k) for k in ("pid", "config", "library")}}
 
 
 def main() -> None:
@@ -390,6 +396,8 @@ def main() -> None:
     }
     result = {
         "changed": changed,
+        # what sd_booted() checks: the role runs keywayd from a unit where this holds
+        "systemd": os.path.isdir("/run/systemd/system"),
         "psk_state": {
             name: {"held": held[name], "current": _read(Path(files[0])) == psks[name][0]}
             for name, files in psk_files.items()
@@ -421,7 +429,7 @@ def main() -> None:
         }
     socket_path = settings.get("control_socket", DEFAULT_SOCKET)
     if not changed or module.check_mode:
-        module.exit_json(**result, agent=agent_state(socket_path, path))
+        module.exit_json(**result, agent=agent_state(socket_path))
 
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -440,7 +448,7 @@ def main() -> None:
             result["reload"] = request(socket_path, "reload")
         except ControlError as exc:
             module.fail_json(msg=f"written, but keywayd refused to reload: {exc}", **result)
-    module.exit_json(**result, agent=agent_state(socket_path, path))
+    module.exit_json(**result, agent=agent_state(socket_path))
 
 
 if __name__ == "__main__":

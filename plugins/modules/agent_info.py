@@ -17,10 +17,6 @@ description:
 version_added: "0.1.0"
 author: Keyway developers (@keyway)
 options:
-  socket:
-    description: keywayd's control socket.
-    type: path
-    default: /run/keyway/keywayd.sock
   timeout:
     description: Seconds to wait for each answer.
     type: float
@@ -33,6 +29,7 @@ options:
     type: int
     default: 0
 extends_documentation_fragment:
+  - keyway.ipsec.agent
   - keyway.ipsec.attributes
   - keyway.ipsec.attributes.info_module
 """

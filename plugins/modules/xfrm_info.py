@@ -53,7 +53,7 @@ def main() -> None:
     try:  # pyroute2 (the netlink library) is only needed here
         from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm import KernelPlane
     except ImportError as exc:
-        package = (exc.name or "pyroute2").split(".")[0]
+        package = (exc.name or "pyroute2").partition(".")[0]
         module.fail_json(msg=missing_required_lib(package), exception=str(exc))
 
     try:

@@ -212,7 +212,7 @@ def main() -> None:
             effective_priority,
         )
     except ImportError as exc:
-        package = (exc.name or "pyroute2").split(".")[0]
+        package = (exc.name or "pyroute2").partition(".")[0]
         module.fail_json(msg=missing_required_lib(package), exception=str(exc))
 
     try:

@@ -11,6 +11,8 @@ import time
 import pytest
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent import keywayctl
+from ansible_collections.keyway.ipsec.plugins.modules import tunnel as tunnel_module
+from tests.fixtures.ansible import run_module
 from tests.fixtures.keywayd import PSK, Keywayd, Watch, site_connection
 from tests.fixtures.netns import in_netns, udp_exchange
 from tests.fixtures.traffic import stream
@@ -217,6 +219,12 @@ def test_keywayctl_initiate_brings_a_connection_up_and_reports_it(netns_hosts, a
     assert agent_a.sas("ab")
     assert keywayctl.main(["--socket", agent_a.socket, "initiate", "ab", "--no-wait"]) == 0
     assert json.loads(capsys.readouterr().out) == {"up": True, "already": True}
+    # --json before or after the command; without it, list-sas is a table.
+    for argv in (["--json", "list-sas"], ["list-sas", "--json"]):
+        assert keywayctl.main(["--socket", agent_a.socket, *argv]) == 0
+        assert [sa["connection"] for sa in json.loads(capsys.readouterr().out)] == ["ab"]
+    assert keywayctl.main(["--socket", agent_a.socket, "list-sas"]) == 0
+    assert capsys.readouterr().out.startswith("ab: established")
 
 
 def test_kill_9_and_restart_converges_and_initial_contact_clears_the_stale_sa(netns_hosts, agents):
@@ -455,3 +463,47 @@ def test_a_child_sa_the_peer_deletes_comes_back_on_the_same_ike_sa(
     )
     assert agent_a.sas("ab")[0]["spi_i"] == ike  # on the same IKE SA
     assert traffic_flows(a, b)
+
+
+def test_the_tunnel_module_brings_a_connection_up_down_and_rekeys_it(netns_hosts, agents):
+    """keyway.ipsec.tunnel against real agents: up and down idempotent, check mode
+    changes nothing, a connection taken down stays down, rekeys make new SAs."""
+    a, b = netns_hosts(2).hosts
+    agents(b, {"ab": site_connection(b, a, start=False)})
+    agent_a = agents(a, {"ab": site_connection(a, b, start=True)})
+    agent_a.wait_for(lambda: agent_a.sas("ab"), "ab established")
+
+    def tunnel(check=False, **args):
+        return run_module(tunnel_module.main, {"socket": agent_a.socket, **args}, check=check)
+
+    up = tunnel(name="ab")
+    assert not up["changed"] and up["connection"]["state"] == "established"
+    assert not tunnel(name="ab", state="down", check=True).get("failed")
+    assert agent_a.sas("ab"), "check mode took it down"
+    down = tunnel(name="ab", state="down")
+    assert down["changed"] and down["sas"] == [] and down["connection"]["state"] == "down"
+    assert not tunnel(name="ab", state="down")["changed"]
+    assert agent_a.sas("ab") == []  # start_action start, yet it stays down
+    up = tunnel(name="ab", timeout=20)
+    assert up["changed"] and up["connection"]["state"] == "established"
+    ike_spi = up["sas"][0]["spi_i"]
+    (child,) = up["sas"][0]["children"]
+
+    def child_spis() -> list[str]:
+        return [c["spi_in"] for sa in agent_a.sas("ab") for c in sa["children"]]
+
+    def ike_spis() -> list[str]:
+        return [sa["spi_i"] for sa in agent_a.sas("ab")]
+
+    def replaced(old: str, spis) -> bool:  # a successor there, the old one gone
+        now = spis()
+        return bool(now) and old not in now
+
+    assert tunnel(name="ab", child="sites", state="rekeyed")["changed"]
+    agent_a.wait_for(lambda: replaced(child["spi_in"], child_spis), "the child rekeyed")
+    assert tunnel(name="ab", state="rekeyed")["changed"]
+    agent_a.wait_for(lambda: replaced(ike_spi, ike_spis), "the IKE SA rekeyed")
+    assert traffic_flows(a, b)
+    # Bad input names what is wrong.
+    assert "has no connection 'nope' (it has: ab)" in tunnel(name="nope")["msg"]
+    assert "has no child 'x'" in tunnel(name="ab", child="x", state="down")["msg"]

@@ -63,8 +63,25 @@ def module_options(path: Path) -> set[str]:
     "path", [p for p in PYTHON_PLUGINS if p.parent.name == "modules"], ids=lambda p: p.stem
 )
 def test_every_module_option_is_documented_and_every_documented_one_exists(path):
-    documented = set(yaml.safe_load(doc_strings(path)["DOCUMENTATION"]).get("options") or {})
+    docs = yaml.safe_load(doc_strings(path)["DOCUMENTATION"])
+    documented = set(docs.get("options") or {})
+    for fragment in docs.get("extends_documentation_fragment") or []:
+        documented |= set(_fragment(fragment).get("options") or {})
     assert module_options(path) == documented
+
+
+def _fragment(name: str) -> dict:
+    """keyway.ipsec.FILE[.VARIANT]: plugins/doc_fragments/FILE.py's DOCUMENTATION (or
+    its VARIANT in capitals), as ansible-doc merges it."""
+    namespace, collection, file, *variant = name.split(".")
+    assert (namespace, collection) == ("keyway", "ipsec"), f"{name}: not this collection's"
+    attribute = variant[0].upper() if variant else "DOCUMENTATION"
+    tree = ast.parse((ROOT / "plugins/doc_fragments" / f"{file}.py").read_text())
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef)]
+    for node in cls.body:
+        if isinstance(node, ast.Assign) and node.targets[0].id == attribute:
+            return yaml.safe_load(node.value.value)
+    raise AssertionError(f"{name}: no {attribute} in the fragment")
 
 
 @pytest.mark.parametrize(

@@ -258,7 +258,7 @@ class Agent:
         self._instance: InstanceLock | None = None
         self.started = time.time()
         # What the agent's Ansible role compares with its own payload (agent/library.py).
-        self.library = library.fingerprint(library.payload_files())
+        self.library = library.agent_fingerprint()
         self._stopping = False
         self._stopped = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None

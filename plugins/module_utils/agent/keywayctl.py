@@ -1,6 +1,6 @@
 """keywayctl: talk to keywayd over its control socket (agent/control.py).
 
-keywayctl [--socket PATH] status | list-conns | list-sas [--json] | stats | metrics
+keywayctl [--socket PATH] [--json] status | list-conns | list-sas [--json] | stats | metrics
 keywayctl initiate CONN [--no-wait] | terminate CONN [--child NAME]
 keywayctl rekey CONN [--child NAME] | reload | watch
 """
@@ -44,15 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="keywayctl", description="control keywayd")
     parser.add_argument("--socket", default=DEFAULT_SOCKET, help="keywayd's control socket")
     parser.add_argument("--json", action="store_true", help="print the raw JSON result")
+    # --json also after the command (keywayctl list-sas --json), as the README writes it
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("status", "list-conns", "list-sas", "reload", "stats", "metrics", "watch"):
-        sub.add_parser(name)
-    initiate = sub.add_parser("initiate")
+        sub.add_parser(name, parents=[after])
+    initiate = sub.add_parser("initiate", parents=[after])
     initiate.add_argument("connection")
     initiate.add_argument("--no-wait", action="store_true")
     initiate.add_argument("--timeout", type=float, default=30)
     for name in ("terminate", "rekey"):
-        cmd = sub.add_parser(name)
+        cmd = sub.add_parser(name, parents=[after])
         cmd.add_argument("connection")
         cmd.add_argument("--child")
     args = parser.parse_args(argv)

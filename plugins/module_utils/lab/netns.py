@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import select
 import shutil
 import signal
+import string
 import subprocess
 import time
 from pathlib import Path
@@ -206,6 +208,22 @@ def _delete_namespace(netns: str) -> None:
     _run([IP, "netns", "delete", netns])
 
 
+# The lab inventory's secrets (inventory/lab/group_vars/lab.yml reads them): the master
+# secret every managed link's PSK is derived from, and the partner gateway's PSK. Made
+# once, 0600, in the lab's folder (gone with the lab); in production both are vaulted.
+LAB_SECRETS = {"mesh.secret": 48, "partner.psk": 40}
+
+
+def _lab_secrets(plan: LabPlan) -> None:
+    alphabet = string.ascii_letters + string.digits
+    for name, length in LAB_SECRETS.items():
+        path = os.path.join(plan.lab_dir, name)
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write("".join(secrets.choice(alphabet) for _unused in range(length)))
+
+
 def lab_up(plan: LabPlan) -> dict:
     """Make the lab match `plan`: create what is missing, remove hosts beyond it.
 
@@ -245,6 +263,7 @@ def lab_up(plan: LabPlan) -> dict:
         else:
             _write_state(LabPlan.from_dict(state["plan"]), owned, state["status"])
         raise
+    _lab_secrets(plan)
     removed = []
     for netns in sorted((owned - wanted) & existing_namespaces()):
         _delete_namespace(netns)
