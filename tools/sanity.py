@@ -13,6 +13,7 @@ does the same with Python's own ensurepip and PyPI (tools/get_pip_standin.py).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -43,15 +44,20 @@ def main() -> int:
 
     ensure_pip_bootstrap()
     core = ".".join(ansible.__version__.split(".")[:2])
+    # Nothing of the checkout (make exports it as PYTHONPATH and the collections path):
+    # ansible-galaxy would find keyway.ipsec installed there already and install nothing.
+    env = {k: v for k, v in os.environ.items()
+           if k != "PYTHONPATH" and not k.startswith("ANSIBLE_")}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="keyway-sanity-") as tmp:
         tarball = build(Path(tmp) / "dist")
         installed = Path(tmp) / "installed"
         bindir = Path(sys.executable).parent
         subprocess.run(
-            [str(bindir / "ansible-galaxy"), "collection", "install", "-p", str(installed),
-             str(tarball)],
+            [str(bindir / "ansible-galaxy"), "collection", "install", "--force", "-p",
+             str(installed), str(tarball)],
             check=True,
             capture_output=True,
+            env=env,
         )  # fmt: skip
         tree = installed / "ansible_collections/keyway/ipsec"
         (tree / "tests/sanity").mkdir(parents=True)
@@ -62,6 +68,7 @@ def main() -> int:
             [str(bindir / "ansible-test"), "sanity", "--venv", "--python", python,
              "--color", "no", *sys.argv[1:]],
             cwd=tree,
+            env=env,
             check=False,
         )  # fmt: skip
         return done.returncode

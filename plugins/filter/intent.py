@@ -1,7 +1,7 @@
 """Filters computing Keyway's intent from the whole inventory (module_utils/intent).
 
 hostvars | keyway.ipsec.intent(groups, keyway_topologies, ...)
-keyway_intent.hosts[inventory_hostname].psk_refs
+tunnels_intent.hosts[inventory_hostname].psk_refs
   | keyway.ipsec.intent_psks(keyway_master_secret, keyway_external_peers)
 """
 

@@ -78,8 +78,8 @@ EXAMPLES = r"""
     path: /etc/keyway/keywayd.yml
     settings:
       dataplane: auto
-    connections: "{{ keyway_intent.hosts[inventory_hostname].connections }}"
-    psks: "{{ keyway_intent.hosts[inventory_hostname].psk_refs
+    connections: "{{ tunnels_intent.hosts[inventory_hostname].connections }}"
+    psks: "{{ tunnels_intent.hosts[inventory_hostname].psk_refs
       | keyway.ipsec.intent_psks(keyway_master_secret) }}"
 """
 

@@ -62,6 +62,15 @@ def test_site_builds_the_mesh_idempotently_and_traffic_is_encrypted(netns_hosts)
     assert all(r.get("skipped") for r in task_results(second_run, INSTALL_TASK).values())
     checked = recap(run_playbook("playbooks/site.yml", plan, "--check", "--diff"))
     assert all(s["changed"] == 0 for s in checked.values())
+    # The role keyway.ipsec.tunnels returns each link's state when asked.
+    reported = run_playbook("playbooks/site.yml", plan, "-e", "tunnels_status=true")
+    rows = task_results(reported, "Each link of this host, as both of its ends see it")
+    for host in plan.hosts:
+        links = rows[host.name]["ansible_facts"]["tunnels_link_status"]
+        assert sorted(r["link"] for r in links) == sorted(
+            "-".join(sorted((host.name, peer.name))) for peer in plan.hosts if peer != host
+        )
+        assert all(r["state"] == "up" and r["spi_in"] for r in links)
 
     status = run_playbook("playbooks/lab_status.yml", plan)
     probes = task_results(status, "Site to site through the tunnels, encrypted on the wire")
