@@ -71,7 +71,9 @@ demo: venv collection
 	$(VENV)/bin/ansible-playbook -i inventory/lab playbooks/lab_partner.yml
 	$(VENV)/bin/ansible-playbook -i inventory/lab playbooks/site.yml
 	$(VENV)/bin/ansible-playbook -i inventory/lab playbooks/lab_status.yml
-	$(VENV)/bin/ansible-playbook -i inventory/lab playbooks/status.yml
+	@mkdir -p build
+	$(VENV)/bin/ansible-playbook -i inventory/lab playbooks/status.yml -e keyway_status_graph=$(CURDIR)/build/tunnels
+	@echo "The tunnels as a picture: build/tunnels.svg"
 
 lab-up: venv collection
 	$(PY) -m ansible_collections.keyway.ipsec.plugins.module_utils.lab up --hosts $(LAB_HOSTS)

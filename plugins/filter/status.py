@@ -1,8 +1,13 @@
-"""keyway.ipsec.link_status and psk_rotation: links as their ends see them (module_utils/intent)."""
+"""keyway.ipsec.link_status, psk_rotation, intent_dot: links as their ends see them, and
+as a picture (module_utils/intent)."""
 
 from __future__ import annotations
 
 from ansible_collections.keyway.ipsec.plugins.filter.intent import _plain
+from ansible_collections.keyway.ipsec.plugins.module_utils.intent.graph import (
+    intent_dot,
+    link_states,
+)
 from ansible_collections.keyway.ipsec.plugins.module_utils.intent.status import (
     link_status,
     psk_rotation,
@@ -34,6 +39,18 @@ def _psk_rotation(intent, hostvars):
     return psk_rotation(intent, states, sas)
 
 
+def _intent_dot(intent, hostvars=None):
+    """The picture (DOT); with `hostvars`, links coloured by the state link_status finds."""
+    states = None
+    if hostvars is not None:
+        states = link_states(_link_status(intent, hostvars)["rows"])
+    return intent_dot(_plain(intent), states)
+
+
 class FilterModule:
     def filters(self):
-        return {"link_status": _link_status, "psk_rotation": _psk_rotation}
+        return {
+            "link_status": _link_status,
+            "psk_rotation": _psk_rotation,
+            "intent_dot": _intent_dot,
+        }

@@ -7,10 +7,13 @@ import os
 import signal
 import stat
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from ansible_collections.keyway.ipsec.plugins.module_utils.intent.graph import UP_COLOUR
 from tests.fixtures.ansible import ROOT, recap, run_playbook, task_results
 
+SVG = "{http://www.w3.org/2000/svg}"
 CONFIG_TASK = "The agent's config (validated by keywayd's parser; PSKs in 0600 files)"
 INSTALL_TASK = "The agent installed and running"  # includes KEYWAYD_TASK when needed
 KEYWAYD_TASK = "The agent installed and running (no systemd)"
@@ -142,7 +145,7 @@ def test_an_inconsistent_inventory_fails_before_any_host_is_touched(netns_hosts,
         assert not (Path(host.config_dir) / "keywayd.yml").exists()
 
 
-def test_the_demo_lab_shows_every_topology_with_an_external_strongswan(netns_hosts):
+def test_the_demo_lab_shows_every_topology_with_an_external_strongswan(netns_hosts, tmp_path):
     """From 5 lab hosts on the lab inventory is the demo: h1-h3 meshed, branches dialling
     in to h1 and reaching each other through it, and the last host running charon as an
     unmanaged partner gateway of h2. Every link carries traffic, encrypted."""
@@ -180,8 +183,18 @@ def test_the_demo_lab_shows_every_topology_with_an_external_strongswan(netns_hos
         # charon's userspace ESP (libipsec) always encapsulates in UDP
         assert probe["wire"]["esp_in_udp" if peer == "h6" else "esp"] >= 3
 
-    # status.yml: every link as both ends see it; all up, both ends on one SA pair.
-    table = task_results(run_playbook("playbooks/status.yml", plan), "Every link, both ends' view")
+    # status.yml: every link as both ends see it; all up, both ends on one SA pair; and
+    # the picture of it, every link green.
+    picture = tmp_path / "tunnels"
+    status = run_playbook("playbooks/status.yml", plan, "-e", f"keyway_status_graph={picture}")
+    table = task_results(status, "Every link, both ends' view")
+    svg = ET.parse(f"{picture}.svg").getroot()
+    titles = {t.text for t in svg.iter(f"{SVG}title")}
+    assert {"h1", "h2", "h3", "h4", "h5", "partner", "h2->partner", "h4->h1"} <= titles
+    edges = [g for g in svg.iter(f"{SVG}g") if g.get("class") == "edge"]
+    assert len(edges) == 6 and all(
+        p.get("stroke") == UP_COLOUR for g in edges for p in g.iter(f"{SVG}path")
+    )
     (shown,) = table.values()  # run once, for all
     rows = [line.split() for line in shown["msg"][1:]]
     assert {(r[0], r[1]) for r in rows} == {

@@ -5,6 +5,7 @@ INITIAL_CONTACT, trap policies, bad input next to good tunnels, and SIGTERM."""
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 
@@ -507,3 +508,44 @@ def test_the_tunnel_module_brings_a_connection_up_down_and_rekeys_it(netns_hosts
     # Bad input names what is wrong.
     assert "has no connection 'nope' (it has: ab)" in tunnel(name="nope")["msg"]
     assert "has no child 'x'" in tunnel(name="ab", child="x", state="down")["msg"]
+
+
+def test_metrics_over_http_parse_as_prometheus_text_and_match_keywayctl(netns_hosts, agents):
+    """metrics_listen: GET /metrics from another namespace, read by prometheus_client's
+    own parser; other paths and methods get their HTTP error."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    a, b = netns_hosts(2).hosts
+    agents(b, {"ab": site_connection(b, a, start=False)})
+    agent_a = agents(a, {"ab": site_connection(a, b, start=True)},
+                     metrics_listen=f"{a.ipv4}:9571")  # fmt: skip
+    agent_a.wait_for(lambda: agent_a.sas("ab"), "ab established")
+    assert traffic_flows(a, b)
+    fetch = (
+        "import sys, urllib.request, urllib.error\n"
+        "req = urllib.request.Request(sys.argv[1], method=sys.argv[2])\n"
+        "try:\n"
+        "    r = urllib.request.urlopen(req, timeout=5)\n"
+        "    print(r.status); print(r.read().decode())\n"
+        "except urllib.error.HTTPError as e:\n"
+        "    print(e.code)\n"
+    )
+
+    def get(path: str, method: str = "GET") -> tuple[int, str]:
+        url = f"http://{a.ipv4}:9571{path}"
+        out = in_netns(b.netns, sys.executable, "-c", fetch, url, method)
+        assert out.returncode == 0, out.stderr
+        code, _, body = out.stdout.partition("\n")
+        return int(code), body
+
+    code, body = get("/metrics")
+    assert code == 200
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    assert families["keyway_ike_sas"].samples[0].value == 1
+    assert families["keyway_child_sas"].samples[0].value == 1
+    (sent,) = families["keyway_child_sa_bytes_out"].samples
+    assert sent.labels["connection"] == "ab" and sent.value > 0
+    assert families["keyway_child_sa_bytes_out"].type == "counter"
+    # The same text as keywayctl metrics (counters may have moved in between: names only).
+    assert {f.name for f in text_string_to_metric_families(agent_a.ctl("metrics"))} == set(families)
+    assert get("/")[0] == 404 and get("/metrics", "POST")[0] == 405

@@ -187,6 +187,8 @@ class AgentConfig:
     dataplane: str = "auto"
     log_level: str = "info"
     control_socket: str = "/run/keyway/keywayd.sock"
+    # Prometheus metrics over HTTP (GET /metrics): (address, port), or None (off)
+    metrics_listen: tuple[str, int] | None = None
     state_dir: str = "/var/lib/keyway"
     ike_port: int = 500
     nat_t_port: int = 4500
@@ -479,6 +481,7 @@ _AGENT_KEYS = {
     "dataplane",
     "log_level",
     "control_socket",
+    "metrics_listen",
     "state_dir",
     "ike_port",
     "nat_t_port",
@@ -667,6 +670,24 @@ def _connection(reader: _Reader, name: str, raw: Any, file_private: bool) -> Con
     )
 
 
+def _listen_address(reader: _Reader, raw: dict, key: str) -> tuple[str, int] | None:
+    """ADDRESS:PORT with a literal IPv4 or IPv6 address ([::1]:9571); absent: None."""
+    value = raw.get(key)
+    if value is None:
+        return None
+    host, sep, port = str(value).rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        address = ipaddress.ip_address(host)
+        number = int(port)
+        if not (sep and 1 <= number <= 65535):
+            raise ValueError
+    except ValueError:
+        reader.problem(key, f"{value!r} must be ADDRESS:PORT, e.g. 127.0.0.1:9571 or [::1]:9571")
+        return None
+    return str(address), number
+
+
 def parse_config(
     raw: Any,
     *,
@@ -690,6 +711,7 @@ def parse_config(
         dataplane=reader.choice(raw, "dataplane", "", DATAPLANES, "auto"),
         log_level=reader.choice(raw, "log_level", "", LOG_LEVELS, "info"),
         control_socket=str(raw.get("control_socket", "/run/keyway/keywayd.sock")),
+        metrics_listen=_listen_address(reader, raw, "metrics_listen"),
         state_dir=str(raw.get("state_dir", "/var/lib/keyway")),
         ike_port=reader.integer(raw, "ike_port", "", 500, 1, 65535),
         nat_t_port=reader.integer(raw, "nat_t_port", "", 4500, 1, 65535),

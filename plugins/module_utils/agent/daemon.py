@@ -80,6 +80,10 @@ from .config import (
 from .control import ControlError, ControlServer, InstanceLock
 from .udp import UdpRunner
 
+# GET /metrics (metrics_listen): the request's line and headers, and how long they take.
+METRICS_REQUEST_LIMIT = 8192
+METRICS_REQUEST_TIMEOUT = 5.0
+
 log = logging.getLogger("keyway.agent")
 
 BACKOFF_MAX = 60.0
@@ -256,6 +260,7 @@ class Agent:
         self.stats: collections.Counter[str] = collections.Counter()
         self.control: ControlServer | None = None
         self._instance: InstanceLock | None = None
+        self._metrics_server: asyncio.Server | None = None
         self.started = time.time()
         # What the agent's Ansible role compares with its own payload (agent/library.py).
         self.library = library.agent_fingerprint()
@@ -291,6 +296,14 @@ class Agent:
             raise AgentError(f"data plane {self.plane.name}: {exc}") from None
         self.control = ControlServer(self.config.control_socket, self._command, self._subscribe)
         await self.control.start()
+        if self.config.metrics_listen:
+            address, port = self.config.metrics_listen
+            try:
+                self._metrics_server = await asyncio.start_server(
+                    self._serve_metrics, address, port, limit=METRICS_REQUEST_LIMIT
+                )
+            except OSError as exc:
+                raise AgentError(f"metrics_listen {address} port {port}: {exc}") from None
         for conn in self.config.connections:
             await self._add_connection(conn)
         self._dpd_task = asyncio.create_task(self._dpd_loop())
@@ -349,6 +362,9 @@ class Agent:
             await self.plane.stop()
         if self.control:
             await self.control.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            await self._metrics_server.wait_closed()
         if self._instance is not None:
             self._instance.release()
         for queue in self._watchers:
@@ -1301,16 +1317,52 @@ class Agent:
         ]
         for reason, count in sorted(drops.items()):
             lines.append(f'keyway_dataplane_drops_total{{reason="{reason}"}} {count}')
-        for sa in await self._cmd_list_sas(args):
-            for child in sa["children"]:
-                labels = (
-                    f'connection="{sa["connection"]}",child="{child["name"]}",'
-                    f'spi="{child["spi_in"]}"'
-                )
-                for key in ("bytes_in", "bytes_out", "packets_in", "packets_out"):
-                    if key in child:
-                        lines.append(f"keyway_child_sa_{key}{{{labels}}} {child[key]}")
+        # Each family's lines together, after its HELP and TYPE (the text format's rule).
+        children = [
+            (f'connection="{sa["connection"]}",child="{c["name"]}",spi="{c["spi_in"]}"', c)
+            for sa in await self._cmd_list_sas(args)
+            for c in sa["children"]
+        ]
+        for key in ("bytes_in", "bytes_out", "packets_in", "packets_out"):
+            lines += [
+                f"# HELP keyway_child_sa_{key} The Child SA's {key.replace('_', ' ')}.",
+                f"# TYPE keyway_child_sa_{key} counter",
+            ]
+            lines += [
+                f"keyway_child_sa_{key}{{{labels}}} {c[key]}" for labels, c in children if key in c
+            ]
         return "\n".join(lines) + "\n"
+
+    async def _serve_metrics(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """One HTTP/1.0-style exchange: GET /metrics answers `keywayctl metrics`'s text;
+        anything else an error status. Bounded in size and time: whoever reaches the
+        port gets nothing else."""
+        try:
+            async with asyncio.timeout(METRICS_REQUEST_TIMEOUT):
+                request = await reader.readline()
+                for _unused in range(100):  # headers: not needed, read and bounded
+                    if await reader.readline() in (b"\r\n", b"\n", b""):
+                        break
+            method, target, *_unused = [*request.decode("latin-1").split(), "", ""]
+            if method not in ("GET", "HEAD"):
+                status, body = "405 Method Not Allowed", "GET /metrics\n"
+            elif target.split("?")[0] != "/metrics":
+                status, body = "404 Not Found", "GET /metrics\n"
+            else:
+                status, body = "200 OK", await self._cmd_metrics({})
+            payload = body.encode()
+            writer.write(
+                f"HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                + (payload if method != "HEAD" else b"")
+            )
+            await writer.drain()
+        except (TimeoutError, ValueError, ConnectionError, asyncio.LimitOverrunError):
+            pass  # a slow, oversized or vanished client: closed below
+        finally:
+            writer.close()
 
     def _publish(self, record: dict) -> None:
         for queue in list(self._watchers):

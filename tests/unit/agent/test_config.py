@@ -242,3 +242,23 @@ def test_weak_groups_the_parser_accepts_are_implemented(group):
     raw["connections"]["h1-h2"]["allow_weak"] = True
     raw["connections"]["h1-h2"]["proposals"] = [f"aes128-sha256-{group}"]
     assert parse_config(raw).connections[0].proposals == (f"aes128-sha256-{group}",)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("127.0.0.1:9571", ("127.0.0.1", 9571)), ("[::1]:9100", ("::1", 9100)), (None, None)],
+)
+def test_metrics_listen_is_an_address_and_a_port(value, expected):
+    raw = conf(GOOD)
+    if value is not None:
+        raw["metrics_listen"] = value
+    assert parse_config(raw, validate_proposal=accept_all).metrics_listen == expected
+
+
+@pytest.mark.parametrize("value", ["localhost:9571", "127.0.0.1", "127.0.0.1:0", ":9571", 9571])
+def test_a_metrics_listen_that_is_not_address_and_port_is_refused(value):
+    raw = {**conf(GOOD), "metrics_listen": value}
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, validate_proposal=accept_all)
+    assert ("metrics_listen", f"{value!r} must be ADDRESS:PORT, e.g. 127.0.0.1:9571 or "
+            "[::1]:9571") in info.value.problems  # fmt: skip
