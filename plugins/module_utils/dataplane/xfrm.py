@@ -34,7 +34,7 @@ import socket
 import struct
 import subprocess
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pyroute2.netlink import (
     NETLINK_XFRM,
@@ -51,7 +51,11 @@ from pyroute2.netlink import (
     nlmsgerr,
 )
 from pyroute2.netlink.exceptions import NetlinkDecodeError, NetlinkError
-from pyroute2.netlink.marshal import Marshal
+
+try:
+    from pyroute2.netlink.marshal import Marshal
+except ImportError:  # pyroute2 before 0.9 (Debian 12 ships 0.7.2) keeps it here
+    from pyroute2.netlink.nlsocket import Marshal
 
 from ..esp.tun import ROUTE_TABLE
 from .base import (
@@ -278,10 +282,31 @@ def struct_size(fields: Iterable) -> int:
     return sum(struct.calcsize(fmt) for _unused, fmt in fields)
 
 
+# One struct field in or out of an attribute's buffer. pyroute2 0.9 has these as nla
+# methods; 0.7 (Debian 12's) has not, and what they do is this little.
+def _decode_field(fmt: str, data, offset: int) -> tuple[Any, int]:
+    value = struct.unpack_from(fmt, data, offset)
+    return (value[0] if len(value) == 1 else value), offset + struct.calcsize(fmt)
+
+
+def _encode_field(fmt: str, data: bytearray, offset: int, value: Any) -> int:
+    size = struct.calcsize(fmt)
+    data.extend(bytes(size))
+    if isinstance(value, str):
+        value = value.encode()
+    if fmt.endswith("x"):
+        struct.pack_into(fmt, data, offset)
+    elif isinstance(value, (list, tuple)):
+        struct.pack_into(fmt, data, offset, *value)
+    else:
+        struct.pack_into(fmt, data, offset, value)
+    return offset + size
+
+
 def _decode_flat(obj: nla, fields: tuple, offset: int) -> tuple[dict, int]:
     out = {}
     for name, fmt in fields:
-        value, offset = obj.decode_field(fmt, obj.data, offset)
+        value, offset = _decode_field(fmt, obj.data, offset)
         if not name.startswith("_"):
             out[name] = value
     return out, offset
@@ -291,7 +316,7 @@ def _encode_flat(obj: nla, fields: tuple, offset: int, values: dict) -> int:
     defaults = _defaults(fields)
     for name, fmt in fields:
         value = values.get(name, defaults.get(name, 0))
-        offset = obj.encode_field(fmt, obj.data, offset, value)
+        offset = _encode_field(fmt, obj.data, offset, value)
     return offset
 
 

@@ -20,6 +20,7 @@ import os
 import socket
 import struct
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
@@ -49,6 +50,19 @@ _HMACS = {
     "hmac-sha2-512-256": ("sha512", 32, 64),
 }
 _AEADS = {"aes-gcm-16": AESGCM, "chacha20-poly1305": ChaCha20Poly1305}
+
+
+def _aead_takes_buffers() -> bool:
+    """cryptography 39 and newer decrypt from a memoryview; 38 (Debian 12's) wants bytes."""
+    try:
+        AESGCM(bytes(16)).encrypt(bytes(12), memoryview(b""), None)
+    except TypeError:
+        return False
+    return True
+
+
+# Ciphertext as the AEAD takes it: the packet's own buffer where it can (no copy).
+_aead_input = (lambda data: data) if _aead_takes_buffers() else bytes
 _SPI_SEQ = struct.Struct("!II")
 _SEQ_HI = struct.Struct("!I")
 
@@ -220,8 +234,8 @@ class SaCrypto:
             iv = bytes(mv[8:16])
             aad = self._spi_bytes + seq_hi + bytes(mv[4:8]) if self.esn else bytes(mv[0:8])
             try:
-                plain = self._aead.decrypt(self._salt + iv, mv[16:], aad)
-            except Exception:  # InvalidTag: the cryptography library's only failure here
+                plain = self._aead.decrypt(self._salt + iv, _aead_input(mv[16:]), aad)
+            except InvalidTag:
                 raise Drop(ICV) from None
         else:
             body_end = n - self.icv_len

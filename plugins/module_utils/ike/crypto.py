@@ -373,6 +373,8 @@ def modp_prime(group: int) -> int:
 # cryptography 46+ marks finite-field DH as deprecated; IKEv2 peers still need MODP
 # groups (strongSwan's default proposal includes modp3072), so the warning is silenced
 # here, and only here. If a release drops it, MODP groups fail with a clear error.
+# Raw public key bytes (X25519, X448): the spelling cryptography 38 knows too.
+_RAW, _RAW_PUBLIC = _serialization.Encoding.Raw, _serialization.PublicFormat.Raw
 _FFDH_DEPRECATION = {"action": "ignore", "message": "Diffie-Hellman over finite fields"}
 
 
@@ -449,14 +451,14 @@ class KeyExchange:
                 if private is None
                 else x25519.X25519PrivateKey.from_private_bytes(private)
             )
-            self.public = self._private.public_key().public_bytes_raw()
+            self.public = self._private.public_key().public_bytes(_RAW, _RAW_PUBLIC)
         elif group == KeGroup.CURVE448:
             self._private = (
                 x448.X448PrivateKey.generate()
                 if private is None
                 else x448.X448PrivateKey.from_private_bytes(private)
             )
-            self.public = self._private.public_key().public_bytes_raw()
+            self.public = self._private.public_key().public_bytes(_RAW, _RAW_PUBLIC)
         else:
             raise UnsupportedAlgorithmError(
                 f"KE group {group} is not supported", NotifyType.NO_PROPOSAL_CHOSEN
