@@ -465,11 +465,25 @@ class _xfrm_attrs:
             self["templates"] = items
 
 
+def _ft_encode_with_defaults(self, offset):
+    # pyroute2 0.9 fills missing fields from `defaults`; 0.7 (Debian 12's) packs them as
+    # 0, which "16s" refuses: filled here for both.
+    for name, value in self.defaults.items():  # the "s" fields only
+        if not isinstance(self.get(name), (bytes, bytearray)):
+            self[name] = value
+    return nlmsg.ft_encode(self, offset)
+
+
 def _msg_class(name: str, fields: tuple) -> type:
     return type(
         name,
         (_xfrm_attrs, nlmsg),
-        {"__slots__": (), "fields": fields, "defaults": _defaults(fields)},
+        {
+            "__slots__": (),
+            "fields": fields,
+            "defaults": _defaults(fields),
+            "ft_encode": _ft_encode_with_defaults,
+        },
     )
 
 
