@@ -15,7 +15,7 @@ LAB_HOSTS ?= 5
 export KEYWAY_LAB_HOSTS := $(LAB_HOSTS)
 PYTEST_ARGS ?=
 
-.PHONY: help venv deps collection test test-kernel lint sanity fuzz demo lab-up lab-down build clean
+.PHONY: help venv deps collection test test-kernel test-min-deps lint sanity fuzz demo lab-up lab-down build clean
 
 help:
 	@echo "make demo      build the netns lab, run the site playbook, show the result"
@@ -29,7 +29,15 @@ help:
 $(VENV)/.deps: pyproject.toml tools/pydeps.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $$($(PYTHON) tools/pydeps.py test)
+	$(PY) -m pip install --quiet $$($(PYTHON) tools/pydeps.py test lint)
+	touch $@
+
+# The oldest versions pyproject.toml admits, in a venv of their own (make test-min-deps).
+VENV_MIN := .venv-min
+$(VENV_MIN)/.deps: pyproject.toml tools/pydeps.py
+	$(PYTHON) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_MIN)/bin/python -m pip install --quiet $$($(PYTHON) tools/pydeps.py --oldest test)
 	touch $@
 
 venv: $(VENV)/.deps
@@ -54,10 +62,18 @@ lint: venv collection
 sanity: venv
 	$(PY) tools/sanity.py
 
-# Host tiers first (unit, netns, interop), then the kernel tier in one VM boot.
+# Host tiers first (unit, netns, interop), then the unit and netns tiers again on the
+# oldest supported packages, then the kernel tier in one VM boot.
 test: deps lint sanity
 	$(PY) -m pytest -m "not kernel" $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory test-min-deps
 	$(MAKE) --no-print-directory test-kernel
+
+# keywayd and the modules on the oldest cryptography, pyroute2, PyYAML and Jinja2 they
+# support (Debian 12's), with the oldest ansible-core: tests/unit and tests/netns.
+test-min-deps: $(VENV_MIN)/.deps collection
+	$(VENV_MIN)/bin/python -c "import cryptography, pyroute2; print('min-deps: cryptography', cryptography.__version__, 'pyroute2', pyroute2.__version__)"
+	$(VENV_MIN)/bin/python -m pytest tests/unit tests/netns $(PYTEST_ARGS)
 
 # The real-kernel tier: tools/vm-setup.sh fetches the kernel and virtme-ng, then the
 # guest runs tests/kernel in one pytest process; its exit code is the tier's result.

@@ -18,7 +18,6 @@ import subprocess
 from dataclasses import replace
 
 import pytest
-from pyroute2.netns import create_socket
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.base import (
     KEYWAY_REQID_MIN,
@@ -40,6 +39,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm import
     KernelPlane,
     effective_priority,
     ike_socket_bypass,
+    socket_in_netns,
     udp_encap_socket,
 )
 from tests.conftest import require_root
@@ -236,7 +236,7 @@ def test_acquire_event(ns, plane, family):
 
         await plane.start(sink)
         try:
-            sock = create_socket(ns, fam, socket.SOCK_DGRAM, flags=0)
+            sock = socket_in_netns(ns, fam, socket.SOCK_DGRAM)
             with sock:
                 sock.bind((local, 40123))
                 try:
@@ -260,7 +260,7 @@ def test_acquire_event(ns, plane, family):
 
 def test_socket_helpers(ns):
     for fam, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
-        sock = create_socket(ns, fam, socket.SOCK_DGRAM, flags=0)
+        sock = socket_in_netns(ns, fam, socket.SOCK_DGRAM)
         with sock:
             sock.bind((addr, 0))
             ike_socket_bypass(sock)

@@ -537,22 +537,38 @@ STRUCT_SIZES = {
 
 
 class MarshalXfrm(Marshal):
-    """Reply parser: message type -> class; NLMSG_ERROR becomes NetlinkError(errno)."""
+    """Reply parser: message type -> class; NLMSG_ERROR becomes NetlinkError(errno).
+
+    The loop is ours: pyroute2 0.7 and 0.9 differ here, and both decode the request an
+    error echoes with the full message class, which fails when the echo is capped
+    (NETLINK_CAP_ACK) or short. The errno and the kernel's extended-ack text are kept."""
+
+    def parse(self, data, seq=None, callback=None, **_unused):
+        offset = 0
+        while offset <= len(data) - 16:
+            length, key, flags, sequence_number = struct.unpack_from("=IHHI", data, offset)
+            if not 16 <= length <= len(data) - offset:
+                break
+            yield self.parse_one_message(key, flags, sequence_number, data, offset, length)
+            offset += (length + 3) & ~3
 
     def parse_one_message(self, key, flags, sequence_number, data, offset, length):
-        try:
-            return super().parse_one_message(key, flags, sequence_number, data, offset, length)
-        except (struct.error, NetlinkDecodeError):
-            if key != NLMSG_ERROR:
-                raise
-        # pyroute2 decodes the echoed request with the full message class and fails when
-        # the echo is capped (NETLINK_CAP_ACK) or short: keep the errno all the same.
+        if key != NLMSG_ERROR:
+            msg = self.msg_map.get(key, nlmsg)(data, offset=offset)
+            msg.decode()
+            msg["header"]["error"] = None
+            return msg
         code = -struct.unpack_from("=i", data, offset + 16)[0]
+        text = None
+        with contextlib.suppress(struct.error, NetlinkDecodeError):
+            decoded = nlmsgerr(data, offset=offset)
+            decoded.decode()
+            text = decoded.get_attr("NLMSGERR_ATTR_MSG")
         msg = nlmsgerr()
         names = ("length", "type", "flags", "sequence_number", "pid")
         msg["header"] = dict(zip(names, struct.unpack_from("=IHHII", data, offset), strict=True))
         msg["error"] = -code
-        msg["header"]["error"] = NetlinkError(code) if code else None
+        msg["header"]["error"] = NetlinkError(code, text) if code else None
         return msg
 
     msg_map: ClassVar[dict[int, type]] = {
@@ -998,22 +1014,32 @@ def udp_encap_socket(sock: socket.socket) -> None:
     sock.setsockopt(SOL_UDP, UDP_ENCAP, UDP_ENCAP_ESPINUDP)
 
 
+def socket_in_netns(netns: str, family: int, kind: int, proto: int = 0) -> socket.socket:
+    """A socket of network namespace `netns` (a socket belongs to the namespace it was
+    created in). Never creates a missing namespace."""
+    try:
+        from pyroute2.netns import create_socket
+    except ImportError:  # pyroute2 before 0.9: enter the namespace for socket(), then leave
+        from pyroute2.netns import setns
+
+        home = os.open("/proc/self/ns/net", os.O_RDONLY)
+        try:
+            setns(netns, flags=0)
+            try:
+                return socket.socket(family, kind, proto)
+            finally:
+                setns(home, flags=0)
+        finally:
+            os.close(home)
+    # pyroute2 0.9 creates it in a forked child that entered `netns`, and hands it back.
+    return create_socket(netns=netns, family=family, socket_type=kind, proto=proto, flags=0)
+
+
 def _open_socket(netns: str | None, groups: Iterable[int] = ()) -> socket.socket:
     if netns is None:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM)
     else:
-        # A netlink socket belongs to the namespace it was created in: pyroute2 creates
-        # it in a forked child that has entered `netns` and hands back the fd. flags=0:
-        # never create a missing namespace.
-        from pyroute2.netns import create_socket
-
-        sock = create_socket(
-            netns=netns,
-            family=socket.AF_NETLINK,
-            socket_type=socket.SOCK_RAW,
-            proto=NETLINK_XFRM,
-            flags=0,
-        )
+        sock = socket_in_netns(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
     with contextlib.suppress(OSError):  # old kernels: errno without the reason text
         sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)

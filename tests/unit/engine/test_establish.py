@@ -30,7 +30,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.ike.proposals import 
     parse_proposal_string,
 )
 from tests.fixtures.fakenet import FakeNetwork, Impairment
-from tests.fixtures.pki import make_ca, make_cert
+from tests.fixtures.pki import make_ca, make_cert, needs_path_validation
 
 A, B = ("192.0.2.11", 500), ("192.0.2.12", 500)
 PSK = b"fake-network-psk-0123456789"
@@ -457,6 +457,7 @@ def cert_pair(ca_a, ca_b, cert_a, cert_b, ids=("h1.lab", "h2.lab")) -> Pair:
     )
 
 
+@needs_path_validation
 def test_certificates_authenticate_both_ways():
     ca = make_ca()
     pair = cert_pair(ca, ca, make_cert(ca, "h1.lab", ec.SECP384R1), make_cert(ca, "h2.lab"))
@@ -466,6 +467,7 @@ def test_certificates_authenticate_both_ways():
     assert of(pair.events[B], IkeSaUp)[0].remote_id == "h1.lab"
 
 
+@needs_path_validation
 @pytest.mark.parametrize("problem", ["unknown CA", "wrong name", "expired"])
 def test_certificate_problems_fail_authentication_with_the_reason(problem):
     ca, other = make_ca(), make_ca("Other CA")
