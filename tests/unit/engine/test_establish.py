@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -118,6 +119,28 @@ def test_establish_ike_and_child_sa(suite):
     assert (ca.key_out, ca.key_in) == (cb.key_in, cb.key_out)
     assert ca.local_ts == ("10.1.0.0/24",) and cb.local_ts == ("10.2.0.0/24",)
     assert ca.mode == cb.mode == "tunnel"
+
+
+def test_debug_logging_traces_every_message_and_never_a_secret(caplog):
+    """log_level debug (issue 14, item 19): each message both ways, with exchange,
+    request or response, message ID, payload and notify types; no key, PSK or nonce."""
+    caplog.set_level(logging.DEBUG, logger="keyway.ike")
+    pair = lab_pair()
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    (child,) = of(pair.events[A], ChildSaReady)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert any(
+        line.startswith("h1-h2: sending IKE_SA_INIT request #0 [SA KE NONCE N(NAT_DETECTION_")
+        for line in lines
+    ), lines
+    assert any(": received IKE_SA_INIT request #0 [SA KE NONCE" in line for line in lines)
+    assert any(line.startswith("h1-h2: sending IKE_AUTH request #1 [IDi") for line in lines)
+    assert any(line.startswith("h1-h2: received IKE_AUTH response #1 [IDr AUTH") for line in lines)
+    text = caplog.text
+    assert PSK.decode() not in text
+    for secret in (PSK, child.key_in, child.key_out):
+        assert secret.hex() not in text and repr(secret) not in text
 
 
 def test_establish_through_loss_duplication_and_reordering():

@@ -71,6 +71,35 @@ log = logging.getLogger("keyway.ike")
 # What any sender can provoke with one datagram (garbage, unknown SPIs, failed
 # IKE_AUTH): keywayd rate-limits this logger, so a flood cannot fill a disk.
 untrusted = logging.getLogger("keyway.untrusted")
+
+
+def _trace(name: str, sent: bool, header: codec.Header, payloads: list[codec.Payload]) -> None:
+    """log_level debug: each message as strongSwan's charon shows it (exchange, request
+    or response, message ID, payload types, notify types); never a key or a nonce."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    names = []
+    for payload in payloads:
+        if isinstance(payload, codec.Notify):
+            try:
+                names.append(f"N({NotifyType(payload.type).name})")
+            except ValueError:
+                names.append(f"N({payload.type})")
+        else:
+            names.append(getattr(payload.TYPE, "name", str(payload.TYPE)))
+    log.debug(
+        "%s: %s %s %s #%d [%s]",
+        name,
+        "sending" if sent else "received",
+        ExchangeType(header.exchange).name
+        if header.exchange in ExchangeType._value2member_map_
+        else header.exchange,
+        "response" if header.is_response else "request",
+        header.message_id,
+        " ".join(names),
+    )
+
+
 NONCE_SIZE = 32
 HALF_OPEN_TIMEOUT = 30.0  # seconds a responder waits for IKE_AUTH (strongSwan's default)
 REDUNDANT_GRACE = 10.0  # seconds a collision's loser has to delete its redundant SA
@@ -358,10 +387,13 @@ class IkeSa:
     ) -> None:
         """Send a protected request (fragmented if it must be) as our next message ID."""
         header = self._header(exchange, self.send_mid, False)
+        _trace(self.conn.name, True, header, inner)
         self._send_request(self._seal(header, inner), now, kind, arg)
 
     def _respond(self, exchange: int, mid: int, inner: list[codec.Payload]) -> None:
-        self._send_response(mid, self._seal(self._header(exchange, mid, True), inner))
+        header = self._header(exchange, mid, True)
+        _trace(self.conn.name, True, header, inner)
+        self._send_response(mid, self._seal(header, inner))
 
     def _seal(self, header: codec.Header, inner: list[codec.Payload]) -> tuple[bytes, ...]:
         """One SK message, or SKF fragments (RFC 7383) when both ends support them and
@@ -407,9 +439,9 @@ class IkeSa:
             payloads.append(codec.Notify(type=NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
         payloads.append(codec.Notify(type=NotifyType.CHILDLESS_IKEV2_SUPPORTED))  # RFC 6023
         self.send_mid = 0
-        data = codec.encode_message(
-            codec.Message(self._header(ExchangeType.IKE_SA_INIT, 0, False), payloads)
-        )
+        header = self._header(ExchangeType.IKE_SA_INIT, 0, False)
+        _trace(conn.name, True, header, payloads)
+        data = codec.encode_message(codec.Message(header, payloads))
         self.init_request = data
         self._send_request((data,), now)
 
@@ -1313,9 +1345,9 @@ class IkeSa:
         cas = [ca for c in candidates if c.auth == "pubkey" for ca in c.cacerts]
         if cas:
             payloads.append(codec.CERTREQ(kind=certs.X509_SIGNATURE, data=certs.certreq_data(cas)))
-        data_out = codec.encode_message(
-            codec.Message(self._header(ExchangeType.IKE_SA_INIT, 0, True), payloads)
-        )
+        header = self._header(ExchangeType.IKE_SA_INIT, 0, True)
+        _trace(self.conn.name, True, header, payloads)
+        data_out = codec.encode_message(codec.Message(header, payloads))
         self.init_response = data_out
         self.state = "auth"
         self.recv_mid = 1
@@ -1626,13 +1658,16 @@ class IkeSa:
         missing. Only the one message we expect next is collected (bounded state)."""
         last = msg.payloads[-1] if msg.payloads else None
         if not isinstance(last, codec.EncryptedFragment):
-            return codec.open_encrypted(data, msg, self.inbound)
-        key = (msg.header.message_id, msg.header.is_response)
-        if self.fragments is None or self.fragments[:2] != key:
-            self.fragments = (*key, codec.Reassembler())
-        inner = self.fragments[2].add(data, msg, self.inbound)
-        if inner is not None:
+            inner = codec.open_encrypted(data, msg, self.inbound)
+        else:
+            key = (msg.header.message_id, msg.header.is_response)
+            if self.fragments is None or self.fragments[:2] != key:
+                self.fragments = (*key, codec.Reassembler())
+            inner = self.fragments[2].add(data, msg, self.inbound)
+            if inner is None:
+                return None  # more fragments to come
             self.fragments = None
+        _trace(self.conn.name, False, msg.header, inner)
         return inner
 
     def _up(self, now: float) -> None:
@@ -1831,6 +1866,8 @@ class Engine:
             untrusted.info("dropped datagram from %s: %s", src, exc)
             return
         h = msg.header
+        if h.exchange == ExchangeType.IKE_SA_INIT:
+            _trace(f"{src[0]}:{src[1]}", False, h, msg.payloads)
         if h.exchange == ExchangeType.IKE_SA_INIT and not h.is_response:
             if h.spi_r != bytes(8):
                 untrusted.info("IKE_SA_INIT request from %s with a responder SPI: dropped", src)
