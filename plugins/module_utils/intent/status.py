@@ -86,11 +86,15 @@ def _table(rows: list[dict], problems: list[str]) -> list[str]:
         bytes_ = f"{r['bytes_in']}/{r['bytes_out']}"
         cells.append((r["link"], r["end"], r["state"], r["spi_in"], r["spi_out"],
                       r["proposal"], bytes_, age))  # fmt: skip
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = [
+    return _aligned(cells) + [f"PROBLEM {p}" for p in problems]
+
+
+def _aligned(cells: list[tuple[str, ...]]) -> list[str]:
+    """Rows of cells (the header first) as lines with aligned columns."""
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return [
         "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
     ]
-    return lines + [f"PROBLEM {p}" for p in problems]
 
 
 def _authenticated(name: str, sas: list[dict] | None) -> str:
@@ -172,7 +176,4 @@ def _rotation_table(rows: list[dict]) -> list[str]:
          r["authenticated"], r["step"])
         for r in rows
     ]  # fmt: skip
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    return [
-        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    ]
+    return _aligned(cells)

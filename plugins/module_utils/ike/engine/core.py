@@ -34,6 +34,7 @@ import random
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import IntEnum
 
 from .. import certs, codec, crypto
 from ..constants import (
@@ -45,6 +46,7 @@ from ..constants import (
     IdType,
     IntegId,
     NotifyType,
+    PayloadType,
     ProtocolId,
     TransformType,
     TsType,
@@ -73,6 +75,14 @@ log = logging.getLogger("keyway.ike")
 untrusted = logging.getLogger("keyway.untrusted")
 
 
+def _name(kind: type[IntEnum], value: int) -> str:
+    """An IKE constant's name, or its number when this enum does not know it."""
+    try:
+        return kind(value).name
+    except ValueError:
+        return str(value)
+
+
 def _trace(name: str, sent: bool, header: codec.Header, payloads: list[codec.Payload]) -> None:
     """log_level debug: each message as strongSwan's charon shows it (exchange, request
     or response, message ID, payload types, notify types); never a key or a nonce."""
@@ -81,19 +91,14 @@ def _trace(name: str, sent: bool, header: codec.Header, payloads: list[codec.Pay
     names = []
     for payload in payloads:
         if isinstance(payload, codec.Notify):
-            try:
-                names.append(f"N({NotifyType(payload.type).name})")
-            except ValueError:
-                names.append(f"N({payload.type})")
+            names.append(f"N({_name(NotifyType, payload.type)})")
         else:
-            names.append(getattr(payload.TYPE, "name", str(payload.TYPE)))
+            names.append(_name(PayloadType, payload.TYPE))
     log.debug(
         "%s: %s %s %s #%d [%s]",
         name,
         "sending" if sent else "received",
-        ExchangeType(header.exchange).name
-        if header.exchange in ExchangeType._value2member_map_
-        else header.exchange,
+        _name(ExchangeType, header.exchange),
         "response" if header.is_response else "request",
         header.message_id,
         " ".join(names),
