@@ -50,7 +50,11 @@ options:
     description: keywayd's log (stderr); default C(keywayd.log) in O(run_dir).
     type: path
   python:
-    description: The interpreter that runs keywayd; default the one running this module.
+    description:
+      - The interpreter that runs keywayd; default the one running this module.
+      - Before it installs or starts keywayd, the module asks this interpreter for its
+        version and for keywayd's packages (cryptography, pyroute2, PyYAML) and fails,
+        naming each one missing or too old, when it lacks any; nothing is changed then.
     type: path
   wait:
     description: Seconds to wait for the C(start) connections to be established (0 = do not wait).
@@ -84,6 +88,12 @@ installed:
   returned: always
   type: list
   elements: str
+missing:
+  description: What the interpreter lacks to run keywayd, one phrase each.
+  returned: on failure, when O(python) cannot run keywayd
+  type: list
+  elements: str
+  sample: ["pyroute2 missing (needs >= 0.7.2)", "cryptography 3.4.8 (needs >= 38.0.4)"]
 established:
   description: Connections established when the module returned.
   returned: when O(wait) is set and keywayd runs
@@ -114,6 +124,9 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.agent.library import 
     ENTRY,
     PACKAGE,
     payload_files,
+)
+from ansible_collections.keyway.ipsec.plugins.module_utils.agent.requirements import (
+    interpreter_problems,
 )
 
 
@@ -272,7 +285,16 @@ def main() -> None:
         agent_config = load_config(config)
     except ConfigError as exc:
         module.fail_json(msg=str(exc), **result)
-    written = install(lib_dir, module.check_mode)
+    python = p["python"] or sys.executable
+    # Only when something would be installed or started: a running keywayd whose library
+    # is current has shown that its interpreter works.
+    pending = install(lib_dir, True)
+    if pid is None or p["state"] == "installed" or pending:
+        problems = interpreter_problems(python)
+        if problems:
+            module.fail_json(msg=f"keywayd cannot run on {python}: {'; '.join(problems)}",
+                             missing=problems, **result)  # fmt: skip
+    written = pending if module.check_mode else install(lib_dir, False)
     result["installed"] = written
     if p["state"] == "installed":
         module.exit_json(**{**result, "changed": bool(written)})
@@ -286,7 +308,7 @@ def main() -> None:
         stop(pid)
         pid = None
     if pid is None:
-        process = start(module, p["python"] or sys.executable, lib_dir, config, pid_file, log_file)
+        process = start(module, python, lib_dir, config, pid_file, log_file)
         pid = process.pid
     result["pid"] = pid
     wait_ready(module, process, agent_config.control_socket, log_file)

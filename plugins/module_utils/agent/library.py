@@ -32,6 +32,7 @@ def _shipped_library() -> None:
         install,
         keywayctl,
         keywayd,
+        requirements,
         udp,
     )
     from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane import (  # noqa: F401
