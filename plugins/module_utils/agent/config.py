@@ -73,7 +73,8 @@ UNIQUE_POLICIES = ("no", "never", "keep", "replace")
 CHILD_MODES = ("tunnel", "transport", "pass", "drop")
 START_ACTIONS = ("none", "trap", "start")
 DPD_ACTIONS = ("clear", "trap", "restart")
-ENCAP_MODES = ("auto", "force", "no")
+# "no" (never encapsulate, even behind a NAT) is not implemented: refused with a reason.
+ENCAP_MODES = ("auto", "force")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CONNECTION_NAME = _NAME  # what connection and child names may look like
 _DURATION = re.compile(r"^(\d+)\s*([smhd]?)$")
@@ -162,12 +163,11 @@ class ConnectionConfig:
     psk: Secret | None = field(default=None, repr=False)
     previous_psks: tuple[Secret, ...] = field(default=(), repr=False)  # still accepted
     version: int = 2
-    local_port: int = 500
+    local_port: int = 500  # the agent's ike_port: the only one keywayd listens on
     remote_port: int = 500
     proposals: tuple[str, ...] = ("aes256gcm16-prfsha384-x25519",)
     encap: str = "auto"
     dpd_delay: int = 30
-    dpd_timeout: int = 150
     rekey_time: int = 14400
     reauth_time: int = 0
     over_time: int = 0  # 0: 10% of the larger of rekey_time and reauth_time
@@ -189,7 +189,6 @@ class AgentConfig:
     control_socket: str = "/run/keyway/keywayd.sock"
     # Prometheus metrics over HTTP (GET /metrics): (address, port), or None (off)
     metrics_listen: tuple[str, int] | None = None
-    state_dir: str = "/var/lib/keyway"
     ike_port: int = 500
     nat_t_port: int = 4500
     half_open_cookie_threshold: int = 100
@@ -482,7 +481,6 @@ _AGENT_KEYS = {
     "log_level",
     "control_socket",
     "metrics_listen",
-    "state_dir",
     "ike_port",
     "nat_t_port",
     "half_open_cookie_threshold",
@@ -587,7 +585,9 @@ def _psks(reader: _Reader, raw: dict, path: str, file_private: bool) -> list[Sec
     return secrets
 
 
-def _connection(reader: _Reader, name: str, raw: Any, file_private: bool) -> ConnectionConfig:
+def _connection(
+    reader: _Reader, name: str, raw: Any, file_private: bool, ike_port: int
+) -> ConnectionConfig:
     path = f"connections.{name}"
     if not _NAME.match(name):
         reader.problem(path, "connection names use letters, digits, '_', '.', '-' (64 at most)")
@@ -639,23 +639,50 @@ def _connection(reader: _Reader, name: str, raw: Any, file_private: bool) -> Con
     version = raw.get("version", 2)
     if version != 2:
         reader.problem(f"{path}.version", f"{version!r}: keywayd speaks IKEv2 only (2)")
+    # Keys swanctl has that keywayd does not honour are refused, never ignored.
+    if "dpd_timeout" in raw:
+        reader.problem(
+            f"{path}.dpd_timeout",
+            "is IKEv1's (swanctl ignores it for IKEv2): an IKEv2 peer is dead when "
+            "retransmit_tries retransmissions of a request go unanswered",
+        )
+    if raw.get("encap") == "no":
+        reader.problem(
+            f"{path}.encap",
+            "no is not implemented: keywayd UDP-encapsulates ESP when a NAT is detected "
+            "(auto) or always (force)",
+        )
+    local_port = reader.integer(raw, "local_port", path, ike_port, 1, 65535)
+    if local_port != ike_port:
+        reader.problem(
+            f"{path}.local_port",
+            f"{local_port}: keywayd initiates from its ike_port ({ike_port}) only",
+        )
+    remote_addrs = reader.addresses(raw, "remote_addrs", path, required=True)
+    if len(remote_addrs) > 1 or set(remote_addrs) & {"%any", "%any4", "%any6"}:
+        reader.problem(
+            f"{path}.remote_addrs",
+            "must be the peer's one IP address: keywayd does not yet answer peers of "
+            "unknown address (%any) or try several addresses",
+        )
     return ConnectionConfig(
         name=name,
         local_addrs=reader.addresses(raw, "local_addrs", path, required=False) or ("%any",),
-        remote_addrs=reader.addresses(raw, "remote_addrs", path, required=True),
+        remote_addrs=remote_addrs,
         local=local,
         remote=remote,
         children=tuple(children),
         psk=psk,
         previous_psks=tuple(psks[1:]),
-        local_port=reader.integer(raw, "local_port", path, 500, 1, 65535),
+        local_port=local_port,
         remote_port=reader.integer(raw, "remote_port", path, 500, 1, 65535),
         proposals=reader.proposals(
             raw, "proposals", path, "ike", ("aes256gcm16-prfsha384-x25519",), allow_weak
         ),
-        encap=reader.choice(raw, "encap", path, ENCAP_MODES, "auto"),
+        encap=reader.choice(raw, "encap", path, ENCAP_MODES, "auto")
+        if raw.get("encap") != "no"
+        else "auto",
         dpd_delay=reader.duration(raw, "dpd_delay", path, 30),
-        dpd_timeout=reader.duration(raw, "dpd_timeout", path, 150),
         rekey_time=rekey_time,
         reauth_time=reauth_time,
         over_time=over_time,
@@ -699,21 +726,21 @@ def parse_config(
     """Validate an already-loaded YAML document; raise ConfigError listing every problem."""
     reader = _Reader(validate_proposal or _default_proposal_validator, base_dir or Path("/"))
     raw = reader.mapping(raw, "", _AGENT_KEYS)
+    ike_port = reader.integer(raw, "ike_port", "", 500, 1, 65535)
     connections_raw = raw.get("connections", {})
     connections = []
     if not isinstance(connections_raw, dict):
         reader.problem("connections", "must be a mapping of connection names to connections")
     else:
         for name, conn_raw in connections_raw.items():
-            connections.append(_connection(reader, str(name), conn_raw, file_private))
+            connections.append(_connection(reader, str(name), conn_raw, file_private, ike_port))
     config = AgentConfig(
         connections=tuple(connections),
         dataplane=reader.choice(raw, "dataplane", "", DATAPLANES, "auto"),
         log_level=reader.choice(raw, "log_level", "", LOG_LEVELS, "info"),
         control_socket=str(raw.get("control_socket", "/run/keyway/keywayd.sock")),
         metrics_listen=_listen_address(reader, raw, "metrics_listen"),
-        state_dir=str(raw.get("state_dir", "/var/lib/keyway")),
-        ike_port=reader.integer(raw, "ike_port", "", 500, 1, 65535),
+        ike_port=ike_port,
         nat_t_port=reader.integer(raw, "nat_t_port", "", 4500, 1, 65535),
         half_open_cookie_threshold=reader.integer(
             raw, "half_open_cookie_threshold", "", 100, 0, 1 << 20

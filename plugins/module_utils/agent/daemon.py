@@ -49,6 +49,7 @@ from ..ike.engine.core import (
     HARD_LIFETIME,
     PEER_DEAD,
     REDUNDANT_IKE,
+    REPLACED_UNIQUE,
     ChildParams,
     Engine,
     IkeConnection,
@@ -91,7 +92,13 @@ MAX_INITIATING = 32  # IKE SAs we initiate that may be half-way up at once
 # ChildSaDeleted reasons of a Child SA lost while its IKE SA lives (not the operator's).
 LOST_CHILD = ("deleted by peer", HARD_LIFETIME)
 # IkeSaDown reasons of an SA whose successor (or twin) carries the connection on.
-REPLACED = ("replaced by rekey", "replaced by reauthentication", REDUNDANT_IKE, DUPLICATE_IKE)
+REPLACED = (
+    "replaced by rekey",
+    "replaced by reauthentication",
+    REDUNDANT_IKE,
+    DUPLICATE_IKE,
+    REPLACED_UNIQUE,
+)
 SHUTDOWN_GRACE = 2.0  # seconds to wait for the peers' answers to our Deletes
 # Seconds an inbound SA outlives its replacement (a rekey, a reauthentication, a
 # collision): packets the peer sent on it just before switching are still on their way
@@ -187,6 +194,7 @@ def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> 
         children,
         allow_weak=conn.allow_weak,
         previous_psks=tuple(p.reveal() for p in conn.previous_psks),
+        unique=conn.unique,
         fragment_size=agent.fragment_size,
         retransmit=RetransmitPolicy(
             agent.retransmit_timeout, agent.retransmit_base, agent.retransmit_tries

@@ -34,7 +34,7 @@ dataplane: userspace
 connections:
   h1-h2:
     local_addrs: [192.0.2.11]
-    remote_addrs: [192.0.2.12, "2001:db8::12"]
+    remote_addrs: 192.0.2.12
     local: {{id: h1.lab}}
     remote: {{id: h2.lab}}
     psk: {PSK}
@@ -53,7 +53,8 @@ def test_good_config_gets_swanctl_like_defaults():
     config = parse_config(conf(GOOD), validate_proposal=accept_all)
     assert config.dataplane == "userspace"
     (conn,) = config.connections
-    assert conn.remote_addrs == ("192.0.2.12", "2001:db8::12")
+    assert conn.remote_addrs == ("192.0.2.12",)
+    assert (conn.local_port, conn.unique, conn.encap) == (500, "no", "auto")
     assert conn.psk.reveal() == PSK.encode()
     assert (conn.rekey_time, conn.over_time, conn.rand_time) == (7200, 720, 720)
     assert conn.proposals == ("aes256gcm16-prfsha384-x25519",)
@@ -63,6 +64,36 @@ def test_good_config_gets_swanctl_like_defaults():
     assert (child.rekey_time, child.life_time, child.rand_time) == (1800, 1980, 180)
     assert child.rekey_bytes == 1 << 30
     assert (child.mode, child.protocol, child.esp_proposals) == ("tunnel", "esp", ("aes256gcm16",))
+
+
+def test_swanctl_keys_keywayd_does_not_honour_are_refused_with_the_reason():
+    bad = yaml.safe_load(GOOD)
+    bad["ike_port"] = 5000
+    bad["connections"]["h1-h2"].update(
+        dpd_timeout="150s",
+        encap="no",
+        local_port=4500,
+        remote_addrs=["192.0.2.12", "192.0.2.13"],
+    )
+    bad["connections"]["h1-h3"] = {**bad["connections"]["h1-h2"], "remote_addrs": "%any"}
+    bad["state_dir"] = "/var/lib/keyway"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(bad, validate_proposal=accept_all)
+    problems = dict(caught.value.problems)
+    assert "IKEv1's" in problems["connections.h1-h2.dpd_timeout"]
+    assert problems["connections.h1-h2.encap"].startswith("no is not implemented")
+    assert problems["connections.h1-h2.local_port"] == (
+        "4500: keywayd initiates from its ike_port (5000) only"
+    )
+    for name in ("h1-h2", "h1-h3"):
+        assert "one IP address" in problems[f"connections.{name}.remote_addrs"]
+    assert problems["state_dir"].startswith("unknown key")
+    # Reported once each, not once more as a bad choice.
+    assert len(caught.value.problems) == len(problems)
+    good = yaml.safe_load(GOOD)
+    good["ike_port"] = 5000
+    (conn,) = parse_config(good, validate_proposal=accept_all).connections
+    assert conn.local_port == 5000  # the agent's port, unless the connection names it
 
 
 def test_every_problem_is_reported_with_its_path():

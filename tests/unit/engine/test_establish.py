@@ -599,6 +599,68 @@ def test_a_second_ike_sa_with_the_same_peer_keeps_the_first():
     assert len(pair.b.sas()) == 2
 
 
+def unique_pair(unique: str) -> Pair:
+    pair = lab_pair(unique=unique)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    assert len(pair.a.sas()) == len(pair.b.sas()) == 1
+    return pair
+
+
+@pytest.mark.parametrize("initiator", ["same", "other"])
+def test_unique_replace_deletes_the_older_ike_sa_at_either_end(initiator):
+    pair = unique_pair("replace")
+    (old,) = pair.a.sas()
+    engine = pair.a if initiator == "same" else pair.b
+    engine.initiate("h1-h2", pair.net.now)
+    pair.pump(until=pair.net.now + 30)
+    (kept_a,), (kept_b,) = pair.a.sas(), pair.b.sas()
+    assert kept_a is not old and (kept_a.spi_i, kept_a.spi_r) == (kept_b.spi_i, kept_b.spi_r)
+    assert kept_a.state == kept_b.state == "established"
+    downs = of(pair.events[A], IkeSaDown) + of(pair.events[B], IkeSaDown)
+    assert {d.spi_i for d in downs} == {old.spi_i} and len(downs) == 2
+    # The new IKE SA carries the child: one Child SA per end, the pair's SPIs crossed.
+    (child_a,), (child_b,) = kept_a.children.values(), kept_b.children.values()
+    assert (child_a.spi_in, child_a.spi_out) == (child_b.spi_out, child_b.spi_in)
+
+
+def test_unique_keep_refuses_a_second_ike_sa_at_the_responder():
+    pair = unique_pair("keep")
+    (first,) = pair.b.sas()
+    pair.a.initiate("h1-h2", pair.net.now)
+    pair.pump(until=pair.net.now + 30)
+    (failed,) = of(pair.events[A], AuthFailed)
+    assert "AUTHENTICATION_FAILED" in failed.reason
+    assert pair.b.sas() == [first] and first.state == "established"
+    assert [sa.spi_i for sa in pair.a.sas()] == [first.spi_i]
+    assert not of(pair.events[B], IkeSaDown)
+
+
+@pytest.mark.parametrize(("unique", "refused"), [("keep", True), ("replace", False)])
+def test_a_peer_s_reauthentication_under_keep_is_refused_and_the_old_sa_stays(unique, refused):
+    pair = unique_pair(unique)
+    (old,) = pair.a.sas()
+    pair.a.reauthenticate(old, pair.net.now)
+    pair.pump(until=pair.net.now + 30)
+    (kept_a,), (kept_b,) = pair.a.sas(), pair.b.sas()
+    assert (kept_a is old) == refused and kept_a.state == kept_b.state == "established"
+    assert (kept_a.spi_i, kept_a.spi_r) == (kept_b.spi_i, kept_b.spi_r)
+    assert bool(of(pair.events[A], AuthFailed)) == refused
+
+
+@pytest.mark.parametrize(("unique", "dropped"), [("no", True), ("never", False)])
+def test_unique_never_keeps_an_ike_sa_despite_initial_contact(unique, dropped):
+    pair = unique_pair(unique)
+    restarted = Engine(A)  # A restarts: INITIAL_CONTACT in its next IKE_AUTH
+    restarted.add_connection(pair.a.connections["h1-h2"])
+    pair.a = restarted
+    pair.net.attach(A, lambda d, s, _dst, now: restarted.receive(d, s, now))
+    restarted.initiate("h1-h2", pair.net.now)
+    pair.pump(until=pair.net.now + 30)
+    assert len(pair.b.sas()) == (1 if dropped else 2)
+    assert bool(of(pair.events[B], IkeSaDown)) == dropped
+
+
 @pytest.mark.parametrize("side", ["initiator", "responder"])
 def test_child_sa_events_say_which_side_started_the_exchange(side):
     pair = established()

@@ -116,6 +116,7 @@ CHILD_EXCHANGES = ("rekey_child", "create_child", "delete_child")
 REDUNDANT_CHILD = "redundant after a rekey collision"
 REDUNDANT_IKE = "redundant after a rekey collision"
 DUPLICATE_IKE = "duplicate of a simultaneous initiation"
+REPLACED_UNIQUE = "replaced by a newer IKE SA (unique: replace)"
 PEER_DEAD = "peer dead"
 HARD_LIFETIME = "hard lifetime reached"
 
@@ -153,6 +154,10 @@ class IkeConnection:
     # Older PSKs still accepted during a rotation, newest first: a responder verifies
     # AUTH against each, an initiator the peer refuses tries the next one.
     previous_psks: tuple[bytes, ...] = field(default=(), repr=False)
+    # strongSwan's uniqueness policy for IKE SAs with the same peer identity: "no" (an
+    # older one goes when the new one carries INITIAL_CONTACT), "never" (not even then),
+    # "keep" (a responder refuses the new one), "replace" (the older ones are deleted).
+    unique: str = "no"
 
     @property
     def psks(self) -> tuple[bytes, ...]:
@@ -649,7 +654,9 @@ class IkeSa:
             self._refuse_responder(f"responder: {reason}", now)
             return
         self.remote_id = idr.to_text()
+        older = self._older_with_peer() if conn.unique == "replace" else []
         self._up(now)
+        self._replace_older(older, now)
         for params in conn.children[1:]:  # the others on CREATE_CHILD_SA (RFC 7296 1.3.1)
             self.queue("create_child", now, params)
         if self.child_params is None:
@@ -1400,13 +1407,20 @@ class IkeSa:
             self._respond_auth_failed(mid, f"{peer_id!r}: {reason}")
             return
         self.remote_id = peer_id
-        if any(isinstance(p, codec.Notify) and p.type == NotifyType.INITIAL_CONTACT for p in inner):
-            for stale in self.engine._established_with(conn.name, peer_id, self):
-                # Only SAs up before this one began: a twin from a simultaneous
-                # initiation also carries INITIAL_CONTACT, and is settled in _up.
-                if stale.established_at is not None and stale.established_at < self.created_at:
-                    log.info("%s: peer restarted (INITIAL_CONTACT): old IKE SA dropped", conn.name)
-                    stale._down("peer restarted (INITIAL_CONTACT)")
+        older = self._older_with_peer()
+        if older and conn.unique == "keep":
+            self._respond_auth_failed(
+                mid, f"{peer_id!r} already has an IKE SA of {conn.name} (unique: keep)"
+            )
+            return
+        initial_contact = any(
+            isinstance(p, codec.Notify) and p.type == NotifyType.INITIAL_CONTACT for p in inner
+        )
+        if initial_contact and conn.unique != "never":
+            for stale in older:  # the peer forgot them: no Delete to send
+                log.info("%s: peer restarted (INITIAL_CONTACT): old IKE SA dropped", conn.name)
+                stale._down("peer restarted (INITIAL_CONTACT)")
+            older = []
         id_type, id_data = encode_id(conn.local_id)
         idr = codec.IDr(id_type=id_type, data=id_data)
         reply: list[codec.Payload] = [
@@ -1419,6 +1433,34 @@ class IkeSa:
         self._up(now)
         if child[1] is not None:
             self._child_ready(*child[1])
+        if conn.unique == "replace":
+            self._replace_older(older, now)
+
+    def _older_with_peer(self) -> list[IkeSa]:
+        """This connection's IKE SAs with the same peer identity, up before this one
+        began: what a uniqueness policy acts on. Not a twin from a simultaneous
+        initiation (settled in _up), a rekeyed SA on its way out, or the SA this one
+        reauthenticates (it goes when this one is up)."""
+        return [
+            sa
+            for sa in self.engine._established_with(self.conn.name, self.remote_id, self)
+            if sa.established_at is not None
+            and sa.established_at < self.created_at
+            and not sa.superseded
+            and self.reauth_of is not sa
+            and sa.reauth_of is not self
+        ]
+
+    def _replace_older(self, older: list[IkeSa], now: float) -> None:
+        """unique: replace: the older IKE SAs with this peer identity are deleted (with
+        a Delete: the peer still holds them)."""
+        for stale in older:
+            if stale.state == "established" and not stale._deleting_ike():
+                log.info("%s: IKE SA replaced by a newer one with %s (unique: replace)",
+                         self.conn.name, self.remote_id)  # fmt: skip
+                stale.redundant = REPLACED_UNIQUE
+                stale.queue("delete_ike", now)
+                self.engine._touch(stale)
 
     def _accepts_chosen_ike(self, conn: IkeConnection) -> bool:
         ours = [spec.to_proposal(i + 1) for i, spec in enumerate(_ike_specs_of(conn))]
