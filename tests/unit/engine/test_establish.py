@@ -591,6 +591,72 @@ def test_initial_contact_from_a_restarted_peer_replaces_its_stale_ike_sa():
     assert now_sa is not old and now_sa.state == "established"
 
 
+@pytest.mark.parametrize("rtt", [0.01, 0.2])
+def test_a_responder_that_restarted_is_back_within_a_liveness_check_and_two_round_trips(rtt):
+    pair = lab_pair(impairment=Impairment(delay=rtt / 2))
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    (old,) = pair.a.sas()
+    (old_child,) = old.children.values()
+    # B restarts and waits for peers (responder only): a fresh engine at its address.
+    restarted = Engine(B)
+    restarted.add_connection(pair.b.connections["h1-h2"])
+    pair.b = restarted
+    pair.net.attach(B, lambda d, s, _dst, now: restarted.receive(d, s, now))
+    pair.events[A] = []
+    checked_at = pair.net.now
+    pair.a.check_liveness(old, checked_at)  # A's next DPD: B answers INVALID_IKE_SPI
+    pair.pump(until=checked_at + 60)
+    (new,) = pair.a.sas()
+    (child,) = new.children.values()
+    (ready,) = of(pair.events[A], ChildSaReady)
+    (peer_child,) = restarted.sas()[0].children.values()
+    assert (child.spi_out, child.key_out) == (peer_child.spi_in, peer_child.key_in)
+    # The liveness check's round trip, then IKE_SA_INIT's and IKE_AUTH's: three in all
+    # (fake time; without the hint, the retransmission schedule: minutes).
+    assert ready.spi_in == child.spi_in
+    assert new.established_at - checked_at <= 3 * rtt + 0.01
+    ups = of(pair.events[A], IkeSaUp)
+    assert len(ups) == 1
+    (down,) = of(pair.events[A], IkeSaDown)
+    assert down.spi_i == old.spi_i and down.reason == "replaced by reauthentication"
+    assert not of(pair.events[A], PeerDead)
+    (gone,) = of(pair.events[A], ChildSaDeleted)
+    assert gone.spi_in == old_child.spi_in
+    assert pair.events[A].index(ready) < pair.events[A].index(gone)  # make-before-break
+
+
+def test_a_spoofed_invalid_ike_spi_deletes_nothing():
+    pair = established()
+    (sa,) = pair.a.sas()
+    (child,) = sa.children.values()
+    pair.a.check_liveness(sa, pair.net.now)
+    (dpd,) = pair.a.pop_datagrams()
+    # An answer from anyone on the path, unprotected, before the peer's own.
+    from ansible_collections.keyway.ipsec.plugins.module_utils.ike import codec
+    from ansible_collections.keyway.ipsec.plugins.module_utils.ike.constants import (
+        HeaderFlag,
+        NotifyType,
+    )
+
+    h = codec.decode_message(dpd.data).header
+    spoof = codec.Header(h.spi_i, h.spi_r, h.exchange, HeaderFlag.RESPONSE, h.message_id)
+    pair.a.receive(
+        codec.encode_message(codec.Message(spoof, [codec.Notify(type=NotifyType.INVALID_IKE_SPI)])),
+        B, pair.net.now,
+    )  # fmt: skip
+    pair.net.send(dpd.data, dpd.src, dpd.dst)  # the real DPD reaches B, which answers
+    pair.pump(until=pair.net.now + 60)
+    # At most a reauthentication: a working IKE SA and Child SA replaced by new ones.
+    (now_a,), (now_b,) = pair.a.sas(), pair.b.sas()
+    assert (now_a.spi_i, now_a.spi_r) == (now_b.spi_i, now_b.spi_r)
+    assert now_a.state == now_b.state == "established" and len(now_a.children) == 1
+    (child_a,), (child_b,) = now_a.children.values(), now_b.children.values()
+    assert (child_a.spi_in, child_a.spi_out) == (child_b.spi_out, child_b.spi_in)
+    assert not of(pair.events[A], PeerDead) and not of(pair.events[B], PeerDead)
+    assert child.spi_in != child_a.spi_in or now_a is sa
+
+
 def test_a_second_ike_sa_with_the_same_peer_keeps_the_first():
     pair = established()
     pair.a.initiate("h1-h2", pair.net.now)  # no INITIAL_CONTACT: A still has its first

@@ -317,6 +317,9 @@ class IkeSa:
         self.reauth_of: IkeSa | None = None  # the IKE SA this one reauthenticates
         self.psk_index = 0  # which of conn.psks this SA authenticates with
         self.reauthenticated = False  # a reauthentication replaced this SA
+        # An unprotected INVALID_IKE_SPI answered one of our requests on this SA: the
+        # peer may have restarted (a hint only: anyone on the path could send one).
+        self.peer_forgot = False
         self.redundant = ""  # why a collision made this SA surplus (it goes, unreplaced)
         self.created_at = engine.now
         self.established_at: float | None = None
@@ -939,6 +942,23 @@ class IkeSa:
         elif self.reauth_of is not None and self.request is None and not self.pending:
             self._reauthentication_done(now)
 
+    def _peer_may_have_restarted(self, now: float) -> None:
+        """The peer answered a request on this IKE SA with an unprotected INVALID_IKE_SPI:
+        it may have restarted and lost the SA, and then our request would go unanswered
+        for the whole retransmission schedule (minutes) before the peer counts as dead.
+        The answer proves nothing, so nothing is deleted on its word: a new IKE SA is
+        negotiated make-before-break (a reauthentication). If the peer did forget this
+        SA, the new one replaces it within a round trip or two; if the answer was
+        spoofed, a working IKE SA is replaced by another. Once per SA."""
+        if self.peer_forgot or self.superseded or self.reauth_of is not None:
+            return
+        self.peer_forgot = True
+        if any(sa.reauth_of is self for sa in self.engine.sas_of(self.conn.name)):
+            return  # a reauthentication is already on its way
+        log.info("%s: the peer says it does not know this IKE SA (restarted?): "
+                 "negotiating a new one", self.conn.name)  # fmt: skip
+        self.engine.reauthenticate(self, now)
+
     def _reauthentication_done(self, now: float) -> None:
         """Make-before-break reauthentication: this IKE SA and its children are up, so
         the one it replaces goes now (RFC 7296 2.8.3)."""
@@ -956,6 +976,10 @@ class IkeSa:
         log.info("%s: reauthenticated; deleting the old IKE SA", self.conn.name)
         old.reauthenticated = True
         old.pending = [p for p in old.pending if p[0] == "delete_ike"] or [("delete_ike", None)]
+        if old.peer_forgot and old.request is not None and old.request.kind != "delete_ike":
+            # The peer said it lost the old SA: the request it left unanswered would be
+            # retransmitted for minutes before the Delete could go.
+            old.request = None
         if old.request is None:
             old._next_pending(now)
         self.engine._touch(old)
@@ -2127,6 +2151,9 @@ class Engine:
             # Unprotected, so it proves nothing, but it can only end an SA we are
             # deleting anyway: the peer no longer knows it (a crossing Delete won).
             sa._down("deleted by us")
+            return
+        if msg.notifies(NotifyType.INVALID_IKE_SPI) and sa.state == "established":
+            sa._peer_may_have_restarted(now)
             return
         expected = {
             ExchangeType.IKE_AUTH: "auth",
