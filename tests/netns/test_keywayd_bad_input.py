@@ -59,6 +59,33 @@ def test_wrong_psks_and_garbage_leave_no_state_and_cost_a_few_log_lines(netns_ho
     assert traffic_flows(a, b)
 
 
+def test_half_open_sas_from_a_peer_s_address_neither_list_nor_block_its_connection(
+    netns_hosts, agents
+):
+    """Issue 14, item 24: IKE_SA_INITs from a configured peer's address that never go on
+    are the responder's half-open SAs: counted in status, not listed under a connection
+    (none is theirs before IKE_AUTH), and not taken for that connection coming up."""
+    b, c = netns_hosts(2).hosts
+    agent_b = agents(b, {"bc": site_connection(b, c, start=False)})
+    spec = {
+        "local": c.ipv4, "peer": b.ipv4, "local_id": f"{c.name}.lab",
+        "remote_id": f"{b.name}.lab", "local_ts": c.site4, "remote_ts": b.site4,
+        "attempts": 0, "half_open": 20, "garbage": 0,
+    }  # fmt: skip
+    flood = in_netns(c.netns, sys.executable, "-m", "tests.fixtures.flood", json.dumps(spec),
+                     cwd=ROOT, timeout=120)  # fmt: skip
+    assert flood.returncode == 0, flood.stderr
+    agent_b.wait_for(lambda: agent_b.ctl("status")["half_open"] == 20, "20 half-open SAs")
+    assert agent_b.ctl("list-sas") == []
+    (conn,) = agent_b.ctl("list-conns")
+    assert conn["state"] == "down"
+    agents(c, {"bc": site_connection(c, b, start=False)})
+    # The real c now answers: b's initiation is not mistaken for one on its way.
+    assert agent_b.ctl("initiate", connection="bc", timeout=10)["up"]
+    assert [sa["connection"] for sa in agent_b.ctl("list-sas")] == ["bc"]
+    assert udp_exchange(b.netns, c.netns, b.site4_address, c.site4_address, b"hi") == b"ih"
+
+
 def test_a_second_keywayd_with_the_same_config_refuses_and_takes_nothing(netns_hosts, agents):
     a, b = netns_hosts(2).hosts
     agents(b, {"ab": site_connection(b, a, start=False)})

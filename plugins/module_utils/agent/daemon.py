@@ -496,9 +496,11 @@ class Agent:
         state.policies.clear()
 
     def _ike_sas(self, name: str) -> list[IkeSa]:
+        """The IKE SAs of connection `name`; not a responder's half-open ones, which a
+        spoofed IKE_SA_INIT can make (they must not count as the connection coming up)."""
         local = self.local_of.get(name)
         engine = self.engines.get(local) if local else None
-        return engine.sas_of(name) if engine is not None else []
+        return [sa for sa in engine.sas_of(name) if not sa.half_open] if engine else []
 
     def _initiate(self, name: str) -> None:
         if name not in self.local_of:
@@ -1133,6 +1135,9 @@ class Agent:
             "dataplane": self.plane.name,
             "connections": len(self.config.connections),
             "ike_sas": sum(sa.state == "established" for sa in sas),
+            # a responder's IKE SAs waiting for IKE_AUTH (not in list-sas: no connection
+            # is theirs until the peer authenticates)
+            "half_open": sum(sa.half_open for sa in sas),
             "child_sas": sum(len(sa.children) for sa in sas),
             "dataplane_sas": len(self.plane.list_sas()),  # what the data plane holds
         }
@@ -1178,7 +1183,7 @@ class Agent:
         result = []
         for engine in self.engines.values():
             for sa in engine.sas():
-                if sa.conn is None:
+                if sa.conn is None or sa.half_open:
                     continue
                 children = []
                 for child in sa.children.values():

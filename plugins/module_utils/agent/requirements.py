@@ -33,6 +33,7 @@ for name in NAMES:
 print(json.dumps({"python": list(sys.version_info[:3]), "packages": found}))
 """
 
+
 def version_key(version: str) -> tuple[int, ...]:
     """The numeric release of a version ('0.7.2.post1' and '38.0.4' compare as numbers)."""
     release = re.match(r"\d+(?:\.\d+)*", version.strip())
@@ -59,7 +60,9 @@ def probe_interpreter(python: str, timeout: float = 60.0) -> dict:
     """Ask `python` for its version and those of keywayd's distributions. Raises
     OSError when it does not run, ValueError when it answers something else."""
     script = f"NAMES = {sorted(MINIMUM_VERSIONS)!r}\n{_PROBE}"
-    proc = subprocess.run([python, "-c", script], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [python, "-c", script], capture_output=True, text=True, timeout=timeout, check=False
+    )
     if proc.returncode != 0:
         last = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
         raise ValueError(last[0])

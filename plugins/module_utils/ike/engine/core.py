@@ -353,6 +353,13 @@ class IkeSa:
             self.engine._by_conn.setdefault(conn.name, {})[id(self)] = self
 
     @property
+    def half_open(self) -> bool:
+        """A responder's IKE SA before IKE_AUTH: anyone who can send from the peer's
+        address could have made it, and which connection it belongs to is known only
+        once the peer's identity is authenticated."""
+        return not self.initiator and self.state in ("init", "auth")
+
+    @property
     def superseded(self) -> bool:
         """A rekey, a reauthentication or a collision made this SA surplus: it only
         waits for its Delete, and starts nothing new."""
