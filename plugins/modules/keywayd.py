@@ -60,6 +60,12 @@ options:
     description: Seconds to wait for the C(start) connections to be established (0 = do not wait).
     type: int
     default: 30
+  ready_timeout:
+    description:
+      - Seconds a keywayd just started has to answer on its control socket before the
+        module fails with the end of its log (more on a slow or emulated CPU).
+    type: int
+    default: 30
 extends_documentation_fragment:
   - keyway.ipsec.attributes
 attributes:
@@ -253,6 +259,7 @@ def main() -> None:
             log_file=dict(type="path"),
             python=dict(type="path"),
             wait=dict(type="int", default=30),
+            ready_timeout=dict(type="int", default=30),
         ),
         supports_check_mode=True,
     )
@@ -311,7 +318,7 @@ def main() -> None:
         process = start(module, python, lib_dir, config, pid_file, log_file)
         pid = process.pid
     result["pid"] = pid
-    wait_ready(module, process, agent_config.control_socket, log_file)
+    wait_ready(module, process, agent_config.control_socket, log_file, p["ready_timeout"])
     if p["wait"]:
         wanted = {
             c.name
