@@ -15,7 +15,7 @@ LAB_HOSTS ?= 5
 export KEYWAY_LAB_HOSTS := $(LAB_HOSTS)
 PYTEST_ARGS ?=
 
-.PHONY: help venv deps collection test test-kernel test-min-deps lint sanity fuzz demo lab-up lab-down build clean
+.PHONY: help venv deps collection test test-kernel test-min-deps lint sanity docs nox fuzz demo lab-up lab-down build clean
 
 help:
 	@echo "make demo      build the netns lab, run the site playbook, show the result"
@@ -23,13 +23,15 @@ help:
 	@echo "make lab-down  remove the lab (namespaces, links, processes, files)"
 	@echo "make lint      ruff, ansible-lint (production profile), changelog fragments"
 	@echo "make sanity    ansible-test sanity on the built collection"
+	@echo "make docs      the docs site (antsibull-docs, Sphinx) in build/docs/html"
+	@echo "make nox       the checks as antsibull-nox sessions (NOX_SESSIONS)"
 	@echo "make build     ansible-galaxy collection build into build/ (tracked files only)"
 	@echo "make fuzz      fuzz the IKE decoder for FUZZ_SECONDS (default 60)"
 
 $(VENV)/.deps: pyproject.toml tools/pydeps.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $$($(PYTHON) tools/pydeps.py test lint)
+	$(PY) -m pip install --quiet $$($(PYTHON) tools/pydeps.py test lint docs)
 	touch $@
 
 # The oldest versions pyproject.toml admits, in a venv of their own (make test-min-deps).
@@ -62,9 +64,11 @@ lint: venv collection
 sanity: venv
 	$(PY) tools/sanity.py
 
-# Host tiers first (unit, netns, interop), then the unit and netns tiers again on the
-# oldest supported packages, then the kernel tier in one VM boot.
-test: deps lint sanity
+# The checks (lint, sanity on this ansible-core, the nox sessions: lint, docs-check,
+# sanity on the oldest supported ansible-core releases), then the host tiers (unit with
+# the docs site built and opened in Chromium, netns, interop), the unit and netns tiers
+# again on the oldest supported packages, then the kernel tier in one VM boot.
+test: deps lint sanity nox
 	$(PY) -m pytest -m "not kernel" $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-min-deps
 	$(MAKE) --no-print-directory test-kernel
@@ -107,6 +111,21 @@ fuzz: venv collection
 build: venv
 	rm -f build/keyway-ipsec-*.tar.gz
 	$(PY) tools/build_collection.py build
+
+# The docs site (tools/docs_site.py, the docs extra of pyproject.toml): every module,
+# plugin and role, and the README as the guide, in build/docs/html; a warning fails it.
+docs: venv
+	$(PY) tools/docs_site.py
+
+# The checks as antsibull-nox sessions (noxfile.py, antsibull-nox.toml), each in a
+# virtualenv of its own under .nox, reused from run to run; NOX_SESSIONS picks them
+# (`$(VENV)/bin/nox --list` shows all). antsibull-nox runs the venv's ansible-galaxy from
+# PATH; nothing of the checkout's collections path reaches the sessions.
+# (ansible-lint and sanity on this ansible-core are `make lint` and `make sanity`.)
+NOX_SESSIONS ?= lint docs-check extra-checks sanity-2.17 sanity-2.18
+nox: venv
+	env -u PYTHONPATH -u ANSIBLE_COLLECTIONS_PATH -u ANSIBLE_CONFIG PATH=$(CURDIR)/$(VENV)/bin:$$PATH \
+		$(VENV)/bin/nox --reuse-venv=yes -s $(NOX_SESSIONS)
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache .hypothesis

@@ -5,7 +5,7 @@
 set -euo pipefail
 
 declare -A TIER_PACKAGES=(
-    [host]="iproute2 nftables procps graphviz strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-extra-plugins libstrongswan-standard-plugins strongswan-pki"
+    [host]="iproute2 nftables procps graphviz strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-extra-plugins libstrongswan-standard-plugins strongswan-pki chromium"
     [kernel]="qemu-system-x86 kmod busybox-static file"
     [demo]="iproute2 procps graphviz strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-extra-plugins libstrongswan-standard-plugins"
 )

@@ -1,1 +1,0 @@
-"""keywayd: the keying agent (config, asyncio shell, control socket)."""

@@ -234,27 +234,32 @@ class DataPlane(abc.ABC):
         """Reserve an inbound SPI (dst is local) unique on this host."""
 
     @abc.abstractmethod
-    def install_sa(self, sa: SaSpec) -> None: ...
+    def install_sa(self, sa: SaSpec) -> None:
+        """Install an SA (keys included)."""
 
     @abc.abstractmethod
     def update_sa(self, sa: SaSpec) -> None:
         """Replace an SA's mutable parts (lifetimes, encap) keeping counters."""
 
     @abc.abstractmethod
-    def delete_sa(self, sa: SaId) -> None: ...
+    def delete_sa(self, sa: SaId) -> None:
+        """Remove an SA."""
 
     @abc.abstractmethod
     def list_sas(self) -> list[SaSpec]:
         """Keyway's SAs on this plane (keys included: callers must redact)."""
 
     @abc.abstractmethod
-    def sa_counters(self, sa: SaId) -> SaCounters: ...
+    def sa_counters(self, sa: SaId) -> SaCounters:
+        """Bytes and packets an SA has carried."""
 
     @abc.abstractmethod
-    def install_policy(self, policy: PolicySpec) -> None: ...
+    def install_policy(self, policy: PolicySpec) -> None:
+        """Install a policy."""
 
     @abc.abstractmethod
-    def remove_policy(self, policy: PolicyId) -> None: ...
+    def remove_policy(self, policy: PolicyId) -> None:
+        """Remove a policy."""
 
     @abc.abstractmethod
     def list_policies(self) -> list[PolicySpec]:

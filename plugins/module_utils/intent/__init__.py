@@ -1,1 +1,0 @@
-"""Intent: topologies in, per-host keywayd connections out (pure functions)."""
