@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from tests.fixtures.capture import Capture
 from tests.fixtures.ike_peer import IkePeer, keyway_spec
@@ -171,7 +171,7 @@ def test_ike_rekeys_both_ways_with_charon(netns_hosts, charon_factory):
         peer.stop()
 
 
-def charon_cert_conf(me, peer) -> str:
+def charon_cert_conf(me, peer, remote_auth: str = "pubkey") -> str:
     return f"""
 connections {{
     kw {{
@@ -185,7 +185,7 @@ connections {{
             id = {me.name}.lab
         }}
         remote {{
-            auth = pubkey
+            auth = {remote_auth}
             id = {peer.name}.lab
         }}
         children {{
@@ -200,19 +200,21 @@ connections {{
 """
 
 
-@pytest.mark.parametrize("keyway_initiates", [True, False])
-def test_ecdsa_certificates_with_charon(netns_hosts, charon_factory, keyway_initiates):
-    a, b = netns_hosts(2).hosts
-    ca = make_ca()
-    mine, theirs = make_cert(ca, f"{a.name}.lab", ec.SECP384R1), make_cert(ca, f"{b.name}.lab")
+def cert_pair_with_charon(
+    charon_factory, a, b, mine, theirs, ca, keyway_initiates: bool, **charon_kwargs
+):
+    """charon on b with `theirs` (and its remote auth constraint in charon_kwargs), and
+    the keyway engine on a with `mine`, both trusting `ca`: (charon, the engine)."""
+    remote_auth = charon_kwargs.pop("remote_auth", "pubkey")
     charon = charon_factory(
         b.netns,
-        charon_cert_conf(b, a),
+        charon_cert_conf(b, a, remote_auth=remote_auth),
         files={
             "x509ca/ca.pem": ca.pem,
             f"x509/{b.name}.pem": theirs.pem,
             f"private/{b.name}.pem": theirs.key_pem,
         },
+        **charon_kwargs,
     )
     spec = keyway_spec(
         a, b, "aes256gcm16-prfsha384-ecp384", "aes256gcm16", PSK, initiate=keyway_initiates
@@ -220,7 +222,15 @@ def test_ecdsa_certificates_with_charon(netns_hosts, charon_factory, keyway_init
     spec["connections"][0].update(
         cert=mine.pem.decode(), key=mine.key_pem.decode(), ca=ca.pem.decode()
     )
-    peer = IkePeer(a.netns, spec)
+    return charon, IkePeer(a.netns, spec)
+
+
+@pytest.mark.parametrize("keyway_initiates", [True, False])
+def test_ecdsa_certificates_with_charon(netns_hosts, charon_factory, keyway_initiates):
+    a, b = netns_hosts(2).hosts
+    ca = make_ca()
+    mine, theirs = make_cert(ca, f"{a.name}.lab", ec.SECP384R1), make_cert(ca, f"{b.name}.lab")
+    charon, peer = cert_pair_with_charon(charon_factory, a, b, mine, theirs, ca, keyway_initiates)
     try:
         if not keyway_initiates:
             charon.swanctl("--initiate", "--child", "kw", timeout=30)
@@ -228,6 +238,40 @@ def test_ecdsa_certificates_with_charon(netns_hosts, charon_factory, keyway_init
     finally:
         peer.stop()
     assert int(charon_child(charon.list_sas())["spi-out"], 16) == child["spi_in"]
+
+
+@pytest.mark.parametrize("keyway_initiates", [True, False])
+@pytest.mark.parametrize("charon_signs", ["rsa/pss", "pkcs1"])
+def test_rsa_certificates_with_charon_use_rsassa_pss(
+    netns_hosts, charon_factory, keyway_initiates, charon_signs
+):
+    """Issue 15: keywayd signs with RSASSA-PSS, which charon requires when its remote
+    auth says rsa/pss; a PKCS#1 v1.5 signature (charon's default without
+    charon.rsa_pss) is refused, with that reason, unless allow_weak."""
+    a, b = netns_hosts(2).hosts
+    ca = make_ca()
+    mine = make_cert(ca, f"{a.name}.lab", key=rsa.generate_private_key(65537, 3072))
+    theirs = make_cert(ca, f"{b.name}.lab", key=rsa.generate_private_key(65537, 2048))
+    pss = charon_signs == "rsa/pss"
+    charon, peer = cert_pair_with_charon(
+        charon_factory, a, b, mine, theirs, ca, keyway_initiates,
+        remote_auth="rsa/pss", charon_settings="rsa_pss = yes" if pss else "",
+    )  # fmt: skip
+    try:
+        if not keyway_initiates:
+            charon.swanctl("--initiate", "--child", "kw", timeout=30, check=False)
+        if pss:
+            child = peer.wait_for("ChildSaReady")
+            assert int(charon_child(charon.list_sas())["spi-out"], 16) == child["spi_in"]
+        else:
+            failed = peer.wait_for("AuthFailed")
+            assert "RSASSA-PKCS1-v1_5 with SHA256 is refused" in failed["reason"]
+    finally:
+        peer.stop()
+    # charon verified ours with its rsa/pss constraint: "authentication of ... successful"
+    if pss or keyway_initiates:
+        verified = r"authentication of 'h1\.lab' with RSA_EMSA_PSS_SHA2_384_SALT_48 successful"
+        assert re.search(verified, charon.log_path.read_text())
 
 
 @pytest.mark.parametrize("keyway_initiates", [True, False])

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import serialization as _serialization
-from cryptography.hazmat.primitives.asymmetric import dh, ec, ed25519, rsa, x448, x25519
+from cryptography.hazmat.primitives.asymmetric import dh, ec, ed448, ed25519, rsa, x448, x25519
 from cryptography.hazmat.primitives.asymmetric import padding as asym_padding
 from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
@@ -688,6 +688,7 @@ _ECDSA = {
     "sha512": b"\x2a\x86\x48\xce\x3d\x04\x03\x04",
 }
 _ED25519 = b"\x2b\x65\x70"
+_ED448 = b"\x2b\x65\x71"
 _RSA_PSS = b"\x2a\x86\x48\x86\xf7\x0d\x01\x01\x0a"
 _MGF1 = b"\x2a\x86\x48\x86\xf7\x0d\x01\x01\x08"
 
@@ -705,13 +706,16 @@ def _pss_identifier(hash_name: str) -> bytes:
 
 
 def algorithm_identifier(scheme: str, hash_name: str) -> bytes:
-    """DER AlgorithmIdentifier for scheme "rsa-pkcs1" | "rsa-pss" | "ecdsa" | "ed25519"."""
+    """DER AlgorithmIdentifier for scheme "rsa-pkcs1" | "rsa-pss" | "ecdsa" | "ed25519" |
+    "ed448"."""
     if scheme == "rsa-pkcs1":
         return _der(0x30, _oid(_RSA_PKCS1[hash_name]) + _NULL)
     if scheme == "ecdsa":
         return _der(0x30, _oid(_ECDSA[hash_name]))
     if scheme == "ed25519":
         return _der(0x30, _oid(_ED25519))
+    if scheme == "ed448":
+        return _der(0x30, _oid(_ED448))
     if scheme == "rsa-pss":
         return _pss_identifier(hash_name)
     raise UnsupportedAlgorithmError(f"signature scheme {scheme}")
@@ -752,6 +756,8 @@ def _parse_identifier(ident: bytes) -> tuple[str, str]:
                 return "ecdsa", name
         if oid == _ED25519:
             return "ed25519", "identity"
+        if oid == _ED448:
+            return "ed448", "identity"
         if oid == _RSA_PSS and len(parts) == 2:
             for name in _HASH_OIDS:
                 if _pss_identifier(name) == ident:
@@ -766,7 +772,7 @@ def _parse_identifier(ident: bytes) -> tuple[str, str]:
 
 def _scheme_args(scheme: str, hash_name: str) -> tuple:
     """The padding/algorithm arguments `cryptography` wants after the data to sign."""
-    if scheme == "ed25519":
+    if scheme in ("ed25519", "ed448"):
         return ()
     algo = _HASH_CLASSES[hash_name]()
     if scheme == "rsa-pkcs1":
@@ -799,6 +805,8 @@ def sign_auth(
         scheme = (
             "ed25519"
             if isinstance(private_key, ed25519.Ed25519PrivateKey)
+            else "ed448"
+            if isinstance(private_key, ed448.Ed448PrivateKey)
             else "ecdsa"
             if isinstance(private_key, ec.EllipticCurvePrivateKey)
             else "rsa-pss"
@@ -821,6 +829,13 @@ def verify_signature_auth(
             size = auth_data[0]
             scheme, hash_name = _parse_identifier(auth_data[1 : 1 + size])
             signature = auth_data[1 + size :]
+            if scheme == "rsa-pkcs1" and not allow_weak:
+                raise WeakAlgorithmError(
+                    f"AUTH: RSASSA-PKCS1-v1_5 with {hash_name.upper()} is refused (RFC 8247 "
+                    "prefers RSASSA-PSS; strongSwan signs with it when charon.rsa_pss = yes); "
+                    "allow_weak: true accepts it",
+                    fail,
+                )
         elif method == AuthMethod.RSA_SIG:
             if not allow_weak:
                 raise WeakAlgorithmError(
@@ -842,6 +857,7 @@ def verify_signature_auth(
             raise IkeCryptoError(f"AUTH: method {method} is not a supported signature", fail)
         expected_key = {
             "ed25519": ed25519.Ed25519PublicKey,
+            "ed448": ed448.Ed448PublicKey,
             "ecdsa": ec.EllipticCurvePublicKey,
             "rsa-pkcs1": rsa.RSAPublicKey,
             "rsa-pss": rsa.RSAPublicKey,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine import core
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.core import (
     ChildParams,
     Engine,
@@ -488,6 +490,38 @@ def test_certificates_authenticate_both_ways():
     pair.pump()
     assert of(pair.events[A], ChildSaReady) and of(pair.events[B], ChildSaReady)
     assert of(pair.events[B], IkeSaUp)[0].remote_id == "h1.lab"
+
+
+@pytest.mark.parametrize(
+    ("bits", "peer_hashes", "expected"),
+    [
+        (2048, {2, 3, 4, 5}, ("rsa-pss", "sha256")),
+        (3072, {2, 3, 4, 5}, ("rsa-pss", "sha384")),
+        (3072, {2}, ("rsa-pss", "sha256")),  # the strongest the peer announced
+        (8192, set(), ("rsa-pss", "sha512")),  # none announced: the key's own
+    ],
+)
+def test_rsa_keys_sign_with_pss_and_a_hash_the_peer_announced(bits, peer_hashes, expected):
+    key = _rsa_key(bits)
+    assert core._signature_scheme(key, frozenset(peer_hashes)) == expected
+
+
+@functools.cache
+def _rsa_key(bits: int):
+    return rsa.generate_private_key(65537, bits)
+
+
+@needs_path_validation
+def test_rsa_certificates_authenticate_with_pss_both_ways():
+    ca = make_ca()
+    cert_a = make_cert(ca, "h1.lab", key=_rsa_key(3072))
+    cert_b = make_cert(ca, "h2.lab", key=_rsa_key(2048))
+    pair = cert_pair(ca, ca, cert_a, cert_b)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    # Both verified (PKCS#1 v1.5 would be refused: not allow_weak), so both used PSS.
+    assert of(pair.events[A], ChildSaReady) and of(pair.events[B], ChildSaReady)
+    assert pair.a.sas()[0].peer_sig_hashes == pair.b.sas()[0].peer_sig_hashes == {2, 3, 4, 5}
 
 
 @needs_path_validation

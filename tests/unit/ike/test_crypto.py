@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike import crypto
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.codec import IkeIntegrityError
@@ -114,6 +114,7 @@ KEYS = {
     "rsa-pkcs1": lambda: rsa.generate_private_key(65537, 2048),
     "ecdsa": lambda: ec.generate_private_key(ec.SECP384R1()),
     "ed25519": ed25519.Ed25519PrivateKey.generate,
+    "ed448": ed448.Ed448PrivateKey.generate,
 }
 
 
@@ -121,15 +122,30 @@ KEYS = {
 @pytest.mark.parametrize("hash_name", ["sha256", "sha384", "sha512"])
 def test_rfc7427_signatures(scheme, hash_name):
     key = KEYS[scheme]()
+    weak = scheme == "rsa-pkcs1"  # accepted only when allowed (below)
     method, data = crypto.sign_auth(key, b"octets", scheme, hash_name)
     assert method == AuthMethod.DIGITAL_SIGNATURE
-    crypto.verify_signature_auth(key.public_key(), method, data, b"octets")
+    crypto.verify_signature_auth(key.public_key(), method, data, b"octets", allow_weak=weak)
     with pytest.raises(crypto.IkeCryptoError, match="verification failed") as caught:
-        crypto.verify_signature_auth(key.public_key(), method, data, b"other octets")
+        crypto.verify_signature_auth(
+            key.public_key(), method, data, b"other octets", allow_weak=weak
+        )
     assert caught.value.notify == NotifyType.AUTHENTICATION_FAILED
     other = KEYS["ed25519" if scheme != "ed25519" else "ecdsa"]()
     with pytest.raises(crypto.IkeCryptoError, match="does not fit"):
-        crypto.verify_signature_auth(other.public_key(), method, data, b"octets")
+        crypto.verify_signature_auth(other.public_key(), method, data, b"octets", allow_weak=weak)
+
+
+def test_rsa_pkcs1_v1_5_signatures_are_refused_unless_allowed():
+    key = KEYS["rsa-pkcs1"]()
+    method, data = crypto.sign_auth(key, b"octets", "rsa-pkcs1", "sha256")
+    with pytest.raises(crypto.WeakAlgorithmError, match="RSASSA-PKCS1-v1_5 with SHA256") as no:
+        crypto.verify_signature_auth(key.public_key(), method, data, b"octets")
+    assert no.value.notify == NotifyType.AUTHENTICATION_FAILED
+    crypto.verify_signature_auth(key.public_key(), method, data, b"octets", allow_weak=True)
+    # RSA keys sign with RSASSA-PSS unless told otherwise.
+    method, data = crypto.sign_auth(key, b"octets")
+    crypto.verify_signature_auth(key.public_key(), method, data, b"octets")
 
 
 @pytest.mark.parametrize("curve", [ec.SECP256R1, ec.SECP384R1, ec.SECP521R1])

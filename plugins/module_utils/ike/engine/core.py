@@ -178,16 +178,39 @@ def _ike_specs_of(conn: IkeConnection) -> list:
 SIGNATURE_HASHES = struct.pack("!HHHH", 2, 3, 4, 5)
 
 
-def _signature_scheme(private_key) -> tuple[str, str]:
-    """How we sign with our key: ECDSA with the curve's hash, Ed25519, or RSA PKCS#1."""
-    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+# RFC 7427 hash algorithm IDs of the hashes we sign RSA with, strongest first.
+_RSA_HASHES = ((4, "sha512"), (3, "sha384"), (2, "sha256"))
+
+
+def _signature_scheme(private_key, peer_hashes: frozenset[int]) -> tuple[str, str]:
+    """How we sign with our key: Ed25519 or Ed448; ECDSA with its curve's hash; RSA with
+    RSASSA-PSS (RFC 8247: PKCS#1 v1.5 is not for new signatures) and the hash its size
+    calls for (SHA-512 from 7680 bits, SHA-384 from 3072, else SHA-256), or the
+    strongest below that the peer announced in SIGNATURE_HASH_ALGORITHMS."""
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
 
     if isinstance(private_key, ed25519.Ed25519PrivateKey):
         return "ed25519", "identity"
+    if isinstance(private_key, ed448.Ed448PrivateKey):
+        return "ed448", "identity"
     if isinstance(private_key, ec.EllipticCurvePrivateKey):
         bits = private_key.curve.key_size
         return "ecdsa", "sha256" if bits <= 256 else "sha384" if bits <= 384 else "sha512"
-    return "rsa-pkcs1", "sha256"
+    bits = private_key.key_size
+    cap = 4 if bits >= 7680 else 3 if bits >= 3072 else 2
+    for hash_id, name in _RSA_HASHES:
+        if hash_id <= cap and (not peer_hashes or hash_id in peer_hashes):
+            return "rsa-pss", name
+    return "rsa-pss", "sha256"  # the peer announced none of ours: it will say so
+
+
+def _announced_hashes(msg: codec.Message) -> frozenset[int]:
+    """The RFC 7427 hash algorithm IDs a peer's SIGNATURE_HASH_ALGORITHMS lists."""
+    ids: set[int] = set()
+    for notify in msg.notifies(NotifyType.SIGNATURE_HASH_ALGORITHMS):
+        data = notify.data[: len(notify.data) // 2 * 2]
+        ids.update(struct.unpack(f"!{len(data) // 2}H", data))
+    return frozenset(ids)
 
 
 def negotiated_suite(chosen: codec.Proposal, allow_weak: bool):
@@ -298,6 +321,7 @@ class IkeSa:
         self.last_response: tuple[int, tuple[bytes, ...]] | None = None
         self.peer_fragments = False  # the peer sent IKEV2_FRAGMENTATION_SUPPORTED
         self.peer_childless = False  # the peer sent CHILDLESS_IKEV2_SUPPORTED (RFC 6023)
+        self.peer_sig_hashes: frozenset[int] = frozenset()  # its RFC 7427 hash IDs
         self.fragments: tuple[int, bool, codec.Reassembler] | None = None  # (mid, response)
         self.keys: crypto.IkeKeys | None = None
         self.out: object = None
@@ -495,6 +519,7 @@ class IkeSa:
         self.spi_r = msg.header.spi_r
         self.peer_fragments = bool(msg.notifies(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
         self.peer_childless = bool(msg.notifies(NotifyType.CHILDLESS_IKEV2_SUPPORTED))
+        self.peer_sig_hashes = _announced_hashes(msg)
         self.engine._index(self)
         if self.engine._nat_detected(msg, self.spi_i, self.spi_r, self.remote):
             # RFC 7296 2.23: behind a NAT (or a peer that says so, like strongSwan's
@@ -553,7 +578,7 @@ class IkeSa:
             octets = crypto.signed_octets(
                 self.prf, message, peer_nonce, sk_p, id_payload.encode_body()
             )
-            scheme, hash_name = _signature_scheme(conn.private_key)
+            scheme, hash_name = _signature_scheme(conn.private_key, self.peer_sig_hashes)
             method, data = crypto.sign_auth(conn.private_key, octets, scheme, hash_name)
             return [
                 *(codec.CERT(kind=certs.X509_SIGNATURE, data=c) for c in conn.certs),
@@ -1375,6 +1400,7 @@ class IkeSa:
             codec.Notify(type=NotifyType.SIGNATURE_HASH_ALGORITHMS, data=SIGNATURE_HASHES),
         ]
         self.peer_childless = bool(msg.notifies(NotifyType.CHILDLESS_IKEV2_SUPPORTED))
+        self.peer_sig_hashes = _announced_hashes(msg)
         if self.peer_childless:  # RFC 6023: we accept IKE_AUTH without a Child SA
             payloads.append(codec.Notify(type=NotifyType.CHILDLESS_IKEV2_SUPPORTED))
         # RFC 7383 2.3: the responder says it supports fragments only if asked.
