@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 SLOW = 300  # seconds: Python in the emulated guest is 10 to 25 times slower
 
 
-@pytest.mark.parametrize("encap", ["no", "force"], ids=["esp", "esp-in-udp"])
+@pytest.mark.parametrize("encap", ["auto", "force"], ids=["esp", "esp-in-udp"])
 def test_keywayd_pair_on_the_kernel_plane(netns_hosts, tmp_path, encap):
     a, b = netns_hosts(2).hosts
     conn_b = {**site_connection(b, a, start=False), "encap": encap}
