@@ -14,6 +14,7 @@ import pytest
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent import keywayctl
 from ansible_collections.keyway.ipsec.plugins.modules import tunnel as tunnel_module
 from tests.fixtures.ansible import run_module
+from tests.fixtures.capture import Capture
 from tests.fixtures.keywayd import PSK, Keywayd, Watch, site_connection
 from tests.fixtures.netns import in_netns, udp_exchange
 from tests.fixtures.traffic import stream
@@ -437,6 +438,36 @@ def test_a_responder_only_peer_that_restarts_is_back_within_a_dpd_interval(netns
     assert "peer dead" not in agent_a.log()
     assert len(agent_a.sas("ab")) == 1
     assert len(agent_a.ctl("list-sas")) == 1  # the old IKE SA is gone, not left retrying
+
+
+@pytest.mark.parametrize("mode", ["tunnel", "transport"])
+def test_ah_children_carry_authenticated_traffic(netns_hosts, agents, mode):
+    """Issue 14, item 6: ah_proposals negotiate AH; the userspace plane sends it (IP
+    protocol 51: authenticated, not encrypted, so the payload shows on the wire)."""
+    a, b = netns_hosts(2).hosts
+
+    def ah_connection(me, peer, start: bool) -> dict:
+        conn = site_connection(me, peer, start=start)
+        child = {k: v for k, v in conn["children"]["sites"].items() if k != "esp_proposals"}
+        child.update(ah_proposals=["sha256"], mode=mode)
+        if mode == "transport":  # the hosts' own addresses, end to end
+            child.update(local_ts=[f"{me.ipv4}/32"], remote_ts=[f"{peer.ipv4}/32"])
+        return {**conn, "children": {"sites": child}}
+
+    conn_a, conn_b = ah_connection(a, b, True), ah_connection(b, a, False)
+    agents(b, {"ab": conn_b})
+    agent_a = agents(a, {"ab": conn_a})
+    agent_a.wait_for(lambda: agent_a.sas("ab"), "ab established")
+    ((child,),) = [sa["children"] for sa in agent_a.sas("ab")]
+    assert (child["protocol"], child["mode"], child["proposal"]) == ("ah", mode, "sha256-noesn")
+    src, dst = (a.site4_address, b.site4_address) if mode == "tunnel" else (a.ipv4, b.ipv4)
+    marker = b"authenticated-not-secret"
+    with Capture(a.netns, "eth0") as cap:
+        assert udp_exchange(a.netns, b.netns, src, dst, marker) == marker[::-1]
+    ah_frames = [f for f in cap.frames if f.ip_proto == 51]
+    assert any(f.outgoing for f in ah_frames) and any(not f.outgoing for f in ah_frames)
+    assert any(marker in f.data for f in ah_frames if f.outgoing)
+    assert not [f for f in cap.frames if f.ip_proto == 17 and marker in f.data]
 
 
 def test_initiate_answers_for_a_connection_without_children_and_names_a_refused_child(

@@ -652,6 +652,14 @@ def _connection(
             "no is not implemented: keywayd UDP-encapsulates ESP when a NAT is detected "
             "(auto) or always (force)",
         )
+    if raw.get("encap") == "force":
+        for child in children:
+            if child.protocol == "ah":
+                reader.problem(
+                    f"{path}.children.{child.name}",
+                    "AH cannot be UDP-encapsulated (RFC 3948 covers ESP only): "
+                    "use ESP, or encap: auto",
+                )
     local_port = reader.integer(raw, "local_port", path, ike_port, 1, 65535)
     if local_port != ike_port:
         reader.problem(

@@ -157,11 +157,12 @@ def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> 
             child.name,
             child.local_ts,
             child.remote_ts,
-            child.esp_proposals,
+            child.esp_proposals or child.ah_proposals,
             child.mode,
             rekey_time=child.rekey_time,
             life_time=child.life_time,
             rand_time=child.rand_time,
+            protocol=child.protocol,
         )
         for child in conn.children
         if child.mode in ("tunnel", "transport")

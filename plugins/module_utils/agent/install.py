@@ -69,7 +69,7 @@ def child_sa_specs(
 ) -> tuple[base.SaSpec, base.SaSpec]:
     """The (outbound, inbound) SAs of a Child SA; `encap` None follows the IKE SA."""
     try:
-        enc_alg = ENCR_NAMES[child.encr_id]
+        enc_alg = None if child.protocol == "ah" else ENCR_NAMES[child.encr_id]
         integ_alg = INTEG_NAMES[child.integ_id]
     except KeyError:
         raise base.DataPlaneError(
@@ -77,6 +77,13 @@ def child_sa_specs(
             "plane does not implement"
         ) from None
     use_encap = child.udp_encap if encap is None else encap
+    if use_encap and child.protocol == "ah":
+        # RFC 3948 encapsulates ESP only: AH, which covers the outer addresses, cannot
+        # cross a NAT at all.
+        raise base.DataPlaneError(
+            f"{child.connection}/{child.child}: AH cannot be UDP-encapsulated (a NAT between "
+            "the peers, or encap: force); use ESP"
+        )
     common = dict(
         proto=base.IpsecProto(child.protocol),
         mode=base.Mode(child.mode),

@@ -63,6 +63,7 @@ CONNECTION_KEYS = {
 }
 CHILD_KEYS = {
     "esp_proposals": "esp_proposals",
+    "ah_proposals": "ah_proposals",  # AH instead of ESP (keywayd refuses both on a child)
     "mode": "mode",
     "rekey_time": "rekey_time",
     "life_time": "life_time",
@@ -87,7 +88,6 @@ OVERRIDE_KEYS = (
 # Keys an operator may reach for that keywayd cannot honour per link (yet): refused with
 # the reason rather than accepted and ignored.
 REFUSED_KEYS = {
-    "ah_proposals": "keywayd cannot negotiate AH yet; use esp_proposals",
     "dataplane": "one keywayd has one data plane: set agent_dataplane on the host",
 }
 

@@ -9,6 +9,7 @@ import logging
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from ansible_collections.keyway.ipsec.plugins.module_utils.ike.constants import IntegId
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine import core
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.core import (
     ChildParams,
@@ -42,8 +43,9 @@ PSK = b"fake-network-psk-0123456789"
 def conn(local_id, remote_id, remote, local_ts, remote_ts, **kw) -> IkeConnection:
     kw.setdefault("proposals", ("aes256gcm16-prfsha384-x25519",))
     child = ChildParams(
-        "sites", local_ts, remote_ts, kw.pop("esp", ("aes256gcm16",)), kw.pop("mode", "tunnel")
-    )
+        "sites", local_ts, remote_ts, kw.pop("esp", ("aes256gcm16",)), kw.pop("mode", "tunnel"),
+        protocol=kw.pop("child_protocol", "esp"),
+    )  # fmt: skip
     return IkeConnection(
         "h1-h2",
         remote,
@@ -700,6 +702,70 @@ def test_a_second_ike_sa_with_the_same_peer_keeps_the_first():
     pair.pump(until=pair.net.now + 30)
     assert not of(pair.events[B], IkeSaDown)
     assert len(pair.b.sas()) == 2
+
+
+@pytest.mark.parametrize("mode", ["tunnel", "transport"])
+def test_ah_child_sas_are_negotiated_rekeyed_and_deleted(mode):
+    """Issue 14, item 6: AH (integrity only) as the child's protocol, end to end."""
+    pair = lab_pair(esp=("sha256", "sha384"), child_protocol="ah", mode=mode)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    (ca,), (cb,) = of(pair.events[A], ChildSaReady), of(pair.events[B], ChildSaReady)
+    assert ca.protocol == cb.protocol == "ah" and ca.mode == mode
+    assert ca.integ_id == IntegId.HMAC_SHA2_256_128 and ca.encr_id == 0
+    assert ca.key_out == ca.key_in == b"" and len(ca.integ_key_out) == 32
+    assert (ca.integ_key_out, ca.integ_key_in) == (cb.integ_key_in, cb.integ_key_out)
+    assert (ca.spi_in, ca.spi_out) == (cb.spi_out, cb.spi_in)
+    sa_a = pair.a.sas()[0]
+    pair.a.rekey_child_sa(sa_a, ca.spi_in, pair.net.now)  # REKEY_SA names the AH SA
+    pair.pump(until=pair.net.now + 30)
+    (new_a,) = sa_a.children.values()
+    (new_b,) = pair.b.sas()[0].children.values()
+    assert new_a.rekeyed_from == ca.spi_in and new_a.protocol == new_b.protocol == "ah"
+    assert {d.spi_in for d in of(pair.events[B], ChildSaDeleted)} == {cb.spi_in}
+    pair.b.delete_child_sa(pair.b.sas()[0], new_b.spi_in, pair.net.now)  # an AH Delete
+    pair.pump(until=pair.net.now + 30)
+    assert not sa_a.children and not pair.b.sas()[0].children
+
+
+def test_an_esp_offer_gets_no_ah_child_and_the_reverse():
+    for a_wants, b_wants in (("ah", "esp"), ("esp", "ah")):
+        offers = {"ah": {"esp": ("sha256",), "child_protocol": "ah"}, "esp": {}}
+        pair = Pair(
+            FakeNetwork(),
+            conn("h1.lab", "h2.lab", B, ("10.1.0.0/24",), ("10.2.0.0/24",), **offers[a_wants]),
+            conn("h2.lab", "h1.lab", A, ("10.2.0.0/24",), ("10.1.0.0/24",), **offers[b_wants]),
+        )
+        pair.a.initiate("h1-h2", 0.0)
+        pair.pump()
+        assert not of(pair.events[A], ChildSaReady) and not of(pair.events[B], ChildSaReady)
+        (failed,) = of(pair.events[A], NegotiationFailed)
+        assert failed.reason == "child sites: NO_PROPOSAL_CHOSEN"
+
+
+def test_a_child_proposal_we_did_not_offer_is_refused_and_deleted(monkeypatch):
+    """A responder that picks a proposal outside our offer (here AES-CBC with SHA-256
+    for an offer of AES-GCM only) gets no Child SA installed and a Delete for it."""
+    pair = lab_pair()
+    select = core.IkeSa._select_child
+
+    def unoffered(self, candidates, sa, tsi, tsr):
+        params, chosen, new_tsi, new_tsr = select(self, candidates, sa, tsi, tsr)
+        cbc = parse_proposal_string("aes128-sha256", "esp").to_proposal(chosen.number, chosen.spi)
+        return params, cbc, new_tsi, new_tsr
+
+    monkeypatch.setattr(core.IkeSa, "_select_child", unoffered)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    assert not of(pair.events[A], ChildSaReady)
+    (failed,) = of(pair.events[A], NegotiationFailed)
+    assert failed.reason.startswith("child sites: the peer chose a proposal we did not offer")
+    assert failed.reason.endswith(": aes128-sha256-noesn")
+    # B made it, then deleted it at A's request; the IKE SA stays up at both ends.
+    (made,) = of(pair.events[B], ChildSaReady)
+    (gone,) = of(pair.events[B], ChildSaDeleted)
+    assert gone.spi_in == made.spi_in and gone.reason == "deleted by peer"
+    assert pair.a.sas()[0].state == pair.b.sas()[0].state == "established"
 
 
 def unique_pair(unique: str) -> Pair:

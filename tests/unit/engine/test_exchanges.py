@@ -248,7 +248,7 @@ def test_rekeys_retry_in_the_ke_group_the_responder_asks_for(what):
     if what == "child":
         pair = lab_pair(esp=("aes256gcm16-x25519", "aes256gcm16-ecp256"))
         only = dataclasses.replace(
-            pair.b.connections["h1-h2"].children[0], esp_proposals=("aes256gcm16-ecp256",)
+            pair.b.connections["h1-h2"].children[0], proposals=("aes256gcm16-ecp256",)
         )
         pair.b.add_connection(dataclasses.replace(pair.b.connections["h1-h2"], children=(only,)))
     else:

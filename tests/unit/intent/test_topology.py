@@ -202,6 +202,13 @@ def test_overrides_follow_link_host_group_topology_defaults():
     assert links["h1-h2"].source["rekey_time"] == "topology x: link h1-h2 (link)"
 
 
+def test_ah_proposals_make_ah_children():
+    links = intent([{"name": "t", "type": "mesh", "members": "lab",
+                     "overrides": {"ah_proposals": ["sha384"]}}])  # fmt: skip
+    child = host_connections("h1", links)["h1-h2"]["children"]["sites"]
+    assert child["ah_proposals"] == ["sha384"] and "esp_proposals" not in child
+
+
 def test_ends_that_disagree_are_an_error_unless_the_link_decides():
     hostvars, groups = inventory(2)
     hostvars["h1"]["keyway_overrides"] = {"dpd_delay": "10s"}
@@ -331,10 +338,21 @@ def test_derived_psks_match_on_both_ends_differ_per_link_and_version_and_survive
                     "name": "t",
                     "type": "mesh",
                     "members": "lab",
-                    "overrides": {"ah_proposals": ["sha256"]},
+                    "overrides": {"ah_proposals": ["sha256"], "esp_proposals": ["aes256gcm16"]},
                 }
             ],
-            "keywayd cannot negotiate AH yet",
+            "esp_proposals and ah_proposals exclude each other",
+        ),
+        (
+            [
+                {
+                    "name": "t",
+                    "type": "mesh",
+                    "members": "lab",
+                    "overrides": {"ah_proposals": ["sha256"], "encap": "force"},
+                }
+            ],
+            "AH cannot be UDP-encapsulated",
         ),
         (
             [{"name": "t", "type": "mesh", "members": "lab", "overrides": {"dataplane": "kernel"}}],

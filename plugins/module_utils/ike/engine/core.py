@@ -33,7 +33,7 @@ import os
 import random
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
 from .. import certs, codec, crypto
@@ -126,11 +126,12 @@ class ChildParams:
     name: str
     local_ts: tuple[str, ...]
     remote_ts: tuple[str, ...]
-    esp_proposals: tuple[str, ...] = ("aes256gcm16",)
+    proposals: tuple[str, ...] = ("aes256gcm16",)  # of `protocol`
     mode: str = "tunnel"
     rekey_time: float = 0.0  # seconds; 0: no time-based rekey
     life_time: float = 0.0  # hard expiry; 0: none
     rand_time: float = 0.0  # rekeys spread over [rekey_time - rand_time, rekey_time]
+    protocol: str = "esp"  # esp | ah
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,11 @@ def _signature_scheme(private_key, peer_hashes: frozenset[int]) -> tuple[str, st
     return "rsa-pss", "sha256"  # the peer announced none of ours: it will say so
 
 
+def _protocol_id(protocol: str) -> int:
+    """The IKE protocol ID of a Child SA's protocol name (esp | ah)."""
+    return ProtocolId.AH if protocol == "ah" else ProtocolId.ESP
+
+
 def _announced_hashes(msg: codec.Message) -> frozenset[int]:
     """The RFC 7427 hash algorithm IDs a peer's SIGNATURE_HASH_ALGORITHMS lists."""
     ids: set[int] = set()
@@ -214,15 +220,15 @@ def _announced_hashes(msg: codec.Message) -> frozenset[int]:
 
 
 def negotiated_suite(chosen: codec.Proposal, allow_weak: bool):
-    """(prf or None, encr, integ or None) of a chosen proposal; IkeCryptoError or KeyError
-    when a transform is unusable or missing."""
+    """(prf or None, encr or None, integ or None) of a chosen proposal; IkeCryptoError
+    when a transform is unusable."""
     by_type = {t.type: t for t in chosen.transforms}
     prf_t = by_type.get(TransformType.PRF)
-    encr_t = by_type[TransformType.ENCR]
+    encr_t = by_type.get(TransformType.ENCR)  # none for AH
     integ_t = by_type.get(TransformType.INTEG)
     return (
         crypto.prf_for(prf_t.id, allow_weak) if prf_t else None,
-        crypto.encr_for(encr_t.id, encr_t.key_length, allow_weak),
+        crypto.encr_for(encr_t.id, encr_t.key_length, allow_weak) if encr_t else None,
         crypto.integ_for(integ_t.id if integ_t else IntegId.NONE, allow_weak),
     )
 
@@ -556,15 +562,31 @@ class IkeSa:
         )
         self.out, self.inbound = crypto.sk_ciphers(self.keys, encr, integ, self.initiator)
 
-    def _esp_specs(self, params: ChildParams):
-        """A child's configured ESP proposals, parsed."""
+    def _child_specs(self, params: ChildParams):
+        """A child's configured ESP or AH proposals, parsed."""
         return [
-            parse_proposal_string(p, "esp", allow_weak=self.conn.allow_weak)
-            for p in params.esp_proposals
+            parse_proposal_string(p, params.protocol, allow_weak=self.conn.allow_weak)
+            for p in params.proposals
         ]
 
+    def _offers(self, params: ChildParams, chosen: codec.Proposal) -> bool:
+        """Whether the proposal a responder chose for a child is one we offered: else it
+        could pick any algorithm, or AH for ESP, and we would install it."""
+        ours = [spec.to_proposal(i + 1) for i, spec in enumerate(self._child_specs(params))]
+        return proposal_acceptable(ours, chosen)
+
+    def _refuse_chosen_child(self, params: ChildParams, chosen, our_spi: bytes, now: float):
+        """The responder made a Child SA on a proposal we did not offer: nothing of it is
+        installed, and a Delete of its SPI pair tells the peer to drop its half."""
+        reason = f"child {params.name}: the peer chose a proposal we did not offer: " + (
+            describe(chosen)
+        )
+        log.warning("%s: %s", self.conn.name, reason)
+        self.engine._event(NegotiationFailed(self.conn.name, reason))
+        self.queue("refuse_child", now, (chosen.protocol, int.from_bytes(our_spi, "big")))
+
     def _child_sa_payloads(self, params: ChildParams, number_from: int = 1) -> codec.SA:
-        specs = self._esp_specs(params)
+        specs = self._child_specs(params)
         self.child_spi = self.engine.allocate_spi()
         return codec.SA(
             proposals=[s.to_proposal(i + number_from, self.child_spi) for i, s in enumerate(specs)]
@@ -706,6 +728,8 @@ class IkeSa:
             self.engine._event(
                 NegotiationFailed(conn.name, f"child {self.child_params.name}: {reason}")
             )
+        elif not self._offers(self.child_params, sa.proposals[0]):
+            self._refuse_chosen_child(self.child_params, sa.proposals[0], self.child_spi, now)
         else:
             self._child_ready(
                 sa.proposals[0],
@@ -760,7 +784,7 @@ class IkeSa:
         i_side = self.initiator if exchange_initiator is None else exchange_initiator
         ni, nr = nonces or (self.nonce_i, self.nonce_r)
         by_type = {t.type: t for t in chosen.transforms}
-        encr_t, integ_t = by_type[TransformType.ENCR], by_type.get(TransformType.INTEG)
+        encr_t, integ_t = by_type.get(TransformType.ENCR), by_type.get(TransformType.INTEG)
         _unused, encr, integ = negotiated_suite(chosen, self.conn.allow_weak)
         keys = crypto.derive_child_keys(self.prf, self.keys.sk_d, encr, integ, ni, nr, shared)
         esn = by_type.get(TransformType.ESN)
@@ -774,15 +798,15 @@ class IkeSa:
         child = ChildSaReady(
             connection=self.conn.name,
             child=params.name,
-            protocol="esp",
+            protocol="ah" if chosen.protocol == ProtocolId.AH else "esp",
             mode="transport" if transport else "tunnel",
             spi_in=int.from_bytes(my_spi or self.child_spi, "big"),
             spi_out=int.from_bytes(chosen.spi, "big"),
             local_ts=ts_to_prefixes(local),
             remote_ts=ts_to_prefixes(remote),
             proposal=describe(chosen),
-            encr_id=encr_t.id,
-            encr_key_bits=encr_t.key_length,
+            encr_id=encr_t.id if encr_t else 0,  # AH: none
+            encr_key_bits=encr_t.key_length if encr_t else None,
             integ_id=integ_t.id if integ_t else IntegId.NONE,
             key_out=key_out,
             integ_key_out=ik_out,
@@ -811,7 +835,7 @@ class IkeSa:
         """CREATE_CHILD_SA for a new Child SA of `params`, or (old_spi) to rekey one;
         with PFS, the KE payload is in `group` (default: the first proposal's)."""
         old = self.children.get(old_spi)
-        specs = self._esp_specs(params)
+        specs = self._child_specs(params)
         new_spi = self.engine.allocate_spi()
         nonce = os.urandom(NONCE_SIZE)
         kx = None
@@ -820,7 +844,7 @@ class IkeSa:
             inner.append(
                 codec.Notify(
                     type=NotifyType.REKEY_SA,
-                    protocol=ProtocolId.ESP,
+                    protocol=_protocol_id(old.protocol),
                     spi=struct.pack("!I", old_spi),
                 )
             )
@@ -860,7 +884,7 @@ class IkeSa:
         tsi = next((p for p in inner if isinstance(p, codec.TSi)), None)
         tsr = next((p for p in inner if isinstance(p, codec.TSr)), None)
         ke = next((p for p in inner if isinstance(p, codec.KE)), None)
-        offered = [g for spec in self._esp_specs(params) for g in spec.ke]
+        offered = [g for spec in self._child_specs(params) for g in spec.ke]
         group = self._asked_group(errors, kx, offered)
         if group is not None and (not spi_in or spi_in in self.children):
             log.info("%s: %s: peer asks for KE group %d, retrying", self.conn.name, what, group)
@@ -882,6 +906,8 @@ class IkeSa:
                 self._replace_lost_child(spi_in, now)
             else:
                 self.engine._event(NegotiationFailed(self.conn.name, f"{what}: {name}"))
+        elif not self._offers(params, sa.proposals[0]):
+            self._refuse_chosen_child(params, sa.proposals[0], new_spi, now)
         else:
             try:
                 shared = kx.shared_secret(ke.data) if kx and ke else b""
@@ -1304,9 +1330,7 @@ class IkeSa:
             [codec.Notify(type=NotifyType.USE_TRANSPORT_MODE)] if transport else []
         )
         reply += [
-            codec.SA(
-                proposals=[codec.Proposal(chosen.number, ProtocolId.ESP, my_spi, chosen.transforms)]
-            ),
+            codec.SA(proposals=[replace(chosen, spi=my_spi)]),
             codec.Nonce(data=nr),
             *reply_ke,
             codec.TSi(selectors=new_tsi),
@@ -1345,7 +1369,7 @@ class IkeSa:
         proposal matches any, TS_UNACCEPTABLE when only the selectors do not)."""
         proposals_ok = False
         for params in candidates:
-            ours = [spec.to_proposal(i + 1) for i, spec in enumerate(self._esp_specs(params))]
+            ours = [spec.to_proposal(i + 1) for i, spec in enumerate(self._child_specs(params))]
             chosen = select_proposal(ours, sa.proposals)
             if chosen is None:
                 continue
@@ -1535,7 +1559,7 @@ class IkeSa:
         params, chosen, new_tsi, new_tsr = picked
         self.child_params = params
         self.child_spi = self.engine.allocate_spi()
-        mine = codec.Proposal(chosen.number, ProtocolId.ESP, self.child_spi, chosen.transforms)
+        mine = replace(chosen, spi=self.child_spi)
         use_transport = params.mode == "transport" and any(
             isinstance(p, codec.Notify) and p.type == NotifyType.USE_TRANSPORT_MODE for p in inner
         )
@@ -1632,7 +1656,11 @@ class IkeSa:
         if kind == "delete_ike":
             inner: list[codec.Payload] = [codec.Delete(protocol=ProtocolId.IKE)]
         elif kind == "delete_child":
-            inner = [codec.Delete(protocol=ProtocolId.ESP, spis=[struct.pack("!I", arg)])]
+            protocol = _protocol_id(self.children[arg].protocol)
+            inner = [codec.Delete(protocol=protocol, spis=[struct.pack("!I", arg)])]
+        elif kind == "refuse_child":
+            protocol, spi = arg
+            inner = [codec.Delete(protocol=protocol, spis=[struct.pack("!I", spi)])]
         elif kind == "invalid_spi":  # RFC 7296 3.10.1: the data is the packet's SPI
             inner = [
                 codec.Notify(
@@ -1691,13 +1719,22 @@ class IkeSa:
                 self._hand_over(theirs, self.engine.now)
             self._down("deleted by peer")
             return
-        ours = []
+        ours: dict[int, list[bytes]] = {}  # by protocol: one Delete payload each
         for delete in deletes:
+            if delete.protocol not in (ProtocolId.ESP, ProtocolId.AH):
+                continue
             for spi in delete.spis:
                 if len(spi) != 4:
                     continue
                 peer_spi = int.from_bytes(spi, "big")
-                child = next((c for c in self.children.values() if c.spi_out == peer_spi), None)
+                child = next(
+                    (
+                        c
+                        for c in self.children.values()
+                        if c.spi_out == peer_spi and _protocol_id(c.protocol) == delete.protocol
+                    ),
+                    None,
+                )
                 if child is None:
                     continue  # already gone: nothing to answer for it (RFC 7296 1.4.1)
                 req = self.request
@@ -1711,9 +1748,8 @@ class IkeSa:
                 # Deletes that crossed: each end drops its SAs, and neither answer names
                 # them again, which could delete the wrong SA (RFC 7296 1.4.1).
                 if not crossing:
-                    ours.append(struct.pack("!I", child.spi_in))
-        if ours:
-            reply.append(codec.Delete(protocol=ProtocolId.ESP, spis=ours))
+                    ours.setdefault(delete.protocol, []).append(struct.pack("!I", child.spi_in))
+        reply += [codec.Delete(protocol=proto, spis=spis) for proto, spis in ours.items()]
         self._respond(ExchangeType.INFORMATIONAL, mid, reply)
         for notify in inner:
             if isinstance(notify, codec.Notify) and notify.type == NotifyType.INVALID_SPI:
