@@ -260,6 +260,10 @@ class Agent:
         self._last_error: dict[str, str] = {}  # why the connection's last attempt failed
         self._initiating: set[str] = set()  # our IKE SAs on their way up
         self._ike_timers: dict[bytes, list[asyncio.TimerHandle]] = {}  # by spi_i
+        # When each IKE SA reauthenticates (loop time), by spi_i: set when one comes up
+        # from IKE_AUTH, handed on to the SA a rekey makes (strongSwan: "reauthentication
+        # timeout survives a rekeying").
+        self._reauth_due: dict[bytes, float] = {}
         self._updown_running: set[subprocess.Popen] = set()
         self._init_queue: dict[str, None] = {}  # initiations waiting for a slot, in order
         self._waiters: dict[str, list[asyncio.Future]] = collections.defaultdict(list)
@@ -597,7 +601,7 @@ class Agent:
             log.info("[%s] IKE SA up with %s (%s)", name, event.remote_id, event.proposal)
             self._cancel_retry(name)
             self._attempts.pop(name, None)
-            self._schedule_ike(name, event.spi_i, event.spi_r, event.initiator)
+            self._schedule_ike(name, event.spi_i, event.spi_r)
             conn = self._config_of(name)
             negotiated = [c for c in conn.children if c.mode in ("tunnel", "transport")]
             if not negotiated:
@@ -605,13 +609,15 @@ class Agent:
                 self._wake(name, {"up": True, "ike_only": True})
         elif isinstance(event, IkeSaRekeyed):
             log.info("[%s] IKE SA rekeyed (%s)", name, event.proposal)
-            self._schedule_ike(name, event.spi_i, event.spi_r, None)
+            due = self._reauth_due.pop(event.old_spi_i, None)
+            self._schedule_ike(name, event.spi_i, event.spi_r, reauth_due=due)
         elif isinstance(event, IkeSaDown):
             ours = event.spi_i in self._closing
             self._closing.discard(event.spi_i)
             self._dpd_next.pop(event.spi_i, None)
             for handle in self._ike_timers.pop(event.spi_i, ()):
                 handle.cancel()
+            self._reauth_due.pop(event.spi_i, None)
             log.info("[%s] IKE SA down: %s", name, event.reason)
             # A dead peer was reported (PeerDead) and handled by dpd_action already.
             if not ours and event.reason not in (*REPLACED, PEER_DEAD):
@@ -633,11 +639,14 @@ class Agent:
 
     # -- IKE SA schedules ------------------------------------------------------------
 
-    def _schedule_ike(self, name: str, spi_i: bytes, spi_r: bytes, initiator: bool | None):
-        """Rekey before rekey_time on both ends (jittered by rand_time; the engine
-        settles the collisions when both start at once), or reauthenticate before
-        reauth_time on the end that initiated the IKE SA; and on both ends, delete the
-        SA once that time + over_time passes without either."""
+    def _schedule_ike(
+        self, name: str, spi_i: bytes, spi_r: bytes, reauth_due: float | None = None
+    ) -> None:
+        """On both ends: rekey before rekey_time and reauthenticate before reauth_time,
+        each jittered by rand_time (whichever end comes first does it; the engine
+        settles the rare collisions); the reauthentication deadline of an SA a rekey
+        replaced carries over (`reauth_due`). The SA is deleted once the earlier of the
+        two passes by over_time without either."""
         conn = self._config_of(name)
         local = self.local_of.get(name)
         if conn is None or local is None:
@@ -646,16 +655,22 @@ class Agent:
         sa = engine.sa_by_spi(spi_i) or engine.sa_by_spi(spi_r)
         if sa is None or sa.spi_i != spi_i:
             return
-        initiator = sa.initiator if initiator is None else initiator
+        now = self._loop.time()
         handles = []
-        jitter = random.uniform(0, conn.rand_time) if conn.rand_time > 0 else 0.0
-        if initiator and conn.reauth_time:
-            handles.append(self._loop.call_later(conn.reauth_time - jitter, self._reauth, sa))
-        elif conn.rekey_time:
+        deadlines = []
+        if conn.reauth_time:
+            jitter = random.uniform(0, conn.rand_time) if conn.rand_time > 0 else 0.0
+            due = now + conn.reauth_time - jitter if reauth_due is None else reauth_due
+            self._reauth_due[spi_i] = due
+            handles.append(self._loop.call_at(max(due, now), self._reauth, sa))
+            deadlines.append(due)
+        if conn.rekey_time and (not conn.reauth_time or conn.rekey_time < conn.reauth_time):
+            jitter = random.uniform(0, conn.rand_time) if conn.rand_time > 0 else 0.0
             handles.append(self._loop.call_later(conn.rekey_time - jitter, self._rekey_ike, sa))
-        limit = conn.reauth_time or conn.rekey_time
-        if limit:
-            handles.append(self._loop.call_later(limit + conn.over_time, self._expire_ike, sa))
+            deadlines.append(now + conn.rekey_time)
+        if deadlines:
+            expiry = min(deadlines) + conn.over_time
+            handles.append(self._loop.call_at(max(expiry, now), self._expire_ike, sa))
         self._ike_timers[spi_i] = handles
 
     def _rekey_ike(self, sa: IkeSa) -> None:
@@ -668,6 +683,8 @@ class Agent:
         """Make-before-break: a new IKE SA with its children first, then the old goes."""
         if sa.state != "established" or sa.conn is None or sa.conn.name not in self.local_of:
             return
+        if sa.superseded or any(o.reauth_of is sa for o in sa.engine.sas_of(sa.conn.name)):
+            return  # already being replaced (a rekey, or a reauthentication under way)
         name = sa.conn.name
         log.info("[%s] reauthentication due: a new IKE SA first", name)
         runner = self.runners[self.local_of[name]]
