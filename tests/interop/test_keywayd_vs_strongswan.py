@@ -8,6 +8,7 @@ users moving from strongSwan.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import threading
 import time
@@ -164,3 +165,31 @@ def agree_quietly(agent, charon, old: tuple[str, str]) -> bool:
         return agree(agent, charon) != old
     except (AssertionError, ValueError):
         return False  # between the two sides' views of the rekey
+
+
+def test_selectors_charon_narrows_are_what_keywayd_protects(netns_hosts, charon_factory, tmp_path):
+    """Issue 14, item 15: charon agrees to half of the remote site keywayd proposes; the
+    policies keywayd installs are for that half (before: for the whole site, so traffic
+    to the other half went into an SA charon drops it from)."""
+    a, b = netns_hosts(2).hosts
+    half = str(next(ipaddress.ip_network(b.site4).subnets()))  # b's site address is in it
+    values = dict(a=a, b=b, psk=PSK, proposal=SUITES[0][0], esp=SUITES[0][1])
+    charon_conf = SWANCTL_CONF.format(**values).replace(
+        f"local_ts = {b.site4}", f"local_ts = {half}"
+    )
+    assert half in charon_conf
+    charon_factory(b.netns, charon_conf)
+    config = yaml.safe_load(KEYWAYD_YML.format(start_action="start", **values))
+    agent = Keywayd(a.netns, tmp_path / "a", config["connections"])
+    try:
+        agent.wait_for(lambda: agent.sas("kw") and agent.sas("kw")[0]["children"], "kw up")
+        (child,) = agent.sas("kw")[0]["children"]
+        assert child["remote_ts"] == [half]
+        (conn,) = agent.ctl("list-conns")
+        policies = conn["children"][0]["policies"]
+        assert sorted(policies) == sorted(
+            [f"out {a.site4} -> {half}", f"in {half} -> {a.site4}", f"fwd {half} -> {a.site4}"]
+        )
+        assert udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"h") == b"h"
+    finally:
+        agent.stop()

@@ -461,15 +461,22 @@ class Agent:
         return self.children[key]
 
     def _policies_of(
-        self, conn: ConnectionConfig, child: ChildConfig, state: _ChildState
+        self,
+        conn: ConnectionConfig,
+        child: ChildConfig,
+        state: _ChildState,
+        selectors: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
     ) -> list[base.PolicySpec]:
+        """The child's policies: for its configured traffic selectors, or for those
+        negotiated (`selectors`, local and remote), which the peer may have narrowed."""
         if child.mode in ("pass", "drop"):
             action = base.PolicyAction(child.mode)
         else:
             action = base.PolicyAction.PROTECT
+        local_ts, remote_ts = selectors or (child.local_ts, child.remote_ts)
         return install.child_policies(
-            child.local_ts,
-            child.remote_ts,
+            local_ts,
+            remote_ts,
             reqid=state.reqid,
             local_address=self.local_of[conn.name],
             remote_address=conn.remote_addrs[0],
@@ -491,6 +498,31 @@ class Agent:
                 state.policies.append(policy)
             except base.DataPlaneError as exc:
                 log.error("[%s/%s] policy not installed: %s", conn.name, child.name, exc)
+
+    def _sync_policies(
+        self, conn, child, state: _ChildState, selectors: tuple[tuple[str, ...], tuple[str, ...]]
+    ) -> None:
+        """The child's policies made those of `selectors`: new ones first, then the ones
+        no longer wanted go (traffic the peer did not agree to protect is not sent into
+        an SA it would drop; it follows the host's other policies)."""
+        wanted = self._policies_of(conn, child, state, selectors)
+        held = {p.id: p for p in state.policies}
+        kept = []
+        for policy in wanted:
+            if held.get(policy.id) == policy:
+                kept.append(policy)
+                continue
+            try:
+                if policy.id in held:
+                    self.plane.remove_policy(policy.id)
+                self.plane.install_policy(policy)
+                kept.append(policy)
+            except base.DataPlaneError as exc:
+                log.error("[%s/%s] policy not installed: %s", conn.name, child.name, exc)
+        wanted_ids = {p.id for p in wanted}
+        state.policies = [p for p in state.policies if p.id not in wanted_ids]
+        self._remove_policies(state)
+        state.policies = kept
 
     def _remove_policies(self, state: _ChildState) -> None:
         for policy in state.policies:
@@ -752,7 +784,7 @@ class Agent:
         self._child_since[event.spi_in] = self._loop.time()
         first = not state.spis  # not a rekey nor a reauthentication's twin
         state.spis.add(event.spi_in)
-        self._install_policies(conn, child, state)
+        self._sync_policies(conn, child, state, (event.local_ts, event.remote_ts))
         if first:
             self._updown("up", event.connection, event.child, event)
         log.info(
@@ -805,7 +837,12 @@ class Agent:
             event.reason,
         )
         if not state.spis:  # the last SA of the child, not one a rekey replaced
-            if not state.trap:
+            conn = self._config_of(event.connection)
+            children = conn.children if conn is not None else ()
+            child = next((c for c in children if c.name == event.child), None)
+            if state.trap and child is not None:  # the configured selectors trap again
+                self._sync_policies(conn, child, state, (child.local_ts, child.remote_ts))
+            else:
                 self._remove_policies(state)
             self._updown("down", event.connection, event.child, event)
             if event.reason in LOST_CHILD:
@@ -1190,6 +1227,14 @@ class Agent:
                             "proposals": list(c.esp_proposals or c.ah_proposals),
                             "start_action": c.start_action,
                             "reqid": self._reqids.get((conn.name, c.name)),
+                            # what the data plane holds for it: the configured selectors
+                            # (trap, pass, drop) or those negotiated with the peer
+                            "policies": [
+                                f"{p.direction.value} {p.selector.src} -> {p.selector.dst}"
+                                for p in self.children[(conn.name, c.name)].policies
+                            ]
+                            if (conn.name, c.name) in self.children
+                            else [],
                         }
                         for c in conn.children
                     ],
