@@ -167,10 +167,14 @@ def agree_quietly(agent, charon, old: tuple[str, str]) -> bool:
         return False  # between the two sides' views of the rekey
 
 
-def test_selectors_charon_narrows_are_what_keywayd_protects(netns_hosts, charon_factory, tmp_path):
+@pytest.mark.parametrize("start_action", ["start", "trap"])
+def test_selectors_charon_narrows_are_what_keywayd_protects(
+    netns_hosts, charon_factory, tmp_path, start_action
+):
     """Issue 14, item 15: charon agrees to half of the remote site keywayd proposes; the
     policies keywayd installs are for that half (before: for the whole site, so traffic
-    to the other half went into an SA charon drops it from)."""
+    to the other half went into an SA charon drops it from). A trap child keeps its
+    configured policies beside them: the other half still traps, never goes clear."""
     a, b = netns_hosts(2).hosts
     half = str(next(ipaddress.ip_network(b.site4).subnets()))  # b's site address is in it
     values = dict(a=a, b=b, psk=PSK, proposal=SUITES[0][0], esp=SUITES[0][1])
@@ -179,17 +183,22 @@ def test_selectors_charon_narrows_are_what_keywayd_protects(netns_hosts, charon_
     )
     assert half in charon_conf
     charon_factory(b.netns, charon_conf)
-    config = yaml.safe_load(KEYWAYD_YML.format(start_action="start", **values))
+    config = yaml.safe_load(KEYWAYD_YML.format(start_action=start_action, **values))
     agent = Keywayd(a.netns, tmp_path / "a", config["connections"])
+
+    def policies(remote: str) -> list[str]:
+        return [f"out {a.site4} -> {remote}", f"in {remote} -> {a.site4}",
+                f"fwd {remote} -> {a.site4}"]  # fmt: skip
+
     try:
+        if start_action == "trap":  # the first packet starts it (and may be lost)
+            udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"k", timeout=1)
         agent.wait_for(lambda: agent.sas("kw") and agent.sas("kw")[0]["children"], "kw up")
         (child,) = agent.sas("kw")[0]["children"]
         assert child["remote_ts"] == [half]
         (conn,) = agent.ctl("list-conns")
-        policies = conn["children"][0]["policies"]
-        assert sorted(policies) == sorted(
-            [f"out {a.site4} -> {half}", f"in {half} -> {a.site4}", f"fwd {half} -> {a.site4}"]
-        )
+        expected = policies(half) + (policies(b.site4) if start_action == "trap" else [])
+        assert sorted(conn["children"][0]["policies"]) == sorted(expected)
         assert udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"h") == b"h"
     finally:
         agent.stop()

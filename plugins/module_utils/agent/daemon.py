@@ -504,8 +504,13 @@ class Agent:
     ) -> None:
         """The child's policies made those of `selectors`: new ones first, then the ones
         no longer wanted go (traffic the peer did not agree to protect is not sent into
-        an SA it would drop; it follows the host's other policies)."""
+        an SA it would drop; it follows the host's other policies). A trap child keeps
+        its configured ones too, less specific: what the peer narrowed out still
+        triggers an acquire, never leaves in the clear."""
         wanted = self._policies_of(conn, child, state, selectors)
+        if state.trap:
+            ids = {p.id for p in wanted}
+            wanted += [p for p in self._policies_of(conn, child, state) if p.id not in ids]
         held = {p.id: p for p in state.policies}
         kept = []
         for policy in wanted:
@@ -840,7 +845,7 @@ class Agent:
             conn = self._config_of(event.connection)
             children = conn.children if conn is not None else ()
             child = next((c for c in children if c.name == event.child), None)
-            if state.trap and child is not None:  # the configured selectors trap again
+            if state.trap and child is not None:  # only the configured selectors trap
                 self._sync_policies(conn, child, state, (child.local_ts, child.remote_ts))
             else:
                 self._remove_policies(state)
