@@ -205,6 +205,12 @@ def _signature_scheme(private_key, peer_hashes: frozenset[int]) -> tuple[str, st
     return "rsa-pss", "sha256"  # the peer announced none of ours: it will say so
 
 
+def _without_ke(proposal: codec.Proposal) -> codec.Proposal:
+    """A proposal without its KE transforms."""
+    kept = [t for t in proposal.transforms if t.type != TransformType.KE]
+    return replace(proposal, transforms=kept)
+
+
 def _protocol_id(protocol: str) -> int:
     """The IKE protocol ID of a Child SA's protocol name (esp | ah)."""
     return ProtocolId.AH if protocol == "ah" else ProtocolId.ESP
@@ -569,10 +575,15 @@ class IkeSa:
             for p in params.proposals
         ]
 
-    def _offers(self, params: ChildParams, chosen: codec.Proposal) -> bool:
+    def _offers(self, params: ChildParams, chosen: codec.Proposal, pfs: bool = True) -> bool:
         """Whether the proposal a responder chose for a child is one we offered: else it
-        could pick any algorithm, or AH for ESP, and we would install it."""
+        could pick any algorithm, or AH for ESP, and we would install it. Without a key
+        exchange (`pfs` False: the child of IKE_AUTH, RFC 7296 1.2) KE transforms are
+        not negotiated, and the responder drops them from its answer."""
         ours = [spec.to_proposal(i + 1) for i, spec in enumerate(self._child_specs(params))]
+        if not pfs:
+            ours = [_without_ke(p) for p in ours]
+            chosen = _without_ke(chosen)
         return proposal_acceptable(ours, chosen)
 
     def _refuse_chosen_child(self, params: ChildParams, chosen, our_spi: bytes, now: float):
@@ -728,7 +739,7 @@ class IkeSa:
             self.engine._event(
                 NegotiationFailed(conn.name, f"child {self.child_params.name}: {reason}")
             )
-        elif not self._offers(self.child_params, sa.proposals[0]):
+        elif not self._offers(self.child_params, sa.proposals[0], pfs=False):
             self._refuse_chosen_child(self.child_params, sa.proposals[0], self.child_spi, now)
         else:
             self._child_ready(
@@ -906,7 +917,7 @@ class IkeSa:
                 self._replace_lost_child(spi_in, now)
             else:
                 self.engine._event(NegotiationFailed(self.conn.name, f"{what}: {name}"))
-        elif not self._offers(params, sa.proposals[0]):
+        elif not self._offers(params, sa.proposals[0], pfs=kx is not None):
             self._refuse_chosen_child(params, sa.proposals[0], new_spi, now)
         else:
             try:
