@@ -222,3 +222,30 @@ def test_a_watcher_that_does_not_read_has_its_stream_ended_not_hung(agent):
 
     assert asyncio.run(asyncio.wait_for(overflow(), 5)) == WATCH_QUEUE - 1
     assert not agent._watchers
+
+
+def test_policies_follow_the_selectors_negotiated_and_a_trap_keeps_its_own(agent):
+    """Issue 14, item 15: the peer narrowed the child to 10.2.0.0/25 (IPv4 only)."""
+    plane = agent.plane
+    narrowed = dataclasses.replace(
+        ready(0x100, 0x200), local_ts=("10.1.0.0/24",), remote_ts=("10.2.0.0/25",)
+    )
+    agent._on_engine_event(narrowed)
+    assert sorted((p.direction.value, p.selector.src, p.selector.dst)
+                  for p in plane.policies.values()) == [
+        ("fwd", "10.2.0.0/25", "10.1.0.0/24"), ("in", "10.2.0.0/25", "10.1.0.0/24"),
+        ("out", "10.1.0.0/24", "10.2.0.0/25"),
+    ]  # fmt: skip
+    agent._on_engine_event(ChildSaDeleted("ab", "sites", 0x100, 0x200, "deleted by us"))
+    assert not plane.policies  # a `none` child: nothing left
+
+    state = agent._child_state("ab", "sites")
+    state.trap = True  # as _add_connection makes a `trap` child
+    agent._sync_policies(agent.config.connection("ab"), agent.config.connection("ab").children[0],
+                         state, (("10.1.0.0/24", "fd00:1::/64"), ("10.2.0.0/24", "fd00:2::/64")))
+    trapped = set(plane.policies)
+    agent._on_engine_event(dataclasses.replace(narrowed, spi_in=0x101, spi_out=0x201))
+    # The negotiated ones beside the trap's, which stay: the rest still acquires.
+    assert trapped < set(plane.policies) and len(plane.policies) == len(trapped) + 3
+    agent._on_engine_event(ChildSaDeleted("ab", "sites", 0x101, 0x201, "deleted by us"))
+    assert set(plane.policies) == trapped
