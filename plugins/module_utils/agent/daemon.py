@@ -971,23 +971,27 @@ class Agent:
         return None
 
     def _tell_invalid_spi(self, event: base.UnknownSpiEvent) -> None:
-        """ESP from a peer on an SPI we do not hold: if we share an IKE SA with it, say
-        so (INVALID_SPI); it then replaces the Child SA it thinks is alive."""
+        """ESP or AH from a peer on an SPI we do not hold: say so (INVALID_SPI) on every
+        IKE SA we share with it, since nothing tells which of them the SPI was a Child SA
+        of; the one that has it replaces that Child SA, the others ignore the notify.
+        (The plane reports an SPI from a sender once per interval: a spoofed flood costs
+        a few messages per IKE SA, bounded by the engine's queue.)"""
         engine = self.engines.get(self._local_towards.get(event.src, ""))
         if engine is None:
             return
-        sa = next(
-            (
-                s
-                for s in engine.sas_with(event.src)
-                if s.state == "established" and not s.superseded
-            ),
-            None,
-        )
-        if sa is None:
+        sas = [
+            s for s in engine.sas_with(event.src) if s.state == "established" and not s.superseded
+        ]
+        if not sas:
             return
-        untrusted.info("[%s] ESP for unknown SPI %08x from %s", sa.conn.name, event.spi, event.src)
-        engine.notify_invalid_spi(sa, event.spi, self._loop.time())
+        protocol = "AH" if event.proto == socket.IPPROTO_AH else "ESP"
+        untrusted.info(
+            "%s for unknown SPI %08x from %s: INVALID_SPI on the IKE SAs of %s",
+            protocol, event.spi, event.src, ", ".join(sorted({s.conn.name for s in sas})),
+        )  # fmt: skip
+        now = self._loop.time()
+        for sa in sas:
+            engine.notify_invalid_spi(sa, event.spi, now, ah=event.proto == socket.IPPROTO_AH)
         self.runners[engine.local[0]].pump()
 
     def _on_plane_event(self, event: base.DataPlaneEvent) -> None:

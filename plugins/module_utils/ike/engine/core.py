@@ -1673,11 +1673,10 @@ class IkeSa:
             protocol, spi = arg
             inner = [codec.Delete(protocol=protocol, spis=[struct.pack("!I", spi)])]
         elif kind == "invalid_spi":  # RFC 7296 3.10.1: the data is the packet's SPI
+            protocol, spi = arg
             inner = [
                 codec.Notify(
-                    type=NotifyType.INVALID_SPI,
-                    protocol=ProtocolId.ESP,
-                    data=struct.pack("!I", arg),
+                    type=NotifyType.INVALID_SPI, protocol=protocol, data=struct.pack("!I", spi)
                 )
             ]
         else:  # dpd: an empty INFORMATIONAL
@@ -2149,14 +2148,14 @@ class Engine:
         new.reauth_of = sa
         return new
 
-    def notify_invalid_spi(self, sa: IkeSa, spi: int, now: float) -> None:
+    def notify_invalid_spi(self, sa: IkeSa, spi: int, now: float, ah: bool = False) -> None:
         """Tell the peer it sent ESP on an SPI we do not hold (RFC 7296 2.21.4); the
         shell calls this for the data plane's rate-limited reports. At most a few wait
         in the queue: ESP with spoofed sources must not grow it."""
         if sum(kind == "invalid_spi" for kind, _unused in sa.pending) >= MAX_QUEUED_INVALID_SPI:
             log.info("%s: INVALID_SPI for %08x not sent: enough are queued", sa.conn.name, spi)
             return
-        sa.queue("invalid_spi", now, spi)
+        sa.queue("invalid_spi", now, (ProtocolId.AH if ah else ProtocolId.ESP, spi))
         self._touch(sa)
 
     def check_liveness(self, sa: IkeSa, now: float) -> None:
