@@ -489,6 +489,29 @@ def test_ah_children_carry_authenticated_traffic(netns_hosts, agents, mode):
     assert not [f for f in cap.frames if f.ip_proto == 17 and marker in f.data]
 
 
+def test_a_child_whose_hard_lifetime_came_without_a_rekey_comes_back(netns_hosts, agents):
+    """Issue 14, item 20: the responder's Child SA reaches its hard lifetime (4 s) before
+    anyone rekeys it (the initiator has no rekey schedule). Both ends delete it; the
+    `start` end creates it again on the same IKE SA, and list-conns says so."""
+    a, b = netns_hosts(2).hosts
+    agent_b = agents(b, {"ab": site_connection(b, a, start=False, life_time="4s",
+                                               rekey_time="0s")})  # fmt: skip
+    agent_a = agents(a, {"ab": site_connection(a, b, start=True, rekey_time="0s")})
+    agent_a.wait_for(lambda: agent_a.child_spis("ab"), "ab established")
+    (ike,) = agent_a.sas("ab")
+    first = agent_a.child_spis("ab")
+    agent_a.wait_for(lambda: "hard lifetime reached" in agent_b.log(), "b's hard lifetime")
+    agent_a.wait_for(
+        lambda: agent_a.child_spis("ab") and agent_a.child_spis("ab") != first,
+        "the child created again",
+    )  # fmt: skip
+    assert [sa["spi_i"] for sa in agent_a.sas("ab")] == [ike["spi_i"]]  # the same IKE SA
+    assert "Child SA lost (deleted by peer): creating it again" in agent_a.log()
+    (conn,) = agent_a.ctl("list-conns")
+    assert conn["state"] == "established"
+    assert udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"back") == b"kcab"
+
+
 def test_initiate_answers_for_a_connection_without_children_and_names_a_refused_child(
     netns_hosts, agents
 ):
