@@ -665,6 +665,26 @@ def test_a_responder_that_restarted_is_back_within_a_liveness_check_and_two_roun
     assert pair.events[A].index(ready) < pair.events[A].index(gone)  # make-before-break
 
 
+def test_an_older_ike_sa_the_peer_dropped_is_not_renewed_when_a_newer_one_lives():
+    """The peer answers for an older IKE SA with INVALID_IKE_SPI while a newer one with it
+    is up (a reauthentication's race): it did not restart, so no new IKE SA is made; the
+    older one ends quietly, without a PeerDead."""
+    pair = established()
+    (old,) = pair.a.sas()
+    pair.a.initiate("h1-h2", pair.net.now)  # a second IKE SA (no INITIAL_CONTACT)
+    pair.pump(until=pair.net.now + 30)
+    newer = next(sa for sa in pair.a.sas() if sa is not old)
+    old_b = next(sa for sa in pair.b.sas() if sa.spi_i == old.spi_i)
+    pair.b._forget(old_b)  # B drops the older one without a word
+    pair.events[A] = []
+    pair.a.check_liveness(old, pair.net.now)
+    pair.pump(until=pair.net.now + 120)
+    assert pair.a.sas() == [newer] and not of(pair.events[A], IkeSaUp)
+    assert not of(pair.events[A], PeerDead)
+    (down,) = of(pair.events[A], IkeSaDown)
+    assert down.spi_i == old.spi_i and down.reason == "replaced by a newer IKE SA with the peer"
+
+
 def test_a_spoofed_invalid_ike_spi_deletes_nothing():
     pair = established()
     (sa,) = pair.a.sas()

@@ -1024,6 +1024,17 @@ class IkeSa:
         self.peer_forgot = True
         if any(sa.reauth_of is self for sa in self.engine.sas_of(self.conn.name)):
             return  # a reauthentication is already on its way
+        newer = [
+            sa
+            for sa in self.engine._established_with(self.conn.name, self.remote_id, self)
+            if (sa.established_at or 0.0) > (self.established_at or 0.0)
+        ]
+        if newer:
+            # The peer authenticated a newer IKE SA with us since: it did not restart,
+            # it dropped this older one (a reauthentication's race). Nothing to renew:
+            # this one ends quietly when its request times out.
+            self.redundant = "replaced by a newer IKE SA with the peer"
+            return
         log.info("%s: the peer says it does not know this IKE SA (restarted?): "
                  "negotiating a new one", self.conn.name)  # fmt: skip
         self.engine.reauthenticate(self, now)
