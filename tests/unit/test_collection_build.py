@@ -31,6 +31,7 @@ def _plugins(collection):
     plugins = collection / "plugins"
     yield from (("module", p.stem) for p in (plugins / "modules").glob("*.py"))
     yield from (("filter", p.stem) for p in (plugins / "filter").glob("*.yml"))
+    yield from (("lookup", p.stem) for p in (plugins / "lookup").glob("*.py"))
     yield from (("connection", p.stem) for p in (plugins / "connection").glob("*.py"))
     yield from (("inventory", p.stem) for p in (plugins / "inventory").glob("*.py"))
     yield from (("role", p.name) for p in (collection / "roles").iterdir())
@@ -55,5 +56,5 @@ def test_ansible_doc_shows_every_module_plugin_and_role_of_the_installed_tarball
         assert "UNDOCUMENTED" not in doc.stdout
         shown.append((plugin_type, name))
     kinds = {kind for kind, _ in shown}
-    assert kinds == {"module", "filter", "connection", "inventory", "role"}
+    assert kinds == {"module", "filter", "lookup", "connection", "inventory", "role"}
     assert ("role", "agent") in shown and ("module", "agent_config") in shown
