@@ -301,7 +301,7 @@ def main() -> None:
         if problems:
             module.fail_json(msg=f"keywayd cannot run on {python}: {'; '.join(problems)}",
                              missing=problems, **result)  # fmt: skip
-    written = pending if module.check_mode else install(lib_dir, False)
+    written = pending if module.check_mode or not pending else install(lib_dir, False)
     result["installed"] = written
     if p["state"] == "installed":
         module.exit_json(**{**result, "changed": bool(written)})

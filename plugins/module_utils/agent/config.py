@@ -151,6 +151,11 @@ class ChildConfig:
     def protocol(self) -> str:
         return "ah" if self.ah_proposals else "esp"
 
+    @property
+    def proposals(self) -> tuple[str, ...]:
+        """The child's proposals, of its protocol."""
+        return self.ah_proposals or self.esp_proposals
+
 
 @dataclass(frozen=True)
 class ConnectionConfig:
@@ -646,13 +651,16 @@ def _connection(
             "is IKEv1's (swanctl ignores it for IKEv2): an IKEv2 peer is dead when "
             "retransmit_tries retransmissions of a request go unanswered",
         )
-    if raw.get("encap") == "no":
+    if raw.get("encap") == "no":  # said here, not as just one more unknown choice
         reader.problem(
             f"{path}.encap",
             "no is not implemented: keywayd UDP-encapsulates ESP when a NAT is detected "
             "(auto) or always (force)",
         )
-    if raw.get("encap") == "force":
+        encap = "auto"
+    else:
+        encap = reader.choice(raw, "encap", path, ENCAP_MODES, "auto")
+    if encap == "force":
         for child in children:
             if child.protocol == "ah":
                 reader.problem(
@@ -687,9 +695,7 @@ def _connection(
         proposals=reader.proposals(
             raw, "proposals", path, "ike", ("aes256gcm16-prfsha384-x25519",), allow_weak
         ),
-        encap=reader.choice(raw, "encap", path, ENCAP_MODES, "auto")
-        if raw.get("encap") != "no"
-        else "auto",
+        encap=encap,
         dpd_delay=reader.duration(raw, "dpd_delay", path, 30),
         rekey_time=rekey_time,
         reauth_time=reauth_time,

@@ -157,7 +157,7 @@ def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> 
             child.name,
             child.local_ts,
             child.remote_ts,
-            child.esp_proposals or child.ah_proposals,
+            child.proposals,
             child.mode,
             rekey_time=child.rekey_time,
             life_time=child.life_time,
@@ -420,10 +420,10 @@ class Agent:
         for child in conn.children:
             state = self._child_state(conn.name, child.name)
             if child.mode in ("pass", "drop"):
-                self._install_policies(conn, child, state)
+                self._sync_policies(conn, child, state, (child.local_ts, child.remote_ts))
             elif child.start_action == "trap":
                 state.trap = True
-                self._install_policies(conn, child, state)
+                self._sync_policies(conn, child, state, (child.local_ts, child.remote_ts))
         if any(c.start_action == "start" for c in conn.children):
             self._initiate(conn.name)
 
@@ -488,16 +488,6 @@ class Agent:
             if_id_in=conn.if_id_in,
             if_id_out=conn.if_id_out,
         )
-
-    def _install_policies(self, conn, child, state: _ChildState) -> None:
-        if state.policies:
-            return
-        for policy in self._policies_of(conn, child, state):
-            try:
-                self.plane.install_policy(policy)
-                state.policies.append(policy)
-            except base.DataPlaneError as exc:
-                log.error("[%s/%s] policy not installed: %s", conn.name, child.name, exc)
 
     def _sync_policies(
         self, conn, child, state: _ChildState, selectors: tuple[tuple[str, ...], tuple[str, ...]]
@@ -695,14 +685,13 @@ class Agent:
         now = self._loop.time()
         handles = []
         deadlines = []
+        jitter = random.uniform(0, conn.rand_time) if conn.rand_time > 0 else 0.0
         if conn.reauth_time:
-            jitter = random.uniform(0, conn.rand_time) if conn.rand_time > 0 else 0.0
             due = now + conn.reauth_time - jitter if reauth_due is None else reauth_due
             self._reauth_due[spi_i] = due
             handles.append(self._loop.call_at(max(due, now), self._reauth, sa))
             deadlines.append(due)
         if conn.rekey_time and (not conn.reauth_time or conn.rekey_time < conn.reauth_time):
-            jitter = random.uniform(0, conn.rand_time) if conn.rand_time > 0 else 0.0
             handles.append(self._loop.call_later(conn.rekey_time - jitter, self._rekey_ike, sa))
             deadlines.append(now + conn.rekey_time)
         if deadlines:
@@ -1233,7 +1222,7 @@ class Agent:
                             "mode": c.mode,
                             "local_ts": list(c.local_ts),
                             "remote_ts": list(c.remote_ts),
-                            "proposals": list(c.esp_proposals or c.ah_proposals),
+                            "proposals": list(c.proposals),
                             "start_action": c.start_action,
                             "reqid": self._reqids.get((conn.name, c.name)),
                             # what the data plane holds for it: the configured selectors

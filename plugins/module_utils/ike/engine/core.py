@@ -575,12 +575,16 @@ class IkeSa:
             for p in params.proposals
         ]
 
+    def _child_offer(self, params: ChildParams) -> list[codec.Proposal]:
+        """A child's proposals as it offers them (numbered, without SPI)."""
+        return [spec.to_proposal(i + 1) for i, spec in enumerate(self._child_specs(params))]
+
     def _offers(self, params: ChildParams, chosen: codec.Proposal, pfs: bool = True) -> bool:
         """Whether the proposal a responder chose for a child is one we offered: else it
         could pick any algorithm, or AH for ESP, and we would install it. Without a key
         exchange (`pfs` False: the child of IKE_AUTH, RFC 7296 1.2) KE transforms are
         not negotiated, and the responder drops them from its answer."""
-        ours = [spec.to_proposal(i + 1) for i, spec in enumerate(self._child_specs(params))]
+        ours = self._child_offer(params)
         if not pfs:
             ours = [_without_ke(p) for p in ours]
             chosen = _without_ke(chosen)
@@ -1391,8 +1395,7 @@ class IkeSa:
         proposal matches any, TS_UNACCEPTABLE when only the selectors do not)."""
         proposals_ok = False
         for params in candidates:
-            ours = [spec.to_proposal(i + 1) for i, spec in enumerate(self._child_specs(params))]
-            chosen = select_proposal(ours, sa.proposals)
+            chosen = select_proposal(self._child_offer(params), sa.proposals)
             if chosen is None:
                 continue
             proposals_ok = True
