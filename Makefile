@@ -56,6 +56,7 @@ deps: venv collection
 # changelog fragments.
 lint: venv collection
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/ansible-lint --profile production --offline -q
 	$(VENV)/bin/antsibull-changelog lint
 

@@ -711,6 +711,10 @@ class Agent:
             return
         if sa.superseded or any(o.reauth_of is sa for o in sa.engine.sas_of(sa.conn.name)):
             return  # already being replaced (a rekey, or a reauthentication under way)
+        if sa.newer_with_peer():
+            # The peer's reauthentication of this SA came first: its Delete is on the
+            # way. Another one now would leave two IKE SAs, neither a twin of the other.
+            return
         name = sa.conn.name
         log.info("[%s] reauthentication due: a new IKE SA first", name)
         runner = self.runners[self.local_of[name]]

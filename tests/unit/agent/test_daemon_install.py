@@ -241,8 +241,12 @@ def test_policies_follow_the_selectors_negotiated_and_a_trap_keeps_its_own(agent
 
     state = agent._child_state("ab", "sites")
     state.trap = True  # as _add_connection makes a `trap` child
-    agent._sync_policies(agent.config.connection("ab"), agent.config.connection("ab").children[0],
-                         state, (("10.1.0.0/24", "fd00:1::/64"), ("10.2.0.0/24", "fd00:2::/64")))
+    agent._sync_policies(
+        agent.config.connection("ab"),
+        agent.config.connection("ab").children[0],
+        state,
+        (("10.1.0.0/24", "fd00:1::/64"), ("10.2.0.0/24", "fd00:2::/64")),
+    )
     trapped = set(plane.policies)
     agent._on_engine_event(dataclasses.replace(narrowed, spi_in=0x101, spi_out=0x201))
     # The negotiated ones beside the trap's, which stay: the rest still acquires.

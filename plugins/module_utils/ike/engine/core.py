@@ -1028,12 +1028,7 @@ class IkeSa:
         self.peer_forgot = True
         if any(sa.reauth_of is self for sa in self.engine.sas_of(self.conn.name)):
             return  # a reauthentication is already on its way
-        newer = [
-            sa
-            for sa in self.engine._established_with(self.conn.name, self.remote_id, self)
-            if (sa.established_at or 0.0) > (self.established_at or 0.0)
-        ]
-        if newer:
+        if self.newer_with_peer():
             # The peer authenticated a newer IKE SA with us since: it did not restart,
             # it dropped this older one (a reauthentication's race). Nothing to renew:
             # this one ends quietly when its request times out.
@@ -1042,6 +1037,15 @@ class IkeSa:
         log.info("%s: the peer says it does not know this IKE SA (restarted?): "
                  "negotiating a new one", self.conn.name)  # fmt: skip
         self.engine.reauthenticate(self, now)
+
+    def newer_with_peer(self) -> list[IkeSa]:
+        """This connection's IKE SAs with the same peer that came up after this one:
+        the peer reauthenticated it (and deletes it), so renewing it would leave two."""
+        return [
+            sa
+            for sa in self.engine._established_with(self.conn.name, self.remote_id, self)
+            if (sa.established_at or 0.0) > (self.established_at or 0.0)
+        ]
 
     def _reauthentication_done(self, now: float) -> None:
         """Make-before-break reauthentication: this IKE SA and its children are up, so
