@@ -4,11 +4,13 @@ SIGTERM that leaves no Keyway SA, policy or route behind."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
 import pytest
 
+from ansible_collections.keyway.ipsec.plugins.module_utils.esp.tun import ROUTE_TABLE
 from tests.fixtures.capture import Capture
 from tests.fixtures.keywayd import Keywayd, site_connection
 from tests.fixtures.netns import in_netns, udp_exchange
@@ -79,3 +81,37 @@ def test_keywayd_pair_on_the_kernel_plane(netns_hosts, tmp_path, protocol, encap
     finally:
         agent_a.stop(timeout=SLOW)
         agent_b.stop(timeout=SLOW)
+
+
+def test_keywayd_with_an_xfrm_interface_leaves_the_routing_to_it(netns_hosts, tmp_path):
+    """Issue 14, item 11: with if_id, traffic is routed into the XFRM interface. keywayd
+    routed the remote site itself too, in its table looked up before main: out eth0,
+    where a policy with an if_id matches nothing, so the traffic left in the clear.
+    Like strongSwan (install_routes_xfrmi = no), keywayd routes no if_id child."""
+    a, b = netns_hosts(2).hosts
+    agents = []
+    try:
+        for me, peer in ((b, a), (a, b)):
+            in_netns(me.netns, "ip", "link", "add", "ipsec1", "type", "xfrm", "dev", "eth0",
+                     "if_id", "42")  # fmt: skip
+            in_netns(me.netns, "ip", "link", "set", "ipsec1", "up")
+            in_netns(me.netns, "ip", "route", "add", peer.site4, "dev", "ipsec1")
+            conn = {**site_connection(me, peer, start=me is a), "if_id_in": 42, "if_id_out": 42}
+            agents.append(Keywayd(me.netns, tmp_path / me.name, {"ab": conn},
+                                  dataplane="kernel", timeout=SLOW))  # fmt: skip
+        agent_a = agents[-1]
+        agent_a.wait_for(lambda: agent_a.sas("ab"), "ab established", SLOW)
+        own = in_netns(a.netns, "ip", "route", "show", "table", str(ROUTE_TABLE)).stdout
+        assert b.site4 not in own
+        with Capture(a.netns, "eth0") as cap:
+            reply = udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"xi",
+                                 timeout=60)  # fmt: skip
+        assert reply == b"ix"
+        sent = [f for f in cap.frames if f.outgoing]
+        assert any(f.ip_proto == 50 for f in sent)
+        assert not any(f.udp_payload() == b"xi" for f in sent)  # nothing in the clear
+        shown = in_netns(a.netns, "ip", "-s", "-j", "link", "show", "ipsec1").stdout
+        assert json.loads(shown)[0]["stats64"]["tx"]["packets"] >= 1
+    finally:
+        for agent in agents:
+            agent.stop(timeout=SLOW)

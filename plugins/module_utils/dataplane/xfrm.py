@@ -1422,9 +1422,15 @@ ROUTE_RULE_PRIORITY = 0x4B58
 
 
 def _routed(policy: PolicySpec) -> bool:
+    """OUT tunnel-mode policies route their destination towards the peer, unless they
+    belong to an XFRM interface (if_id): its traffic is routed into that interface by
+    the operator, and a route in Keyway's table, looked up before main, would send it
+    out the physical device, where a policy with an if_id matches nothing: in the
+    clear (strongSwan's install_routes_xfrmi is off by default for the same reason)."""
     return (
         policy.direction is Direction.OUT
         and policy.action is PolicyAction.PROTECT
+        and not policy.if_id
         and bool(policy.templates)
         and policy.templates[0].mode is Mode.TUNNEL
         and bool(policy.templates[0].dst)
