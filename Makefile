@@ -26,12 +26,12 @@ help:
 	@echo "make docs      the docs site (antsibull-docs, Sphinx) in build/docs/html"
 	@echo "make nox       the checks as antsibull-nox sessions (NOX_SESSIONS)"
 	@echo "make build     ansible-galaxy collection build into build/ (tracked files only)"
-	@echo "make fuzz      fuzz the IKE decoder for FUZZ_SECONDS (default 60)"
+	@echo "make fuzz      fuzz the IKE codec and engine, FUZZ_SECONDS (default 60) per target"
 
 $(VENV)/.deps: pyproject.toml tools/pydeps.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $$($(PYTHON) tools/pydeps.py test lint docs)
+	$(PY) -m pip install --quiet $$($(PYTHON) tools/pydeps.py test lint docs fuzz)
 	touch $@
 
 # The oldest versions pyproject.toml admits, in a venv of their own (make test-min-deps).
@@ -102,11 +102,18 @@ lab-up: venv collection
 lab-down: venv collection
 	$(PY) -m ansible_collections.keyway.ipsec.plugins.module_utils.lab down
 
-# Fuzz the IKE decoder for FUZZ_SECONDS (atheris, coverage-guided).
+# Fuzz the IKE codec and engine (tools/fuzz_ike.py, atheris, coverage-guided) for
+# FUZZ_SECONDS per target, from a seed corpus of real messages written to build/fuzz/TARGET,
+# which keeps what the runs find; crashes land in build/fuzz too. (`make test` runs each
+# target briefly: tests/unit/ike/test_fuzz.py.)
 FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= outer inner engine
 fuzz: venv collection
-	$(PY) -m pip install --quiet $$($(PYTHON) tools/pydeps.py fuzz | tail -n 1)
-	$(PY) tools/fuzz_ike.py -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048
+	@mkdir -p build/fuzz
+	for target in $(FUZZ_TARGETS); do \
+		$(PY) tools/fuzz_ike.py --target $$target -max_total_time=$(FUZZ_SECONDS) \
+			-rss_limit_mb=2048 -artifact_prefix=build/fuzz/ || exit 1; \
+	done
 
 # From the files git tracks only (tools/build_collection.py), less galaxy.yml's build_ignore.
 build: venv

@@ -182,6 +182,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import (
     ConfigError,
+    config_warnings,
     parse_config,
 )
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent.control import (
@@ -364,9 +365,11 @@ def main() -> None:
         for name, conn in connections.items()
     }
     try:
-        parse_config(candidate, source=str(path), file_private=True, base_dir=path.parent)
+        parsed = parse_config(candidate, source=str(path), file_private=True, base_dir=path.parent)
     except ConfigError as exc:
         module.fail_json(msg=str(exc), problems=[list(p) for p in exc.problems])
+    for warning in config_warnings(parsed):
+        module.warn(warning)
 
     # NAME.psk holds the PSK keywayd sends; NAME.psk-1, -2... the older ones it accepts.
     psk_files = {

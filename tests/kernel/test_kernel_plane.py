@@ -9,12 +9,17 @@ import json
 import os
 import secrets
 import subprocess
+import time
 
 import pytest
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent import install
 from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane import base
-from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm import KernelPlane
+from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm import (
+    SPI_MAX,
+    SPI_MIN,
+    KernelPlane,
+)
 from tests.fixtures.capture import Capture
 from tests.fixtures.netns import in_netns, udp_exchange
 
@@ -177,3 +182,34 @@ def test_xfrm_interface_with_if_id(netns_hosts):
     shown = in_netns(h1.netns, "ip", "-s", "-j", "link", "show", "ipsec1").stdout
     stats = json.loads(shown)[0]["stats64"]
     assert stats["tx"]["packets"] >= 1 and stats["rx"]["packets"] >= 1  # through ipsec1
+
+
+def test_an_sa_fills_the_spi_allocate_spi_reserved(netns_hosts):
+    """Issue 14, item 10: keywayd takes inbound SPIs from the kernel (ALLOCSPI, a larval
+    SA); installing the SA fills that larval SA in place, or adds the SA anew once the
+    kernel has expired it (a negotiation slower than net.core.xfrm_acq_expires)."""
+    h1, h2 = netns_hosts(2).hosts
+    plane = KernelPlane(netns=h2.netns)
+    key = (secrets.token_bytes(20), b"")
+
+    def states(spi: int) -> list[str]:
+        shown = in_netns(h2.netns, "ip", "xfrm", "state").stdout
+        return [s for s in shown.split("src ")[1:] if f"spi 0x{spi:08x} " in s]
+
+    filled = plane.allocate_spi(h1.ipv4, h2.ipv4, base.IpsecProto.ESP, REQID)
+    (larval,) = states(filled)
+    assert "aead" not in larval
+    plane.install_sa(_sa(h1.ipv4, h2.ipv4, filled, "aes-gcm-16", key, "tunnel"))
+    (state,) = states(filled)
+    assert "aead rfc4106(gcm(aes))" in state and "mode tunnel" in state
+
+    in_netns(h2.netns, "sh", "-c", "echo 1 > /proc/sys/net/core/xfrm_acq_expires")
+    late = plane.allocate_spi(h1.ipv4, h2.ipv4, base.IpsecProto.ESP, REQID)
+    for _ in range(100):  # the kernel's timer removes the larval SA after ~1 s
+        if not states(late):
+            break
+        time.sleep(0.1)
+    assert not states(late)
+    plane.install_sa(_sa(h1.ipv4, h2.ipv4, late, "aes-gcm-16", key, "tunnel"))
+    assert {sa.spi for sa in plane.list_sas()} == {filled, late}
+    assert all(SPI_MIN <= spi <= SPI_MAX for spi in (filled, late))

@@ -769,6 +769,26 @@ def parse_config(
     return config
 
 
+def config_warnings(config: AgentConfig) -> list[str]:
+    """What is valid but invites trouble: a Child SA whose hard lifetime comes less
+    than two retransmissions after its rekey, so that a rekey losing a packet or two
+    may not end before it (issue 14, item 22)."""
+    two_retransmissions = config.retransmit_timeout * (1 + config.retransmit_base)
+    warnings = []
+    for conn in config.connections:
+        for child in conn.children:
+            gap = child.life_time - child.rekey_time
+            if child.rekey_time and gap < two_retransmissions:
+                warnings.append(
+                    f"connections.{conn.name}.children.{child.name}: life_time "
+                    f"{child.life_time}s is only {gap}s after rekey_time "
+                    f"{child.rekey_time}s, less than two retransmissions "
+                    f"({two_retransmissions:.1f}s): a rekey that loses a packet may not "
+                    "end before the hard lifetime"
+                )
+    return warnings
+
+
 def load_config(path: str | os.PathLike, **kwargs: Any) -> AgentConfig:
     """Read and validate a config file; ConfigError on any problem (file untouched)."""
     file = Path(path)

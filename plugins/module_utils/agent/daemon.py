@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import logging
 import os
 import random
@@ -54,6 +55,7 @@ from ..ike.engine.core import (
     Engine,
     IkeConnection,
     IkeSa,
+    random_spi,
     untrusted,
 )
 from ..ike.engine.events import (
@@ -75,6 +77,7 @@ from .config import (
     ChildConfig,
     ConfigError,
     ConnectionConfig,
+    config_warnings,
     diff_configs,
     load_config,
 )
@@ -290,6 +293,8 @@ class Agent:
         except ConfigError as exc:
             raise AgentError(str(exc)) from None
         logging.getLogger("keyway").setLevel(self.config.log_level.upper())
+        for warning in config_warnings(self.config):
+            log.warning("%s", warning)
         self._instance = InstanceLock(self.config.control_socket)
         try:
             self._instance.acquire()
@@ -390,6 +395,7 @@ class Agent:
         if local not in self.engines:
             engine = Engine(
                 (local, self.config.ike_port),
+                spi_allocator=functools.partial(self._allocate_spi, local),
                 cookie_threshold=self.config.half_open_cookie_threshold,
             )
             runner = UdpRunner(
@@ -451,14 +457,32 @@ class Agent:
             self._remove_policies(state)
         self.runners[local].pump()
 
-    def _child_state(self, conn: str, child: str) -> _ChildState:
+    def _reqid(self, conn: str, child: str) -> int:
+        """The child's reqid: one per (connection, child) for the daemon's life, so its
+        SAs and policies (and their rekeys) stay tied together."""
         key = (conn, child)
         if key not in self._reqids:
             self._reqids[key] = self._next_reqid
             self._next_reqid += 1
+        return self._reqids[key]
+
+    def _child_state(self, conn: str, child: str) -> _ChildState:
+        key = (conn, child)
         if key not in self.children:
-            self.children[key] = _ChildState(self._reqids[key])
+            self.children[key] = _ChildState(self._reqid(conn, child))
         return self.children[key]
+
+    def _allocate_spi(self, local: str, conn: str, child: str, protocol: str, peer: str) -> int:
+        """The engine's SPI allocator: the data plane reserves an inbound SPI unique on
+        the host (the kernel's ALLOCSPI, a larval SA that install_sa fills)."""
+        proto = base.IpsecProto.AH if protocol == "ah" else base.IpsecProto.ESP
+        try:
+            return self.plane.allocate_spi(peer, local, proto, self._reqid(conn, child))
+        except base.DataPlaneError as exc:
+            # The install that follows would fail the same way and say why; the
+            # negotiation goes on with an SPI the plane did not reserve.
+            log.warning("[%s/%s] %s", conn, child, exc)
+            return random_spi(conn, child, protocol, peer)
 
     def _policies_of(
         self,
@@ -1031,8 +1055,8 @@ class Agent:
             now = self._loop.time()
             for engine in self.engines.values():
                 for sa in engine.sas():
-                    if sa.state != "established" or sa.conn is None:
-                        continue
+                    if sa.state != "established" or sa.conn is None or sa.superseded:
+                        continue  # a surplus SA only waits for its Delete: no probes
                     conn = self._config_of(sa.conn.name)
                     if conn is None or not conn.dpd_delay:
                         continue
@@ -1145,6 +1169,8 @@ class Agent:
             self._remove_connection(name)
         self.config = dataclasses.replace(new, **{name: getattr(old, name) for name in fixed})
         logging.getLogger("keyway").setLevel(self.config.log_level.upper())
+        for warning in config_warnings(self.config):
+            log.warning("reload: %s", warning)
         reauthenticated = [
             name
             for name in in_place

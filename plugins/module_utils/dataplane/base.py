@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 # teardown recognise them and never touch a foreign daemon's state.
 KEYWAY_REQID_MIN = 0x4B570000  # "KW" in the high half
 KEYWAY_REQID_MAX = 0x4B57FFFF
+# Seconds an SPI that allocate_spi reserved stays reserved if no SA is installed with
+# it (a negotiation that failed); the kernel's larval SA goes sooner (30 s).
+SPI_RESERVATION = 600.0
 
 
 def is_keyway_reqid(reqid: int) -> bool:
@@ -231,7 +234,8 @@ class DataPlane(abc.ABC):
 
     @abc.abstractmethod
     def allocate_spi(self, src: str, dst: str, proto: IpsecProto, reqid: int) -> int:
-        """Reserve an inbound SPI (dst is local) unique on this host."""
+        """Reserve an inbound SPI (dst is local) unique on this host, outside 1-255;
+        install_sa of an SA with it takes the reservation up."""
 
     @abc.abstractmethod
     def install_sa(self, sa: SaSpec) -> None:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from ..esp import packet as pk
 from ..esp import tun
 from .base import (
+    SPI_RESERVATION,
     AcquireEvent,
     DataPlane,
     DataPlaneError,
@@ -149,6 +150,7 @@ class UserspacePlane(DataPlane):
         self.clock = clock
         self.drops: collections.Counter[str] = collections.Counter()
         self._sas: dict[SaId, _Sa] = {}
+        self._reserved: dict[SaId, float] = {}  # allocate_spi's SPIs, with when (clock)
         self._inbound: dict[tuple[bytes, int, int], _Sa] = {}
         self._policies: dict[PolicyId, tuple[PolicySpec, _CompiledSelector]] = {}
         self._out_order: list[tuple[PolicySpec, _CompiledSelector]] = []
@@ -231,12 +233,18 @@ class UserspacePlane(DataPlane):
     # -- SAs ---------------------------------------------------------------------------
 
     def allocate_spi(self, src: str, dst: str, proto: IpsecProto, reqid: int) -> int:
+        now = self.clock()
+        for stale in [k for k, t in self._reserved.items() if t < now - SPI_RESERVATION]:
+            del self._reserved[stale]
         while True:
             spi = secrets.randbelow(0xFFFFFFFF - 0x100) + 0x100  # 1..255 are reserved
-            if SaId(dst, proto, spi) not in self._sas:
+            sa_id = SaId(dst, proto, spi)
+            if sa_id not in self._sas and sa_id not in self._reserved:
+                self._reserved[sa_id] = now
                 return spi
 
     def install_sa(self, sa: SaSpec) -> None:
+        self._reserved.pop(sa.id, None)
         if sa.id in self._sas:
             raise DataPlaneError(f"SA {sa.dst}/{sa.proto}/0x{sa.spi:08x} exists")
         try:

@@ -33,6 +33,7 @@ import os
 import socket
 import struct
 import subprocess
+import time
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -60,6 +61,7 @@ except ImportError:  # pyroute2 before 0.9 (Debian 12 ships 0.7.2) keeps it here
 from ..esp.tun import ROUTE_TABLE
 from .base import (
     KEYWAY_REQID_MAX,
+    SPI_RESERVATION,
     AcquireEvent,
     DataPlane,
     DataPlaneError,
@@ -1081,6 +1083,9 @@ class KernelPlane(DataPlane):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sink: EventSink | None = None
         self._sa_marks: dict[SaId, tuple[int, int] | None] = {}
+        # SPIs allocate_spi reserved and not yet installed, with when (monotonic): a
+        # failed negotiation leaves its entry until it is long expired in the kernel.
+        self._larval: dict[SaId, float] = {}
 
     # -- netlink I/O ----------------------------------------------------------------
 
@@ -1139,10 +1144,34 @@ class KernelPlane(DataPlane):
         replies = self._do("allocate_spi", what, msg, XFRM_MSG_ALLOCSPI, NLM_F_REQUEST)
         if not replies:
             raise DataPlaneError(f"allocate_spi {what}: kernel sent no SA back")
-        return replies[0]["id_spi"]
+        spi = replies[0]["id_spi"]
+        now = time.monotonic()
+        for stale in [k for k, t in self._larval.items() if t < now - SPI_RESERVATION]:
+            del self._larval[stale]
+        self._larval[SaId(dst, proto, spi)] = now
+        return spi
 
     def install_sa(self, sa: SaSpec) -> None:
         msg = encode_sa(sa)
+        if sa.id in self._larval:
+            # The larval SA allocate_spi made is filled in place (XFRM_MSG_UPDSA, as
+            # strongSwan does); once the kernel expired it (net.core.xfrm_acq_expires,
+            # 30 s), the SA is added anew.
+            del self._larval[sa.id]
+            try:
+                self._request(msg, XFRM_MSG_UPDSA, NLM_F_REQUEST | NLM_F_ACK)
+            except NetlinkError as exc:
+                if exc.code != errno_mod.ESRCH:
+                    raise _refused("install_sa", _sa_str(sa), exc) from exc
+            except OSError as exc:
+                code = exc.errno or errno_mod.EIO
+                raise DataPlaneError(
+                    f"install_sa {_sa_str(sa)}: netlink I/O failed: {os.strerror(code)} "
+                    f"(errno {code})"
+                ) from exc
+            else:
+                self._sa_marks[sa.id] = sa.mark
+                return
         flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
         self._do("install_sa", _sa_str(sa), msg, XFRM_MSG_NEWSA, flags)
         self._sa_marks[sa.id] = sa.mark

@@ -442,6 +442,8 @@ class _TS(Payload):
                 )
             start = body[offset + 8 : offset + 8 + size]
             end = body[offset + 8 + size : offset + length]
+            if start > end:  # big-endian, same length: byte order is address order
+                raise IkeDecodeError(f"{cls.TYPE.name}: selector {index} ends before it starts")
             selectors.append(
                 TrafficSelector(
                     ts_type,
@@ -687,6 +689,8 @@ def decode_payloads(data: bytes, first: int, where: str = "message") -> list[Pay
         else:
             payload = cls.decode_body(body, critical)
             if isinstance(payload, Encrypted | EncryptedFragment):
+                if where != "message":  # RFC 7296 3.14: only a message's last payload
+                    raise IkeDecodeError(f"{where}: {cls.TYPE.name} inside an encrypted payload")
                 payload.first = nxt
                 payloads.append(payload)
                 if offset + length != len(data):

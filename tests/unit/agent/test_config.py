@@ -11,6 +11,7 @@ import yaml
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import (
     ConfigError,
+    config_warnings,
     diff_configs,
     load_config,
     parse_config,
@@ -293,3 +294,38 @@ def test_a_metrics_listen_that_is_not_address_and_port_is_refused(value):
         parse_config(raw, validate_proposal=accept_all)
     assert ("metrics_listen", f"{value!r} must be ADDRESS:PORT, e.g. 127.0.0.1:9571 or "
             "[::1]:9571") in info.value.problems  # fmt: skip
+
+
+def test_a_hard_lifetime_too_soon_after_the_rekey_is_warned_about():
+    """Issue 14, item 22: 10% of a short rekey_time is less than two retransmissions."""
+    raw = conf(GOOD)
+    assert config_warnings(parse_config(raw, validate_proposal=accept_all)) == []
+    raw["connections"]["h1-h2"]["children"]["sites"]["rekey_time"] = "60s"  # life 66s
+    (warning,) = config_warnings(parse_config(raw, validate_proposal=accept_all))
+    assert warning == (
+        "connections.h1-h2.children.sites: life_time 66s is only 6s after rekey_time 60s, "
+        "less than two retransmissions (11.2s): a rekey that loses a packet may not end "
+        "before the hard lifetime"
+    )
+    raw["retransmit_timeout"] = 2  # 2 + 3.6 s
+    assert config_warnings(parse_config(raw, validate_proposal=accept_all)) == []
+
+
+def test_the_agent_config_module_passes_the_warnings_on(tmp_path):
+    from ansible_collections.keyway.ipsec.plugins.modules import agent_config
+    from tests.fixtures.ansible import run_module
+
+    conn = conf(GOOD)["connections"]["h1-h2"]
+    del conn["psk"]
+    conn["children"]["sites"]["rekey_time"] = "60s"
+    args = {
+        "path": str(tmp_path / "keywayd.yml"),
+        "connections": {"h1-h2": conn},
+        "psks": {"h1-h2": PSK},
+        "reload": False,
+    }
+    result = run_module(agent_config.main, args, check=True)
+    assert not result.get("failed"), result
+    (warning,) = result["warnings"]  # a string, or ansible-core 2.19's summary of one
+    assert "connections.h1-h2.children.sites: life_time 66s is only 6s after" in str(warning)
+    assert PSK not in str(result)

@@ -25,6 +25,9 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events imp
     NegotiationFailed,
     PeerDead,
 )
+from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.retransmit import (
+    RetransmitPolicy,
+)
 from tests.fixtures.fakenet import Impairment
 from tests.unit.engine.test_establish import A, B, Pair, lab_pair, of
 
@@ -281,3 +284,30 @@ def test_simultaneous_initiation_ends_with_one_ike_sa_and_one_child_pair(seeded)
             assert core.DUPLICATE_IKE in _reasons(pair)
         _still_works(pair)
     assert 2 in outcomes, "no seed made the two initiations cross"
+
+
+def test_a_surplus_ike_sa_the_peer_drops_unannounced_goes_within_two_grace_periods(seeded):
+    """Issue 14, item 18: after a simultaneous IKE rekey, libreswan's pluto dropped its
+    redundant IKE SA without a Delete; the winner kept that SA and a liveness check on
+    it for the whole retransmission schedule (minutes, two IKE SAs meanwhile). Whatever
+    the peer does, the surplus SA goes: its grace, then one more for our Delete."""
+    seeded(3)
+    pair = lab_pair(retransmit=RetransmitPolicy())  # keywayd's default: 165 s in all
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    old = _sa(pair.a)
+    # No INFORMATIONAL on the new SAs gets through: the loser's Delete of its surplus
+    # SA is lost for good, as is anything sent on that SA.
+    pair.net.impairment.drop_if = lambda data, src, dst: data[18] == 37 and (data[:8] != old.spi_i)
+    start = pair.net.now
+    pair.a.rekey_ike_sa(_sa(pair.a), start)
+    pair.b.rekey_ike_sa(_sa(pair.b), start)
+    pair.pump(until=start + 1)
+    winner = next(e for e in (pair.a, pair.b) if any(sa.delete_at for sa in e.sas()))
+    surplus = next(sa for sa in winner.sas() if sa.delete_at)
+    winner.check_liveness(surplus, pair.net.now)  # as keywayd's DPD did on it
+    pair.pump(until=start + 2 * core.REDUNDANT_GRACE + 1)
+    (kept,) = winner.sas()
+    assert kept is not surplus and kept.state == "established" and kept.children
+    (down,) = [e for e in of(pair.events[winner.local], IkeSaDown) if e.spi_i == surplus.spi_i]
+    assert down.reason == core.REDUNDANT_IKE

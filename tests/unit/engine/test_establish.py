@@ -9,7 +9,10 @@ import logging
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from ansible_collections.keyway.ipsec.plugins.module_utils.ike.constants import IntegId
+from ansible_collections.keyway.ipsec.plugins.module_utils.ike.constants import (
+    ExchangeType,
+    IntegId,
+)
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine import core
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.core import (
     ChildParams,
@@ -53,8 +56,7 @@ def conn(local_id, remote_id, remote, local_ts, remote_ts, **kw) -> IkeConnectio
         remote_id,
         kw.pop("psk", PSK),
         children=(child,),
-        retransmit=RetransmitPolicy(0.5, 2.0, 4),
-        **kw,
+        **{"retransmit": RetransmitPolicy(0.5, 2.0, 4), **kw},
     )
 
 
@@ -610,6 +612,41 @@ def test_hard_lifetime_deletes_a_child_the_initiator_cannot_rekey():
     assert pair.a.sas()[0].state == "established"  # the IKE SA stays
 
 
+def test_a_child_the_peer_rekeyed_outlives_its_hard_lifetime_until_the_peer_deletes_it():
+    """Issue 14, item 22: B answered A's rekey, the answer was lost, and B's hard
+    lifetime came before A's retransmission got through. B deleting the old Child SA
+    then left A nothing to send on (2.6 to 4.7 s in a soak); B keeps it for A's Delete,
+    two retransmissions at most."""
+    net = FakeNetwork()
+    ca = conn("h1.lab", "h2.lab", B, ("10.1.0.0/24",), ("10.2.0.0/24",))
+    cb = conn("h2.lab", "h1.lab", A, ("10.2.0.0/24",), ("10.1.0.0/24",))
+    ca = dataclasses.replace(
+        ca, children=(dataclasses.replace(ca.children[0], rekey_time=100.0, life_time=200.0),)
+    )
+    cb = dataclasses.replace(cb, children=(dataclasses.replace(cb.children[0], life_time=100.2),))
+    pair = Pair(net, ca, cb)
+    lost = []
+
+    def drop_first_rekey_answer(data: bytes, src, dst) -> bool:
+        if dst == A and data[18] == ExchangeType.CREATE_CHILD_SA and not lost:
+            lost.append(data)
+            return True
+        return False
+
+    pair.net.impairment.drop_if = drop_first_rekey_answer
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump(until=130.0)
+    assert lost  # A retransmitted its rekey 0.5 s later, after B's hard lifetime
+    (first, second) = of(pair.events[A], ChildSaReady)
+    assert second.rekeyed_from == first.spi_in
+    (gone_a,), (gone_b,) = of(pair.events[A], ChildSaDeleted), of(pair.events[B], ChildSaDeleted)
+    assert gone_a.spi_in == first.spi_in and gone_a.reason == "deleted by us"
+    assert gone_b.spi_in == first.spi_out and gone_b.reason == "deleted by peer"
+    # A held a Child SA throughout: the old one went only after the new one came.
+    kinds = [type(e) for e in pair.events[A] if isinstance(e, (ChildSaReady, ChildSaDeleted))]
+    assert kinds == [ChildSaReady, ChildSaReady, ChildSaDeleted]
+
+
 def test_initial_contact_from_a_restarted_peer_replaces_its_stale_ike_sa():
     pair = established()
     (old,) = pair.b.sas()
@@ -785,6 +822,41 @@ def test_a_child_proposal_we_did_not_offer_is_refused_and_deleted(monkeypatch):
     (made,) = of(pair.events[B], ChildSaReady)
     (gone,) = of(pair.events[B], ChildSaDeleted)
     assert gone.spi_in == made.spi_in and gone.reason == "deleted by peer"
+    assert pair.a.sas()[0].state == pair.b.sas()[0].state == "established"
+
+
+@pytest.mark.parametrize("exchange", ["IKE_AUTH", "CREATE_CHILD_SA"])
+def test_selectors_the_responder_widened_are_refused_and_deleted(monkeypatch, exchange):
+    """A responder may narrow the initiator's traffic selectors, never widen them (RFC
+    7296 2.9): keywayd installs its policies from the negotiated ones, so a widened
+    0.0.0.0/0 would pull all of the host's traffic into the peer's tunnel. Found by the
+    engine fuzzer's harness review."""
+    pair = lab_pair()
+    if exchange == "CREATE_CHILD_SA":
+        pair.a.initiate("h1-h2", 0.0)
+        pair.pump()
+        pair.events = {A: [], B: []}
+    select = core.IkeSa._select_child
+
+    def widened(self, candidates, sa, tsi, tsr):
+        params, chosen, new_tsi, _tsr = select(self, candidates, sa, tsi, tsr)
+        return params, chosen, new_tsi, [core._ts_from_prefix("0.0.0.0/0")]
+
+    monkeypatch.setattr(core.IkeSa, "_select_child", widened)
+    if exchange == "IKE_AUTH":
+        pair.a.initiate("h1-h2", 0.0)
+    else:
+        sa = pair.a.sas()[0]
+        pair.a.rekey_child_sa(sa, next(iter(sa.children)), pair.net.now)
+    pair.pump(until=pair.net.now + 30)
+    assert not of(pair.events[A], ChildSaReady)
+    (failed,) = of(pair.events[A], NegotiationFailed)
+    assert failed.reason == (
+        "child sites: the peer's traffic selectors 10.1.0.0/24 === 0.0.0.0/0 are not within ours"
+    )
+    (made,) = of(pair.events[B], ChildSaReady)
+    gone = [e for e in of(pair.events[B], ChildSaDeleted) if e.spi_in == made.spi_in]
+    assert [e.reason for e in gone] == ["deleted by peer"]
     assert pair.a.sas()[0].state == pair.b.sas()[0].state == "established"
 
 

@@ -9,8 +9,10 @@ import struct
 
 import pytest
 
+from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane import userspace
 from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.base import (
     KEYWAY_REQID_MIN,
+    SPI_RESERVATION,
     AcquireEvent,
     DataPlaneError,
     Direction,
@@ -260,3 +262,21 @@ def test_esp_for_an_unknown_spi_is_reported_at_a_bounded_rate(pair: Pair) -> Non
     pair.clock.now += 11  # the next report for the same SPI after the interval
     pair.b.handle_udp_encap(junk, A, B)
     assert len(reports) == 2
+
+
+def test_allocate_spi_reserves_until_installed_or_long_unused(monkeypatch) -> None:
+    """Issue 14, item 10: an SPI handed out is not handed out again while its
+    negotiation runs (before: only installed SAs were checked), nor one in 1-255."""
+    clock = Clock()
+    plane = UserspacePlane(clock=clock)
+    draws = iter([0, 0, 1, 1, 0, 2, 1])
+    monkeypatch.setattr(userspace.secrets, "randbelow", lambda _n: next(draws))
+
+    def allocate() -> int:
+        return plane.allocate_spi(A, B, IpsecProto.ESP, REQID)
+
+    assert (allocate(), allocate()) == (0x100, 0x101)  # 0x100 drawn twice
+    plane.install_sa(sa(A, B, 0x100, bytes(20), "10.1.0.0/24", "10.2.0.0/24"))
+    assert allocate() == 0x102  # 0x101 reserved, 0x100 installed
+    clock.now += SPI_RESERVATION + 1  # those negotiations failed long ago
+    assert allocate() == 0x101

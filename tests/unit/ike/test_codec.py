@@ -44,15 +44,19 @@ def _ts(ts_type):
     import ipaddress
 
     size = 4 if ts_type == 7 else 16
-    addr = st.binary(min_size=size, max_size=size).map(lambda b: str(ipaddress.ip_address(b)))
+    addr = st.binary(min_size=size, max_size=size)
+    # A range ends at or after its start (a reversed one is malformed).
+    ends = st.lists(addr, min_size=2, max_size=2).map(
+        lambda pair: [str(ipaddress.ip_address(b)) for b in sorted(pair)]
+    )
     return st.builds(
-        codec.TrafficSelector,
-        ts_type=st.just(ts_type),
-        ip_proto=u8,
-        start_port=u16,
-        end_port=u16,
-        start_addr=addr,
-        end_addr=addr,
+        lambda proto, sport, eport, ends: codec.TrafficSelector(
+            ts_type, proto, sport, eport, *ends
+        ),
+        u8,
+        u16,
+        u16,
+        ends,
     )
 
 
@@ -247,3 +251,26 @@ def test_payload_type_names_in_errors():
     with pytest.raises(codec.IkeDecodeError, match="SA: proposal 1"):
         codec.decode_message(bytes(data))
     assert PayloadType.SA == 33
+
+
+def test_a_selector_that_ends_before_it_starts_is_malformed():
+    """Fuzzing the engine found it: such a selector in a CREATE_CHILD_SA response raised
+    ValueError out of Engine.receive (tests/unit/engine/test_fuzz_findings.py)."""
+    reversed_ = codec.TrafficSelector(7, 0, 0, 65535, "10.1.0.255", "10.1.0.0")
+    with pytest.raises(codec.IkeDecodeError, match="TSi: selector 0 ends before it starts"):
+        codec.decode_message(_plain(codec.TSi(selectors=[reversed_])))
+    single = codec.TrafficSelector(7, 0, 0, 65535, "10.1.0.1", "10.1.0.1")
+    assert codec.decode_message(_plain(codec.TSi(selectors=[single]))).payloads[0].selectors == [
+        single
+    ]
+
+
+def test_an_encrypted_payload_inside_one_is_malformed():
+    """Fuzzing the inner decoder found it: SK decoded inside SK, and lost its first
+    payload type when encoded again (decode(encode(chain)) != chain)."""
+    out, inbound = _aead_pair()
+    h = codec.Header(b"\1" * 8, b"\2" * 8, ExchangeType.INFORMATIONAL, HeaderFlag.INITIATOR, 2)
+    nested = codec.Encrypted(first=PayloadType.NONCE, body=b"x" * 24)
+    data = codec.seal_message(h, [codec.Nonce(data=b"n" * 16), nested], out)
+    with pytest.raises(codec.IkeDecodeError, match="SK: SK inside an encrypted payload"):
+        codec.open_encrypted(data, codec.decode_message(data), inbound)

@@ -216,6 +216,22 @@ def _protocol_id(protocol: str) -> int:
     return ProtocolId.AH if protocol == "ah" else ProtocolId.ESP
 
 
+def _protocol_name(protocol_id: int) -> str:
+    """A Child SA's protocol name (esp | ah) from its IKE protocol ID."""
+    return "ah" if protocol_id == ProtocolId.AH else "esp"
+
+
+# Reserves an inbound Child SA SPI: (connection, child, protocol "esp" | "ah", the
+# peer's address) -> the SPI, unique among the host's inbound SAs (keywayd asks the
+# data plane: the kernel's ALLOCSPI). SPIs 1-255 are reserved (RFC 4303 section 2.1).
+SpiAllocator = Callable[[str, str, str, str], int]
+
+
+def random_spi(_connection: str, _child: str, _protocol: str, _peer: str) -> int:
+    """An SPI for an engine with no data plane to ask (tests, tools)."""
+    return 0x100 + int.from_bytes(os.urandom(4), "big") % (0xFFFFFFFF - 0xFF)
+
+
 def _announced_hashes(msg: codec.Message) -> frozenset[int]:
     """The RFC 7427 hash algorithm IDs a peer's SIGNATURE_HASH_ALGORITHMS lists."""
     ids: set[int] = set()
@@ -285,6 +301,21 @@ def narrow(
                 )
             )
     return result
+
+
+def within(selectors: list[codec.TrafficSelector], allowed: tuple[str, ...]) -> bool:
+    """Each of the peer's selectors lies inside one of ours: a responder may narrow
+    what the initiator proposed, never widen it (RFC 7296 2.9)."""
+    ours = [_ts_from_prefix(prefix) for prefix in allowed]
+    return all(
+        any(
+            mine.ts_type == ts.ts_type
+            and ipaddress.ip_address(mine.start_addr) <= ipaddress.ip_address(ts.start_addr)
+            and ipaddress.ip_address(ts.end_addr) <= ipaddress.ip_address(mine.end_addr)
+            for mine in ours
+        )
+        for ts in selectors
+    )
 
 
 def ts_to_prefixes(selectors: list[codec.TrafficSelector]) -> tuple[str, ...]:
@@ -361,6 +392,7 @@ class IkeSa:
         self.established_at: float | None = None
         # Collisions (RFC 7296 2.8.1, 2.8.2, 2.25): what each Child SA is going through.
         self.rekeyed_children: set[int] = set()  # replaced; the old one awaits its Delete
+        self.overdue_children: set[int] = set()  # rekeyed ones kept past their hard lifetime
         self.deleting_children: dict[int, str] = {}  # spi_in -> reason, queued or in flight
         # Peer rekeys we answered while our own rekey of the same Child SA was in flight:
         # old spi_in -> (the peer's new spi_in, the lower nonce of that exchange).
@@ -590,19 +622,34 @@ class IkeSa:
             chosen = _without_ke(chosen)
         return proposal_acceptable(ours, chosen)
 
-    def _refuse_chosen_child(self, params: ChildParams, chosen, our_spi: bytes, now: float):
-        """The responder made a Child SA on a proposal we did not offer: nothing of it is
+    def _acceptable_answer(self, params: ChildParams, chosen, tsi, tsr, pfs: bool) -> str:
+        """Why the responder's Child SA is not one we asked for, or "": a proposal we
+        offered, selectors within ours (else a peer could widen the policies keywayd
+        installs from them, pulling traffic meant elsewhere into its tunnel)."""
+        if not self._offers(params, chosen, pfs=pfs):
+            return "the peer chose a proposal we did not offer: " + describe(chosen)
+        if not (within(tsi.selectors, params.local_ts) and within(tsr.selectors, params.remote_ts)):
+            return (
+                f"the peer's traffic selectors {', '.join(ts_to_prefixes(tsi.selectors))} === "
+                f"{', '.join(ts_to_prefixes(tsr.selectors))} are not within ours"
+            )
+        return ""
+
+    def _refuse_chosen_child(self, params: ChildParams, chosen, our_spi: bytes, why: str, now):
+        """The responder made a Child SA we did not ask for (`why`): nothing of it is
         installed, and a Delete of its SPI pair tells the peer to drop its half."""
-        reason = f"child {params.name}: the peer chose a proposal we did not offer: " + (
-            describe(chosen)
-        )
+        reason = f"child {params.name}: {why}"
         log.warning("%s: %s", self.conn.name, reason)
         self.engine._event(NegotiationFailed(self.conn.name, reason))
-        self.queue("refuse_child", now, (chosen.protocol, int.from_bytes(our_spi, "big")))
+        # The peer's half is of the protocol it chose, if that is one a Child SA can be.
+        protocol = chosen.protocol
+        if protocol not in (ProtocolId.ESP, ProtocolId.AH):
+            protocol = _protocol_id(params.protocol)
+        self.queue("refuse_child", now, (protocol, int.from_bytes(our_spi, "big")))
 
     def _child_sa_payloads(self, params: ChildParams, number_from: int = 1) -> codec.SA:
         specs = self._child_specs(params)
-        self.child_spi = self.engine.allocate_spi()
+        self.child_spi = self.engine.allocate_spi(self, params.name, params.protocol)
         return codec.SA(
             proposals=[s.to_proposal(i + number_from, self.child_spi) for i, s in enumerate(specs)]
         )
@@ -743,8 +790,8 @@ class IkeSa:
             self.engine._event(
                 NegotiationFailed(conn.name, f"child {self.child_params.name}: {reason}")
             )
-        elif not self._offers(self.child_params, sa.proposals[0], pfs=False):
-            self._refuse_chosen_child(self.child_params, sa.proposals[0], self.child_spi, now)
+        elif why := self._acceptable_answer(self.child_params, sa.proposals[0], tsi, tsr, False):
+            self._refuse_chosen_child(self.child_params, sa.proposals[0], self.child_spi, why, now)
         else:
             self._child_ready(
                 sa.proposals[0],
@@ -813,7 +860,7 @@ class IkeSa:
         child = ChildSaReady(
             connection=self.conn.name,
             child=params.name,
-            protocol="ah" if chosen.protocol == ProtocolId.AH else "esp",
+            protocol=_protocol_name(chosen.protocol),
             mode="transport" if transport else "tunnel",
             spi_in=int.from_bytes(my_spi or self.child_spi, "big"),
             spi_out=int.from_bytes(chosen.spi, "big"),
@@ -851,7 +898,7 @@ class IkeSa:
         with PFS, the KE payload is in `group` (default: the first proposal's)."""
         old = self.children.get(old_spi)
         specs = self._child_specs(params)
-        new_spi = self.engine.allocate_spi()
+        new_spi = self.engine.allocate_spi(self, params.name, params.protocol)
         nonce = os.urandom(NONCE_SIZE)
         kx = None
         inner: list[codec.Payload] = []
@@ -921,8 +968,8 @@ class IkeSa:
                 self._replace_lost_child(spi_in, now)
             else:
                 self.engine._event(NegotiationFailed(self.conn.name, f"{what}: {name}"))
-        elif not self._offers(params, sa.proposals[0], pfs=kx is not None):
-            self._refuse_chosen_child(params, sa.proposals[0], new_spi, now)
+        elif why := self._acceptable_answer(params, sa.proposals[0], tsi, tsr, kx is not None):
+            self._refuse_chosen_child(params, sa.proposals[0], new_spi, why, now)
         else:
             try:
                 shared = kx.shared_secret(ke.data) if kx and ke else b""
@@ -1126,6 +1173,7 @@ class IkeSa:
         new.children, self.children = self.children, {}
         new.child_timers, self.child_timers = self.child_timers, {}
         new.rekeyed_children, self.rekeyed_children = self.rekeyed_children, set()
+        new.overdue_children, self.overdue_children = self.overdue_children, set()
         new.deleting_children, self.deleting_children = self.deleting_children, {}
         new.pending = [p for p in self.pending if p[0] not in ("delete_ike", "rekey_ike")]
         self.pending = []
@@ -1347,7 +1395,7 @@ class IkeSa:
                 return
             kx, shared = answer
             reply_ke = [codec.KE(group=group, data=kx.public)]
-        my_spi = self.engine.allocate_spi()
+        my_spi = self.engine.allocate_spi(self, params.name, _protocol_name(chosen.protocol))
         nr = os.urandom(NONCE_SIZE)
         if old is not None:
             transport = old.mode == "transport"
@@ -1587,7 +1635,8 @@ class IkeSa:
             return [codec.Notify(type=picked)], None
         params, chosen, new_tsi, new_tsr = picked
         self.child_params = params
-        self.child_spi = self.engine.allocate_spi()
+        protocol = _protocol_name(chosen.protocol)
+        self.child_spi = self.engine.allocate_spi(self, params.name, protocol)
         mine = replace(chosen, spi=self.child_spi)
         use_transport = params.mode == "transport" and any(
             isinstance(p, codec.Notify) and p.type == NotifyType.USE_TRANSPORT_MODE for p in inner
@@ -1627,8 +1676,23 @@ class IkeSa:
         for spi_in, timers in list(self.child_timers.items()):
             if spi_in not in self.children:
                 del self.child_timers[spi_in]
+                self.overdue_children.discard(spi_in)
             elif timers.expire_at is not None and now >= timers.expire_at:
+                if spi_in in self.rekeyed_children and spi_in not in self.overdue_children:
+                    # The peer rekeyed it and deletes it once it holds our answer, which
+                    # may have been lost: gone now, it would leave the peer nothing to
+                    # send on until a retransmission got through (our new outbound half
+                    # waits for that Delete). Two of its retransmissions, at most.
+                    policy = self.conn.retransmit
+                    grace = policy.interval(0) + policy.interval(1)
+                    self.overdue_children.add(spi_in)
+                    self.child_timers[spi_in] = LifetimeSchedule(None, now + grace)
+                    log.info("%s: Child SA %08x reached its hard lifetime; the peer rekeyed "
+                             "it: kept %.1f s more for its Delete", self.conn.name, spi_in,
+                             grace)  # fmt: skip
+                    continue
                 del self.child_timers[spi_in]
+                self.overdue_children.discard(spi_in)
                 log.info("%s: Child SA %08x reached its hard lifetime", self.conn.name, spi_in)
                 self.queue("delete_child", now, spi_in)
                 self.deleting_children[spi_in] = HARD_LIFETIME
@@ -1928,9 +1992,20 @@ class IkeSa:
             if self.wait_until is not None and now >= self.wait_until:
                 self._release(now)
             if self.delete_at is not None and now >= self.delete_at:
+                # A collision's surplus SA the peer did not delete in its grace period.
                 self.delete_at = None
-                if not self._deleting_ike():
-                    self.queue("delete_ike", now)
+                if self._deleting_ike():
+                    # Our Delete went unanswered for a grace period too: the peer let
+                    # the SA go unannounced (libreswan's pluto does). It goes here too.
+                    self._down("deleted by us")
+                    return
+                if self.request is not None:
+                    # An answer may never come on it (a liveness check pluto dropped as
+                    # unknown): waiting would hold the SA, and the Delete behind it, for
+                    # the whole retransmission schedule.
+                    self.request, self.pending = None, []
+                self.queue("delete_ike", now)
+                self.delete_at = now + REDUNDANT_GRACE
         req = self.request
         if req is None:
             return
@@ -1959,7 +2034,7 @@ class Engine:
     def __init__(
         self,
         local: Address,
-        spi_allocator: Callable[[], bytes] | None = None,
+        spi_allocator: SpiAllocator = random_spi,
         max_half_open: int = MAX_HALF_OPEN,
         cookie_threshold: int = 100,
         wall_clock: Callable[[], datetime.datetime] | None = None,
@@ -1977,7 +2052,7 @@ class Engine:
         self._half_open: dict[tuple[bytes, Address], IkeSa] = {}
         self._datagrams: list[Datagram] = []
         self._events: list[Event] = []
-        self._spi_allocator = spi_allocator or (lambda: os.urandom(4))
+        self._spi_allocator = spi_allocator
         self.max_half_open = max_half_open
         # Above this many half-open SAs, IKE_SA_INIT must carry a valid COOKIE first
         # (RFC 7296 2.6): a flood from spoofed addresses then costs us no state.
@@ -2232,8 +2307,10 @@ class Engine:
     def sas(self) -> list[IkeSa]:
         return list({id(s): s for s in self._by_spi.values()}.values())
 
-    def allocate_spi(self) -> bytes:
-        return self._spi_allocator()
+    def allocate_spi(self, sa: IkeSa, child: str, protocol: str) -> bytes:
+        """An inbound SPI for a Child SA of `child` on `sa`, as sent in its proposal."""
+        spi = self._spi_allocator(sa.conn.name, child, protocol, sa.remote[0])
+        return spi.to_bytes(4, "big")
 
     # internals used by IkeSa
     def _on_response(self, sa: IkeSa, msg: codec.Message, data: bytes, now: float) -> None:
@@ -2251,6 +2328,12 @@ class Engine:
             return
         if msg.notifies(NotifyType.INVALID_IKE_SPI) and sa.state == "established":
             sa._peer_may_have_restarted(now)
+            return
+        # Each handler below takes the request in flight for its own exchange's.
+        if h.exchange != codec.decode_header(sa.request.data[0]).exchange:
+            untrusted.info(
+                "%s: response of exchange %d to another: dropped", sa.conn.name, h.exchange
+            )
             return
         expected = {
             ExchangeType.IKE_AUTH: "auth",
