@@ -353,9 +353,8 @@ class Agent:
 
     async def shutdown(self) -> None:
         self._stopping = True
-        for _unused, handle in self._retries.values():
-            handle.cancel()
-        self._retries.clear()
+        for name in list(self._retries):
+            self._cancel_retry(name)  # a retry that fired holds None, not a handle
         for engine in self.engines.values():
             for sa in engine.sas():
                 if sa.state == "established":
@@ -561,11 +560,15 @@ class Agent:
     def _initiate(self, name: str) -> None:
         if name not in self.local_of:
             raise ControlError(f"no connection {name!r}")
-        if any(
-            sa.state not in ("failed", "deleted") and sa.spi_i not in self._closing
+        live = [
+            sa
             for sa in self._ike_sas(name)
-        ):
-            return  # up or on its way: one IKE SA per connection
+            if sa.state not in ("failed", "deleted") and sa.spi_i not in self._closing
+        ]
+        if live:  # up or on its way: one IKE SA per connection
+            if any(sa.state == "established" for sa in live):
+                self._cancel_retry(name)  # a retry that finds it up counts no failure
+            return
         self._terminated.discard(name)
         if len(self._initiating) >= MAX_INITIATING:
             # Paced: a burst of thousands of IKE_SA_INITs would overflow socket buffers
@@ -755,6 +758,10 @@ class Agent:
         (peer closed) or dpd_action (peer dead) says whether to bring it back."""
         conn = self._config_of(name)
         if conn is None:
+            return
+        if any(sa.state == "established" and not sa.superseded for sa in self._ike_sas(name)):
+            # Another IKE SA carries the connection: the peer deleted one it replaced
+            # (its reauthentication). Nothing is lost; a retry would find it up.
             return
         restart = any(getattr(c, action) in ("start", "restart") for c in conn.children)
         self._schedule_retry(name, why, always=restart)

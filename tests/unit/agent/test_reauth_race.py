@@ -10,11 +10,26 @@ import os
 
 import yaml
 
+from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import parse_config
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent.daemon import Agent
 from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.fake import RecordingPlane
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.constants import ExchangeType
+from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events import IkeSaDown
 from tests.unit.agent.test_daemon_install import Timers
-from tests.unit.engine.test_establish import A, established
+from tests.unit.engine.test_establish import A, B, established
+
+
+class NoRunner:
+    """keywayd's UDP runner for an engine of the test's Pair, which moves the datagrams."""
+
+    def __init__(self, pair) -> None:
+        self.pair = pair
+
+    def now(self) -> float:
+        return self.pair.net.now
+
+    def pump(self) -> None:
+        pass
 
 
 def test_no_reauthentication_of_an_ike_sa_the_peer_already_reauthenticated(tmp_path):
@@ -41,14 +56,7 @@ def test_no_reauthentication_of_an_ike_sa_the_peer_already_reauthenticated(tmp_p
         yaml.safe_dump({"connections": {}}, handle)
     agent = Agent(path, plane=RecordingPlane())  # A's keywayd, around A's engine
 
-    class Runner:  # the test's Pair moves the datagrams
-        def now(self) -> float:
-            return pair.net.now
-
-        def pump(self) -> None:
-            pass
-
-    agent.engines, agent.runners = {A[0]: pair.a}, {A[0]: Runner()}
+    agent.engines, agent.runners = {A[0]: pair.a}, {A[0]: NoRunner(pair)}
     agent.local_of["h1-h2"] = A[0]
     agent._loop = Timers()
     agent._reauth(old_a)  # A's own reauthentication comes due now
@@ -57,3 +65,35 @@ def test_no_reauthentication_of_an_ike_sa_the_peer_already_reauthenticated(tmp_p
     pair.pump(until=pair.net.now + 30)  # the Delete is retransmitted
     assert [sa.spi_i for sa in pair.a.sas()] == [new_b.spi_i]
     assert [sa.spi_i for sa in pair.b.sas()] == [new_b.spi_i]
+
+
+def test_the_peer_deleting_the_ike_sa_it_reauthenticated_is_no_loss(tmp_path):
+    """Found by bench/soak.py: when the peer reauthenticated and deleted the old IKE SA
+    ("deleted by peer"), a `start` connection scheduled a retry although the new IKE SA
+    carried it; the retry found it up and left an empty entry behind, on which keywayd
+    crashed at SIGTERM (AttributeError) before deleting or flushing anything."""
+    pair = established()
+    (old_b,) = pair.b.sas()
+    agent = Agent(tmp_path / "keywayd.yml", plane=RecordingPlane())  # A's keywayd
+    agent.config = parse_config(
+        {"connections": {"h1-h2": {
+            "local_addrs": [A[0]], "remote_addrs": [B[0]], "local": {"id": "h1.lab"},
+            "remote": {"id": "h2.lab"}, "psk": "p" * 32,
+            "children": {"sites": {"local_ts": ["10.1.0.0/24"], "remote_ts": ["10.2.0.0/24"],
+                                   "start_action": "start"}},
+        }}},
+    )  # fmt: skip
+    agent.engines, agent.runners = {A[0]: pair.a}, {A[0]: NoRunner(pair)}
+    agent.local_of["h1-h2"] = A[0]
+    agent._loop = Timers()
+    pair.b.reauthenticate(old_b, pair.net.now)
+    pair.pump(until=pair.net.now + 30)
+    (down,) = [e for e in pair.events[A] if isinstance(e, IkeSaDown)]
+    assert down.reason == "deleted by peer"
+    agent._on_engine_event(down)
+    assert "h1-h2" not in agent._retries and not agent._loop.pending
+    # And an empty entry (a retry that fired) no longer breaks the shutdown's cleanup.
+    agent._retries["h1-h2"] = (1, None)
+    for name in list(agent._retries):
+        agent._cancel_retry(name)
+    assert not agent._retries

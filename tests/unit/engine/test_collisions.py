@@ -311,3 +311,36 @@ def test_a_surplus_ike_sa_the_peer_drops_unannounced_goes_within_two_grace_perio
     assert kept is not surplus and kept.state == "established" and kept.children
     (down,) = [e for e in of(pair.events[winner.local], IkeSaDown) if e.spi_i == surplus.spi_i]
     assert down.reason == core.REDUNDANT_IKE
+
+
+def test_an_ike_rekey_answer_still_on_its_way_is_no_peer_restart(seeded):
+    """Found by bench/soak.py: A's IKE rekey request reached B, B's answers were lost
+    twice, and B's grace for the new SA (REDUNDANT_GRACE) ran out before A's third
+    try: B's request on the new SA got an INVALID_IKE_SPI from A, which does not hold
+    it yet. B took that for a restart and reauthenticated, and the connection ended
+    with two IKE SAs for good. A peer that has not deleted the SA it rekeyed has not
+    restarted: it is still waiting for our answer."""
+    seeded(5)
+    pair = lab_pair(retransmit=RetransmitPolicy())  # resends at 4 and 11.2 s
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    lost = []
+
+    def two_rekey_answers(data: bytes, src, dst) -> bool:
+        answer = src == B and data[18] == 36 and data[19] & 0x20
+        if answer and len(lost) < 2:
+            lost.append(data)
+            return True
+        return False
+
+    pair.net.impairment.drop_if = two_rekey_answers
+    start = pair.net.now
+    pair.a.rekey_ike_sa(_sa(pair.a), start)
+    pair.pump(until=start + 1)
+    new_b = next(sa for sa in pair.b.sas() if sa.wait_for is not None)
+    pair.b.check_liveness(new_b, pair.net.now)  # goes out once the grace is over
+    pair.pump(until=start + 60)
+    assert len(lost) == 2
+    assert not [e for e in of(pair.events[B], IkeSaUp) if e.initiator]  # no reauth
+    _assert_agree(pair)
+    assert _sa(pair.b) is new_b

@@ -1072,6 +1072,14 @@ class IkeSa:
         spoofed, a working IKE SA is replaced by another. Once per SA."""
         if self.peer_forgot or self.superseded or self.reauth_of is not None:
             return
+        if any(
+            sa.successor is self and sa.state == "established"
+            for sa in self.engine.sas_of(self.conn.name)
+        ):
+            # This SA comes from the peer's IKE rekey, and the peer has not deleted the
+            # SA it replaced: our answer has not reached it yet (it retransmits its
+            # request and gets it again). Our request waits for it; nothing restarted.
+            return
         self.peer_forgot = True
         if any(sa.reauth_of is self for sa in self.engine.sas_of(self.conn.name)):
             return  # a reauthentication is already on its way
