@@ -789,10 +789,17 @@ class Agent:
             )
             self.plane.install_sa(inbound)  # inbound first: the peer may send at once
             installed_out = None
+            older = sorted(state.spis - {event.spi_in})
             if event.rekeyed_from and not event.initiated:
                 # The rekey's initiator may not hold the new inbound SA yet: keep sending
                 # on the old one until it deletes that (then _child_deleted installs this).
                 self._deferred_out[event.rekeyed_from] = (event.spi_in, out)
+            elif older and not event.initiated and not event.redundant:
+                # The same, for the peer's reauthentication (or a second IKE SA it made):
+                # its IKE_AUTH answer may be lost, and the peer then holds nothing of
+                # this SA. It deletes the old SAs once it has it.
+                for old_spi in older:
+                    self._deferred_out[old_spi] = (event.spi_in, out)
             elif event.redundant:
                 pass  # a collision's surplus SA, deleted next: never send on it
             else:
@@ -836,6 +843,9 @@ class Agent:
         successor = self._deferred_out.pop(event.spi_in, None)
         if successor is not None:  # make-before-break: the new outbound SA goes in first
             successor_spi, out = successor
+            for old, (waiting, _unused) in list(self._deferred_out.items()):
+                if waiting == successor_spi:  # it waited on several old SAs: one went
+                    del self._deferred_out[old]
             try:
                 self.plane.install_sa(out)
             except base.DataPlaneError as exc:

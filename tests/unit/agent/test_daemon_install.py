@@ -44,6 +44,9 @@ class Timers:
 
         return Handle()
 
+    def call_at(self, when: float, callback, *args):
+        return self.call_later(when - self.now, callback, *args)
+
     def advance(self, seconds: float) -> None:
         self.now += seconds
         due = [e for e in self.pending if e[0] <= self.now and not e[3]]

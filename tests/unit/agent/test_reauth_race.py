@@ -12,11 +12,16 @@ import yaml
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import parse_config
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent.daemon import Agent
+from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.base import IpsecProto, SaId
 from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.fake import RecordingPlane
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.constants import ExchangeType
-from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events import IkeSaDown
+from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events import (
+    ChildSaDeleted,
+    ChildSaReady,
+    IkeSaDown,
+)
 from tests.unit.agent.test_daemon_install import Timers
-from tests.unit.engine.test_establish import A, B, established
+from tests.unit.engine.test_establish import A, B, established, lab_pair
 
 
 class NoRunner:
@@ -30,6 +35,23 @@ class NoRunner:
 
     def pump(self) -> None:
         pass
+
+
+def agent_of_a(pair, tmp_path) -> Agent:
+    """A's keywayd around A's engine, configured as A's engine is (a `start` child)."""
+    agent = Agent(tmp_path / "keywayd.yml", plane=RecordingPlane())
+    agent.config = parse_config(
+        {"connections": {"h1-h2": {
+            "local_addrs": [A[0]], "remote_addrs": [B[0]], "local": {"id": "h1.lab"},
+            "remote": {"id": "h2.lab"}, "psk": "p" * 32,
+            "children": {"sites": {"local_ts": ["10.1.0.0/24"], "remote_ts": ["10.2.0.0/24"],
+                                   "start_action": "start"}},
+        }}},
+    )  # fmt: skip
+    agent.engines, agent.runners = {A[0]: pair.a}, {A[0]: NoRunner(pair)}
+    agent.local_of["h1-h2"] = A[0]
+    agent._loop = Timers()
+    return agent
 
 
 def test_no_reauthentication_of_an_ike_sa_the_peer_already_reauthenticated(tmp_path):
@@ -74,18 +96,7 @@ def test_the_peer_deleting_the_ike_sa_it_reauthenticated_is_no_loss(tmp_path):
     crashed at SIGTERM (AttributeError) before deleting or flushing anything."""
     pair = established()
     (old_b,) = pair.b.sas()
-    agent = Agent(tmp_path / "keywayd.yml", plane=RecordingPlane())  # A's keywayd
-    agent.config = parse_config(
-        {"connections": {"h1-h2": {
-            "local_addrs": [A[0]], "remote_addrs": [B[0]], "local": {"id": "h1.lab"},
-            "remote": {"id": "h2.lab"}, "psk": "p" * 32,
-            "children": {"sites": {"local_ts": ["10.1.0.0/24"], "remote_ts": ["10.2.0.0/24"],
-                                   "start_action": "start"}},
-        }}},
-    )  # fmt: skip
-    agent.engines, agent.runners = {A[0]: pair.a}, {A[0]: NoRunner(pair)}
-    agent.local_of["h1-h2"] = A[0]
-    agent._loop = Timers()
+    agent = agent_of_a(pair, tmp_path)
     pair.b.reauthenticate(old_b, pair.net.now)
     pair.pump(until=pair.net.now + 30)
     (down,) = [e for e in pair.events[A] if isinstance(e, IkeSaDown)]
@@ -97,3 +108,43 @@ def test_the_peer_deleting_the_ike_sa_it_reauthenticated_is_no_loss(tmp_path):
     for name in list(agent._retries):
         agent._cancel_retry(name)
     assert not agent._retries
+
+
+def test_the_peer_s_reauthentication_sends_nothing_until_the_old_sas_go(tmp_path):
+    """Found by bench/soak.py: A answered B's reauthentication and sent on the new Child
+    SA at once; the answer was lost, so B, which did not hold that SA until its
+    retransmission 4 s later, dropped 200 packets as ESP for an unknown SPI. As after a
+    rekey, A keeps sending on the old SA until B deletes it (B then holds the new one)."""
+    pair = lab_pair()
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    agent = agent_of_a(pair, tmp_path)
+    for event in pair.events[A]:
+        agent._on_engine_event(event)
+    (old,) = pair.a.sas()[0].children.values()
+    pair.events[A] = []
+    lost = []
+
+    def first_auth_answer(data: bytes, src, dst) -> bool:
+        if src == A and data[18] == ExchangeType.IKE_AUTH and not lost:
+            lost.append(data)
+            return True
+        return False
+
+    pair.net.impairment.drop_if = first_auth_answer
+    pair.b.reauthenticate(pair.b.sas()[0], pair.net.now)
+    pair.pump(until=pair.net.now + 30)
+    assert lost
+    plane = agent.plane
+    out_of = {e.spi_in: e.spi_out for e in pair.events[A] if isinstance(e, ChildSaReady)}
+    (new_spi_out,) = out_of.values()
+    new_out = SaId(B[0], IpsecProto.ESP, new_spi_out)
+    for event in pair.events[A]:
+        agent._on_engine_event(event)
+        if isinstance(event, ChildSaReady):  # B may not hold it yet: not sent on
+            assert new_out not in plane.sas
+            assert SaId(B[0], IpsecProto.ESP, old.spi_out) in plane.sas
+        if isinstance(event, ChildSaDeleted) and event.spi_in == old.spi_in:
+            assert new_out in plane.sas  # B deleted the old one: it holds the new one
+    assert new_out in plane.sas
+    assert SaId(B[0], IpsecProto.ESP, old.spi_out) not in plane.sas
