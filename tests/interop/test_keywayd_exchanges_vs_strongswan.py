@@ -73,7 +73,14 @@ def test_certificate_exchanges_travel_as_fragments_both_ways(netns_hosts, charon
         },
         charon_settings="fragment_size = 576",
     )
-    for name, data in (("a.pem", mine.pem), ("a.key", mine.key_pem), ("ca.pem", ca.pem)):
+    # keywayd's key is encrypted (PKCS#8), its passphrase in a 0600 file (issue 15).
+    passphrase = b"correct horse battery staple"
+    for name, data in (
+        ("a.pem", mine.pem),
+        ("a.key", mine.encrypted_key_pem(passphrase)),
+        ("a.pass", passphrase),
+        ("ca.pem", ca.pem),
+    ):
         (tmp_path / name).write_bytes(data)
         (tmp_path / name).chmod(0o600)
     conns = _config(a, b, "start")
@@ -83,6 +90,7 @@ def test_certificate_exchanges_travel_as_fragments_both_ways(netns_hosts, charon
         "auth": "pubkey",
         "certs": [str(tmp_path / "a.pem")],
         "key": str(tmp_path / "a.key"),
+        "key_passphrase_file": str(tmp_path / "a.pass"),
     }
     conns["kw"]["remote"] = {
         "id": f"{b.name}.lab",

@@ -15,6 +15,9 @@ at home), in YAML:
         remote: {id: h2.lab, auth: psk}
         psk_file: /etc/keyway/secrets/h1-h2.psk   # or psk: "...", file then 0600; a list
                                                   # during a rotation: newest first
+        # with certificates instead: local: {id: h1.lab, auth: pubkey, certs: [h1.pem],
+        #   key: h1.key, key_passphrase_file: h1.pass (if h1.key is encrypted; 0600)}
+        #   remote: {id: h2.lab, auth: pubkey, cacerts: [ca.pem]}
         proposals: [aes256gcm16-prfsha384-x25519]
         rekey_time: 4h
         children:
@@ -122,7 +125,8 @@ class AuthConfig:
     id: str
     auth: str = "psk"
     certs: tuple[str, ...] = ()  # own certificate chain (pubkey), leaf first
-    key: str = ""  # private key file (pubkey)
+    key: str = ""  # private key file (pubkey), PEM
+    key_passphrase: Secret | None = None  # from key_passphrase_file, if the key is encrypted
     cacerts: tuple[str, ...] = ()  # trust anchors for the peer (pubkey)
 
 
@@ -422,7 +426,9 @@ class _Reader:
 
 
 def _auth(reader: _Reader, raw: Any, path: str) -> AuthConfig:
-    raw = reader.mapping(raw, path, {"id", "auth", "certs", "key", "cacerts"})
+    raw = reader.mapping(
+        raw, path, {"id", "auth", "certs", "key", "key_passphrase_file", "cacerts"}
+    )
     ident = raw.get("id")
     if not isinstance(ident, str) or not ident:
         reader.problem(f"{path}.id", "is required (an IP address, FQDN, user@FQDN or DN)")
@@ -431,7 +437,15 @@ def _auth(reader: _Reader, raw: Any, path: str) -> AuthConfig:
     certs = reader.strings(raw, "certs", path, ())
     cacerts = reader.strings(raw, "cacerts", path, ())
     key = raw.get("key", "")
-    return AuthConfig(id=ident, auth=auth, certs=certs, key=key, cacerts=cacerts)
+    passphrase = None
+    if "key_passphrase_file" in raw:
+        # The passphrase of an encrypted key is a secret like a PSK: a 0600 file.
+        passphrase = reader.secret_file(raw["key_passphrase_file"], f"{path}.key_passphrase_file")
+        if not key:
+            reader.problem(f"{path}.key_passphrase_file", "is the passphrase of key: set key")
+    return AuthConfig(
+        id=ident, auth=auth, certs=certs, key=key, key_passphrase=passphrase, cacerts=cacerts
+    )
 
 
 _CHILD_KEYS = {

@@ -74,6 +74,7 @@ from ..ike.proposals import describe
 from . import install, library
 from .config import (
     AgentConfig,
+    AuthConfig,
     ChildConfig,
     ConfigError,
     ConnectionConfig,
@@ -151,6 +152,28 @@ def _read_file(path: str) -> bytes:
     return Path(path).read_bytes()
 
 
+def _private_key(auth: AuthConfig):
+    """The own private key (PEM), decrypted with the passphrase of key_passphrase_file
+    if it is encrypted. AgentError says what is wrong, never with the passphrase."""
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        data = _read_file(auth.key)
+    except OSError as exc:
+        raise AgentError(f"key {auth.key}: {exc.strerror}") from None
+    passphrase = auth.key_passphrase.reveal() if auth.key_passphrase else None
+    try:
+        return serialization.load_pem_private_key(data, passphrase)
+    except TypeError:  # encrypted and no passphrase given, or the reverse
+        if passphrase is None:
+            raise AgentError(f"key {auth.key} is encrypted: set key_passphrase_file") from None
+        raise AgentError(f"key {auth.key} is not encrypted: drop key_passphrase_file") from None
+    except ValueError:
+        raise AgentError(
+            f"key {auth.key}: cannot load it (a wrong passphrase, or not a PEM private key)"
+        ) from None
+
+
 def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> IkeConnection:
     """The engine's view of a configured connection (pass/drop children are policies
     only, never negotiated), with the agent-wide fragment and retransmission settings."""
@@ -185,7 +208,7 @@ def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> 
         extra = dict(
             auth="pubkey",
             certs=tuple(chain),
-            private_key=serialization.load_pem_private_key(_read_file(conn.local.key), None),
+            private_key=_private_key(conn.local),
             cacerts=tuple(cacerts),
         )
     return IkeConnection(

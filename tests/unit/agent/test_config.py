@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import textwrap
 
@@ -11,6 +12,7 @@ import yaml
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import (
     ConfigError,
+    Secret,
     config_warnings,
     diff_configs,
     load_config,
@@ -329,3 +331,71 @@ def test_the_agent_config_module_passes_the_warnings_on(tmp_path):
     (warning,) = result["warnings"]  # a string, or ansible-core 2.19's summary of one
     assert "connections.h1-h2.children.sites: life_time 66s is only 6s after" in str(warning)
     assert PSK not in str(result)
+
+
+def _pubkey_config(tmp_path, key_pem: bytes, passphrase: bytes | None):
+    from tests.fixtures.pki import make_ca, make_cert
+
+    ca = make_ca()
+    leaf = make_cert(ca, "h1.lab")
+    for name, data in (("h1.pem", leaf.pem), ("h1.key", key_pem), ("ca.pem", ca.pem)):
+        (tmp_path / name).write_bytes(data)
+        (tmp_path / name).chmod(0o600)
+    raw = conf(GOOD)
+    conn = raw["connections"]["h1-h2"]
+    conn["local"] = {"id": "h1.lab", "auth": "pubkey", "certs": ["h1.pem"], "key": "h1.key"}
+    if passphrase is not None:
+        (tmp_path / "h1.pass").write_bytes(passphrase + b"\n")
+        (tmp_path / "h1.pass").chmod(0o600)
+        conn["local"]["key_passphrase_file"] = "h1.pass"
+    return raw, leaf
+
+
+def test_an_encrypted_private_key_opens_with_its_passphrase_file(tmp_path):
+    """Issue 15: private keys may be encrypted (PKCS#8); the passphrase is a secret file
+    (0600), as a PSK is, and never shows in reprs or errors."""
+    from ansible_collections.keyway.ipsec.plugins.module_utils.agent.daemon import (
+        AgentError,
+        _private_key,
+    )
+    from tests.fixtures.pki import make_ca, make_cert
+
+    passphrase = b"a long passphrase, 4 words"
+    leaf = make_cert(make_ca(), "h1.lab")
+    raw, _unused = _pubkey_config(tmp_path, leaf.encrypted_key_pem(passphrase), passphrase)
+    config = parse_config(raw, validate_proposal=accept_all, base_dir=tmp_path)
+    local = config.connection("h1-h2").local
+    assert local.key_passphrase.reveal() == passphrase  # the file's trailing newline goes
+    assert passphrase.decode() not in repr(config)
+    key = _private_key(dataclasses.replace(local, key=str(tmp_path / local.key)))
+    assert key.public_key() == leaf.key.public_key()
+
+    wrong = dataclasses.replace(
+        local, key=str(tmp_path / local.key), key_passphrase=Secret(b"not it")
+    )
+    with pytest.raises(AgentError, match=r"cannot load it \(a wrong passphrase") as refused:
+        _private_key(wrong)
+    assert "not it" not in str(refused.value)
+    missing = dataclasses.replace(local, key=str(tmp_path / local.key), key_passphrase=None)
+    with pytest.raises(AgentError, match="is encrypted: set key_passphrase_file"):
+        _private_key(missing)
+    (tmp_path / "h1.key").write_bytes(leaf.key_pem)
+    with pytest.raises(AgentError, match="is not encrypted: drop key_passphrase_file"):
+        _private_key(dataclasses.replace(local, key=str(tmp_path / local.key)))
+
+
+def test_a_key_passphrase_file_must_be_private_and_go_with_a_key(tmp_path):
+    from tests.fixtures.pki import make_ca, make_cert
+
+    leaf = make_cert(make_ca(), "h1.lab")
+    raw, _unused = _pubkey_config(tmp_path, leaf.encrypted_key_pem(b"pass phrase"), b"pp")
+    (tmp_path / "h1.pass").chmod(0o644)
+    del raw["connections"]["h1-h2"]["local"]["key"]
+    with pytest.raises(ConfigError) as failed:
+        parse_config(raw, validate_proposal=accept_all, base_dir=tmp_path)
+    problems = failed.value.problems
+    path = "connections.h1-h2.local.key_passphrase_file"
+    said = [message for where, message in problems if where == path]
+    assert said[0].endswith("is readable by others (mode 0644); make it 0600")
+    assert said[1] == "is the passphrase of key: set key"
+    assert ("connections.h1-h2.local", "auth pubkey needs certs and key") in problems
