@@ -11,11 +11,13 @@ import threading
 
 import pytest
 import yaml
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.fixtures.keywayd import Keywayd
 from tests.fixtures.netns import udp_exchange
-from tests.fixtures.pki import make_ca, make_cert
+from tests.fixtures.pki import issue, make_ca, make_cert
 from tests.interop.test_keywayd_vs_strongswan import KEYWAYD_YML, PSK, SWANCTL_CONF, agree
 
 PROPOSAL, ESP = "aes256gcm16-prfsha384-x25519", "aes256gcm16"
@@ -106,6 +108,71 @@ def test_certificate_exchanges_travel_as_fragments_both_ways(netns_hosts, charon
         assert re.search(r"received fragment #\d+ of [2-9], reassembled", log), log
         assert re.search(r"splitting IKE message .* into [2-9] fragments", log), log
         assert udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"frag")
+    finally:
+        agent.stop()
+
+
+@pytest.mark.parametrize("keywayd_initiates", [True, False], ids=["keywayd-init", "charon-init"])
+def test_ed25519_chains_through_an_intermediate_and_a_user_at_fqdn_identity(
+    netns_hosts, charon_factory, tmp_path, keywayd_initiates
+):
+    """Issue 15: keywayd validates paths itself (RFC 4945), so Ed25519 certificates,
+    an intermediate CA the peer sends, and a user@FQDN identity (SAN rfc822Name) work;
+    cryptography's web-PKI verifier refused all three."""
+    a, b = netns_hosts(2).hosts
+    me = f"carol@{a.name}.lab"
+    ca = issue(None, "Root CA", Ed25519PrivateKey.generate(), ca=True, key_usage="ca")
+    sub = issue(ca, "Sub CA", Ed25519PrivateKey.generate(), ca=True, key_usage="ca")
+    mine = issue(sub, "carol", Ed25519PrivateKey.generate(), sans=[x509.RFC822Name(me)],
+                 key_usage="sign")  # fmt: skip
+    theirs = issue(sub, b.name, Ed25519PrivateKey.generate(),
+                   sans=[x509.DNSName(f"{b.name}.lab")], key_usage="sign")  # fmt: skip
+    swanctl = (
+        _swanctl(a, b)
+        .replace(
+            f"auth = psk\n            id = {b.name}.lab",
+            f"auth = pubkey\n            certs = {b.name}.pem\n            id = {b.name}.lab",
+        )
+        .replace(
+            f"auth = psk\n            id = {a.name}.lab", f"auth = pubkey\n            id = {me}"
+        )
+    )
+    charon = charon_factory(
+        b.netns,
+        swanctl,
+        files={
+            "x509ca/ca.pem": ca.pem,
+            "x509ca/sub.pem": sub.pem,
+            f"x509/{b.name}.pem": theirs.pem,
+            f"private/{b.name}.pem": theirs.key_pem,
+        },
+    )
+    for name, data in (("a.pem", mine.pem + sub.pem), ("a.key", mine.key_pem), ("ca.pem", ca.pem)):
+        (tmp_path / name).write_bytes(data)
+        (tmp_path / name).chmod(0o600)
+    conns = _config(a, b, "start" if keywayd_initiates else "none")
+    conns["kw"].pop("psk")
+    conns["kw"]["local"] = {
+        "id": me,
+        "auth": "pubkey",
+        "certs": [str(tmp_path / "a.pem")],  # with the intermediate
+        "key": str(tmp_path / "a.key"),
+    }
+    conns["kw"]["remote"] = {
+        "id": f"{b.name}.lab",
+        "auth": "pubkey",
+        "cacerts": [str(tmp_path / "ca.pem")],  # the root only: charon sends Sub CA
+    }
+    agent = Keywayd(a.netns, tmp_path / "a", conns)
+    try:
+        if not keywayd_initiates:
+            charon.swanctl("--initiate", "--child", "kw", timeout=30)
+        agent.wait_for(lambda: agent.sas("kw") and agent.sas("kw")[0]["children"], "kw up")
+        agree(agent, charon)
+        assert agent.sas("kw")[0]["remote_id"] == f"{b.name}.lab"
+        log = charon.log_path.read_text()
+        assert re.search(rf"authentication of '{re.escape(me)}' with ED25519 successful", log)
+        assert udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"ed") == b"de"
     finally:
         agent.stop()
 

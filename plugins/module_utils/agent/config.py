@@ -633,11 +633,11 @@ def _connection(
             reader.problem(f"{path}.remote", "auth pubkey needs cacerts to verify the peer")
         if side.auth == "pubkey" and side is remote and side.cacerts:
             try:  # late: the parser itself needs no cryptography
-                from ..ike.certs import PATH_VALIDATION_MISSING as missing
+                from ..ike import certs  # noqa: F401
             except ImportError as exc:
-                missing = f"verifying a peer's certificate needs cryptography ({exc})"
-            if missing:
-                reader.problem(f"{path}.remote", missing)
+                reader.problem(
+                    f"{path}.remote", f"verifying a peer's certificate needs cryptography ({exc})"
+                )
     rekey_time = reader.duration(raw, "rekey_time", path, 14400)
     reauth_time = reader.duration(raw, "reauth_time", path, 0)
     over_time = reader.duration(raw, "over_time", path, 0) or max(rekey_time, reauth_time) // 10

@@ -1,11 +1,20 @@
 """X.509 for IKE_AUTH: the peer's chain verified against configured CAs, its identity
-matched to the certificate's subjectAltName, and the CERT/CERTREQ payload data.
+matched to the certificate, and the CERT/CERTREQ payload data.
 
 verify_peer(cert_payload_ders, ca_certs, identity, when) -> the leaf's public key, or
-IkeCryptoError(AUTHENTICATION_FAILED) saying why. Path validation is `cryptography`'s
-RFC 5280 verifier (the web PKI profile: the leaf needs SAN and serverAuth, as strongSwan's
-`pki --flag serverAuth` certificates have). Identities: FQDN (SAN dNSName) and IP
-addresses (SAN iPAddress).
+IkeCryptoError(AUTHENTICATION_FAILED) saying why.
+
+The path is validated here, for IPsec (RFC 4945), not with cryptography's web-PKI
+verifier, whose profile refused certificates IPsec peers use (Ed25519 and Ed448 keys, a
+user@FQDN identity) and needed cryptography 42. From the leaf up to a configured CA:
+each certificate valid at `when`, signed by the next (RSA PKCS#1 v1.5 or PSS, ECDSA,
+Ed25519, Ed448), each issuer a CA (basicConstraints, its pathLenConstraint, keyUsage
+keyCertSign when keyUsage is present), no critical extension left unhandled; the leaf's
+keyUsage, when present, allows signatures, and its extendedKeyUsage, when present,
+names IKE (id-kp-ipsecIKE), anyExtendedKeyUsage, serverAuth or clientAuth (what IPsec
+deployments issue: strongSwan's `pki --flag serverAuth`, Windows' clients). Identities:
+IPv4/IPv6 (SAN iPAddress), FQDN (SAN dNSName), user@FQDN (SAN rfc822Name). Not done:
+name constraints (a CA carrying them is refused), policies, revocation.
 """
 
 from __future__ import annotations
@@ -15,24 +24,44 @@ import hashlib
 import ipaddress
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-
-try:
-    from cryptography.x509.verification import DNSName, IPAddress, PolicyBuilder, Store
-except ImportError:  # cryptography < 42 (Debian 12 ships 38): no path validation
-    import cryptography
-
-    PATH_VALIDATION_MISSING: str | None = (
-        "verifying a peer's certificate chain needs the Python package cryptography 42 or "
-        f"newer (this host has {cryptography.__version__})"
-    )
-else:
-    PATH_VALIDATION_MISSING = None
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, ObjectIdentifier
 
 from .constants import NotifyType
 from .crypto import IkeCryptoError
 
 X509_SIGNATURE = 4  # CERT encoding "X.509 Certificate - Signature"
+MAX_PATH = 8  # certificates from the leaf to the CA, at most
+RSASSA_PSS = ObjectIdentifier("1.2.840.113549.1.1.10")
+IPSEC_IKE = ObjectIdentifier("1.3.6.1.5.5.7.3.17")  # id-kp-ipsecIKE (RFC 4945 5.1.3.12)
+LEAF_PURPOSES = {
+    IPSEC_IKE,
+    ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE,
+    ExtendedKeyUsageOID.SERVER_AUTH,
+    ExtendedKeyUsageOID.CLIENT_AUTH,
+}
+PURPOSE_NAMES = {
+    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
+    ExtendedKeyUsageOID.EMAIL_PROTECTION: "emailProtection",
+    ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
+    ExtendedKeyUsageOID.TIME_STAMPING: "timeStamping",
+    ExtendedKeyUsageOID.OCSP_SIGNING: "OCSPSigning",
+}
+# Extensions whose meaning is checked here, or which constrain nothing checked here.
+HANDLED = {
+    ExtensionOID.BASIC_CONSTRAINTS,
+    ExtensionOID.KEY_USAGE,
+    ExtensionOID.EXTENDED_KEY_USAGE,
+    ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+    ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+    ExtensionOID.AUTHORITY_KEY_IDENTIFIER,
+    ExtensionOID.CERTIFICATE_POLICIES,
+    ExtensionOID.CRL_DISTRIBUTION_POINTS,
+    ExtensionOID.AUTHORITY_INFORMATION_ACCESS,
+}
 
 
 def load_certificates(pem_or_der: bytes) -> list[x509.Certificate]:
@@ -69,25 +98,172 @@ def verify_peer(
         raise IkeCryptoError("peer sent no certificate", fail)
     if not ca_certs:
         raise IkeCryptoError("no CA configured to verify the peer's certificate", fail)
-    if PATH_VALIDATION_MISSING:
-        raise IkeCryptoError(PATH_VALIDATION_MISSING, fail)
     try:
         leaf, *intermediates = (x509.load_der_x509_certificate(d) for d in chain_ders)
     except ValueError as exc:
         raise IkeCryptoError(f"peer certificate does not parse: {exc}", fail) from None
+    now = when or datetime.datetime.now(datetime.UTC)
+    name = leaf.subject.rfc4514_string()
     try:
-        subject = IPAddress(ipaddress.ip_address(identity))
-    except ValueError:
-        subject = DNSName(identity)
-    builder = (
-        PolicyBuilder().store(Store(ca_certs)).time(when or datetime.datetime.now(datetime.UTC))
-    )
-    try:
-        builder.build_server_verifier(subject).verify(leaf, intermediates)
-    except Exception as exc:  # VerificationError and malformed-extension errors alike
+        _check_leaf(leaf)
+        _check_path(leaf, intermediates, ca_certs, now)
+    except _Refused as exc:
+        raise IkeCryptoError(f"certificate of {name!r} does not verify: {exc}", fail) from None
+    if not identity_matches(leaf, identity):
         raise IkeCryptoError(
-            f"certificate of {leaf.subject.rfc4514_string()!r} does not verify for identity "
-            f"{identity!r}: {exc}",
+            f"certificate of {name!r} does not verify for identity {identity!r}: "
+            f"not among its subjectAltNames ({', '.join(_san_texts(leaf)) or 'none'})",
             fail,
-        ) from None
+        )
     return leaf.public_key()
+
+
+class _Refused(Exception):
+    """Why a certificate path does not validate."""
+
+
+def _check_path(leaf, pool: list, anchors: list, now: datetime.datetime) -> None:
+    """From `leaf`, issuer by issuer (from `pool`, the peer's intermediates), up to one of
+    `anchors`; each certificate valid at `now`, signed by the next, each issuer a CA."""
+    current, below = leaf, 0  # below: the CA certificates under the next issuer
+    for _unused in range(MAX_PATH):
+        _check_time(current, now)
+        _check_critical(current)
+        anchor = next((ca for ca in anchors if _issued(current, ca)), None)
+        if anchor is not None:
+            _check_time(anchor, now)
+            _check_issuer(anchor, below)
+            return
+        issuer = next((ca for ca in pool if ca is not current and _issued(current, ca)), None)
+        if issuer is None:
+            raise _Refused(
+                f"{_who(current)} is issued by {current.issuer.rfc4514_string()!r}, "
+                "not by a configured CA nor a certificate the peer sent"
+            )
+        _check_issuer(issuer, below)
+        current, below = issuer, below + 1
+    raise _Refused(f"no configured CA within {MAX_PATH} certificates")
+
+
+def _issued(cert, issuer) -> bool:
+    """`issuer` issued `cert`: its subject is cert's issuer and its key signed cert."""
+    if issuer.subject != cert.issuer:
+        return False
+    key = issuer.public_key()
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            params = getattr(cert, "signature_algorithm_parameters", None)  # 41 and newer
+            if cert.signature_algorithm_oid == RSASSA_PSS and params is None:
+                raise _Refused(
+                    f"{_who(cert)} is signed with RSASSA-PSS, which cryptography before 41 "
+                    "cannot verify"
+                )
+            pad = params if isinstance(params, padding.PSS) else padding.PKCS1v15()
+            key.verify(cert.signature, cert.tbs_certificate_bytes, pad,
+                       cert.signature_hash_algorithm)  # fmt: skip
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(
+                cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm)
+            )
+        elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            key.verify(cert.signature, cert.tbs_certificate_bytes)
+        else:
+            return False
+    except (InvalidSignature, UnsupportedAlgorithm, TypeError, ValueError):
+        return False
+    return True
+
+
+def _check_time(cert, now: datetime.datetime) -> None:
+    start = _utc(getattr(cert, "not_valid_before_utc", None) or cert.not_valid_before)
+    end = _utc(getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after)
+    if now < start:
+        raise _Refused(f"{_who(cert)} is not valid before {start:%Y-%m-%d %H:%M:%S} UTC")
+    if now > end:
+        raise _Refused(f"{_who(cert)} expired {end:%Y-%m-%d %H:%M:%S} UTC")
+
+
+def _utc(moment: datetime.datetime) -> datetime.datetime:
+    """cryptography before 42 gives naive datetimes, meaning UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
+
+
+def _check_critical(cert) -> None:
+    for ext in cert.extensions:
+        if ext.critical and ext.oid not in HANDLED:
+            raise _Refused(
+                f"{_who(cert)} has a critical extension not handled: {ext.oid.dotted_string}"
+            )
+
+
+def _check_issuer(ca, below: int) -> None:
+    """`ca` may issue certificates, with `below` CA certificates under it."""
+    try:
+        constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        raise _Refused(f"{_who(ca)} is not a CA (no basicConstraints)") from None
+    if not constraints.ca:
+        raise _Refused(f"{_who(ca)} is not a CA (basicConstraints cA false)")
+    if constraints.path_length is not None and below > constraints.path_length:
+        raise _Refused(f"{_who(ca)} allows {constraints.path_length} CA(s) below it, not {below}")
+    usage = _extension(ca, x509.KeyUsage)
+    if usage is not None and not usage.key_cert_sign:
+        raise _Refused(f"{_who(ca)} may not sign certificates (keyUsage without keyCertSign)")
+    try:
+        ca.extensions.get_extension_for_class(x509.NameConstraints)
+    except x509.ExtensionNotFound:
+        return
+    raise _Refused(f"{_who(ca)} has name constraints, which keywayd does not check")
+
+
+def _check_leaf(leaf) -> None:
+    usage = _extension(leaf, x509.KeyUsage)
+    if usage is not None and not (usage.digital_signature or usage.content_commitment):
+        raise _Refused("its keyUsage allows no signature (digitalSignature, nonRepudiation)")
+    purposes = _extension(leaf, x509.ExtendedKeyUsage)
+    if purposes is not None and not LEAF_PURPOSES & set(purposes):
+        named = ", ".join(PURPOSE_NAMES.get(p, p.dotted_string) for p in purposes)
+        raise _Refused(
+            f"its extendedKeyUsage ({named}) names neither ipsecIKE, anyExtendedKeyUsage, "
+            "serverAuth nor clientAuth"
+        )
+
+
+def _extension(cert, kind):
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _who(cert) -> str:
+    return repr(cert.subject.rfc4514_string())
+
+
+def identity_matches(leaf, identity: str) -> bool:
+    """The IKE identity is one of the leaf's subjectAltNames: an address (iPAddress),
+    user@FQDN (rfc822Name) or FQDN (dNSName, case-insensitive)."""
+    names = _extension(leaf, x509.SubjectAlternativeName)
+    if names is None:
+        return False
+    try:
+        address = ipaddress.ip_address(identity)
+    except ValueError:
+        address = None
+    if address is not None:
+        return address in names.get_values_for_type(x509.IPAddress)
+    if "@" in identity:
+        user, _at, domain = identity.rpartition("@")
+        return any(
+            n.rpartition("@")[0] == user and n.rpartition("@")[2].lower() == domain.lower()
+            for n in names.get_values_for_type(x509.RFC822Name)
+        )
+    wanted = identity.rstrip(".").lower()
+    return any(n.rstrip(".").lower() == wanted for n in names.get_values_for_type(x509.DNSName))
+
+
+def _san_texts(leaf) -> list[str]:
+    names = _extension(leaf, x509.SubjectAlternativeName)
+    if names is None:
+        return []
+    return [str(getattr(n, "value", n)) for n in names]

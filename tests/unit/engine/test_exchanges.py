@@ -24,7 +24,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events imp
     NegotiationFailed,
 )
 from tests.fixtures.fakenet import Impairment
-from tests.fixtures.pki import make_ca, make_cert, needs_path_validation
+from tests.fixtures.pki import make_ca, make_cert
 from tests.unit.engine.test_establish import A, B, Pair, cert_pair, established, lab_pair, of
 
 FRAGMENT_SIZE = 576  # the IPv4 minimum; an ECDSA certificate exchange exceeds it
@@ -45,7 +45,6 @@ def _first_payload(data: bytes) -> int:
     return data[16]
 
 
-@needs_path_validation
 @pytest.mark.parametrize("seed", range(6))
 def test_ike_auth_with_certificates_travels_in_fragments_through_loss(seed):
     ca = make_ca()
@@ -66,7 +65,6 @@ def test_ike_auth_with_certificates_travels_in_fragments_through_loss(seed):
         assert max(len(d) for d in _sent(pair, src)) + 28 <= FRAGMENT_SIZE
 
 
-@needs_path_validation
 def test_no_fragments_to_a_peer_that_did_not_announce_support():
     ca = make_ca()
     pair = cert_pair(ca, ca, make_cert(ca, "h1.lab"), make_cert(ca, "h2.lab"))
@@ -85,7 +83,6 @@ def test_no_fragments_to_a_peer_that_did_not_announce_support():
     assert of(pair.events[A], ChildSaReady) and of(pair.events[B], ChildSaReady)
 
 
-@needs_path_validation
 def test_a_forged_fragment_is_dropped_and_the_exchange_still_completes():
     ca = make_ca()
     pair = _with(

@@ -1,0 +1,164 @@
+"""Certificate path validation for IKE (issue 15): keywayd's own, for IPsec (RFC 4945),
+instead of cryptography's web-PKI verifier, which refused Ed25519 and Ed448 keys and
+user@FQDN identities. Each refusal says why."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
+
+from ansible_collections.keyway.ipsec.plugins.module_utils.ike import certs
+from ansible_collections.keyway.ipsec.plugins.module_utils.ike.crypto import IkeCryptoError
+from tests.fixtures.pki import issue
+
+SERVER = [ExtendedKeyUsageOID.SERVER_AUTH]
+
+
+def dns(name: str) -> list:
+    return [x509.DNSName(name)]
+
+
+def root(key=None, **kw):
+    return issue(None, "Root CA", key, ca=True, key_usage="ca", **kw)
+
+
+def verify(leaf, *intermediates, anchors, identity="moon.lab"):
+    chain = [leaf.der, *(c.der for c in intermediates)]
+    return certs.verify_peer(chain, [a.cert for a in anchors], identity)
+
+
+def refused(leaf, *intermediates, anchors, identity="moon.lab") -> str:
+    with pytest.raises(IkeCryptoError) as failed:
+        verify(leaf, *intermediates, anchors=anchors, identity=identity)
+    return str(failed.value)
+
+
+def test_a_chain_through_an_intermediate_the_peer_sends():
+    ca = root()
+    sub = issue(ca, "Sub CA", ca=True, key_usage="ca")
+    leaf = issue(sub, "moon", sans=dns("moon.lab"), key_usage="sign", eku=SERVER)
+    key = verify(leaf, sub, anchors=[ca])
+    assert key.public_numbers() == leaf.key.public_key().public_numbers()
+    assert "not by a configured CA nor a certificate the peer sent" in refused(leaf, anchors=[ca])
+
+
+@pytest.mark.parametrize(
+    "make_key",
+    [ed25519.Ed25519PrivateKey.generate, ed448.Ed448PrivateKey.generate,
+     lambda: ec.generate_private_key(ec.SECP384R1())],
+    ids=["ed25519", "ed448", "ecdsa-p384"],
+)  # fmt: skip
+def test_ed25519_ed448_and_ecdsa_chains_verify(make_key):
+    ca = root(make_key())
+    leaf = issue(ca, "moon", make_key(), sans=dns("moon.lab"), key_usage="sign")
+    assert type(verify(leaf, anchors=[ca])) is type(leaf.key.public_key())
+
+
+@pytest.mark.skipif(
+    not hasattr(x509.Certificate, "signature_algorithm_parameters"),
+    reason="cryptography 41 or newer tells a certificate's PSS parameters",
+)
+def test_a_certificate_signed_with_rsassa_pss():
+    ca = root(rsa.generate_private_key(65537, 2048))
+    leaf = issue(ca, "moon", sans=dns("moon.lab"), pss=True)
+    verify(leaf, anchors=[ca])
+
+
+@pytest.mark.parametrize(
+    ("identity", "san", "matches"),
+    [
+        ("carol@moon.lab", x509.RFC822Name("carol@moon.lab"), True),
+        ("carol@MOON.lab", x509.RFC822Name("carol@moon.lab"), True),  # the domain's case
+        ("dave@moon.lab", x509.RFC822Name("carol@moon.lab"), False),
+        ("192.0.2.7", x509.IPAddress(ipaddress.ip_address("192.0.2.7")), True),
+        ("2001:db8::7", x509.IPAddress(ipaddress.ip_address("2001:db8::7")), True),
+        ("192.0.2.8", x509.IPAddress(ipaddress.ip_address("192.0.2.7")), False),
+        ("Moon.Lab", x509.DNSName("moon.lab"), True),
+        ("carol@moon.lab", x509.DNSName("moon.lab"), False),
+        ("moon.lab", x509.RFC822Name("moon@moon.lab"), False),
+    ],
+)
+def test_identities_match_the_subject_alt_names(identity, san, matches):
+    ca = root()
+    leaf = issue(ca, "moon", sans=[san])
+    if matches:
+        verify(leaf, anchors=[ca], identity=identity)
+    else:
+        assert f"does not verify for identity {identity!r}: not among its subjectAltNames" in (
+            refused(leaf, anchors=[ca], identity=identity)
+        )
+
+
+def _forged():
+    """A leaf naming the CA as issuer, signed by another key."""
+    ca, impostor = root(), root()
+    return issue(impostor, "moon", sans=dns("moon.lab")), ca
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("expired", "expired 20"),
+        ("not yet valid", "is not valid before 20"),
+        ("unknown CA", "is issued by 'CN=Root CA,O=Keyway tests', not by a configured CA"),
+        ("forged signature", "not by a configured CA nor a certificate the peer sent"),
+        ("issuer not a CA", "'CN=Sub CA,O=Keyway tests' is not a CA (no basicConstraints)"),
+        ("path length", "'CN=Root CA,O=Keyway tests' allows 0 CA(s) below it, not 1"),
+        ("CA without keyCertSign", "may not sign certificates (keyUsage without keyCertSign)"),
+        ("email EKU", "its extendedKeyUsage (emailProtection) names neither ipsecIKE"),
+        ("encipher only", "its keyUsage allows no signature"),
+        ("unknown critical", "has a critical extension not handled: 1.3.6.1.4.1.99999.1"),
+        ("name constraints", "has name constraints, which keywayd does not check"),
+    ],
+)
+def test_a_path_that_does_not_validate_is_refused_with_the_reason(case, reason):
+    ca = root()
+    chain = []
+    if case == "expired":
+        leaf = issue(ca, "moon", sans=dns("moon.lab"), valid_days=(-30, -1))
+    elif case == "not yet valid":
+        leaf = issue(ca, "moon", sans=dns("moon.lab"), valid_days=(1, 30))
+    elif case == "unknown CA":
+        leaf = issue(root(), "moon", sans=dns("moon.lab"))
+    elif case == "forged signature":
+        leaf, ca = _forged()
+    elif case == "issuer not a CA":
+        sub = issue(ca, "Sub CA")
+        leaf, chain = issue(sub, "moon", sans=dns("moon.lab")), [sub]
+    elif case == "path length":
+        ca = root(path_length=0)
+        sub = issue(ca, "Sub CA", ca=True, key_usage="ca")
+        leaf, chain = issue(sub, "moon", sans=dns("moon.lab")), [sub]
+    elif case == "CA without keyCertSign":
+        sub = issue(ca, "Sub CA", ca=True, key_usage="sign")
+        leaf, chain = issue(sub, "moon", sans=dns("moon.lab")), [sub]
+    elif case == "email EKU":
+        eku = [ExtendedKeyUsageOID.EMAIL_PROTECTION]
+        leaf = issue(ca, "moon", sans=dns("moon.lab"), eku=eku)
+    elif case == "encipher only":
+        leaf = issue(ca, "moon", sans=dns("moon.lab"), key_usage="encipher")
+    elif case == "unknown critical":
+        odd = x509.UnrecognizedExtension(ObjectIdentifier("1.3.6.1.4.1.99999.1"), b"\x05\x00")
+        leaf = issue(ca, "moon", sans=dns("moon.lab"), extra=[(odd, True)])
+    else:
+        limits = x509.NameConstraints([x509.DNSName("sun.lab")], None)
+        sub = issue(ca, "Sub CA", ca=True, key_usage="ca", extra=[(limits, True)])
+        leaf, chain = issue(sub, "moon", sans=dns("moon.lab")), [sub]
+    said = refused(leaf, *chain, anchors=[ca])
+    assert said.startswith("certificate of 'CN=moon,O=Keyway tests' does not verify: "), said
+    assert reason in said, said
+
+
+def test_ipsec_ike_and_any_purpose_ekus_are_accepted_and_a_time_is_checked_as_given():
+    ca = root()
+    for eku in ([certs.IPSEC_IKE], [ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE]):
+        verify(issue(ca, "moon", sans=dns("moon.lab"), eku=eku), anchors=[ca])
+    leaf = issue(ca, "moon", sans=dns("moon.lab"))
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=60)
+    with pytest.raises(IkeCryptoError, match="expired"):
+        certs.verify_peer([leaf.der], [ca.cert], "moon.lab", later)
