@@ -51,6 +51,7 @@ from ..ike.engine.core import (
     PEER_DEAD,
     REDUNDANT_IKE,
     REPLACED_UNIQUE,
+    SURPLUS_REKEY,
     ChildParams,
     Engine,
     IkeConnection,
@@ -102,7 +103,9 @@ REPLACED = (
     REDUNDANT_IKE,
     DUPLICATE_IKE,
     REPLACED_UNIQUE,
+    SURPLUS_REKEY,
 )
+REAUTH_RECHECK = 5.0  # seconds: a reauthentication due during a rekey looks again
 SHUTDOWN_GRACE = 2.0  # seconds to wait for the peers' answers to our Deletes
 # Seconds an inbound SA outlives its replacement (a rekey, a reauthentication, a
 # collision): packets the peer sent on it just before switching are still on their way
@@ -761,6 +764,12 @@ class Agent:
             return
         if sa.superseded or any(o.reauth_of is sa for o in sa.engine.sas_of(sa.conn.name)):
             return  # already being replaced (a rekey, or a reauthentication under way)
+        if sa.request is not None and sa.request.kind == "rekey_ike":
+            # Its rekey awaits an answer: the new SA inherits this deadline (past, so it
+            # reauthenticates at once). Reauthenticating this one too would leave two.
+            # Looked at again later, in case the rekey fails and this SA stays.
+            self._loop.call_later(REAUTH_RECHECK, self._reauth, sa)
+            return
         if sa.newer_with_peer():
             # The peer's reauthentication of this SA came first: its Delete is on the
             # way. Another one now would leave two IKE SAs, neither a twin of the other.

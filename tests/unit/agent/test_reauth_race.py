@@ -148,3 +148,24 @@ def test_the_peer_s_reauthentication_sends_nothing_until_the_old_sas_go(tmp_path
             assert new_out in plane.sas  # B deleted the old one: it holds the new one
     assert new_out in plane.sas
     assert SaId(B[0], IpsecProto.ESP, old.spi_out) not in plane.sas
+
+
+def test_a_reauthentication_due_while_the_ike_sa_s_rekey_is_under_way_waits(tmp_path):
+    """Found by bench/soak.py: reauthenticating an IKE SA whose rekey still awaited its
+    (lost) answer left the rekey's SA and the reauthentication's side by side. keywayd
+    waits: the rekey's SA inherits the deadline and reauthenticates when it is up."""
+    pair = established()
+    (old,) = pair.a.sas()
+    agent = agent_of_a(pair, tmp_path)
+    pair.net.impairment.drop_if = lambda data, src, dst: src == B and data[18] == 36
+    pair.a.rekey_ike_sa(old, pair.net.now)
+    pair.pump(until=pair.net.now + 0.1)
+    assert old.request is not None and old.request.kind == "rekey_ike"
+    agent._reauth(old)
+    assert not [sa for sa in pair.a.sas() if sa.reauth_of is old]
+    assert [entry[1] for entry in agent._loop.pending] == [agent._reauth]  # looks again
+    pair.net.impairment.drop_if = None
+    pair.pump(until=pair.net.now + 30)
+    assert old.superseded  # rekeyed: the look again finds nothing to do
+    agent._loop.advance(10)
+    assert len(pair.a.sas()) == len(pair.b.sas()) == 1

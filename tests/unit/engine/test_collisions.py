@@ -344,3 +344,34 @@ def test_an_ike_rekey_answer_still_on_its_way_is_no_peer_restart(seeded):
     assert not [e for e in of(pair.events[B], IkeSaUp) if e.initiator]  # no reauth
     _assert_agree(pair)
     assert _sa(pair.b) is new_b
+
+
+def test_a_rekey_answered_after_a_reauthentication_of_the_same_sa_leaves_one(seeded):
+    """Found by bench/soak.py: A's IKE rekey lost its answer; before the retransmission
+    got one, A reauthenticated the same SA. The late rekey then made a second IKE SA,
+    beside the reauthentication's, and both stayed for good. The rekey's SA is surplus
+    now: A deletes it, with the old one."""
+    seeded(9)
+    pair = lab_pair()
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    old = _sa(pair.a)
+    lost = []
+
+    def first_rekey_answer(data: bytes, src, dst) -> bool:
+        if src == B and data[18] == 36 and data[19] & 0x20 and not lost:
+            lost.append(data)
+            return True
+        return False
+
+    pair.net.impairment.drop_if = first_rekey_answer
+    start = pair.net.now
+    pair.a.rekey_ike_sa(old, start)
+    pair.pump(until=start + 0.1)  # the answer is lost; A retransmits at +0.5 s
+    new = pair.a.reauthenticate(old, pair.net.now)
+    pair.pump(until=start + 60)
+    assert lost
+    _assert_agree(pair)
+    assert _sa(pair.a) is new
+    surplus = [e for e in of(pair.events[A], IkeSaDown) if e.reason == core.SURPLUS_REKEY]
+    assert len(surplus) == 1

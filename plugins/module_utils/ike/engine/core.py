@@ -117,6 +117,7 @@ REDUNDANT_CHILD = "redundant after a rekey collision"
 REDUNDANT_IKE = "redundant after a rekey collision"
 DUPLICATE_IKE = "duplicate of a simultaneous initiation"
 REPLACED_UNIQUE = "replaced by a newer IKE SA (unique: replace)"
+SURPLUS_REKEY = "surplus: a reauthentication replaced the SA it rekeyed"
 PEER_DEAD = "peer dead"
 HARD_LIFETIME = "hard lifetime reached"
 
@@ -1251,6 +1252,17 @@ class IkeSa:
             else:
                 chosen = sa.proposals[0]
                 new = self._successor(True, new_spi, chosen.spi, chosen, shared, ni, nonce.data)
+        if new is not None and self.reauthenticated:
+            # A reauthentication replaced this SA while its rekey waited for an answer
+            # (lost, retransmitted): the reauthentication's SA carries the children, so
+            # the rekey's is surplus. Kept, it stayed beside the other for good.
+            log.info("%s: IKE SA rekeyed after its reauthentication: deleting the new one",
+                     self.conn.name)  # fmt: skip
+            new.redundant = SURPLUS_REKEY
+            new.queue("delete_ike", now)
+            self.engine._touch(new)
+            self._next_pending(now)  # this SA's own Delete
+            return
         winner = new
         if collision is not None:
             # Both ends rekeyed this IKE SA at once: the new SA made with the lowest of
