@@ -113,14 +113,18 @@ def test_certificate_exchanges_travel_as_fragments_both_ways(netns_hosts, charon
 
 
 @pytest.mark.parametrize("keywayd_initiates", [True, False], ids=["keywayd-init", "charon-init"])
-def test_ed25519_chains_through_an_intermediate_and_a_user_at_fqdn_identity(
-    netns_hosts, charon_factory, tmp_path, keywayd_initiates
+@pytest.mark.parametrize("identities", ["user@fqdn", "dn"])
+def test_ed25519_chains_through_an_intermediate_and_other_identity_types(
+    netns_hosts, charon_factory, tmp_path, keywayd_initiates, identities
 ):
     """Issue 15: keywayd validates paths itself (RFC 4945), so Ed25519 certificates,
     an intermediate CA the peer sends, and a user@FQDN identity (SAN rfc822Name) work;
-    cryptography's web-PKI verifier refused all three."""
+    cryptography's web-PKI verifier refused all three. And distinguished names, as
+    strongSwan writes them, both ways (keywayd sent a DN as an FQDN)."""
     a, b = netns_hosts(2).hosts
-    me = f"carol@{a.name}.lab"
+    dn = identities == "dn"
+    me = "O=Keyway tests, CN=carol" if dn else f"carol@{a.name}.lab"
+    them = f"O=Keyway tests, CN={b.name}" if dn else f"{b.name}.lab"
     ca = issue(None, "Root CA", Ed25519PrivateKey.generate(), ca=True, key_usage="ca")
     sub = issue(ca, "Sub CA", Ed25519PrivateKey.generate(), ca=True, key_usage="ca")
     mine = issue(sub, "carol", Ed25519PrivateKey.generate(), sans=[x509.RFC822Name(me)],
@@ -131,10 +135,10 @@ def test_ed25519_chains_through_an_intermediate_and_a_user_at_fqdn_identity(
         _swanctl(a, b)
         .replace(
             f"auth = psk\n            id = {b.name}.lab",
-            f"auth = pubkey\n            certs = {b.name}.pem\n            id = {b.name}.lab",
+            f'auth = pubkey\n            certs = {b.name}.pem\n            id = "{them}"',
         )
         .replace(
-            f"auth = psk\n            id = {a.name}.lab", f"auth = pubkey\n            id = {me}"
+            f"auth = psk\n            id = {a.name}.lab", f'auth = pubkey\n            id = "{me}"'
         )
     )
     charon = charon_factory(
@@ -159,7 +163,7 @@ def test_ed25519_chains_through_an_intermediate_and_a_user_at_fqdn_identity(
         "key": str(tmp_path / "a.key"),
     }
     conns["kw"]["remote"] = {
-        "id": f"{b.name}.lab",
+        "id": them,
         "auth": "pubkey",
         "cacerts": [str(tmp_path / "ca.pem")],  # the root only: charon sends Sub CA
     }
@@ -169,7 +173,7 @@ def test_ed25519_chains_through_an_intermediate_and_a_user_at_fqdn_identity(
             charon.swanctl("--initiate", "--child", "kw", timeout=30)
         agent.wait_for(lambda: agent.sas("kw") and agent.sas("kw")[0]["children"], "kw up")
         agree(agent, charon)
-        assert agent.sas("kw")[0]["remote_id"] == f"{b.name}.lab"
+        assert agent.sas("kw")[0]["remote_id"] == them
         log = charon.log_path.read_text()
         assert re.search(rf"authentication of '{re.escape(me)}' with ED25519 successful", log)
         assert udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"ed") == b"de"

@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..ike import identity
+
 try:  # PyYAML is a runtime dependency; the C loader is faster where built.
     import yaml
 
@@ -433,6 +435,10 @@ def _auth(reader: _Reader, raw: Any, path: str) -> AuthConfig:
     if not isinstance(ident, str) or not ident:
         reader.problem(f"{path}.id", "is required (an IP address, FQDN, user@FQDN or DN)")
         ident = ""
+    try:  # a DN in one spelling, the one keywayd compares the peer's with
+        ident = identity.canonical(ident)
+    except identity.IdentityError as exc:
+        reader.problem(f"{path}.id", str(exc))
     auth = reader.choice(raw, "auth", path, AUTH_METHODS, "psk")
     certs = reader.strings(raw, "certs", path, ())
     cacerts = reader.strings(raw, "cacerts", path, ())

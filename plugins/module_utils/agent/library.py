@@ -53,6 +53,7 @@ def _shipped_library() -> None:
         codec,
         constants,
         crypto,
+        identity,
         proposals,
     )
     from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine import (  # noqa: F401

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, ObjectIdentifier
 
+from . import identity as ids
 from .constants import NotifyType
 from .crypto import IkeCryptoError
 
@@ -241,9 +242,14 @@ def _who(cert) -> str:
 
 
 def identity_matches(leaf, identity: str) -> bool:
-    """The IKE identity is one of the leaf's subjectAltNames: an address (iPAddress),
-    user@FQDN (rfc822Name) or FQDN (dNSName, case-insensitive)."""
+    """The IKE identity is the leaf's: a DN its subject (or a directoryName SAN), else
+    one of its subjectAltNames: an address (iPAddress), user@FQDN (rfc822Name) or FQDN
+    (dNSName, case-insensitive)."""
     names = _extension(leaf, x509.SubjectAlternativeName)
+    if ids.is_dn(identity):
+        wanted = ids.canonical(identity)
+        dns = [leaf.subject, *(names.get_values_for_type(x509.DirectoryName) if names else ())]
+        return any(_dn_text(dn) == wanted for dn in dns)
     if names is None:
         return False
     try:
@@ -260,6 +266,10 @@ def identity_matches(leaf, identity: str) -> bool:
         )
     wanted = identity.rstrip(".").lower()
     return any(n.rstrip(".").lower() == wanted for n in names.get_values_for_type(x509.DNSName))
+
+
+def _dn_text(name: x509.Name) -> str:
+    return ids.dn_text([(a.oid.dotted_string, str(a.value)) for rdn in name.rdns for a in rdn])
 
 
 def _san_texts(leaf) -> list[str]:

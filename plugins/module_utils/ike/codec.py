@@ -25,6 +25,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
+from . import identity
 from .constants import (
     GENERIC_PAYLOAD_HEADER_SIZE,
     IKE_HEADER_SIZE,
@@ -255,7 +256,13 @@ class _Id(Payload):
         return cls(body[0], body[4:], critical=critical)
 
     def to_text(self) -> str:
-        """The identity as text: address, FQDN, user@FQDN; DN and KEY_ID in hex."""
+        """The identity as text: address, FQDN, user@FQDN, a DN as "C=CH, O=x, CN=moon"
+        (identity.py); KEY_ID and anything malformed in hex."""
+        if self.id_type == 9:
+            try:
+                return identity.dn_text(identity.dn_from_der(self.data))
+            except identity.IdentityError:
+                return self.data.hex()
         if self.id_type == 1 and len(self.data) == 4:
             return str(ipaddress.IPv4Address(self.data))
         if self.id_type == 5 and len(self.data) == 16:

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
-from .. import certs, codec, crypto
+from .. import certs, codec, crypto, identity
 from ..constants import (
     NAT_T_PORT,
     AuthMethod,
@@ -267,7 +267,9 @@ def notify_name(ntype: int) -> str:
 
 
 def encode_id(text: str) -> tuple[int, bytes]:
-    """An identity as (ID type, data): addresses, user@FQDN, FQDN."""
+    """An identity as (ID type, data): addresses, a DN (DER), user@FQDN, FQDN."""
+    if identity.is_dn(text):
+        return IdType.DER_ASN1_DN, identity.dn_der(text)
     try:
         address = ipaddress.ip_address(text)
         return (IdType.IPV4_ADDR if address.version == 4 else IdType.IPV6_ADDR), address.packed
