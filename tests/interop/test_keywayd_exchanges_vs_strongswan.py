@@ -12,6 +12,7 @@ import threading
 import pytest
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -19,6 +20,7 @@ from tests.fixtures.keywayd import Keywayd
 from tests.fixtures.netns import udp_exchange
 from tests.fixtures.pki import issue, make_ca, make_cert
 from tests.interop.test_keywayd_vs_strongswan import KEYWAYD_YML, PSK, SWANCTL_CONF, agree
+from tests.unit.ike.test_certs import crl_of
 
 PROPOSAL, ESP = "aes256gcm16-prfsha384-x25519", "aes256gcm16"
 TWINS = "IKE SA initiated by both ends at once"
@@ -177,6 +179,69 @@ def test_ed25519_chains_through_an_intermediate_and_other_identity_types(
         log = charon.log_path.read_text()
         assert re.search(rf"authentication of '{re.escape(me)}' with ED25519 successful", log)
         assert udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"ed") == b"de"
+    finally:
+        agent.stop()
+
+
+def test_charon_s_revoked_certificate_is_refused_and_nothing_stays_up(
+    netns_hosts, charon_factory, tmp_path
+):
+    """Issue 15: a CRL (file) listing charon's certificate: keywayd refuses charon's
+    AUTH, says why, and tells charon (AUTHENTICATION_FAILED): no SA on either side."""
+    a, b = netns_hosts(2).hosts
+    ca = make_ca()
+    mine, theirs = make_cert(ca, f"{a.name}.lab"), make_cert(ca, f"{b.name}.lab")
+    swanctl = (
+        _swanctl(a, b)
+        .replace(
+            f"auth = psk\n            id = {b.name}.lab",
+            f"auth = pubkey\n            certs = {b.name}.pem\n            id = {b.name}.lab",
+        )
+        .replace(
+            f"auth = psk\n            id = {a.name}.lab",
+            f"auth = pubkey\n            id = {a.name}.lab",
+        )
+    )
+    charon = charon_factory(
+        b.netns,
+        swanctl,
+        files={
+            "x509ca/ca.pem": ca.pem,
+            f"x509/{b.name}.pem": theirs.pem,
+            f"private/{b.name}.pem": theirs.key_pem,
+        },
+    )
+    crl = crl_of(ca, [theirs], reason=x509.ReasonFlags.superseded)
+    for name, data in (
+        ("a.pem", mine.pem),
+        ("a.key", mine.key_pem),
+        ("ca.pem", ca.pem),
+        ("ca.crl", crl.public_bytes(serialization.Encoding.PEM)),
+    ):
+        (tmp_path / name).write_bytes(data)
+        (tmp_path / name).chmod(0o600)
+    conns = _config(a, b, "start")
+    conns["kw"].pop("psk")
+    conns["kw"]["local"] = {
+        "id": f"{a.name}.lab",
+        "auth": "pubkey",
+        "certs": [str(tmp_path / "a.pem")],
+        "key": str(tmp_path / "a.key"),
+    }
+    conns["kw"]["remote"] = {
+        "id": f"{b.name}.lab",
+        "auth": "pubkey",
+        "cacerts": [str(tmp_path / "ca.pem")],
+        "crls": [str(tmp_path / "ca.crl")],
+        "revocation": "strict",
+    }
+    agent = Keywayd(a.netns, tmp_path / "a", conns)
+    try:
+        revoked = f"'CN={b.name}.lab,O=Keyway tests' is revoked since"
+        agent.wait_for(lambda: revoked in agent.log(), "the revoked certificate refused")
+        assert "(superseded)" in agent.log()
+        agent.wait_for(lambda: not charon_ike_sas(charon), "no IKE SA left at charon", 10)
+        assert not agent.sas("kw")
     finally:
         agent.stop()
 

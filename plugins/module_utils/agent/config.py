@@ -74,6 +74,10 @@ except ImportError:  # pragma: no cover - reported when a file is actually loade
 DATAPLANES = ("kernel", "userspace", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTH_METHODS = ("psk", "pubkey")
+# When a peer's certificate counts as not revoked (strongSwan's `revocation`): strict,
+# with a valid CRL for each; ifuri, unless it names a CRL distribution point and none
+# is at hand; relaxed, unless a CRL at hand lists it.
+REVOCATION_POLICIES = ("strict", "ifuri", "relaxed")
 UNIQUE_POLICIES = ("no", "never", "keep", "replace")
 CHILD_MODES = ("tunnel", "transport", "pass", "drop")
 START_ACTIONS = ("none", "trap", "start")
@@ -130,6 +134,8 @@ class AuthConfig:
     key: str = ""  # private key file (pubkey), PEM
     key_passphrase: Secret | None = None  # from key_passphrase_file, if the key is encrypted
     cacerts: tuple[str, ...] = ()  # trust anchors for the peer (pubkey)
+    crls: tuple[str, ...] = ()  # CRL files (PEM or DER) checked on the peer's path
+    revocation: str = "relaxed"  # strict | ifuri | relaxed, as strongSwan's
 
 
 @dataclass(frozen=True)
@@ -429,7 +435,9 @@ class _Reader:
 
 def _auth(reader: _Reader, raw: Any, path: str) -> AuthConfig:
     raw = reader.mapping(
-        raw, path, {"id", "auth", "certs", "key", "key_passphrase_file", "cacerts"}
+        raw,
+        path,
+        {"id", "auth", "certs", "key", "key_passphrase_file", "cacerts", "crls", "revocation"},
     )
     ident = raw.get("id")
     if not isinstance(ident, str) or not ident:
@@ -450,7 +458,14 @@ def _auth(reader: _Reader, raw: Any, path: str) -> AuthConfig:
         if not key:
             reader.problem(f"{path}.key_passphrase_file", "is the passphrase of key: set key")
     return AuthConfig(
-        id=ident, auth=auth, certs=certs, key=key, key_passphrase=passphrase, cacerts=cacerts
+        id=ident,
+        auth=auth,
+        certs=certs,
+        key=key,
+        key_passphrase=passphrase,
+        cacerts=cacerts,
+        crls=reader.strings(raw, "crls", path, ()),
+        revocation=reader.choice(raw, "revocation", path, REVOCATION_POLICIES, "relaxed"),
     )
 
 
@@ -635,6 +650,10 @@ def _connection(
     for side in (local, remote):
         if side.auth == "pubkey" and side is local and (not side.certs or not side.key):
             reader.problem(f"{path}.local", "auth pubkey needs certs and key")
+        if side is local and (side.crls or side.revocation != "relaxed"):
+            reader.problem(
+                f"{path}.local", "crls and revocation check the peer: set them in remote"
+            )
         if side.auth == "pubkey" and side is remote and not side.cacerts:
             reader.problem(f"{path}.remote", "auth pubkey needs cacerts to verify the peer")
         if side.auth == "pubkey" and side is remote and side.cacerts:

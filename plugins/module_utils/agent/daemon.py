@@ -201,18 +201,27 @@ def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> 
         from cryptography import x509
         from cryptography.hazmat.primitives import serialization
 
+        from ..ike import certs
+
         chain = []
         for path in conn.local.certs:
-            for cert in x509.load_pem_x509_certificates(_read_file(path)):
+            for cert in certs.load_certificates(_read_file(path)):
                 chain.append(cert.public_bytes(serialization.Encoding.DER))
         cacerts = []
         for path in conn.remote.cacerts:
-            cacerts.extend(x509.load_pem_x509_certificates(_read_file(path)))
+            cacerts.extend(certs.load_certificates(_read_file(path)))
+        crls = []
+        for path in conn.remote.crls:
+            data = _read_file(path)
+            pem = b"-----BEGIN" in data
+            crls.append(x509.load_pem_x509_crl(data) if pem else x509.load_der_x509_crl(data))
         extra = dict(
             auth="pubkey",
             certs=tuple(chain),
             private_key=_private_key(conn.local),
             cacerts=tuple(cacerts),
+            crls=tuple(crls),
+            revocation=conn.remote.revocation,
         )
     return IkeConnection(
         conn.name,

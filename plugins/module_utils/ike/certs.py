@@ -22,6 +22,8 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import itertools
+import re
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -66,9 +68,16 @@ HANDLED = {
 
 
 def load_certificates(pem_or_der: bytes) -> list[x509.Certificate]:
-    if b"-----BEGIN" in pem_or_der:
-        return x509.load_pem_x509_certificates(pem_or_der)
-    return [x509.load_der_x509_certificate(pem_or_der)]
+    """Every certificate of a PEM file (or the one of a DER file). One PEM block at a
+    time: load_pem_x509_certificates came with cryptography 39, Debian 12 has 38."""
+    if b"-----BEGIN" not in pem_or_der:
+        return [x509.load_der_x509_certificate(pem_or_der)]
+    blocks = re.findall(
+        rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", pem_or_der, re.DOTALL
+    )
+    if not blocks:
+        raise ValueError("no PEM certificate in it")
+    return [x509.load_pem_x509_certificate(block) for block in blocks]
 
 
 def der(cert: x509.Certificate) -> bytes:
@@ -92,8 +101,11 @@ def verify_peer(
     ca_certs: list[x509.Certificate],
     identity: str,
     when: datetime.datetime | None = None,
+    crls: tuple = (),
+    revocation: str = "relaxed",
 ):
-    """The verified leaf's public key; AUTHENTICATION_FAILED with the reason otherwise."""
+    """The verified leaf's public key; AUTHENTICATION_FAILED with the reason otherwise.
+    `crls` are checked on the path as `revocation` says (strict, ifuri, relaxed)."""
     fail = NotifyType.AUTHENTICATION_FAILED
     if not chain_ders:
         raise IkeCryptoError("peer sent no certificate", fail)
@@ -107,7 +119,8 @@ def verify_peer(
     name = leaf.subject.rfc4514_string()
     try:
         _check_leaf(leaf)
-        _check_path(leaf, intermediates, ca_certs, now)
+        path = _check_path(leaf, intermediates, ca_certs, now)
+        _check_revocation(path, crls, revocation, now)
     except _Refused as exc:
         raise IkeCryptoError(f"certificate of {name!r} does not verify: {exc}", fail) from None
     if not identity_matches(leaf, identity):
@@ -123,10 +136,12 @@ class _Refused(Exception):
     """Why a certificate path does not validate."""
 
 
-def _check_path(leaf, pool: list, anchors: list, now: datetime.datetime) -> None:
+def _check_path(leaf, pool: list, anchors: list, now: datetime.datetime) -> list:
     """From `leaf`, issuer by issuer (from `pool`, the peer's intermediates), up to one of
-    `anchors`; each certificate valid at `now`, signed by the next, each issuer a CA."""
+    `anchors`; each certificate valid at `now`, signed by the next, each issuer a CA.
+    The path, leaf first, anchor last."""
     current, below = leaf, 0  # below: the CA certificates under the next issuer
+    path = [leaf]
     for _unused in range(MAX_PATH):
         _check_time(current, now)
         _check_critical(current)
@@ -134,7 +149,7 @@ def _check_path(leaf, pool: list, anchors: list, now: datetime.datetime) -> None
         if anchor is not None:
             _check_time(anchor, now)
             _check_issuer(anchor, below)
-            return
+            return [*path, anchor]
         issuer = next((ca for ca in pool if ca is not current and _issued(current, ca)), None)
         if issuer is None:
             raise _Refused(
@@ -143,7 +158,55 @@ def _check_path(leaf, pool: list, anchors: list, now: datetime.datetime) -> None
             )
         _check_issuer(issuer, below)
         current, below = issuer, below + 1
+        path.append(issuer)
     raise _Refused(f"no configured CA within {MAX_PATH} certificates")
+
+
+def _check_revocation(path: list, crls: tuple, policy: str, now: datetime.datetime) -> None:
+    """Each certificate below the anchor against the CRLs its issuer signed: refused if
+    one lists it; without a current CRL (nextUpdate not passed), refused under `strict`,
+    and under `ifuri` when the certificate names a CRL distribution point."""
+    for cert, issuer in itertools.pairwise(path):
+        signed = [crl for crl in crls if crl.issuer == issuer.subject and _crl_signed(crl, issuer)]
+        for crl in signed:  # a stale CRL still says what it revoked
+            entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+            if entry is not None:
+                when = _utc(getattr(entry, "revocation_date_utc", None) or entry.revocation_date)
+                raise _Refused(f"{_who(cert)} is revoked since {when:%Y-%m-%d %H:%M:%S} UTC"
+                               f"{_revocation_reason(entry)}")  # fmt: skip
+        current = [crl for crl in signed if _crl_current(crl, now)]
+        if current or policy == "relaxed":
+            continue
+        if policy == "strict":
+            raise _Refused(
+                f"no current CRL of {_who(issuer)} for {_who(cert)} (revocation: strict)"
+            )
+        if _extension(cert, x509.CRLDistributionPoints) is not None:
+            raise _Refused(
+                f"{_who(cert)} names a CRL distribution point, and no current CRL of "
+                f"{_who(issuer)} is at hand (revocation: ifuri)"
+            )
+
+
+def _crl_signed(crl, issuer) -> bool:
+    try:
+        return crl.is_signature_valid(issuer.public_key())
+    except (TypeError, ValueError, UnsupportedAlgorithm):
+        return False
+
+
+def _crl_current(crl, now: datetime.datetime) -> bool:
+    last = _utc(getattr(crl, "last_update_utc", None) or crl.last_update)
+    following = getattr(crl, "next_update_utc", None) or crl.next_update
+    return last <= now and (following is None or now <= _utc(following))
+
+
+def _revocation_reason(entry) -> str:
+    try:
+        reason = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+    except x509.ExtensionNotFound:
+        return ""
+    return f" ({reason.name})"
 
 
 def _issued(cert, issuer) -> bool:

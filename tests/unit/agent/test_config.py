@@ -399,3 +399,47 @@ def test_a_key_passphrase_file_must_be_private_and_go_with_a_key(tmp_path):
     assert said[0].endswith("is readable by others (mode 0644); make it 0600")
     assert said[1] == "is the passphrase of key: set key"
     assert ("connections.h1-h2.local", "auth pubkey needs certs and key") in problems
+
+
+def test_crls_and_the_revocation_policy_reach_the_engine(tmp_path):
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from ansible_collections.keyway.ipsec.plugins.module_utils.agent.daemon import ike_connection
+    from tests.fixtures.pki import make_ca, make_cert
+    from tests.unit.ike.test_certs import crl_of
+
+    ca = make_ca()
+    mine = make_cert(ca, "h1.lab")
+    for name, data in (("ca.pem", ca.pem), ("h1.pem", mine.pem), ("h1.key", mine.key_pem)):
+        (tmp_path / name).write_bytes(data)
+    crl = crl_of(ca)
+    (tmp_path / "ca.crl").write_bytes(crl.public_bytes(serialization.Encoding.DER))
+    raw = conf(GOOD)
+    raw["connections"]["h1-h2"]["local"] = {
+        "id": "h1.lab", "auth": "pubkey", "certs": [str(tmp_path / "h1.pem")],
+        "key": str(tmp_path / "h1.key"),
+    }  # fmt: skip
+    raw["connections"]["h1-h2"]["remote"] = {
+        "id": "h2.lab", "auth": "pubkey", "cacerts": ["ca.pem"], "crls": ["ca.crl"],
+        "revocation": "strict",
+    }  # fmt: skip
+    conn = parse_config(raw, validate_proposal=accept_all, base_dir=tmp_path).connection("h1-h2")
+    assert (conn.remote.crls, conn.remote.revocation) == (("ca.crl",), "strict")
+    remote = dataclasses.replace(
+        conn.remote, cacerts=(str(tmp_path / "ca.pem"),), crls=(str(tmp_path / "ca.crl"),)
+    )
+    engine_view = ike_connection(dataclasses.replace(conn, remote=remote))
+    assert [c.fingerprint(hashes.SHA256()) for c in engine_view.crls] == [
+        crl.fingerprint(hashes.SHA256())
+    ]
+    assert engine_view.revocation == "strict"
+
+    raw["connections"]["h1-h2"]["local"]["crls"] = ["ca.crl"]
+    raw["connections"]["h1-h2"]["remote"]["revocation"] = "sometimes"
+    with pytest.raises(ConfigError) as failed:
+        parse_config(raw, validate_proposal=accept_all, base_dir=tmp_path)
+    problems = dict(failed.value.problems)
+    assert problems["connections.h1-h2.local"] == (
+        "crls and revocation check the peer: set them in remote"
+    )
+    assert "sometimes" in problems["connections.h1-h2.remote.revocation"]

@@ -9,6 +9,7 @@ import ipaddress
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
@@ -162,3 +163,87 @@ def test_ipsec_ike_and_any_purpose_ekus_are_accepted_and_a_time_is_checked_as_gi
     later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=60)
     with pytest.raises(IkeCryptoError, match="expired"):
         certs.verify_peer([leaf.der], [ca.cert], "moon.lab", later)
+
+
+def crl_of(ca, revoked=(), days=(-1, 7), reason=None):
+    """A CRL `ca` signs, listing `revoked` certificates, current over `days`."""
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now + datetime.timedelta(days=days[0]))
+        .next_update(now + datetime.timedelta(days=days[1]))
+    )
+    for cert in revoked:
+        entry = (
+            x509.RevokedCertificateBuilder()
+            .serial_number(cert.cert.serial_number)
+            .revocation_date(now - datetime.timedelta(hours=1))
+        )
+        if reason:
+            entry = entry.add_extension(x509.CRLReason(reason), critical=False)
+        builder = builder.add_revoked_certificate(entry.build())
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+CDP = x509.CRLDistributionPoints(
+    [x509.DistributionPoint([x509.UniformResourceIdentifier("http://ca.lab/ca.crl")],
+                            None, None, None)]
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("policy", ["strict", "ifuri", "relaxed"])
+def test_a_revoked_certificate_is_refused_under_every_policy(policy):
+    ca = root()
+    sub = issue(ca, "Sub CA", ca=True, key_usage="ca")
+    leaf = issue(sub, "moon", sans=dns("moon.lab"))
+    good = (crl_of(ca), crl_of(sub))
+    certs.verify_peer([leaf.der, sub.der], [ca.cert], "moon.lab", crls=good, revocation=policy)
+    revoked = (crl_of(ca), crl_of(sub, [leaf], reason=x509.ReasonFlags.key_compromise))
+    with pytest.raises(IkeCryptoError, match=r"'CN=moon,O=Keyway tests' is revoked since .* "
+                                             r"\(key_compromise\)"):  # fmt: skip
+        certs.verify_peer([leaf.der, sub.der], [ca.cert], "moon.lab", crls=revoked,
+                          revocation=policy)  # fmt: skip
+    revoked_sub = (crl_of(ca, [sub]), crl_of(sub))
+    with pytest.raises(IkeCryptoError, match="'CN=Sub CA,O=Keyway tests' is revoked since"):
+        certs.verify_peer([leaf.der, sub.der], [ca.cert], "moon.lab", crls=revoked_sub,
+                          revocation=policy)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("policy", "crls", "cdp", "refusal"),
+    [
+        ("strict", "none", False, "no current CRL of 'CN=Root CA,O=Keyway tests'"),
+        ("strict", "stale", False, "(revocation: strict)"),
+        ("strict", "forged", False, "(revocation: strict)"),  # not signed by the CA: unused
+        ("ifuri", "none", True, "names a CRL distribution point, and no current CRL"),
+        ("ifuri", "none", False, None),
+        ("ifuri", "current", True, None),
+        ("relaxed", "none", True, None),
+        ("relaxed", "stale", True, None),
+    ],
+)
+def test_without_a_current_crl_the_policy_decides(policy, crls, cdp, refusal):
+    ca = root()
+    leaf = issue(ca, "moon", sans=dns("moon.lab"), extra=[(CDP, False)] if cdp else None)
+    at_hand = {
+        "none": (),
+        "stale": (crl_of(ca, days=(-10, -1)),),
+        "forged": (crl_of(root()),),
+        "current": (crl_of(ca),),
+    }[crls]
+    if refusal is None:
+        certs.verify_peer([leaf.der], [ca.cert], "moon.lab", crls=at_hand, revocation=policy)
+    else:
+        with pytest.raises(IkeCryptoError) as failed:
+            certs.verify_peer([leaf.der], [ca.cert], "moon.lab", crls=at_hand,
+                              revocation=policy)  # fmt: skip
+        assert refusal in str(failed.value)
+
+
+def test_a_stale_crl_still_revokes():
+    ca = root()
+    leaf = issue(ca, "moon", sans=dns("moon.lab"))
+    stale = (crl_of(ca, [leaf], days=(-10, -1)),)
+    with pytest.raises(IkeCryptoError, match="is revoked since"):
+        certs.verify_peer([leaf.der], [ca.cert], "moon.lab", crls=stale, revocation="relaxed")

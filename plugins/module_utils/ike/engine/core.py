@@ -150,6 +150,8 @@ class IkeConnection:
     certs: tuple[bytes, ...] = ()  # own chain, DER, leaf first (pubkey)
     private_key: object = field(default=None, repr=False)  # (pubkey)
     cacerts: tuple = ()  # x509.Certificate trust anchors for the peer (pubkey)
+    crls: tuple = ()  # x509.CertificateRevocationList checked on the peer's path
+    revocation: str = "relaxed"  # strict | ifuri | relaxed (certs.verify_peer)
     # Largest IP datagram an IKE message may take before it is sent as RFC 7383
     # fragments (when the peer supports them); 0: never fragment. strongSwan's default.
     fragment_size: int = 1280
@@ -697,7 +699,12 @@ class IkeSa:
             octets = crypto.signed_octets(self.prf, message, nonce, sk_p, id_payload.encode_body())
             try:
                 key = certs.verify_peer(
-                    chain, list(conn.cacerts), id_payload.to_text(), self.engine.wall_clock()
+                    chain,
+                    list(conn.cacerts),
+                    id_payload.to_text(),
+                    self.engine.wall_clock(),
+                    crls=conn.crls,
+                    revocation=conn.revocation,
                 )
                 crypto.verify_signature_auth(key, auth.kind, auth.data, octets, conn.allow_weak)
             except crypto.IkeCryptoError as exc:
