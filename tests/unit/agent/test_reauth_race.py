@@ -169,3 +169,41 @@ def test_a_reauthentication_due_while_the_ike_sa_s_rekey_is_under_way_waits(tmp_
     assert old.superseded  # rekeyed: the look again finds nothing to do
     agent._loop.advance(10)
     assert len(pair.a.sas()) == len(pair.b.sas()) == 1
+
+
+def test_an_sa_the_peer_reauthenticated_while_our_rekey_was_unanswered_is_left_alone(tmp_path):
+    """Found by bench/soak.py: A's IKE rekey answer was lost; B, which had the new SA,
+    reauthenticated it. When A's retransmission got the answer, the new SA inherited a
+    past reauthentication deadline and A reauthenticated it too: two IKE SAs for good.
+    The peer's SA counts as newer: it was authenticated after the SA A's rekey renewed
+    (a rekey authenticates nothing), whenever the rekey ended."""
+    pair = established()
+    (old,) = pair.a.sas()
+    agent = agent_of_a(pair, tmp_path)
+    lost = []
+
+    def first_rekey_answer(data: bytes, src, dst) -> bool:
+        if src == B and data[18] == ExchangeType.CREATE_CHILD_SA and not lost:
+            lost.append(data)
+            return True
+        return False
+
+    pair.net.impairment.drop_if = first_rekey_answer
+    start = pair.net.now
+    pair.a.rekey_ike_sa(old, start)
+    pair.pump(until=start + 0.05)
+    rekeyed_b = next(sa for sa in pair.b.sas() if sa.wait_for is not None)
+    reauth_b = pair.b.reauthenticate(rekeyed_b, pair.net.now)
+    pair.pump(until=start + 0.3)
+    assert lost and reauth_b.state == "established"
+    rekeyed_a = None
+    while rekeyed_a is None and pair.net.now < start + 10:  # until A's retransmission
+        due = [pair.net.next_delivery(), pair.a.next_deadline(), pair.b.next_deadline()]
+        pair.pump(until=min(t for t in due if t is not None))  # gets the answer, one step
+        rekeyed_a = next((sa for sa in pair.a.sas() if sa.spi_i == rekeyed_b.spi_i), None)
+    assert rekeyed_a is not None and rekeyed_a.state == "established"
+    agent._reauth(rekeyed_a)  # its inherited deadline has passed
+    assert not [sa for sa in pair.a.sas() if sa.reauth_of is rekeyed_a]
+    pair.pump(until=start + 60)
+    assert [sa.spi_i for sa in pair.a.sas()] == [reauth_b.spi_i]
+    assert [sa.spi_i for sa in pair.b.sas()] == [reauth_b.spi_i]

@@ -395,6 +395,8 @@ class IkeSa:
         self.redundant = ""  # why a collision made this SA surplus (it goes, unreplaced)
         self.created_at = engine.now
         self.established_at: float | None = None
+        # When IKE_AUTH made this SA or the one it rekeys: what a reauthentication renews.
+        self.authenticated_at: float | None = None
         # Collisions (RFC 7296 2.8.1, 2.8.2, 2.25): what each Child SA is going through.
         self.rekeyed_children: set[int] = set()  # replaced; the old one awaits its Delete
         self.overdue_children: set[int] = set()  # rekeyed ones kept past their hard lifetime
@@ -1104,12 +1106,13 @@ class IkeSa:
         self.engine.reauthenticate(self, now)
 
     def newer_with_peer(self) -> list[IkeSa]:
-        """This connection's IKE SAs with the same peer that came up after this one:
-        the peer reauthenticated it (and deletes it), so renewing it would leave two."""
+        """This connection's IKE SAs with the same peer authenticated after this one (or
+        the SA it rekeys, for a rekey authenticates nothing): the peer reauthenticated it
+        and deletes it, so renewing it would leave two."""
         return [
             sa
             for sa in self.engine._established_with(self.conn.name, self.remote_id, self)
-            if (sa.established_at or 0.0) > (self.established_at or 0.0)
+            if (sa.authenticated_at or 0.0) > (self.authenticated_at or 0.0)
         ]
 
     def _reauthentication_done(self, now: float) -> None:
@@ -1181,6 +1184,7 @@ class IkeSa:
         new.out, new.inbound = crypto.sk_ciphers(new.keys, encr, integ, initiator)
         new.state = "established"
         new.established_at = self.engine.now
+        new.authenticated_at = self.authenticated_at  # a rekey authenticates nothing
         new.peer_fragments, new.nat = self.peer_fragments, self.nat
         new.child_params = self.child_params
         self.engine._index(new)
@@ -1933,7 +1937,7 @@ class IkeSa:
 
     def _up(self, now: float) -> None:
         self.state = "established"
-        self.established_at = now
+        self.established_at = self.authenticated_at = now
         self.engine._event(
             IkeSaUp(
                 self.conn.name,
