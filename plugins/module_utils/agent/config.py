@@ -74,6 +74,18 @@ except ImportError:  # pragma: no cover - reported when a file is actually loade
 DATAPLANES = ("kernel", "userspace", "auto")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 AUTH_METHODS = ("psk", "pubkey")
+# A remote side may constrain the peer's signatures, as strongSwan's remote auth does:
+# pubkey (any), rsa/pss, rsa (PSS or PKCS#1 v1.5, which still needs allow_weak),
+# ecdsa, ed25519, ed448. The engine's names for what each accepts:
+PEER_SIGNATURES = {
+    "pubkey": (),
+    "rsa/pss": ("rsa-pss",),
+    "rsa": ("rsa-pss", "rsa-pkcs1"),
+    "ecdsa": ("ecdsa",),
+    "ed25519": ("ed25519",),
+    "ed448": ("ed448",),
+}
+REMOTE_AUTH = ("psk", *PEER_SIGNATURES)
 # When a peer's certificate counts as not revoked (strongSwan's `revocation`): strict,
 # with a valid CRL for each; ifuri, unless it names a CRL distribution point and none
 # is at hand; relaxed, unless a CRL at hand lists it.
@@ -136,6 +148,11 @@ class AuthConfig:
     cacerts: tuple[str, ...] = ()  # trust anchors for the peer (pubkey)
     crls: tuple[str, ...] = ()  # CRL files (PEM or DER) checked on the peer's path
     revocation: str = "relaxed"  # strict | ifuri | relaxed, as strongSwan's
+
+    @property
+    def method(self) -> str:
+        """psk, or pubkey for certificates whatever signatures `auth` constrains."""
+        return "psk" if self.auth == "psk" else "pubkey"
 
 
 @dataclass(frozen=True)
@@ -433,7 +450,7 @@ class _Reader:
         return Secret(data)
 
 
-def _auth(reader: _Reader, raw: Any, path: str) -> AuthConfig:
+def _auth(reader: _Reader, raw: Any, path: str, remote: bool) -> AuthConfig:
     raw = reader.mapping(
         raw,
         path,
@@ -447,7 +464,7 @@ def _auth(reader: _Reader, raw: Any, path: str) -> AuthConfig:
         ident = identity.canonical(ident)
     except identity.IdentityError as exc:
         reader.problem(f"{path}.id", str(exc))
-    auth = reader.choice(raw, "auth", path, AUTH_METHODS, "psk")
+    auth = reader.choice(raw, "auth", path, REMOTE_AUTH if remote else AUTH_METHODS, "psk")
     certs = reader.strings(raw, "certs", path, ())
     cacerts = reader.strings(raw, "cacerts", path, ())
     key = raw.get("key", "")
@@ -633,11 +650,17 @@ def _connection(
         reader.problem(path, "connection names use letters, digits, '_', '.', '-' (64 at most)")
     raw = reader.mapping(raw, path, _CONNECTION_KEYS)
     allow_weak = reader.boolean(raw, "allow_weak", path, False)
-    local = _auth(reader, raw.get("local"), f"{path}.local")
-    remote = _auth(reader, raw.get("remote"), f"{path}.remote")
+    local = _auth(reader, raw.get("local"), f"{path}.local", remote=False)
+    remote = _auth(reader, raw.get("remote"), f"{path}.remote", remote=True)
+    if local.method != remote.method:
+        reader.problem(
+            path,
+            f"local auth {local.auth} and remote auth {remote.auth}: both ends authenticate "
+            "the same way (psk, or certificates); mixed authentication is not implemented",
+        )
     psks = _psks(reader, raw, path, file_private)
     psk = psks[0] if psks else None
-    if "psk" in (local.auth, remote.auth):
+    if "psk" in (local.method, remote.method):
         if psk is None and not any(p[0].startswith(f"{path}.psk") for p in reader.problems):
             reader.problem(path, "auth psk needs psk or psk_file")
         for n, secret in enumerate(psks):
@@ -654,9 +677,9 @@ def _connection(
             reader.problem(
                 f"{path}.local", "crls and revocation check the peer: set them in remote"
             )
-        if side.auth == "pubkey" and side is remote and not side.cacerts:
+        if side.method == "pubkey" and side is remote and not side.cacerts:
             reader.problem(f"{path}.remote", "auth pubkey needs cacerts to verify the peer")
-        if side.auth == "pubkey" and side is remote and side.cacerts:
+        if side.method == "pubkey" and side is remote and side.cacerts:
             try:  # late: the parser itself needs no cryptography
                 from ..ike import certs  # noqa: F401
             except ImportError as exc:

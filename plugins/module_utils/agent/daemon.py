@@ -74,6 +74,7 @@ from ..ike.engine.retransmit import RetransmitPolicy
 from ..ike.proposals import describe
 from . import install, library
 from .config import (
+    PEER_SIGNATURES,
     AgentConfig,
     AuthConfig,
     ChildConfig,
@@ -222,6 +223,7 @@ def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> 
             cacerts=tuple(cacerts),
             crls=tuple(crls),
             revocation=conn.remote.revocation,
+            peer_signatures=PEER_SIGNATURES[conn.remote.auth],
         )
     return IkeConnection(
         conn.name,

@@ -818,9 +818,10 @@ def sign_auth(
 
 def verify_signature_auth(
     public_key, method: int, auth_data: bytes, octets: bytes, allow_weak: bool = False
-) -> None:
-    """Verify a signature AUTH (method 14, or legacy 1, 9, 10, 11); IkeCryptoError with
-    AUTHENTICATION_FAILED and the precise reason on failure."""
+) -> str:
+    """Verify a signature AUTH (method 14, or legacy 1, 9, 10, 11): its scheme (rsa-pss,
+    rsa-pkcs1, ecdsa, ed25519, ed448), or IkeCryptoError with AUTHENTICATION_FAILED and
+    the precise reason."""
     fail = NotifyType.AUTHENTICATION_FAILED
     try:
         if method == AuthMethod.DIGITAL_SIGNATURE:
@@ -870,6 +871,7 @@ def verify_signature_auth(
         _verify_raw(public_key, scheme, hash_name, signature, octets)
     except InvalidSignature:
         raise IkeCryptoError("AUTH: signature verification failed", fail) from None
+    return scheme
 
 
 def legacy_ecdsa_auth(private_key: ec.EllipticCurvePrivateKey, octets: bytes) -> tuple[int, bytes]:

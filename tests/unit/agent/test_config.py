@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import (
+    PEER_SIGNATURES,
     ConfigError,
     Secret,
     config_warnings,
@@ -344,6 +345,7 @@ def _pubkey_config(tmp_path, key_pem: bytes, passphrase: bytes | None):
     raw = conf(GOOD)
     conn = raw["connections"]["h1-h2"]
     conn["local"] = {"id": "h1.lab", "auth": "pubkey", "certs": ["h1.pem"], "key": "h1.key"}
+    conn["remote"] = {"id": "h2.lab", "auth": "pubkey", "cacerts": ["ca.pem"]}
     if passphrase is not None:
         (tmp_path / "h1.pass").write_bytes(passphrase + b"\n")
         (tmp_path / "h1.pass").chmod(0o600)
@@ -443,3 +445,29 @@ def test_crls_and_the_revocation_policy_reach_the_engine(tmp_path):
         "crls and revocation check the peer: set them in remote"
     )
     assert "sometimes" in problems["connections.h1-h2.remote.revocation"]
+
+
+def test_both_ends_authenticate_alike_and_remote_auth_constrains_signatures(tmp_path):
+    """Mixed authentication (a PSK one way, certificates the other) was parsed and then
+    done as the local side's for both: refused now. A remote side may name the
+    signatures it accepts, as strongSwan's remote auth does."""
+    raw, _unused = _pubkey_config(tmp_path, b"unused", None)
+    raw["connections"]["h1-h2"]["remote"] = {"id": "h2.lab", "auth": "psk"}
+    with pytest.raises(ConfigError) as failed:
+        parse_config(raw, validate_proposal=accept_all, base_dir=tmp_path)
+    assert ("connections.h1-h2", "local auth pubkey and remote auth psk: both ends "
+            "authenticate the same way (psk, or certificates); mixed authentication is not "
+            "implemented") in failed.value.problems  # fmt: skip
+    for constraint, schemes in (("rsa/pss", ("rsa-pss",)), ("ed25519", ("ed25519",)),
+                                ("pubkey", ())):  # fmt: skip
+        raw["connections"]["h1-h2"]["remote"] = {
+            "id": "h2.lab", "auth": constraint, "cacerts": ["ca.pem"]
+        }  # fmt: skip
+        conn = parse_config(raw, validate_proposal=accept_all, base_dir=tmp_path).connection(
+            "h1-h2"
+        )
+        assert conn.remote.method == "pubkey"
+        assert PEER_SIGNATURES[conn.remote.auth] == schemes
+    raw["connections"]["h1-h2"]["local"]["auth"] = "rsa/pss"  # a constraint is the peer's
+    with pytest.raises(ConfigError, match=r"connections\.h1-h2\.local\.auth"):
+        parse_config(raw, validate_proposal=accept_all, base_dir=tmp_path)

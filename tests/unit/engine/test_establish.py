@@ -549,6 +549,27 @@ def test_certificate_problems_fail_authentication_with_the_reason(problem, reaso
     assert not of(pair.events[B], IkeSaUp) and of(pair.events[A], AuthFailed)
 
 
+@pytest.mark.parametrize(("accepted", "up"), [(("ecdsa",), True), (("ed25519", "rsa-pss"), False)])
+def test_remote_auth_constrains_the_peer_s_signature_scheme(accepted, up):
+    """remote auth: rsa/pss, ecdsa, ed25519... (strongSwan's constraints): a signature
+    that verifies but is of another scheme is refused, saying which."""
+    ca = make_ca()
+    pair = cert_pair(ca, ca, make_cert(ca, "h1.lab"), make_cert(ca, "h2.lab"))
+    pair.b.add_connection(
+        dataclasses.replace(pair.b.connections["h1-h2"], peer_signatures=accepted)
+    )
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    if up:
+        assert of(pair.events[B], ChildSaReady)
+    else:
+        (failed,) = of(pair.events[B], AuthFailed)
+        assert failed.reason.endswith(
+            "the peer signed with ecdsa; remote auth accepts ed25519, rsa-pss"
+        )
+        assert not of(pair.events[B], IkeSaUp)
+
+
 def test_cookies_under_load_cost_the_responder_no_state():
     pair = lab_pair()
     pair.b.cookie_threshold = 0  # every IKE_SA_INIT must bring a cookie first

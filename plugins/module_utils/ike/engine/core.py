@@ -152,6 +152,9 @@ class IkeConnection:
     cacerts: tuple = ()  # x509.Certificate trust anchors for the peer (pubkey)
     crls: tuple = ()  # x509.CertificateRevocationList checked on the peer's path
     revocation: str = "relaxed"  # strict | ifuri | relaxed (certs.verify_peer)
+    # Signature schemes the peer may authenticate with (crypto's names: rsa-pss,
+    # rsa-pkcs1, ecdsa, ed25519, ed448); empty: any that verifies.
+    peer_signatures: tuple[str, ...] = ()
     # Largest IP datagram an IKE message may take before it is sent as RFC 7383
     # fragments (when the peer supports them); 0: never fragment. strongSwan's default.
     fragment_size: int = 1280
@@ -708,9 +711,14 @@ class IkeSa:
                     crls=conn.crls,
                     revocation=conn.revocation,
                 )
-                crypto.verify_signature_auth(key, auth.kind, auth.data, octets, conn.allow_weak)
+                scheme = crypto.verify_signature_auth(
+                    key, auth.kind, auth.data, octets, conn.allow_weak
+                )
             except crypto.IkeCryptoError as exc:
                 return str(exc)
+            if conn.peer_signatures and scheme not in conn.peer_signatures:
+                accepted = ", ".join(conn.peer_signatures)
+                return f"the peer signed with {scheme}; remote auth accepts {accepted}"
             return None
         if auth.kind != AuthMethod.PSK:
             return f"peer authenticates with method {auth.kind}, connection expects a PSK"
