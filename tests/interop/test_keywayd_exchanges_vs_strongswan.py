@@ -52,24 +52,44 @@ def _swanctl(a, b) -> str:
     return SWANCTL_CONF.format(a=a, b=b, psk=PSK, proposal=PROPOSAL, esp=ESP)
 
 
+def _pubkey_swanctl(a, b, me: str, them: str) -> str:
+    """charon's swanctl.conf on b with certificates: its own ({b}.pem) as `them`, the
+    peer as `me`."""
+    return (
+        _swanctl(a, b)
+        .replace(
+            f"auth = psk\n            id = {b.name}.lab",
+            f'auth = pubkey\n            certs = {b.name}.pem\n            id = "{them}"',
+        )
+        .replace(
+            f"auth = psk\n            id = {a.name}.lab", f'auth = pubkey\n            id = "{me}"'
+        )
+    )
+
+
+def _pubkey_conns(a, b, start_action: str, tmp_path, me: str, them: str, files: dict,
+                  local: dict | None = None, remote: dict | None = None) -> dict:  # fmt: skip
+    """keywayd's connection on a with certificates: `files` (a.pem, a.key, ca.pem...)
+    written 0600 into tmp_path; `local` and `remote` add keys to each side."""
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        (tmp_path / name).chmod(0o600)
+    conns = _config(a, b, start_action)
+    conns["kw"].pop("psk")
+    conns["kw"]["local"] = {"id": me, "auth": "pubkey", "certs": [str(tmp_path / "a.pem")],
+                            "key": str(tmp_path / "a.key"), **(local or {})}  # fmt: skip
+    conns["kw"]["remote"] = {"id": them, "auth": "pubkey",
+                             "cacerts": [str(tmp_path / "ca.pem")], **(remote or {})}  # fmt: skip
+    return conns
+
+
 def test_certificate_exchanges_travel_as_fragments_both_ways(netns_hosts, charon_factory, tmp_path):
     a, b = netns_hosts(2).hosts
     ca = make_ca()
     mine, theirs = make_cert(ca, f"{a.name}.lab", ec.SECP384R1), make_cert(ca, f"{b.name}.lab")
-    swanctl = (
-        _swanctl(a, b)
-        .replace(
-            f"auth = psk\n            id = {b.name}.lab",
-            f"auth = pubkey\n            certs = {b.name}.pem\n            id = {b.name}.lab",
-        )
-        .replace(
-            f"auth = psk\n            id = {a.name}.lab",
-            f"auth = pubkey\n            id = {a.name}.lab",
-        )
-    )
     charon = charon_factory(
         b.netns,
-        swanctl,
+        _pubkey_swanctl(a, b, f"{a.name}.lab", f"{b.name}.lab"),
         files={
             "x509ca/ca.pem": ca.pem,
             f"x509/{b.name}.pem": theirs.pem,
@@ -79,28 +99,10 @@ def test_certificate_exchanges_travel_as_fragments_both_ways(netns_hosts, charon
     )
     # keywayd's key is encrypted (PKCS#8), its passphrase in a 0600 file (issue 15).
     passphrase = b"correct horse battery staple"
-    for name, data in (
-        ("a.pem", mine.pem),
-        ("a.key", mine.encrypted_key_pem(passphrase)),
-        ("a.pass", passphrase),
-        ("ca.pem", ca.pem),
-    ):
-        (tmp_path / name).write_bytes(data)
-        (tmp_path / name).chmod(0o600)
-    conns = _config(a, b, "start")
-    conns["kw"].pop("psk")
-    conns["kw"]["local"] = {
-        "id": f"{a.name}.lab",
-        "auth": "pubkey",
-        "certs": [str(tmp_path / "a.pem")],
-        "key": str(tmp_path / "a.key"),
-        "key_passphrase_file": str(tmp_path / "a.pass"),
-    }
-    conns["kw"]["remote"] = {
-        "id": f"{b.name}.lab",
-        "auth": "pubkey",
-        "cacerts": [str(tmp_path / "ca.pem")],
-    }
+    files = {"a.pem": mine.pem, "a.key": mine.encrypted_key_pem(passphrase),
+             "a.pass": passphrase, "ca.pem": ca.pem}  # fmt: skip
+    conns = _pubkey_conns(a, b, "start", tmp_path, f"{a.name}.lab", f"{b.name}.lab", files,
+                          local={"key_passphrase_file": str(tmp_path / "a.pass")})  # fmt: skip
     agent = Keywayd(a.netns, tmp_path / "a", conns, fragment_size=576)
     try:
         agent.wait_for(lambda: agent.sas("kw") and agent.sas("kw")[0]["children"], "kw up")
@@ -133,19 +135,9 @@ def test_ed25519_chains_through_an_intermediate_and_other_identity_types(
                  key_usage="sign")  # fmt: skip
     theirs = issue(sub, b.name, Ed25519PrivateKey.generate(),
                    sans=[x509.DNSName(f"{b.name}.lab")], key_usage="sign")  # fmt: skip
-    swanctl = (
-        _swanctl(a, b)
-        .replace(
-            f"auth = psk\n            id = {b.name}.lab",
-            f'auth = pubkey\n            certs = {b.name}.pem\n            id = "{them}"',
-        )
-        .replace(
-            f"auth = psk\n            id = {a.name}.lab", f'auth = pubkey\n            id = "{me}"'
-        )
-    )
     charon = charon_factory(
         b.netns,
-        swanctl,
+        _pubkey_swanctl(a, b, me, them),
         files={
             "x509ca/ca.pem": ca.pem,
             "x509ca/sub.pem": sub.pem,
@@ -153,22 +145,10 @@ def test_ed25519_chains_through_an_intermediate_and_other_identity_types(
             f"private/{b.name}.pem": theirs.key_pem,
         },
     )
-    for name, data in (("a.pem", mine.pem + sub.pem), ("a.key", mine.key_pem), ("ca.pem", ca.pem)):
-        (tmp_path / name).write_bytes(data)
-        (tmp_path / name).chmod(0o600)
-    conns = _config(a, b, "start" if keywayd_initiates else "none")
-    conns["kw"].pop("psk")
-    conns["kw"]["local"] = {
-        "id": me,
-        "auth": "pubkey",
-        "certs": [str(tmp_path / "a.pem")],  # with the intermediate
-        "key": str(tmp_path / "a.key"),
-    }
-    conns["kw"]["remote"] = {
-        "id": them,
-        "auth": "pubkey",
-        "cacerts": [str(tmp_path / "ca.pem")],  # the root only: charon sends Sub CA
-    }
+    # a.pem with the intermediate; ca.pem the root only: charon sends Sub CA.
+    files = {"a.pem": mine.pem + sub.pem, "a.key": mine.key_pem, "ca.pem": ca.pem}
+    start = "start" if keywayd_initiates else "none"
+    conns = _pubkey_conns(a, b, start, tmp_path, me, them, files)
     agent = Keywayd(a.netns, tmp_path / "a", conns)
     try:
         if not keywayd_initiates:
@@ -191,20 +171,9 @@ def test_charon_s_revoked_certificate_is_refused_and_nothing_stays_up(
     a, b = netns_hosts(2).hosts
     ca = make_ca()
     mine, theirs = make_cert(ca, f"{a.name}.lab"), make_cert(ca, f"{b.name}.lab")
-    swanctl = (
-        _swanctl(a, b)
-        .replace(
-            f"auth = psk\n            id = {b.name}.lab",
-            f"auth = pubkey\n            certs = {b.name}.pem\n            id = {b.name}.lab",
-        )
-        .replace(
-            f"auth = psk\n            id = {a.name}.lab",
-            f"auth = pubkey\n            id = {a.name}.lab",
-        )
-    )
     charon = charon_factory(
         b.netns,
-        swanctl,
+        _pubkey_swanctl(a, b, f"{a.name}.lab", f"{b.name}.lab"),
         files={
             "x509ca/ca.pem": ca.pem,
             f"x509/{b.name}.pem": theirs.pem,
@@ -212,29 +181,11 @@ def test_charon_s_revoked_certificate_is_refused_and_nothing_stays_up(
         },
     )
     crl = crl_of(ca, [theirs], reason=x509.ReasonFlags.superseded)
-    for name, data in (
-        ("a.pem", mine.pem),
-        ("a.key", mine.key_pem),
-        ("ca.pem", ca.pem),
-        ("ca.crl", crl.public_bytes(serialization.Encoding.PEM)),
-    ):
-        (tmp_path / name).write_bytes(data)
-        (tmp_path / name).chmod(0o600)
-    conns = _config(a, b, "start")
-    conns["kw"].pop("psk")
-    conns["kw"]["local"] = {
-        "id": f"{a.name}.lab",
-        "auth": "pubkey",
-        "certs": [str(tmp_path / "a.pem")],
-        "key": str(tmp_path / "a.key"),
-    }
-    conns["kw"]["remote"] = {
-        "id": f"{b.name}.lab",
-        "auth": "pubkey",
-        "cacerts": [str(tmp_path / "ca.pem")],
-        "crls": [str(tmp_path / "ca.crl")],
-        "revocation": "strict",
-    }
+    files = {"a.pem": mine.pem, "a.key": mine.key_pem, "ca.pem": ca.pem,
+             "ca.crl": crl.public_bytes(serialization.Encoding.PEM)}  # fmt: skip
+    revocation = {"crls": [str(tmp_path / "ca.crl")], "revocation": "strict"}
+    conns = _pubkey_conns(a, b, "start", tmp_path, f"{a.name}.lab", f"{b.name}.lab", files,
+                          remote=revocation)  # fmt: skip
     agent = Keywayd(a.netns, tmp_path / "a", conns)
     try:
         revoked = f"'CN={b.name}.lab,O=Keyway tests' is revoked since"

@@ -20,6 +20,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events imp
     ChildSaReady,
     IkeSaDown,
 )
+from tests.fixtures.fakenet import LoseFirst
 from tests.unit.agent.test_daemon_install import Timers
 from tests.unit.engine.test_establish import A, B, established, lab_pair
 
@@ -58,18 +59,11 @@ def test_no_reauthentication_of_an_ike_sa_the_peer_already_reauthenticated(tmp_p
     pair = established()
     (old_a,), (old_b,) = pair.a.sas(), pair.b.sas()
     # B reauthenticates; its Delete of the old IKE SA is lost once on the way to A.
-    lost = []
-
-    def drop_first_delete(data: bytes, src, dst) -> bool:
-        if dst == A and data[18] == ExchangeType.INFORMATIONAL and not lost:
-            lost.append(data)
-            return True
-        return False
-
-    pair.net.impairment.drop_if = drop_first_delete
+    lose = LoseFirst(lambda data, src, dst: dst == A and data[18] == ExchangeType.INFORMATIONAL)
+    pair.net.impairment.drop_if = lose
     new_b = pair.b.reauthenticate(old_b, pair.net.now)
     pair.pump(until=pair.net.now + 0.1)
-    assert lost and new_b.state == "established"
+    assert lose.lost and new_b.state == "established"
     assert old_a.state == "established" and len(pair.a.sas()) == 2
 
     path = tmp_path / "keywayd.yml"
@@ -123,18 +117,11 @@ def test_the_peer_s_reauthentication_sends_nothing_until_the_old_sas_go(tmp_path
         agent._on_engine_event(event)
     (old,) = pair.a.sas()[0].children.values()
     pair.events[A] = []
-    lost = []
-
-    def first_auth_answer(data: bytes, src, dst) -> bool:
-        if src == A and data[18] == ExchangeType.IKE_AUTH and not lost:
-            lost.append(data)
-            return True
-        return False
-
-    pair.net.impairment.drop_if = first_auth_answer
+    lose = LoseFirst(lambda data, src, dst: src == A and data[18] == ExchangeType.IKE_AUTH)
+    pair.net.impairment.drop_if = lose
     pair.b.reauthenticate(pair.b.sas()[0], pair.net.now)
     pair.pump(until=pair.net.now + 30)
-    assert lost
+    assert lose.lost
     plane = agent.plane
     out_of = {e.spi_in: e.spi_out for e in pair.events[A] if isinstance(e, ChildSaReady)}
     (new_spi_out,) = out_of.values()
@@ -180,22 +167,15 @@ def test_an_sa_the_peer_reauthenticated_while_our_rekey_was_unanswered_is_left_a
     pair = established()
     (old,) = pair.a.sas()
     agent = agent_of_a(pair, tmp_path)
-    lost = []
-
-    def first_rekey_answer(data: bytes, src, dst) -> bool:
-        if src == B and data[18] == ExchangeType.CREATE_CHILD_SA and not lost:
-            lost.append(data)
-            return True
-        return False
-
-    pair.net.impairment.drop_if = first_rekey_answer
+    lose = LoseFirst(lambda data, src, dst: src == B and data[18] == ExchangeType.CREATE_CHILD_SA)
+    pair.net.impairment.drop_if = lose
     start = pair.net.now
     pair.a.rekey_ike_sa(old, start)
     pair.pump(until=start + 0.05)
     rekeyed_b = next(sa for sa in pair.b.sas() if sa.wait_for is not None)
     reauth_b = pair.b.reauthenticate(rekeyed_b, pair.net.now)
     pair.pump(until=start + 0.3)
-    assert lost and reauth_b.state == "established"
+    assert lose.lost and reauth_b.state == "established"
     rekeyed_a = None
     while rekeyed_a is None and pair.net.now < start + 10:  # until A's retransmission
         due = [pair.net.next_delivery(), pair.a.next_deadline(), pair.b.next_deadline()]

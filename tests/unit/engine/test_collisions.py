@@ -28,7 +28,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events imp
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.retransmit import (
     RetransmitPolicy,
 )
-from tests.fixtures.fakenet import Impairment
+from tests.fixtures.fakenet import Impairment, LoseFirst
 from tests.unit.engine.test_establish import A, B, Pair, lab_pair, of
 
 SEEDS = range(60)
@@ -324,23 +324,15 @@ def test_an_ike_rekey_answer_still_on_its_way_is_no_peer_restart(seeded):
     pair = lab_pair(retransmit=RetransmitPolicy())  # resends at 4 and 11.2 s
     pair.a.initiate("h1-h2", 0.0)
     pair.pump()
-    lost = []
-
-    def two_rekey_answers(data: bytes, src, dst) -> bool:
-        answer = src == B and data[18] == 36 and data[19] & 0x20
-        if answer and len(lost) < 2:
-            lost.append(data)
-            return True
-        return False
-
-    pair.net.impairment.drop_if = two_rekey_answers
+    lose = LoseFirst(lambda data, src, dst: src == B and data[18] == 36 and data[19] & 0x20, 2)
+    pair.net.impairment.drop_if = lose
     start = pair.net.now
     pair.a.rekey_ike_sa(_sa(pair.a), start)
     pair.pump(until=start + 1)
     new_b = next(sa for sa in pair.b.sas() if sa.wait_for is not None)
     pair.b.check_liveness(new_b, pair.net.now)  # goes out once the grace is over
     pair.pump(until=start + 60)
-    assert len(lost) == 2
+    assert len(lose.lost) == 2
     assert not [e for e in of(pair.events[B], IkeSaUp) if e.initiator]  # no reauth
     _assert_agree(pair)
     assert _sa(pair.b) is new_b
@@ -356,21 +348,14 @@ def test_a_rekey_answered_after_a_reauthentication_of_the_same_sa_leaves_one(see
     pair.a.initiate("h1-h2", 0.0)
     pair.pump()
     old = _sa(pair.a)
-    lost = []
-
-    def first_rekey_answer(data: bytes, src, dst) -> bool:
-        if src == B and data[18] == 36 and data[19] & 0x20 and not lost:
-            lost.append(data)
-            return True
-        return False
-
-    pair.net.impairment.drop_if = first_rekey_answer
+    lose = LoseFirst(lambda data, src, dst: src == B and data[18] == 36 and data[19] & 0x20)
+    pair.net.impairment.drop_if = lose
     start = pair.net.now
     pair.a.rekey_ike_sa(old, start)
     pair.pump(until=start + 0.1)  # the answer is lost; A retransmits at +0.5 s
     new = pair.a.reauthenticate(old, pair.net.now)
     pair.pump(until=start + 60)
-    assert lost
+    assert lose.lost
     _assert_agree(pair)
     assert _sa(pair.a) is new
     surplus = [e for e in of(pair.events[A], IkeSaDown) if e.reason == core.SURPLUS_REKEY]

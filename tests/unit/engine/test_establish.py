@@ -36,7 +36,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.ike.proposals import 
     describe,
     parse_proposal_string,
 )
-from tests.fixtures.fakenet import FakeNetwork, Impairment
+from tests.fixtures.fakenet import FakeNetwork, Impairment, LoseFirst
 from tests.fixtures.pki import make_ca, make_cert
 
 A, B = ("192.0.2.11", 500), ("192.0.2.12", 500)
@@ -650,18 +650,11 @@ def test_a_child_the_peer_rekeyed_outlives_its_hard_lifetime_until_the_peer_dele
     )
     cb = dataclasses.replace(cb, children=(dataclasses.replace(cb.children[0], life_time=100.2),))
     pair = Pair(net, ca, cb)
-    lost = []
-
-    def drop_first_rekey_answer(data: bytes, src, dst) -> bool:
-        if dst == A and data[18] == ExchangeType.CREATE_CHILD_SA and not lost:
-            lost.append(data)
-            return True
-        return False
-
-    pair.net.impairment.drop_if = drop_first_rekey_answer
+    lose = LoseFirst(lambda data, src, dst: dst == A and data[18] == ExchangeType.CREATE_CHILD_SA)
+    pair.net.impairment.drop_if = lose
     pair.a.initiate("h1-h2", 0.0)
     pair.pump(until=130.0)
-    assert lost  # A retransmitted its rekey 0.5 s later, after B's hard lifetime
+    assert lose.lost  # A retransmitted its rekey 0.5 s later, after B's hard lifetime
     (first, second) = of(pair.events[A], ChildSaReady)
     assert second.rekeyed_from == first.spi_in
     (gone_a,), (gone_b,) = of(pair.events[A], ChildSaDeleted), of(pair.events[B], ChildSaDeleted)
