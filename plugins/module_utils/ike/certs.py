@@ -126,7 +126,7 @@ def verify_peer(
     if not identity_matches(leaf, identity):
         raise IkeCryptoError(
             f"certificate of {name!r} does not verify for identity {identity!r}: "
-            f"not among its subjectAltNames ({', '.join(_san_texts(leaf)) or 'none'})",
+            + _mismatch(leaf, identity),
             fail,
         )
     return leaf.public_key()
@@ -305,10 +305,15 @@ def _who(cert) -> str:
 
 
 def identity_matches(leaf, identity: str) -> bool:
-    """The IKE identity is the leaf's: a DN its subject (or a directoryName SAN), else
-    one of its subjectAltNames: an address (iPAddress), user@FQDN (rfc822Name) or FQDN
-    (dNSName, case-insensitive)."""
+    """The IKE identity is the leaf's: a KEY_ID its key's identifier, a DN its subject
+    (or a directoryName SAN), else one of its subjectAltNames: an address (iPAddress),
+    user@FQDN (rfc822Name) or FQDN (dNSName, case-insensitive)."""
     names = _extension(leaf, x509.SubjectAlternativeName)
+    if ids.is_key_id(identity):  # the key's identifier: its SKI, or SHA-1 of the key
+        wanted = ids.key_id(identity)
+        ski = _extension(leaf, x509.SubjectKeyIdentifier)
+        computed = x509.SubjectKeyIdentifier.from_public_key(leaf.public_key())
+        return wanted in {computed.digest, *((ski.digest,) if ski else ())}
     if ids.is_dn(identity):
         wanted = ids.canonical(identity)
         dns = [leaf.subject, *(names.get_values_for_type(x509.DirectoryName) if names else ())]
@@ -333,6 +338,16 @@ def identity_matches(leaf, identity: str) -> bool:
 
 def _dn_text(name: x509.Name) -> str:
     return ids.dn_text([(a.oid.dotted_string, str(a.value)) for rdn in name.rdns for a in rdn])
+
+
+def _mismatch(leaf, identity: str) -> str:
+    """What the leaf has instead of `identity`, to say so."""
+    if ids.is_key_id(identity):
+        digest = x509.SubjectKeyIdentifier.from_public_key(leaf.public_key()).digest
+        return f"not its key's identifier ({ids.key_id_text(digest)})"
+    if ids.is_dn(identity):
+        return f"not its subject ({_dn_text(leaf.subject)})"
+    return f"not among its subjectAltNames ({', '.join(_san_texts(leaf)) or 'none'})"
 
 
 def _san_texts(leaf) -> list[str]:

@@ -257,7 +257,7 @@ class _Id(Payload):
 
     def to_text(self) -> str:
         """The identity as text: address, FQDN, user@FQDN, a DN as "C=CH, O=x, CN=moon"
-        (identity.py); KEY_ID and anything malformed in hex."""
+        (identity.py), a KEY_ID as "@#hex"; anything malformed in hex."""
         if self.id_type == 9:
             try:
                 return identity.dn_text(identity.dn_from_der(self.data))
@@ -269,6 +269,8 @@ class _Id(Payload):
             return str(ipaddress.IPv6Address(self.data))
         if self.id_type in (2, 3):
             return self.data.decode("utf-8", "replace")
+        if self.id_type == 11:
+            return identity.key_id_text(self.data)
         return self.data.hex()
 
 

@@ -1,6 +1,7 @@
-"""IKE identities as text: an address, an FQDN, user@FQDN, or an ASN.1 distinguished
+"""IKE identities as text: an address, an FQDN, user@FQDN, an ASN.1 distinguished
 name written as strongSwan writes one, attribute by attribute in the certificate's own
-order: "C=CH, O=Keyway, CN=moon" (the reverse of RFC 4514's order).
+order: "C=CH, O=Keyway, CN=moon" (the reverse of RFC 4514's order), or a KEY_ID in
+strongSwan's "@#" hex form ("@#4a5b..."); "@moon.lab" is the FQDN moon.lab, as there.
 
 A DN travels as DER (ID_DER_ASN1_DN). Two spellings of one DN ("c=CH,O=Keyway,CN=moon")
 are the same identity: `canonical` gives the form keywayd compares and shows. Pure
@@ -81,8 +82,34 @@ def dn_text(pairs: list[tuple[str, str]]) -> str:
 
 
 def canonical(text: str) -> str:
-    """The identity keywayd compares and shows: a DN respelled, anything else as is."""
-    return dn_text(dn_parts(text)) if is_dn(text) else text
+    """The identity keywayd compares and shows: a DN respelled, a KEY_ID in lowercase
+    hex, "@fqdn" without its "@", anything else as is."""
+    if is_dn(text):
+        return dn_text(dn_parts(text))
+    if is_key_id(text):
+        return key_id_text(key_id(text))
+    if text.startswith("@") and "@" not in text[1:]:
+        return text[1:]
+    return text
+
+
+def is_key_id(text: str) -> bool:
+    return text.startswith("@#")
+
+
+def key_id(text: str) -> bytes:
+    """The bytes of a KEY_ID written "@#hex"."""
+    try:
+        data = bytes.fromhex(text[2:].replace(":", ""))
+    except ValueError:
+        raise IdentityError(f"{text!r}: a KEY_ID is @# and hex digits") from None
+    if not data:
+        raise IdentityError(f"{text!r}: an empty KEY_ID")
+    return data
+
+
+def key_id_text(data: bytes) -> str:
+    return "@#" + data.hex()
 
 
 def dn_der(text: str) -> bytes:

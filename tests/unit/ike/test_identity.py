@@ -67,5 +67,50 @@ def test_a_dn_identity_is_matched_to_the_certificate_subject():
     wrong.a.initiate("h1-h2", 0.0)
     wrong.pump()
     (failed,) = of(wrong.events[B], AuthFailed)
-    assert "does not verify for identity 'O=Keyway tests, CN=h9'" in failed.reason
+    assert (
+        "does not verify for identity 'O=Keyway tests, CN=h9': not its subject "
+        "(O=Keyway tests, CN=h1)"
+    ) in failed.reason
     assert of(wrong.events[A], AuthFailed)
+
+
+@pytest.mark.parametrize(
+    ("written", "canonical", "encoded"),
+    [
+        ("@#4A:5b:01", "@#4a5b01", (IdType.KEY_ID, b"\x4a\x5b\x01")),
+        ("@moon.lab", "moon.lab", (IdType.FQDN, b"moon.lab")),  # strongSwan's forced FQDN
+        ("moon.lab", "moon.lab", (IdType.FQDN, b"moon.lab")),
+        ("carol@moon.lab", "carol@moon.lab", (IdType.RFC822_ADDR, b"carol@moon.lab")),
+    ],
+)
+def test_key_ids_and_forced_fqdns_as_strongswan_writes_them(written, canonical, encoded):
+    assert identity.canonical(written) == canonical
+    assert encode_id(written) == encoded
+    assert codec.IDi(*encoded).to_text() == canonical
+
+
+@pytest.mark.parametrize("written", ["@#", "@#xyz"])
+def test_a_key_id_that_is_not_hex_says_so(written):
+    with pytest.raises(identity.IdentityError, match="KEY_ID"):
+        identity.canonical(written)
+
+
+def test_a_key_id_identity_is_matched_to_the_certificate_s_key():
+    ca = issue(None, "Root CA", ca=True, key_usage="ca")
+    leaf = issue(ca, "h1")
+    digest = x509.SubjectKeyIdentifier.from_public_key(leaf.key.public_key()).digest
+    key_id = identity.key_id_text(digest)
+    pair = cert_pair(ca, ca, leaf, issue(ca, "h2", sans=[x509.DNSName("h2.lab")]),
+                     ids=(key_id, "h2.lab"))  # fmt: skip
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    assert pair.b.sas()[0].remote_id == key_id and pair.b.sas()[0].children
+    other = identity.key_id_text(bytes(20))
+    wrong = cert_pair(ca, ca, leaf, issue(ca, "h2", sans=[x509.DNSName("h2.lab")]),
+                      ids=(other, "h2.lab"))  # fmt: skip
+    wrong.a.initiate("h1-h2", 0.0)
+    wrong.pump()
+    (failed,) = of(wrong.events[B], AuthFailed)
+    assert f"does not verify for identity {other!r}: not its key's identifier ({key_id})" in (
+        failed.reason
+    )

@@ -272,9 +272,13 @@ def notify_name(ntype: int) -> str:
 
 
 def encode_id(text: str) -> tuple[int, bytes]:
-    """An identity as (ID type, data): addresses, a DN (DER), user@FQDN, FQDN."""
+    """An identity as (ID type, data): addresses, a DN (DER), a KEY_ID, user@FQDN, FQDN
+    (identity.py)."""
     if identity.is_dn(text):
         return IdType.DER_ASN1_DN, identity.dn_der(text)
+    if identity.is_key_id(text):
+        return IdType.KEY_ID, identity.key_id(text)
+    text = identity.canonical(text)  # "@fqdn": the FQDN
     try:
         address = ipaddress.ip_address(text)
         return (IdType.IPV4_ADDR if address.version == 4 else IdType.IPV6_ADDR), address.packed
