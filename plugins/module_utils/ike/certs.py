@@ -12,9 +12,11 @@ Ed25519, Ed448), each issuer a CA (basicConstraints, its pathLenConstraint, keyU
 keyCertSign when keyUsage is present), no critical extension left unhandled; the leaf's
 keyUsage, when present, allows signatures, and its extendedKeyUsage, when present,
 names IKE (id-kp-ipsecIKE), anyExtendedKeyUsage, serverAuth or clientAuth (what IPsec
-deployments issue: strongSwan's `pki --flag serverAuth`, Windows' clients). Identities:
-IPv4/IPv6 (SAN iPAddress), FQDN (SAN dNSName), user@FQDN (SAN rfc822Name). Not done:
-name constraints (a CA carrying them is refused), policies, revocation.
+deployments issue: strongSwan's `pki --flag serverAuth`, Windows' clients); a CA's
+name constraints (RFC 5280 4.2.1.10: DNS names, mailboxes, addresses, DNs) hold for
+every certificate below it; CRLs the configuration names, as its revocation policy says.
+Identities: IPv4/IPv6 (SAN iPAddress), FQDN (SAN dNSName), user@FQDN (SAN rfc822Name),
+a DN (the subject), a KEY_ID (the key's identifier). Not done: policies, OCSP.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ HANDLED = {
     ExtensionOID.CERTIFICATE_POLICIES,
     ExtensionOID.CRL_DISTRIBUTION_POINTS,
     ExtensionOID.AUTHORITY_INFORMATION_ACCESS,
+    ExtensionOID.NAME_CONSTRAINTS,
 }
 
 
@@ -120,6 +123,7 @@ def verify_peer(
     try:
         _check_leaf(leaf)
         path = _check_path(leaf, intermediates, ca_certs, now)
+        _check_name_constraints(path)
         _check_revocation(path, crls, revocation, now)
     except _Refused as exc:
         raise IkeCryptoError(f"certificate of {name!r} does not verify: {exc}", fail) from None
@@ -273,11 +277,57 @@ def _check_issuer(ca, below: int) -> None:
     usage = _extension(ca, x509.KeyUsage)
     if usage is not None and not usage.key_cert_sign:
         raise _Refused(f"{_who(ca)} may not sign certificates (keyUsage without keyCertSign)")
-    try:
-        ca.extensions.get_extension_for_class(x509.NameConstraints)
-    except x509.ExtensionNotFound:
-        return
-    raise _Refused(f"{_who(ca)} has name constraints, which keywayd does not check")
+
+
+def _check_name_constraints(path: list) -> None:
+    """Each CA's name constraints hold for the certificates below it: each of their
+    names (subject DN, SAN dNSName, rfc822Name, iPAddress, directoryName) inside a
+    permitted subtree of its kind, when there are such, and in no excluded one."""
+    for position, ca in enumerate(path[1:], start=1):
+        limits = _extension(ca, x509.NameConstraints)
+        if limits is None:
+            continue
+        for cert in path[:position]:
+            for kind, name in _names(cert):
+                allowed = [t for t in limits.permitted_subtrees or () if isinstance(t, kind)]
+                banned = [t for t in limits.excluded_subtrees or () if isinstance(t, kind)]
+                if (allowed and not any(_inside(name, t) for t in allowed)) or any(
+                    _inside(name, t) for t in banned
+                ):
+                    shown = _dn_text(name) if isinstance(name, x509.Name) else name
+                    raise _Refused(
+                        f"{_who(cert)} names {shown!r}, outside the name constraints of {_who(ca)}"
+                    )
+
+
+def _names(cert) -> list:
+    """(GeneralName type, value) of each name a certificate has."""
+    names: list = [(x509.DirectoryName, cert.subject)]
+    sans = _extension(cert, x509.SubjectAlternativeName)
+    for kind in (x509.DNSName, x509.RFC822Name, x509.IPAddress, x509.DirectoryName):
+        names += [(kind, value) for value in (sans.get_values_for_type(kind) if sans else ())]
+    return names
+
+
+def _inside(name, subtree) -> bool:
+    """`name` lies in `subtree` (RFC 5280 4.2.1.10's rules for each kind)."""
+    limit = subtree.value
+    if isinstance(subtree, x509.IPAddress):
+        return isinstance(limit, ipaddress.IPv4Network | ipaddress.IPv6Network) and (
+            name.version == limit.version and name in limit
+        )
+    if isinstance(subtree, x509.DirectoryName):
+        return list(name.rdns)[: len(limit.rdns)] == list(limit.rdns)
+    limit = limit.lower().rstrip(".")
+    if isinstance(subtree, x509.RFC822Name):
+        if "@" in limit:
+            return name.lower() == limit  # one mailbox
+        host = name.rpartition("@")[2].lower()
+        return host.endswith(limit) if limit.startswith(".") else host == limit
+    host = name.lower().rstrip(".")  # dNSName: the domain and everything below it
+    if limit.startswith("."):
+        return host.endswith(limit)
+    return not limit or host == limit or host.endswith("." + limit)
 
 
 def _check_leaf(leaf) -> None:

@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike import certs
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.crypto import IkeCryptoError
@@ -114,7 +114,7 @@ def _forged():
         ("email EKU", "its extendedKeyUsage (emailProtection) names neither ipsecIKE"),
         ("encipher only", "its keyUsage allows no signature"),
         ("unknown critical", "has a critical extension not handled: 1.3.6.1.4.1.99999.1"),
-        ("name constraints", "has name constraints, which keywayd does not check"),
+        ("name constraints", "names 'moon.lab', outside the name constraints of 'CN=Sub CA"),
     ],
 )
 def test_a_path_that_does_not_validate_is_refused_with_the_reason(case, reason):
@@ -247,3 +247,50 @@ def test_a_stale_crl_still_revokes():
     stale = (crl_of(ca, [leaf], days=(-10, -1)),)
     with pytest.raises(IkeCryptoError, match="is revoked since"):
         certs.verify_peer([leaf.der], [ca.cert], "moon.lab", crls=stale, revocation="relaxed")
+
+
+def _constrained(permitted=None, excluded=None):
+    ca = root()
+    limits = x509.NameConstraints(permitted, excluded)
+    return ca, issue(ca, "Sub CA", ca=True, key_usage="ca", extra=[(limits, True)])
+
+
+@pytest.mark.parametrize(
+    ("permitted", "excluded", "san", "inside"),
+    [
+        ([x509.DNSName("lab")], None, x509.DNSName("moon.lab"), True),
+        ([x509.DNSName("lab")], None, x509.DNSName("moonlab"), False),  # not a subdomain
+        ([x509.DNSName(".moon.lab")], None, x509.DNSName("moon.lab"), False),  # below only
+        (None, [x509.DNSName("sun.lab")], x509.DNSName("a.sun.lab"), False),
+        ([x509.RFC822Name("moon.lab")], None, x509.RFC822Name("carol@moon.lab"), True),
+        ([x509.RFC822Name("dave@moon.lab")], None, x509.RFC822Name("carol@moon.lab"), False),
+        ([x509.IPAddress(ipaddress.ip_network("192.0.2.0/24"))], None,
+         x509.IPAddress(ipaddress.ip_address("192.0.2.7")), True),
+        (None, [x509.IPAddress(ipaddress.ip_network("192.0.2.0/28"))],
+         x509.IPAddress(ipaddress.ip_address("192.0.2.7")), False),
+        ([x509.DNSName("lab")], None, x509.IPAddress(ipaddress.ip_address("192.0.2.7")), True),
+    ],
+)  # fmt: skip
+def test_name_constraints_of_a_ca_hold_below_it(permitted, excluded, san, inside):
+    """RFC 5280 4.2.1.10: a subtree of the names' kind must hold each, no excluded one
+    any; a kind the constraints do not name is free."""
+    ca, sub = _constrained(permitted, excluded)
+    leaf = issue(sub, "moon", sans=[san])
+    identity = str(san.value)
+    if inside:
+        verify(leaf, sub, anchors=[ca], identity=identity)
+    else:
+        assert "outside the name constraints of 'CN=Sub CA" in refused(
+            leaf, sub, anchors=[ca], identity=identity
+        )
+
+
+def test_a_directory_name_constraint_binds_the_subject():
+    organization = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Keyway tests")])
+    ca, sub = _constrained([x509.DirectoryName(organization)])
+    verify(issue(sub, "moon", sans=dns("moon.lab")), sub, anchors=[ca])
+    elsewhere = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Other")])
+    ca, sub = _constrained([x509.DirectoryName(elsewhere)])
+    assert "names 'O=Keyway tests, CN=moon', outside the name constraints" in refused(
+        issue(sub, "moon", sans=dns("moon.lab")), sub, anchors=[ca]
+    )
