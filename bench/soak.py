@@ -649,7 +649,8 @@ def report(
     finished += [dict(r, open=True) for r in runs.open.values()]
     overlaps = [r for r in finished if not r["open"] and r["last"] - r["first"] < PERSISTENT
                 and 0 not in r["values"]]  # fmt: skip
-    kinds = collections.Counter(r["key"][1].split()[-2] for r in overlaps)
+    # "c3 IKE SAs" -> IKE, "c3 Child SAs" -> Child, "routes" -> routes
+    kinds = collections.Counter((r["key"][1].split()[-2:] * 2)[0] for r in overlaps)
     print(
         f"  transient surpluses (make-before-break, gone within {PERSISTENT:g} s): "
         f"{len(overlaps)} ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items())) or '-'}), "

@@ -884,6 +884,10 @@ class Agent:
             if successor_spi == event.spi_in:
                 del self._deferred_out[old]
         successor = self._deferred_out.pop(event.spi_in, None)
+        if successor is not None and self._lost_collision(event.connection, successor[0]):
+            # The peer's rekey lost a collision we won: the peer deletes that SA and never
+            # holds its inbound half (bench/soak.py: 10 s of traffic sent into it).
+            successor = None
         if successor is not None:  # make-before-break: the new outbound SA goes in first
             successor_spi, out = successor
             for old, (waiting, _unused) in list(self._deferred_out.items()):
@@ -929,6 +933,9 @@ class Agent:
             self._updown("down", event.connection, event.child, event)
             if event.reason in LOST_CHILD:
                 self._child_lost(event)
+
+    def _lost_collision(self, name: str, spi_in: int) -> bool:
+        return any(spi_in in sa.losing_children for sa in self._ike_sas(name))
 
     def _carrier(self, name: str) -> IkeSa | None:
         """The established IKE SA that carries the connection, if any: the one with Child

@@ -12,7 +12,12 @@ import yaml
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import parse_config
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent.daemon import Agent
-from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.base import IpsecProto, SaId
+from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.base import (
+    IpsecProto,
+    Mode,
+    SaId,
+    SaSpec,
+)
 from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.fake import RecordingPlane
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.constants import ExchangeType
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events import (
@@ -187,3 +192,22 @@ def test_an_sa_the_peer_reauthenticated_while_our_rekey_was_unanswered_is_left_a
     pair.pump(until=start + 60)
     assert [sa.spi_i for sa in pair.a.sas()] == [reauth_b.spi_i]
     assert [sa.spi_i for sa in pair.b.sas()] == [reauth_b.spi_i]
+
+
+def test_the_peer_s_sa_that_lost_a_child_rekey_collision_is_never_sent_on(tmp_path):
+    """Found by bench/soak.py (30 min): both ends rekeyed a Child SA at once; A answered
+    B's rekey (its outbound half deferred), then A's own rekey won the collision and A
+    deleted the old SA, which installed the deferred half of B's losing SA. B, whose
+    answer came 10 s later, never held that SA: 524 packets went into it."""
+    pair = established()
+    agent = agent_of_a(pair, tmp_path)
+    (sa,) = pair.a.sas()
+    (old,) = sa.children.values()
+    loser_in, loser_out = 0x1111, 0x2222
+    out = SaSpec(A[0], B[0], IpsecProto.ESP, loser_out, Mode.TUNNEL, 0x4B570001,
+                 enc_alg="aes-gcm-16", enc_key=bytes(36))  # fmt: skip
+    agent._deferred_out[old.spi_in] = (loser_in, out)
+    sa.losing_children.add(loser_in)  # the engine's record of the collision we won
+    agent._child_deleted(ChildSaDeleted("h1-h2", "sites", old.spi_in, old.spi_out, "deleted by us"))
+    assert SaId(B[0], IpsecProto.ESP, loser_out) not in agent.plane.sas
+    assert not agent._deferred_out

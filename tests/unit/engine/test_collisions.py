@@ -360,3 +360,35 @@ def test_a_rekey_answered_after_a_reauthentication_of_the_same_sa_leaves_one(see
     assert _sa(pair.a) is new
     surplus = [e for e in of(pair.events[A], IkeSaDown) if e.reason == core.SURPLUS_REKEY]
     assert len(surplus) == 1
+
+
+def test_the_winner_of_a_child_rekey_collision_records_the_peer_s_losing_sa(seeded):
+    """keywayd must never send on the peer's SA that lost (it installs no outbound half
+    for it): the winner records it until the peer deletes it."""
+    seen = set()
+    for seed in range(12):
+        seeded(seed)
+        pair = lab_pair()
+        pair.a.initiate("h1-h2", 0.0)
+        pair.pump()
+        for engine in (pair.a, pair.b):  # both rekey the Child SA at once
+            sa = _sa(engine)
+            engine.rekey_child_sa(sa, next(iter(sa.children)), pair.net.now)
+        recorded = {}
+        deadline = pair.net.now + 30
+        while pair.net.now < deadline:
+            pair.pump(until=pair.net.now)  # what the engines have to send goes out
+            due = [pair.net.next_delivery(), pair.a.next_deadline(), pair.b.next_deadline()]
+            if not any(t is not None for t in due):
+                break
+            pair.pump(until=min(t for t in due if t is not None))
+            for engine in (pair.a, pair.b):
+                for sa in engine.sas():
+                    for spi in sa.losing_children:
+                        recorded[spi] = (engine, sa.children[spi])
+        for spi, (engine, child) in recorded.items():
+            assert not child.initiated  # the peer's rekey made it
+            assert all(spi not in sa.children for sa in engine.sas())  # and the peer deleted it
+            seen.add(seed)
+        _assert_agree(pair)
+    assert seen, "no seed made a collision"

@@ -407,6 +407,9 @@ class IkeSa:
         # Collisions (RFC 7296 2.8.1, 2.8.2, 2.25): what each Child SA is going through.
         self.rekeyed_children: set[int] = set()  # replaced; the old one awaits its Delete
         self.overdue_children: set[int] = set()  # rekeyed ones kept past their hard lifetime
+        # The peer's new Child SAs that lost a rekey collision we won: the peer deletes
+        # them, and nothing is ever sent on them (keywayd installs no outbound half).
+        self.losing_children: set[int] = set()
         self.deleting_children: dict[int, str] = {}  # spi_in -> reason, queued or in flight
         # Peer rekeys we answered while our own rekey of the same Child SA was in flight:
         # old spi_in -> (the peer's new spi_in, the lower nonce of that exchange).
@@ -1027,6 +1030,8 @@ class IkeSa:
                     if spi_in in self.children:
                         self.rekeyed_children.add(spi_in)  # the winner deletes it
                 elif spi_in:  # make-before-break: the new SA is announced; retire the old
+                    if collision is not None:  # we won: the peer's new SA is the loser
+                        self.losing_children.add(collision[0])
                     self._retire_child(spi_in, "deleted by us", now)
         self._next_pending(now)
 
@@ -1208,6 +1213,7 @@ class IkeSa:
         new.child_timers, self.child_timers = self.child_timers, {}
         new.rekeyed_children, self.rekeyed_children = self.rekeyed_children, set()
         new.overdue_children, self.overdue_children = self.overdue_children, set()
+        new.losing_children, self.losing_children = self.losing_children, set()
         new.deleting_children, self.deleting_children = self.deleting_children, {}
         new.pending = [p for p in self.pending if p[0] not in ("delete_ike", "rekey_ike")]
         self.pending = []
@@ -1823,6 +1829,7 @@ class IkeSa:
     def _forget_child(self, spi_in: int, reason: str) -> ChildSaReady | None:
         child = self.children.pop(spi_in, None)
         self.rekeyed_children.discard(spi_in)  # (a collision on it stays, to be settled)
+        self.losing_children.discard(spi_in)
         if child is not None:
             self.engine._event(
                 ChildSaDeleted(self.conn.name, child.child, child.spi_in, child.spi_out, reason)
