@@ -199,7 +199,6 @@ def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> 
     )
     extra: dict[str, Any] = {}
     if conn.local.auth == "pubkey":
-        from cryptography import x509
         from cryptography.hazmat.primitives import serialization
 
         from ..ike import certs
@@ -211,11 +210,7 @@ def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> 
         cacerts = []
         for path in conn.remote.cacerts:
             cacerts.extend(certs.load_certificates(_read_file(path)))
-        crls = []
-        for path in conn.remote.crls:
-            data = _read_file(path)
-            pem = b"-----BEGIN" in data
-            crls.append(x509.load_pem_x509_crl(data) if pem else x509.load_der_x509_crl(data))
+        crls = [certs.load_crl(_read_file(path)) for path in conn.remote.crls]
         extra = dict(
             auth="pubkey",
             certs=tuple(chain),
@@ -511,9 +506,10 @@ class Agent:
     def _allocate_spi(self, local: str, conn: str, child: str, protocol: str, peer: str) -> int:
         """The engine's SPI allocator: the data plane reserves an inbound SPI unique on
         the host (the kernel's ALLOCSPI, a larval SA that install_sa fills)."""
-        proto = base.IpsecProto.AH if protocol == "ah" else base.IpsecProto.ESP
         try:
-            return self.plane.allocate_spi(peer, local, proto, self._reqid(conn, child))
+            return self.plane.allocate_spi(
+                peer, local, base.IpsecProto(protocol), self._reqid(conn, child)
+            )
         except base.DataPlaneError as exc:
             # The install that follows would fail the same way and say why; the
             # negotiation goes on with an SPI the plane did not reserve.

@@ -83,6 +83,12 @@ def load_certificates(pem_or_der: bytes) -> list[x509.Certificate]:
     return [x509.load_pem_x509_certificate(block) for block in blocks]
 
 
+def load_crl(pem_or_der: bytes) -> x509.CertificateRevocationList:
+    if b"-----BEGIN" in pem_or_der:
+        return x509.load_pem_x509_crl(pem_or_der)
+    return x509.load_der_x509_crl(pem_or_der)
+
+
 def der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
