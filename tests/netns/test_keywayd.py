@@ -50,6 +50,10 @@ def test_two_agents_establish_carry_traffic_and_agree_on_their_sas(netns_hosts, 
     everything = json.dumps(agent_a.ctl("list-sas")) + json.dumps(agent_a.ctl("list-conns"))
     for agent in (agent_a, agent_b):
         assert PSK not in agent.log() and PSK.encode().hex() not in agent.log()
+    # The fixture's `--log-level debug` wins over the config's (default) info: the
+    # exchange-by-exchange trace is there.
+    assert "ab: sending IKE_AUTH request #1 [" in agent_a.log()
+    assert "ab: received IKE_AUTH request #1 [" in agent_b.log()
     assert PSK not in everything and "key" not in everything
     status = agent_a.ctl("status")
     assert status["ike_sas"] == 1 and status["child_sas"] == 1

@@ -269,8 +269,14 @@ class _ChildState:
 
 
 class Agent:
-    def __init__(self, config_path: str | os.PathLike, plane: base.DataPlane | None = None):
+    def __init__(
+        self,
+        config_path: str | os.PathLike,
+        plane: base.DataPlane | None = None,
+        log_level: str | None = None,
+    ):
         self.config_path = Path(config_path)
+        self.log_level_override = log_level  # the command line's, over the config's
         self.config: AgentConfig = AgentConfig()
         self.plane = plane
         self._udp_encap_handler = None  # the userspace plane's ESP-in-UDP input
@@ -318,13 +324,17 @@ class Agent:
 
     # -- lifecycle ------------------------------------------------------------------
 
+    def _apply_log_level(self) -> None:
+        level = self.log_level_override or self.config.log_level
+        logging.getLogger("keyway").setLevel(level.upper())
+
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         try:
             self.config = load_config(self.config_path)
         except ConfigError as exc:
             raise AgentError(str(exc)) from None
-        logging.getLogger("keyway").setLevel(self.config.log_level.upper())
+        self._apply_log_level()
         for warning in config_warnings(self.config):
             log.warning("%s", warning)
         self._instance = InstanceLock(self.config.control_socket)
@@ -1231,7 +1241,7 @@ class Agent:
         for name in (*changes.removed, *restarted):
             self._remove_connection(name)
         self.config = dataclasses.replace(new, **{name: getattr(old, name) for name in fixed})
-        logging.getLogger("keyway").setLevel(self.config.log_level.upper())
+        self._apply_log_level()
         for warning in config_warnings(self.config):
             log.warning("reload: %s", warning)
         reauthenticated = [

@@ -73,15 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("keyway.untrusted").addFilter(RateLimit())
-    agent = Agent(args.config)
-
-    async def run() -> None:
-        if args.log_level:
-            logging.getLogger("keyway").setLevel(args.log_level.upper())
-        await agent.run()
-
+    agent = Agent(args.config, log_level=args.log_level)
     try:
-        asyncio.run(run())
+        asyncio.run(agent.run())
     except AgentError as exc:
         print(f"keywayd: {exc}", file=sys.stderr)
         return 2 if "problem(s)" in str(exc) else 1
