@@ -313,6 +313,30 @@ def test_a_surplus_ike_sa_the_peer_drops_unannounced_goes_within_two_grace_perio
     assert down.reason == core.REDUNDANT_IKE
 
 
+def test_an_ike_sa_the_peer_rekeyed_and_kept_is_deleted_by_us(seeded):
+    """Issue 14, item 18, as libreswan's pluto did it: confused by crossed rekeys, pluto
+    rekeyed an IKE SA and kept the old one too, and the two ends held two IKE SAs for
+    good. The maker of a rekey deletes the SA it replaced (RFC 7296 2.8); when it does
+    not, we do, after strongSwan's 90 s."""
+    seeded(4)
+    pair = lab_pair(retransmit=RetransmitPolicy())
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    old = _sa(pair.b)
+    # A's Delete of the SA it rekeyed never arrives (A retransmits it, then gives up).
+    pair.net.impairment.drop_if = lambda data, src, dst: (
+        src == A and data[:8] == old.spi_i and data[18] == 37 and not data[19] & 0x20
+    )
+    start = pair.net.now
+    pair.a.rekey_ike_sa(_sa(pair.a), start)
+    pair.pump(until=start + core.REKEYED_DELETE_TIMEOUT - 1)
+    assert old in pair.b.sas() and len(pair.b.sas()) == 2  # the peer's to delete, so far
+    pair.pump(until=start + core.REKEYED_DELETE_TIMEOUT + 2)
+    (kept,) = pair.b.sas()
+    assert kept is not old and kept.children
+    _assert_agree(pair)
+
+
 def test_an_ike_rekey_answer_still_on_its_way_is_no_peer_restart(seeded):
     """Found by bench/soak.py: A's IKE rekey request reached B, B's answers were lost
     twice, and B's grace for the new SA (REDUNDANT_GRACE) ran out before A's third

@@ -108,6 +108,9 @@ def _trace(name: str, sent: bool, header: codec.Header, payloads: list[codec.Pay
 NONCE_SIZE = 32
 HALF_OPEN_TIMEOUT = 30.0  # seconds a responder waits for IKE_AUTH (strongSwan's default)
 REDUNDANT_GRACE = 10.0  # seconds a collision's loser has to delete its redundant SA
+# Seconds the maker of an IKE rekey we answered has to delete the SA it replaced before
+# we do (strongSwan's 90): libreswan's pluto, confused by crossed rekeys, may keep it.
+REKEYED_DELETE_TIMEOUT = 90.0
 MAX_HALF_OPEN = 1024  # responder state for unauthenticated peers is bounded
 INVALID_SPI_ANSWERS_PER_SECOND = 20
 MAX_QUEUED_INVALID_SPI = 8  # INVALID_SPI notifications waiting on one IKE SA
@@ -1221,6 +1224,7 @@ class IkeSa:
         self.successor = new
         if not new.initiator:
             new.wait_for, new.wait_until = self, now + REDUNDANT_GRACE
+            self.delete_at = now + REKEYED_DELETE_TIMEOUT  # the peer's to delete
         self.engine._event(
             IkeSaRekeyed(
                 self.conn.name,
@@ -2044,7 +2048,8 @@ class IkeSa:
             if self.wait_until is not None and now >= self.wait_until:
                 self._release(now)
             if self.delete_at is not None and now >= self.delete_at:
-                # A collision's surplus SA the peer did not delete in its grace period.
+                # A collision's surplus SA, or one the peer's rekey replaced, that the
+                # peer did not delete in its time.
                 self.delete_at = None
                 if self._deleting_ike():
                     # Our Delete went unanswered for a grace period too: the peer let
@@ -2056,6 +2061,8 @@ class IkeSa:
                     # unknown): waiting would hold the SA, and the Delete behind it, for
                     # the whole retransmission schedule.
                     self.request, self.pending = None, []
+                which = "the replaced" if self.replaced else "a surplus"
+                log.info("%s: the peer kept %s IKE SA: deleting it", self.conn.name, which)
                 self.queue("delete_ike", now)
                 self.delete_at = now + REDUNDANT_GRACE
         req = self.request
