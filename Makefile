@@ -48,9 +48,11 @@ collection:
 	@mkdir -p $(COLLECTIONS)/ansible_collections/keyway
 	@ln -sfn $(CURDIR) $(COLLECTIONS)/ansible_collections/keyway/ipsec
 
-# Debian packages of the tiers that run on this host (tools/apt-deps.sh lists them).
+# Debian packages of the tiers that run on this host (tools/apt-deps.sh lists them), and
+# libreswan's pluto extracted beside them (its package conflicts with strongSwan's).
 deps: venv collection
 	tools/apt-deps.sh host
+	tools/libreswan-root.sh $(CURDIR)/build/libreswan
 
 # ruff; ansible-lint's production profile (offline: nothing fetched from Galaxy); the
 # changelog fragments.
