@@ -26,6 +26,7 @@ def test_wrong_psks_and_garbage_leave_no_state_and_cost_a_few_log_lines(netns_ho
             "ab": site_connection(b, a, start=False),
             "bc": site_connection(b, c, start=False),  # c's address is configured: IKE_AUTH runs
         },
+        log_level=None,  # the config's: info, as in production (debug traces every message)
     )
     agent_a = agents(a, {"ab": site_connection(a, b, start=True)})
     agent_a.wait_for(lambda: agent_b.sas("ab"), "ab established")
