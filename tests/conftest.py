@@ -36,6 +36,7 @@ _ensure_collection_path()
 
 from tests.fixtures.keywayd import agents  # noqa: F401
 from tests.fixtures.libreswan import pluto_factory  # noqa: F401
+from tests.fixtures.nat import nat_lab  # noqa: F401
 from tests.fixtures.netns import netns_hosts  # noqa: F401  (a fixture for every tier)
 from tests.fixtures.strongswan import charon_factory  # noqa: F401
 

@@ -5,6 +5,7 @@ at home), in YAML:
 
     dataplane: auto                      # kernel | userspace | auto
     fragment_size: 1280                  # larger IKE messages go as RFC 7383 fragments
+    keepalive: 20s                       # NAT keepalives while behind a NAT (0: none)
     retransmit_timeout: 4                # seconds, then x retransmit_base (1.8) each time;
     retransmit_tries: 5                  # a peer silent after this many is dead
     connections:
@@ -227,6 +228,7 @@ class AgentConfig:
     nat_t_port: int = 4500
     half_open_cookie_threshold: int = 100
     fragment_size: int = 1280
+    keepalive: int = 20  # seconds between NAT keepalives behind a NAT; 0: none
     # Retransmission of IKE requests (strongSwan's charon.retransmit_*): the n-th
     # waits timeout * base**n; the peer is dead after `tries` retransmissions.
     retransmit_timeout: float = 4.0
@@ -542,6 +544,7 @@ _AGENT_KEYS = {
     "nat_t_port",
     "half_open_cookie_threshold",
     "fragment_size",
+    "keepalive",
     "retransmit_timeout",
     "retransmit_base",
     "retransmit_tries",
@@ -822,6 +825,7 @@ def parse_config(
             raw, "half_open_cookie_threshold", "", 100, 0, 1 << 20
         ),
         fragment_size=reader.integer(raw, "fragment_size", "", 1280, 576, 65535),
+        keepalive=reader.duration(raw, "keepalive", "", 20),
         retransmit_timeout=reader.number(raw, "retransmit_timeout", "", 4.0, 0.1, 600.0),
         retransmit_base=reader.number(raw, "retransmit_base", "", 1.8, 1.0, 10.0),
         retransmit_tries=reader.integer(raw, "retransmit_tries", "", 5, 0, 30),

@@ -65,6 +65,7 @@ from ..ike.engine.events import (
     ChildSaReady,
     Event,
     IkeSaDown,
+    IkeSaMoved,
     IkeSaRekeyed,
     IkeSaUp,
     NegotiationFailed,
@@ -232,6 +233,7 @@ def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> 
         previous_psks=tuple(p.reveal() for p in conn.previous_psks),
         unique=conn.unique,
         fragment_size=agent.fragment_size,
+        keepalive=agent.keepalive,
         retransmit=RetransmitPolicy(
             agent.retransmit_timeout, agent.retransmit_base, agent.retransmit_tries
         ),
@@ -704,6 +706,8 @@ class Agent:
             if not negotiated:
                 # Nothing more to negotiate (RFC 6023): the connection is up now.
                 self._wake(name, {"up": True, "ike_only": True})
+        elif isinstance(event, IkeSaMoved):
+            self._follow_nat_mapping(event)
         elif isinstance(event, IkeSaRekeyed):
             log.info("[%s] IKE SA rekeyed (%s)", name, event.proposal)
             due = self._reauth_due.pop(event.old_spi_i, None)
@@ -824,6 +828,7 @@ class Agent:
                 event,
                 state.reqid,
                 encap=True if conn.encap == "force" else None,
+                nat_t_port=self.config.nat_t_port,
                 lifetime=base.Lifetime(
                     soft_bytes=child.rekey_bytes,
                     hard_bytes=child.life_bytes,
@@ -882,6 +887,46 @@ class Agent:
             event.proposal,
             " (UDP-encapsulated)" if out.encap else "",
         )
+
+    def _follow_nat_mapping(self, event: IkeSaMoved) -> None:
+        """The peer's NAT mapped it to another port: ESP in UDP follows, in place (the
+        SAs keep their keys, counters and replay windows)."""
+        (address, port), previous = event.remote, event.previous
+        if address != previous[0]:
+            # The SAs' addresses are part of how the plane finds them: that takes MOBIKE.
+            log.warning(
+                "[%s] the peer's NAT moved it to another address (%s): the Child SAs keep "
+                "sending to %s",
+                event.connection,
+                address,
+                previous[0],
+            )
+            return
+        ike = next((sa for sa in self._ike_sas(event.connection) if sa.spi_i == event.spi_i), None)
+        if ike is None:
+            return
+        installed = {spec.id: spec for spec in self.plane.list_sas()}
+        moved = 0
+        for spi_in in ike.children:
+            out, inbound = self.sa_pairs.get(spi_in, (None, None))
+            for sa_id, outbound in ((out, True), (inbound, False)):
+                spec = installed.get(sa_id)
+                if spec is None or spec.encap is None:
+                    continue
+                encap = (
+                    base.UdpEncap(spec.encap.sport, port)
+                    if outbound
+                    else base.UdpEncap(port, spec.encap.dport)
+                )
+                self.plane.update_sa(dataclasses.replace(spec, encap=encap))
+                moved += 1
+            deferred = self._deferred_out.get(spi_in)
+            if deferred is not None and deferred[1].encap is not None:
+                spec = deferred[1]
+                encap = base.UdpEncap(spec.encap.sport, port)
+                self._deferred_out[spi_in] = (deferred[0], dataclasses.replace(spec, encap=encap))
+        log.info("[%s] the peer's NAT mapping moved to port %d: %d SA(s) follow",
+                 event.connection, port, moved)  # fmt: skip
 
     def _child_deleted(self, event: ChildSaDeleted) -> None:
         # A successor deleted before the SA it replaces (a rekey collision's surplus SA):

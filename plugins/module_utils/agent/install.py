@@ -66,8 +66,11 @@ def child_sa_specs(
     mark_out: tuple[int, int] | None = None,
     if_id_in: int = 0,
     if_id_out: int = 0,
+    nat_t_port: int = 4500,
 ) -> tuple[base.SaSpec, base.SaSpec]:
-    """The (outbound, inbound) SAs of a Child SA; `encap` None follows the IKE SA."""
+    """The (outbound, inbound) SAs of a Child SA; `encap` None follows the IKE SA.
+    ESP in UDP goes between our `nat_t_port` and the peer's port as the IKE SA saw it
+    (a NAT in front of the peer may have mapped it)."""
     try:
         enc_alg = None if child.protocol == "ah" else ENCR_NAMES[child.encr_id]
         integ_alg = INTEG_NAMES[child.integ_id]
@@ -90,7 +93,6 @@ def child_sa_specs(
         reqid=reqid,
         enc_alg=enc_alg,
         integ_alg=integ_alg,
-        encap=base.UdpEncap() if use_encap else None,
         esn=child.esn,
         lifetime=lifetime,
         replay_window=replay_window,
@@ -112,6 +114,7 @@ def child_sa_specs(
         selector=out_sel,
         mark=mark_out,
         if_id=if_id_out,
+        encap=base.UdpEncap(nat_t_port, child.encap_port) if use_encap else None,
         **common,
     )
     inbound = base.SaSpec(
@@ -123,6 +126,7 @@ def child_sa_specs(
         selector=in_sel,
         mark=mark_in,
         if_id=if_id_in,
+        encap=base.UdpEncap(child.encap_port, nat_t_port) if use_encap else None,
         **common,
     )
     return out, inbound

@@ -14,7 +14,7 @@ import asyncio
 import socket
 from collections.abc import Callable
 
-from ..ike.constants import IKE_PORT, NAT_T_PORT, NON_ESP_MARKER
+from ..ike.constants import IKE_PORT, NAT_KEEPALIVE, NAT_T_PORT, NON_ESP_MARKER
 from ..ike.engine.core import Engine, untrusted
 from ..ike.engine.events import Event
 
@@ -110,10 +110,10 @@ class UdpRunner:
 
     def _on_nat_t(self, data: bytes, addr: tuple) -> None:
         if data[:4] == NON_ESP_MARKER:
-            self.engine.receive(data[4:], (addr[0], addr[1]), self.now())
+            self.engine.receive(data[4:], (addr[0], addr[1]), self.now(), nat_t=True)
             self.pump()
-        elif data == b"\xff":
-            return  # NAT keepalive
+        elif data == NAT_KEEPALIVE:
+            return  # it kept the NAT's mapping alive on its way; nothing to do here
         elif self.esp_handler is not None:
             self.esp_handler(data, addr)
 
@@ -125,10 +125,12 @@ class UdpRunner:
         for event in self.engine.pop_events():
             self.on_event(event)
         for dgram in self.engine.pop_datagrams():
-            if dgram.dst[1] == self.nat_t_port:
-                self._nat_t.transport.sendto(NON_ESP_MARKER + dgram.data, dgram.dst)
-            else:
+            if not dgram.nat_t:
                 self._ike.transport.sendto(dgram.data, dgram.dst)
+            elif dgram.data == NAT_KEEPALIVE:
+                self._nat_t.transport.sendto(dgram.data, dgram.dst)
+            else:
+                self._nat_t.transport.sendto(NON_ESP_MARKER + dgram.data, dgram.dst)
         if self._timer:
             self._timer.cancel()
             self._timer = None

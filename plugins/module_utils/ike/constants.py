@@ -13,6 +13,7 @@ GENERIC_PAYLOAD_HEADER_SIZE = 4
 IKE_PORT = 500
 NAT_T_PORT = 4500
 NON_ESP_MARKER = b"\x00\x00\x00\x00"
+NAT_KEEPALIVE = b"\xff"  # RFC 3948 2.3: one 0xFF octet, from the NAT-T port
 
 
 class ExchangeType(IntEnum):

@@ -38,6 +38,7 @@ from enum import IntEnum
 
 from .. import certs, codec, crypto, identity
 from ..constants import (
+    NAT_KEEPALIVE,
     NAT_T_PORT,
     AuthMethod,
     EsnId,
@@ -61,6 +62,7 @@ from .events import (
     Datagram,
     Event,
     IkeSaDown,
+    IkeSaMoved,
     IkeSaRekeyed,
     IkeSaUp,
     NegotiationFailed,
@@ -168,6 +170,9 @@ class IkeConnection:
     # older one goes when the new one carries INITIAL_CONTACT), "never" (not even then),
     # "keep" (a responder refuses the new one), "replace" (the older ones are deleted).
     unique: str = "no"
+    # Seconds between NAT keepalives while our own address is translated (RFC 3948
+    # 2.3; strongSwan's charon.keep_alive): the NAT's mapping must not expire. 0: none.
+    keepalive: float = 20.0
 
     @property
     def psks(self) -> tuple[bytes, ...]:
@@ -394,7 +399,12 @@ class IkeSa:
         self.child_spi = b""
         self.child_params: ChildParams | None = None
         self.remote_id = ""
-        self.nat = False
+        self.nat = False  # a NAT between the peers: Child SAs are UDP-encapsulated
+        self.behind_nat = False  # our own address is translated: we send keepalives
+        self.keepalive_at: float | None = None
+        # We send from the NAT-T port (with the non-ESP marker): we floated there, or
+        # the peer's last request came to it.
+        self.nat_t = False
         self.replaced = False  # a rekey moved this SA's role to a successor
         self.reauth_of: IkeSa | None = None  # the IKE SA this one reauthenticates
         self.psk_index = 0  # which of conn.psks this SA authenticates with
@@ -484,11 +494,11 @@ class IkeSa:
     ) -> None:
         self.request = _Request(data, self.send_mid, now, kind=kind, arg=arg)
         self.send_mid += 1
-        self.engine._emit_all(data, self.remote)
+        self.engine._emit_all(data, self.remote, self.nat_t)
 
     def _send_response(self, mid: int, data: tuple[bytes, ...]) -> None:
         self.last_response = (mid, data)
-        self.engine._emit_all(data, self.remote)
+        self.engine._emit_all(data, self.remote, self.nat_t)
 
     def _request(
         self, exchange: int, inner: list[codec.Payload], now: float, kind: str = "", arg=None
@@ -518,8 +528,31 @@ class IkeSa:
         if conn is None or not conn.fragment_size or not self.peer_fragments:
             return 0
         ip_header = 20 if ipaddress.ip_address(self.remote[0]).version == 4 else 40
-        marker = 4 if self.remote[1] == NAT_T_PORT else 0  # the non-ESP marker on 4500
+        marker = 4 if self.nat_t else 0  # the non-ESP marker on the NAT-T port
         return conn.fragment_size - ip_header - 8 - marker
+
+    def _follow(self, src: Address) -> None:
+        """An authenticated message came from `src`: if that is not where this SA sends,
+        the NAT in front of the peer mapped it anew (its entry expired, or the NAT
+        restarted), and we follow, Child SAs too (RFC 7296 2.23). Without a NAT a new
+        address is MOBIKE's business."""
+        if src == self.remote or not self.nat or self.state != "established":
+            return
+        previous, self.remote = self.remote, src
+        log.info("%s: the peer's NAT mapping moved from %s:%d to %s:%d",
+                 self.conn.name, *previous, *src)  # fmt: skip
+        self.engine._event(IkeSaMoved(self.conn.name, self.spi_i, self.spi_r, src, previous))
+
+    def _detect_nat(self, msg: codec.Message, spi_r: bytes) -> bool:
+        """RFC 7296 2.23, from the peer's NAT_DETECTION notifies: a NAT in front of the
+        peer (its source hash does not match what we see) or of us (the destination
+        hash does not). Either way Child SAs are UDP-encapsulated; behind one, we keep
+        its mapping alive (RFC 3948 keepalives). True if there is a NAT."""
+        theirs, ours = self.engine._nat_mismatch(msg, self.spi_i, spi_r, self.remote)
+        self.nat, self.behind_nat = theirs or ours, ours
+        if ours and self.conn.keepalive:
+            self.keepalive_at = self.engine.now + self.conn.keepalive
+        return self.nat
 
     # ------------------------------------------------------------ initiator
 
@@ -585,12 +618,12 @@ class IkeSa:
         self.peer_childless = bool(msg.notifies(NotifyType.CHILDLESS_IKEV2_SUPPORTED))
         self.peer_sig_hashes = _announced_hashes(msg)
         self.engine._index(self)
-        if self.engine._nat_detected(msg, self.spi_i, self.spi_r, self.remote):
+        if self._detect_nat(msg, self.spi_r):
             # RFC 7296 2.23: behind a NAT (or a peer that says so, like strongSwan's
             # libipsec), continue on the NAT-T port with the non-ESP marker.
             log.info("%s: NAT detected, moving to port %d", conn.name, NAT_T_PORT)
             self.remote = (self.remote[0], NAT_T_PORT)
-            self.nat = True
+            self.nat_t = True
         self.init_response = data
         self.nonce_r = nonce.data
         self._derive(chosen, ke, msg)
@@ -908,7 +941,8 @@ class IkeSa:
             rekeyed_from=rekeyed_from,
             local_address=self.engine.local[0],
             remote_address=self.remote[0],
-            udp_encap=self.nat or self.remote[1] == NAT_T_PORT,
+            udp_encap=self.nat or self.nat_t,
+            encap_port=self.remote[1] if self.nat_t else NAT_T_PORT,
             ike_initiator=self.initiator,
             initiated=i_side,
             redundant=redundant,
@@ -1206,6 +1240,8 @@ class IkeSa:
         new.established_at = self.engine.now
         new.authenticated_at = self.authenticated_at  # a rekey authenticates nothing
         new.peer_fragments, new.nat = self.peer_fragments, self.nat
+        new.behind_nat, new.nat_t = self.behind_nat, self.nat_t
+        new.keepalive_at = self.keepalive_at
         new.child_params = self.child_params
         self.engine._index(new)
         return new
@@ -1541,6 +1577,8 @@ class IkeSa:
             self._answer_init_error(msg, NotifyType.INVALID_KE_PAYLOAD, struct.pack("!H", group))
             return
         self.conn = next((c for c in candidates if c.allow_weak), candidates[0])
+        # The initiator's hashes are over SPIi and a zero SPIr (RFC 7296 2.23).
+        self._detect_nat(msg, bytes(8))
         self.kx = crypto.key_exchange(group, allow_weak=True)
         self.nonce_i, self.nonce_r = nonce.data, os.urandom(NONCE_SIZE)
         self.init_request = data
@@ -1585,6 +1623,7 @@ class IkeSa:
         self.engine._emit(
             codec.encode_message(codec.Message(header, [codec.Notify(type=notify, data=data)])),
             self.remote,
+            self.nat_t,
         )
         self._discard()
 
@@ -2021,7 +2060,7 @@ class IkeSa:
         if self.state == "auth" and not self.initiator:
             return self.created_at + HALF_OPEN_TIMEOUT
         life = self.lifetime_deadline() if self.state == "established" else None
-        for at in (self.ike_rekey_retry_at, self.delete_at, self.wait_until):
+        for at in (self.ike_rekey_retry_at, self.delete_at, self.wait_until, self.keepalive_at):
             if at is not None and self.state == "established":
                 life = min(life, at) if life is not None else at
         if self.request is None:
@@ -2047,6 +2086,12 @@ class IkeSa:
                 self.queue("rekey_ike", now)
             if self.wait_until is not None and now >= self.wait_until:
                 self._release(now)
+            if self.keepalive_at is not None and now >= self.keepalive_at:
+                if self.superseded:  # its successor keeps the mapping alive
+                    self.keepalive_at = None
+                else:
+                    self.engine._emit(NAT_KEEPALIVE, self.remote, nat_t=True)
+                    self.keepalive_at = now + self.conn.keepalive
             if self.delete_at is not None and now >= self.delete_at:
                 # A collision's surplus SA, or one the peer's rekey replaced, that the
                 # peer did not delete in its time.
@@ -2084,7 +2129,7 @@ class IkeSa:
             return
         req.attempt += 1
         req.sent_at = now
-        self.engine._emit_all(req.data, self.remote)
+        self.engine._emit_all(req.data, self.remote, self.nat_t)
 
 
 class Engine:
@@ -2110,6 +2155,7 @@ class Engine:
         self._by_spi: dict[bytes, IkeSa] = {}
         self._half_open: dict[tuple[bytes, Address], IkeSa] = {}
         self._datagrams: list[Datagram] = []
+        self._rx_nat_t = False  # the datagram being handled came to the NAT-T port
         self._events: list[Event] = []
         self._spi_allocator = spi_allocator
         self.max_half_open = max_half_open
@@ -2160,8 +2206,11 @@ class Engine:
         self._touch(sa)
         return sa
 
-    def receive(self, data: bytes, src: Address, now: float) -> None:
+    def receive(self, data: bytes, src: Address, now: float, nat_t: bool = False) -> None:
+        """One IKE datagram from `src`; `nat_t`: it came to our NAT-T port (the shell
+        has taken its non-ESP marker off)."""
         self.now = now
+        self._rx_nat_t = nat_t
         try:
             msg = codec.decode_message(data)
         except codec.IkeDecodeError as exc:
@@ -2185,7 +2234,7 @@ class Engine:
                 self._answer_invalid_ike_spi(msg, src, now)
             return
         if h.is_response:
-            self._on_response(sa, msg, data, now)
+            self._on_response(sa, msg, data, src, now)
         else:
             self._on_request(sa, msg, data, src, now)
         self._touch(sa)
@@ -2209,6 +2258,7 @@ class Engine:
             )
             return
         sa = IkeSa(self, None, False, src, h.spi_i, os.urandom(8))
+        sa.nat_t = self._rx_nat_t
         self._half_open[key] = sa
         self._by_spi[sa.spi_r] = sa
         sa.on_init_request(msg, data, now)
@@ -2372,7 +2422,9 @@ class Engine:
         return spi.to_bytes(4, "big")
 
     # internals used by IkeSa
-    def _on_response(self, sa: IkeSa, msg: codec.Message, data: bytes, now: float) -> None:
+    def _on_response(
+        self, sa: IkeSa, msg: codec.Message, data: bytes, src: Address, now: float
+    ) -> None:
         h = msg.header
         if sa.request is None or h.message_id != sa.request.message_id:
             untrusted.info("%s: unexpected response id %d", sa.conn.name, h.message_id)
@@ -2416,6 +2468,7 @@ class Engine:
             return
         if inner is None:
             return  # more fragments to come
+        sa._follow(src)
         if h.exchange == ExchangeType.IKE_AUTH:
             sa._on_auth_response(inner, now)
         elif h.exchange == ExchangeType.INFORMATIONAL:
@@ -2453,7 +2506,8 @@ class Engine:
         if h.exchange == ExchangeType.IKE_AUTH and sa.state == "auth":
             # Keyed by the address IKE_SA_INIT came from, before a float to 4500.
             self._half_open.pop((sa.spi_i, sa.remote), None)
-        sa.remote = src
+        sa._follow(src)
+        sa.remote, sa.nat_t = src, self._rx_nat_t
         if h.exchange == ExchangeType.IKE_AUTH and sa.state == "auth":
             sa.recv_mid += 1
             sa.on_auth_request(inner, h.message_id, now)
@@ -2502,18 +2556,19 @@ class Engine:
             codec.Notify(type=NotifyType.NAT_DETECTION_DESTINATION_IP, data=digest(dst)),
         ]
 
-    def _nat_detected(
+    def _nat_mismatch(
         self, msg: codec.Message, spi_i: bytes, spi_r: bytes, remote: Address
-    ) -> bool:
-        """True if the peer's NAT_DETECTION hashes do not match the addresses we use."""
+    ) -> tuple[bool, bool]:
+        """(the peer's address is translated, ours is): the peer's NAT_DETECTION hashes
+        against the addresses we see; (False, False) if it sent none."""
         expected_src, expected_dst = (
             n.data for n in self._nat_notifies(spi_i, spi_r, remote, swap=True)
         )
         src = [n.data for n in msg.notifies(NotifyType.NAT_DETECTION_SOURCE_IP)]
         dst = [n.data for n in msg.notifies(NotifyType.NAT_DETECTION_DESTINATION_IP)]
         if not src and not dst:
-            return False
-        return expected_src not in src or expected_dst not in dst
+            return False, False
+        return expected_src not in src, expected_dst not in dst
 
     def _index(self, sa: IkeSa) -> None:
         self._by_spi[sa.local_spi] = sa
@@ -2543,12 +2598,17 @@ class Engine:
         for key in [k for k, v in self._half_open.items() if v is sa]:
             del self._half_open[key]
 
-    def _emit(self, data: bytes, dst: Address) -> None:
-        self._datagrams.append(Datagram(data, self.local, dst))
+    def _emit(self, data: bytes, dst: Address, nat_t: bool | None = None) -> None:
+        """Queue a datagram; `nat_t` None: the way the datagram being handled came in
+        (an answer without state goes back where its request came from)."""
+        nat_t = self._rx_nat_t if nat_t is None else nat_t
+        self._datagrams.append(Datagram(data, self.local, dst, nat_t))
 
-    def _emit_all(self, datagrams: tuple[bytes, ...], dst: Address) -> None:
+    def _emit_all(
+        self, datagrams: tuple[bytes, ...], dst: Address, nat_t: bool | None = None
+    ) -> None:
         for data in datagrams:
-            self._emit(data, dst)
+            self._emit(data, dst, nat_t)
 
     def _event(self, event: Event) -> None:
         self._events.append(event)

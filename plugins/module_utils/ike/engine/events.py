@@ -12,6 +12,9 @@ class Datagram:
     data: bytes
     src: Address
     dst: Address
+    # From the NAT-T port: the shell prepends the non-ESP marker (RFC 3948), except to
+    # a NAT keepalive.
+    nat_t: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,10 @@ class ChildSaReady:
     rekeyed_from: int = 0  # inbound SPI of the Child SA this one replaces (0: new)
     local_address: str = ""  # outer addresses of the SA (the IKE SA's endpoints)
     remote_address: str = ""
-    udp_encap: bool = False  # ESP in UDP 4500 (NAT detected or the IKE SA floated)
+    udp_encap: bool = False  # ESP in UDP (NAT detected or the IKE SA floated)
+    # The peer's port for ESP in UDP: its NAT-T port as the IKE SA sees it (a NAT in
+    # front of the peer may have mapped it to another).
+    encap_port: int = 4500
     ike_initiator: bool = False  # we initiated the IKE SA that carries this Child SA
     # We initiated the exchange that made this Child SA. A rekey's responder should keep
     # sending on the old SA until the initiator deletes it (it may not have the new
@@ -78,6 +84,19 @@ class IkeSaRekeyed:
     spi_i: bytes
     spi_r: bytes
     proposal: str
+
+
+@dataclass(frozen=True)
+class IkeSaMoved:
+    """The NAT in front of the peer mapped it to a new address or port (RFC 7296 2.23):
+    an authenticated message came from `remote`, where the IKE SA now sends, and so must
+    its Child SAs' UDP encapsulation."""
+
+    connection: str
+    spi_i: bytes
+    spi_r: bytes
+    remote: Address
+    previous: Address
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,119 @@
+"""keywayd through real NATs (nftables in network namespaces, tests/fixtures/nat.py):
+spokes behind a NAT that rewrites source ports, as home routers and carrier-grade NATs
+do, tunnelled to a hub that sees them all at the NAT's one address and tells them apart
+by identity (issue 16)."""
+
+from __future__ import annotations
+
+import time
+
+from tests.fixtures.capture import Capture
+from tests.fixtures.keywayd import site_connection
+from tests.fixtures.nat import flush_mappings
+from tests.fixtures.netns import udp_exchange
+
+
+def hub_connection(hub, spoke, nat_address: str) -> dict:
+    conn = site_connection(hub, spoke, start=False)
+    conn["remote_addrs"] = [nat_address]  # all the hub sees of a spoke
+    return conn
+
+
+def both_ways(a, b) -> bool:
+    return (
+        udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"ping") == b"gnip"
+        and udp_exchange(b.netns, a.netns, b.site4_address, a.site4_address, b"pong") == b"gnop"
+    )
+
+
+def up(agent, connection: str) -> bool:
+    sas = agent.sas(connection)
+    return bool(sas and sas[0]["children"])
+
+
+def start(lab, agents, spoke_settings: dict | None = None, spoke_extra: dict | None = None):
+    hub = lab.hub
+    hub_agent = agents(
+        hub,
+        {s.name: hub_connection(hub, s, lab.public_nat_address)
+         for s in lab.spokes},
+    )  # fmt: skip
+    spoke_agents = [
+        agents(
+            s,
+            {"hub": {**site_connection(s, hub, start=True), **(spoke_extra or {})}},
+            **(spoke_settings or {}),
+        )
+        for s in lab.spokes
+    ]
+    for spoke, agent in zip(lab.spokes, spoke_agents, strict=True):
+        agent.wait_for(lambda agent=agent: up(agent, "hub"), f"{spoke.name} up")
+        hub_agent.wait_for(lambda spoke=spoke: up(hub_agent, spoke.name), f"hub: {spoke.name}")
+    return hub_agent, spoke_agents
+
+
+def test_two_spokes_behind_a_port_rewriting_nat_both_reach_the_hub(nat_lab, agents):
+    lab = nat_lab(spokes=2)
+    hub, (s1, s2) = lab.hub, lab.spokes
+    hub_agent, _unused = start(lab, agents, spoke_settings={"keepalive": 1})
+    sas = {sa["connection"]: sa for sa in hub_agent.sas()}
+    ports = {name: int(sa["remote"].rsplit(":", 1)[1]) for name, sa in sas.items()}
+    # The hub answers each spoke at the NAT's address and the port the NAT gave it: the
+    # NAT rewrote both (from 4500), differently.
+    assert all(sa["remote"].startswith(f"{lab.public_nat_address}:") for sa in sas.values())
+    assert ports["s1"] != ports["s2"] and not {ports["s1"], ports["s2"]} & {500, 4500}
+    assert all(sa["children"][0]["encap"] for sa in sas.values())
+
+    with Capture(hub.netns, "eth0") as wire:
+        assert both_ways(s1, hub)
+        # No cross-talk: s1's traffic went through s1's SAs only.
+        counted = {sa["connection"]: sa["children"][0] for sa in hub_agent.sas()}
+        assert counted["s1"]["packets_in"] >= 2 and counted["s1"]["packets_out"] >= 2
+        assert counted["s2"]["packets_in"] == counted["s2"]["packets_out"] == 0
+        assert both_ways(s2, hub)
+        time.sleep(2.5)  # a window for the spokes' keepalives (1 s apart)
+    esp_to = {
+        int.from_bytes(f.l4[2:4], "big")
+        for f in wire.frames
+        if f.outgoing and (p := f.udp_payload(4500)) and len(p) > 8 and p[:4] != bytes(4)
+    }
+    assert {ports["s1"], ports["s2"]} <= esp_to  # ESP in UDP, to each spoke's mapping
+    keepalives = [
+        int.from_bytes(f.l4[0:2], "big")
+        for f in wire.frames
+        if not f.outgoing and f.udp_payload(4500) == b"\xff"
+    ]
+    # Each spoke, behind the NAT, keeps its mapping alive; the hub, not behind one, sends
+    # none.
+    assert keepalives.count(ports["s1"]) >= 2 and keepalives.count(ports["s2"]) >= 2
+    assert not [f for f in wire.frames if f.outgoing and f.udp_payload(4500) == b"\xff"]
+
+
+def test_a_spoke_behind_a_double_nat_reaches_the_hub(nat_lab, agents):
+    """A carrier-grade NAT in front of the home NAT: two translations, both rewriting."""
+    lab = nat_lab(spokes=1, double=True)
+    start(lab, agents)
+    assert both_ways(lab.spokes[0], lab.hub)
+
+
+def test_a_nat_mapping_that_comes_back_on_another_port_is_followed(nat_lab, agents):
+    """The NAT forgets its mappings (conntrack flushed): the spoke's next packets get a
+    new port. The first authenticated IKE message from it (here the spoke's liveness
+    check) moves the hub's IKE SA and its ESP in UDP there, without renegotiation."""
+    lab = nat_lab(spokes=1)
+    hub, (spoke,) = lab.hub, lab.spokes
+    hub_agent, _unused = start(lab, agents, spoke_extra={"dpd_delay": 2})
+    (before,) = hub_agent.sas("s1")
+    flush_mappings(lab)
+    hub_agent.wait_for(
+        lambda: hub_agent.sas("s1") and hub_agent.sas("s1")[0]["remote"] != before["remote"],
+        "the hub follows the new mapping",
+        timeout=20,
+    )
+    (after,) = hub_agent.sas("s1")
+    assert (after["spi_i"], after["children"][0]["spi_in"]) == (
+        before["spi_i"],
+        before["children"][0]["spi_in"],
+    )  # the same SAs: nothing renegotiated
+    assert both_ways(spoke, hub)
+    assert "NAT mapping moved" in hub_agent.log()
