@@ -202,3 +202,73 @@ def test_selectors_charon_narrows_are_what_keywayd_protects(
         assert udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"h") == b"h"
     finally:
         agent.stop()
+
+
+def _charon_peer(
+    netns_hosts, charon_factory, tmp_path, start_action: str, settings=None, **conn_extra
+):
+    """keywayd on a (initiating with `start_action`), charon on b answering only."""
+    a, b = netns_hosts(2).hosts
+    values = dict(a=a, b=b, psk=PSK, proposal="aes256gcm16-prfsha384-x25519", esp="aes256gcm16")
+    charon = charon_factory(b.netns, SWANCTL_CONF.format(**values))
+    config = yaml.safe_load(KEYWAYD_YML.format(start_action=start_action, **values))
+    config["connections"]["kw"].update(conn_extra)
+    agent = Keywayd(a.netns, tmp_path / "a", config["connections"], **(settings or {}))
+    return a, b, agent, charon
+
+
+@pytest.mark.parametrize("start_action", ["start", "trap"])
+def test_a_child_charon_deletes_comes_back_on_the_same_ike_sa(
+    netns_hosts, charon_factory, tmp_path, start_action
+):
+    """Issue 14, item 2, against charon: charon deletes the Child SA and keeps the IKE
+    SA; keywayd makes a new child on that IKE SA with CREATE_CHILD_SA, at once under
+    `start`, on the next packet under `trap` (before: never, while the IKE SA lived)."""
+    a, b, agent, charon = _charon_peer(netns_hosts, charon_factory, tmp_path, start_action)
+
+    def knock() -> None:  # a packet for the trap policy: its acquire starts the SA
+        udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"knock", timeout=1)
+
+    try:
+        if start_action == "trap":
+            knock()
+        agent.wait_for(lambda: agree_quietly(agent, charon, ("", "")), "kw up")
+        ike, first = agent.sas("kw")[0]["spi_i"], agree(agent, charon)
+        charon.swanctl("--terminate", "--child", "kw")
+        if start_action == "trap":
+            agent.wait_for(lambda: not agent.sas("kw")[0]["children"], "the child gone")
+            knock()
+        agent.wait_for(lambda: agree_quietly(agent, charon, first), "a new Child SA", timeout=15)
+        assert agent.sas("kw")[0]["spi_i"] == ike  # on the same IKE SA
+        assert udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"back")
+    finally:
+        agent.stop()
+
+
+def test_a_charon_responder_that_restarts_is_back_after_the_liveness_check_times_out(
+    netns_hosts, charon_factory, tmp_path
+):
+    """Issue 14, item 3, against charon: charon (answering only) is killed and started
+    again, knowing nothing of the SAs. Unlike keywayd (tests/netns/test_keywayd.py),
+    charon answers nothing for an IKE SA it does not know (no INVALID_IKE_SPI: RFC 7296
+    2.21.4 makes it a MAY), so the liveness check runs its retransmission schedule (here
+    charon's own test settings: 1 s x 1.4, 3 tries, 7 s) and `dpd_action: restart`
+    brings the tunnel back with the restarted charon, the dead SAs gone."""
+    retransmit = {"retransmit_timeout": 1, "retransmit_base": 1.4, "retransmit_tries": 3}
+    a, b, agent, charon = _charon_peer(
+        netns_hosts, charon_factory, tmp_path, "start", settings=retransmit, dpd_delay=2
+    )
+    try:
+        agent.wait_for(lambda: agree_quietly(agent, charon, ("", "")), "kw up")
+        before = agree(agent, charon)
+        charon.kill()
+        charon.start()
+        # 2 s to the liveness check, 7 s of retransmissions, then a new IKE SA.
+        agent.wait_for(
+            lambda: agree_quietly(agent, charon, before), "back with the restarted charon", 20
+        )
+        assert udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"back")
+        assert "peer dead" in agent.log()
+        assert len(agent.ctl("list-sas")) == 1  # the old IKE SA is gone
+    finally:
+        agent.stop()
