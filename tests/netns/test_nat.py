@@ -117,3 +117,36 @@ def test_a_nat_mapping_that_comes_back_on_another_port_is_followed(nat_lab, agen
     )  # the same SAs: nothing renegotiated
     assert both_ways(spoke, hub)
     assert "NAT mapping moved" in hub_agent.log()
+
+
+def test_a_responder_for_any_address_tells_three_peers_apart_by_identity(netns_hosts, agents):
+    """remote_addrs: [%any] (and a prefix): the hub knows no spoke's address, only its
+    identity; each spoke's IKE SA lands on its own connection, with its own selectors."""
+    hub, *spokes = netns_hosts(4).hosts
+    hub_connections = {}
+    for n, spoke in enumerate(spokes):
+        conn = site_connection(hub, spoke, start=False)
+        conn["remote_addrs"] = ["%any"] if n < 2 else ["192.0.2.0/24"]
+        hub_connections[spoke.name] = conn
+    hub_agent = agents(hub, hub_connections)
+    for spoke in spokes:
+        agent = agents(spoke, {"hub": site_connection(spoke, hub, start=True)})
+        agent.wait_for(lambda agent=agent: up(agent, "hub"), f"{spoke.name} up")
+    for spoke in spokes:
+        (sa,) = hub_agent.sas(spoke.name)
+        assert sa["remote"] == f"{spoke.ipv4}:500" and sa["remote_id"] == f"{spoke.name}.lab"
+        assert sa["children"][0]["remote_ts"] == [spoke.site4]
+        assert both_ways(spoke, hub)
+
+
+def test_an_initiator_whose_first_remote_address_is_down_tries_the_next(netns_hosts, agents):
+    a, b = netns_hosts(2).hosts
+    agents(b, {"ab": site_connection(b, a, start=False)})
+    conn = site_connection(a, b, start=True)
+    conn["remote_addrs"] = ["192.0.2.99", b.ipv4]  # nobody answers at the first
+    agent = agents(a, {"ab": conn}, retransmit_timeout=0.5, retransmit_tries=1)
+    agent.wait_for(lambda: up(agent, "ab"), "ab up at the second address", timeout=20)
+    assert agent.sas("ab")[0]["remote"] == f"{b.ipv4}:500"
+    log = agent.log()
+    assert log.index("initiating to 192.0.2.99") < log.index(f"initiating to {b.ipv4}")
+    assert both_ways(a, b)

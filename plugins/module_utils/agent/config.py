@@ -11,7 +11,7 @@ at home), in YAML:
     connections:
       h1-h2:
         local_addrs: [192.0.2.11]
-        remote_addrs: [192.0.2.12]
+        remote_addrs: [192.0.2.12]      # tried in turn; prefixes and %any answer only
         local: {id: h1.lab, auth: psk}
         remote: {id: h2.lab, auth: psk}
         psk_file: /etc/keyway/secrets/h1-h2.psk   # or psk: "...", file then 0600; a list
@@ -97,6 +97,28 @@ START_ACTIONS = ("none", "trap", "start")
 DPD_ACTIONS = ("clear", "trap", "restart")
 # "no" (never encapsulate, even behind a NAT) is not implemented: refused with a reason.
 ENCAP_MODES = ("auto", "force")
+ANY_ADDRESS = {"%any": ("0.0.0.0/0", "::/0"), "%any4": ("0.0.0.0/0",), "%any6": ("::/0",)}
+
+
+def initiation_addresses(remote_addrs: tuple[str, ...]) -> tuple[str, ...]:
+    """The single addresses among remote_addrs, in order: where an initiator tries."""
+    singles = []
+    for value in remote_addrs:
+        if value in ANY_ADDRESS:
+            continue
+        network = ipaddress.ip_network(value)
+        if network.num_addresses == 1:
+            singles.append(str(network.network_address))
+    return tuple(singles)
+
+
+def peer_ranges(remote_addrs: tuple[str, ...]) -> tuple:
+    """Every network a peer of these remote_addrs may come from."""
+    return tuple(
+        ipaddress.ip_network(n) for value in remote_addrs for n in ANY_ADDRESS.get(value, (value,))
+    )
+
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CONNECTION_NAME = _NAME  # what connection and child names may look like
 _DURATION = re.compile(r"^(\d+)\s*([smhd]?)$")
@@ -397,13 +419,33 @@ class _Reader:
         elif required and key not in raw:
             self.problem(_join(path, key), "is required")
         for i, value in enumerate(values):
-            if value in ("%any", "%any4", "%any6"):
+            if value in ANY_ADDRESS:
                 continue
             try:
                 ipaddress.ip_address(value)
             except ValueError:
                 self.problem(f"{path}.{key}[{i}]", f"{value!r} is not an IP address")
         return values
+
+    def peer_addresses(self, raw: dict, key: str, path: str) -> tuple[str, ...]:
+        """Where a peer may be: addresses (an initiator tries them in turn), prefixes and
+        %any / %any4 / %any6 (it may come from anywhere there); prefixes as written."""
+        values = self.strings(raw, key, path, ())
+        if key not in raw:
+            self.problem(_join(path, key), "is required")
+        elif not values:
+            self.problem(_join(path, key), "must list at least one address")
+        valid = []
+        for i, value in enumerate(values):
+            try:
+                if value not in ANY_ADDRESS:
+                    ipaddress.ip_network(value, strict=True)
+                valid.append(value)
+            except ValueError:
+                self.problem(
+                    f"{path}.{key}[{i}]", f"{value!r} is not an IP address, a prefix or %any"
+                )
+        return tuple(valid)
 
     def selectors(self, raw: dict, key: str, path: str) -> tuple[str, ...]:
         """Traffic selectors: prefixes (a bare address means that one host)."""
@@ -739,16 +781,31 @@ def _connection(
             f"{path}.local_port",
             f"{local_port}: keywayd initiates from its ike_port ({ike_port}) only",
         )
-    remote_addrs = reader.addresses(raw, "remote_addrs", path, required=True)
-    if len(remote_addrs) > 1 or set(remote_addrs) & {"%any", "%any4", "%any6"}:
-        reader.problem(
-            f"{path}.remote_addrs",
-            "must be the peer's one IP address: keywayd does not yet answer peers of "
-            "unknown address (%any) or try several addresses",
-        )
+    remote_addrs = reader.peer_addresses(raw, "remote_addrs", path)
+    local_addrs = reader.addresses(raw, "local_addrs", path, required=False) or ("%any",)
+    if remote_addrs and not initiation_addresses(remote_addrs):
+        # A peer of unknown address: it initiates, we answer (as strongSwan's %any).
+        starting = [
+            f"{c.name}: {key} {getattr(c, key)}"
+            for c in children
+            for key in ("start_action", "close_action", "dpd_action")
+            if getattr(c, key) in ("start", "trap", "restart")
+        ]
+        if starting:
+            reader.problem(
+                f"{path}.remote_addrs",
+                "has no single address to initiate to (only %any or prefixes), so the "
+                f"connection can only answer: {'; '.join(starting)}",
+            )
+        if all(a.startswith("%any") for a in local_addrs):
+            reader.problem(
+                f"{path}.local_addrs",
+                "is required when remote_addrs has no single address (no route to choose "
+                "a local address by)",
+            )
     return ConnectionConfig(
         name=name,
-        local_addrs=reader.addresses(raw, "local_addrs", path, required=False) or ("%any",),
+        local_addrs=local_addrs,
         remote_addrs=remote_addrs,
         local=local,
         remote=remote,

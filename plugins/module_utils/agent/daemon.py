@@ -83,7 +83,9 @@ from .config import (
     ConnectionConfig,
     config_warnings,
     diff_configs,
+    initiation_addresses,
     load_config,
+    peer_ranges,
 )
 from .control import ControlError, ControlServer, InstanceLock
 from .udp import UdpRunner
@@ -143,7 +145,7 @@ def resolve_local_address(conn: ConnectionConfig) -> str:
     for address in conn.local_addrs:
         if address != "%any":
             return address
-    remote = conn.remote_addrs[0]
+    remote = initiation_addresses(conn.remote_addrs)[0]  # the parser saw to that
     family = socket.AF_INET6 if ":" in remote else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as probe:
         try:
@@ -221,9 +223,14 @@ def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> 
             revocation=conn.remote.revocation,
             peer_signatures=PEER_SIGNATURES[conn.remote.auth],
         )
+    # Where we initiate first; a peer that may be anywhere (%any, prefixes) initiates
+    # itself, and the unspecified address stands in.
+    first = next(iter(initiation_addresses(conn.remote_addrs)), None)
+    if first is None:
+        first = "::" if ":" in resolve_local_address(conn) else "0.0.0.0"
     return IkeConnection(
         conn.name,
-        (conn.remote_addrs[0], conn.remote_port),
+        (first, conn.remote_port),
         conn.local.id,
         conn.remote.id,
         conn.psk.reveal() if conn.psk else b"",
@@ -234,6 +241,7 @@ def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> 
         unique=conn.unique,
         fragment_size=agent.fragment_size,
         keepalive=agent.keepalive,
+        peer_ranges=peer_ranges(conn.remote_addrs),
         retransmit=RetransmitPolicy(
             agent.retransmit_timeout, agent.retransmit_base, agent.retransmit_tries
         ),
@@ -283,6 +291,7 @@ class Agent:
         self.plane = plane
         self._udp_encap_handler = None  # the userspace plane's ESP-in-UDP input
         self._local_towards: dict[str, str] = {}  # peer address -> our local address
+        self._address_turn: dict[str, int] = {}  # which of remote_addrs is tried next
         self.engines: dict[str, Engine] = {}  # by local address
         self.runners: dict[str, UdpRunner] = {}
         self.local_of: dict[str, str] = {}  # connection -> local address
@@ -463,7 +472,7 @@ class Agent:
         engine, _unused = await self._endpoint(local)
         engine.add_connection(ike_connection(conn, self.config))
         self.local_of[conn.name] = local
-        for remote in conn.remote_addrs:
+        for remote in initiation_addresses(conn.remote_addrs):
             self._local_towards[remote] = local
         self._terminated.discard(conn.name)
         for child in conn.children:
@@ -485,9 +494,12 @@ class Agent:
             return
         gone = self._config_of(name)
         still = {
-            r for c in self.config.connections if c.name in self.local_of for r in c.remote_addrs
+            r
+            for c in self.config.connections
+            if c.name in self.local_of
+            for r in initiation_addresses(c.remote_addrs)
         }
-        for remote in gone.remote_addrs if gone else ():
+        for remote in initiation_addresses(gone.remote_addrs) if gone else ():
             if remote not in still:
                 self._local_towards.pop(remote, None)
         engine = self.engines[local]
@@ -534,9 +546,11 @@ class Agent:
         child: ChildConfig,
         state: _ChildState,
         selectors: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
+        remote: str | None = None,
     ) -> list[base.PolicySpec]:
         """The child's policies: for its configured traffic selectors, or for those
-        negotiated (`selectors`, local and remote), which the peer may have narrowed."""
+        negotiated (`selectors`, local and remote), which the peer may have narrowed;
+        tunnels end at `remote` (the peer's address in the SA), else where we initiate."""
         if child.mode in ("pass", "drop"):
             action = base.PolicyAction(child.mode)
         else:
@@ -547,7 +561,7 @@ class Agent:
             remote_ts,
             reqid=state.reqid,
             local_address=self.local_of[conn.name],
-            remote_address=conn.remote_addrs[0],
+            remote_address=remote or self._initiation_address(conn)[0],
             mode=child.mode,
             protocol=child.protocol,
             action=action,
@@ -558,14 +572,19 @@ class Agent:
         )
 
     def _sync_policies(
-        self, conn, child, state: _ChildState, selectors: tuple[tuple[str, ...], tuple[str, ...]]
+        self,
+        conn,
+        child,
+        state: _ChildState,
+        selectors: tuple[tuple[str, ...], tuple[str, ...]],
+        remote: str | None = None,
     ) -> None:
         """The child's policies made those of `selectors`: new ones first, then the ones
         no longer wanted go (traffic the peer did not agree to protect is not sent into
         an SA it would drop; it follows the host's other policies). A trap child keeps
         its configured ones too, less specific: what the peer narrowed out still
         triggers an acquire, never leaves in the clear."""
-        wanted = self._policies_of(conn, child, state, selectors)
+        wanted = self._policies_of(conn, child, state, selectors, remote)
         if state.trap:
             ids = {p.id for p in wanted}
             wanted += [p for p in self._policies_of(conn, child, state) if p.id not in ids]
@@ -622,9 +641,17 @@ class Agent:
             return
         self._initiating.add(name)
         self._attempts[name] = self._attempts.get(name, 0) + 1
-        log.info("[%s] initiating", name)
+        remote = self._initiation_address(self.config.connection(name))
+        log.info("[%s] initiating to %s", name, remote[0])
         self.stats["initiations"] += 1
-        self.runners[self.local_of[name]].initiate(name)
+        self.runners[self.local_of[name]].initiate(name, remote)
+
+    def _initiation_address(self, conn: ConnectionConfig) -> tuple[str, int]:
+        """Where the next initiation goes: each of remote_addrs in turn, the next one
+        after each failure (a peer with several addresses, one of them down)."""
+        addresses = initiation_addresses(conn.remote_addrs) or ("0.0.0.0",)
+        turn = self._address_turn.get(conn.name, 0) % len(addresses)
+        return addresses[turn], conn.remote_port
 
     def _close_ike(self, sa: IkeSa) -> None:
         self._closing.add(sa.spi_i)
@@ -647,6 +674,7 @@ class Agent:
             self._attempts.pop(name, None)
             return
         self._last_error.setdefault(name, why)  # a more precise reason may be known
+        self._address_turn[name] = self._address_turn.get(name, 0) + 1  # the next address
         failures = self._retries.get(name, (0, None))[0] + 1
         delay = min(BACKOFF_MAX, 2.0 ** (failures - 1)) * random.uniform(0.8, 1.2)
         self._cancel_retry(name)
@@ -874,7 +902,10 @@ class Agent:
         self._child_since[event.spi_in] = self._loop.time()
         first = not state.spis  # not a rekey nor a reauthentication's twin
         state.spis.add(event.spi_in)
-        self._sync_policies(conn, child, state, (event.local_ts, event.remote_ts))
+        self._local_towards.setdefault(event.remote_address, self.local_of[conn.name])
+        self._sync_policies(
+            conn, child, state, (event.local_ts, event.remote_ts), event.remote_address
+        )
         if first:
             self._updown("up", event.connection, event.child, event)
         log.info(

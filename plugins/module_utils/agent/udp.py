@@ -96,8 +96,8 @@ class UdpRunner:
     def now(self) -> float:
         return self._loop.time()
 
-    def initiate(self, name: str) -> None:
-        self.engine.initiate(name, self.now())
+    def initiate(self, name: str, remote: tuple[str, int] | None = None) -> None:
+        self.engine.initiate(name, self.now(), remote=remote)
         self.pump()
 
     def send_nat_t(self, data: bytes, dst: tuple) -> None:

@@ -16,8 +16,10 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import (
     Secret,
     config_warnings,
     diff_configs,
+    initiation_addresses,
     load_config,
     parse_config,
+    peer_ranges,
 )
 
 PSK = "correct-horse-battery-staple-42"
@@ -89,8 +91,12 @@ def test_swanctl_keys_keywayd_does_not_honour_are_refused_with_the_reason():
     assert problems["connections.h1-h2.local_port"] == (
         "4500: keywayd initiates from its ike_port (5000) only"
     )
-    for name in ("h1-h2", "h1-h3"):
-        assert "one IP address" in problems[f"connections.{name}.remote_addrs"]
+    # Several addresses are tried in turn; %any can only answer, and this child starts.
+    assert "connections.h1-h2.remote_addrs" not in problems
+    assert problems["connections.h1-h3.remote_addrs"] == (
+        "has no single address to initiate to (only %any or prefixes), so the connection "
+        "can only answer: sites: start_action start"
+    )
     assert problems["state_dir"].startswith("unknown key")
     # Reported once each, not once more as a bad choice.
     assert len(caught.value.problems) == len(problems)
@@ -471,3 +477,30 @@ def test_both_ends_authenticate_alike_and_remote_auth_constrains_signatures(tmp_
     raw["connections"]["h1-h2"]["local"]["auth"] = "rsa/pss"  # a constraint is the peer's
     with pytest.raises(ConfigError, match=r"connections\.h1-h2\.local\.auth"):
         parse_config(raw, validate_proposal=accept_all, base_dir=tmp_path)
+
+
+def test_remote_addrs_take_addresses_prefixes_and_any_with_an_initiation_order():
+    good = yaml.safe_load(GOOD)
+    conn = good["connections"]["h1-h2"]
+    conn["remote_addrs"] = ["192.0.2.12", "198.51.100.0/24", "192.0.2.13", "%any6"]
+    (parsed,) = parse_config(good, validate_proposal=accept_all).connections
+    assert initiation_addresses(parsed.remote_addrs) == ("192.0.2.12", "192.0.2.13")
+    assert [str(n) for n in peer_ranges(parsed.remote_addrs)] == [
+        "192.0.2.12/32", "198.51.100.0/24", "192.0.2.13/32", "::/0"
+    ]  # fmt: skip
+    conn["remote_addrs"] = ["%any"]
+    conn["local_addrs"] = ["%any"]
+    conn["children"]["sites"]["start_action"] = "none"
+    conn["children"]["sites"]["dpd_action"] = "restart"
+    conn["remote_addrs"] = ["%any", "192.0.2.300", "10.0.0.1/8"]
+    with pytest.raises(ConfigError) as caught:
+        parse_config(good, validate_proposal=accept_all)
+    problems = dict(caught.value.problems)
+    assert problems["connections.h1-h2.remote_addrs[1]"] == (
+        "'192.0.2.300' is not an IP address, a prefix or %any"
+    )
+    assert problems["connections.h1-h2.remote_addrs[2]"] == (
+        "'10.0.0.1/8' is not an IP address, a prefix or %any"
+    )
+    assert problems["connections.h1-h2.remote_addrs"].endswith("sites: dpd_action restart")
+    assert problems["connections.h1-h2.local_addrs"].startswith("is required when remote_addrs")

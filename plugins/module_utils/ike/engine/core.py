@@ -173,10 +173,20 @@ class IkeConnection:
     # Seconds between NAT keepalives while our own address is translated (RFC 3948
     # 2.3; strongSwan's charon.keep_alive): the NAT's mapping must not expire. 0: none.
     keepalive: float = 20.0
+    # Where else the peer may come from: more addresses, prefixes, or every address
+    # (0.0.0.0/0 and ::/0 for swanctl's %any); such a peer is told apart by identity.
+    # remote_address is where we initiate (a caller may pick another per initiation).
+    peer_ranges: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @property
     def psks(self) -> tuple[bytes, ...]:
         return (self.psk, *self.previous_psks)
+
+
+def _peer_addresses(conn: IkeConnection) -> list[str]:
+    """The single addresses a connection's peer may come from (indexed)."""
+    singles = [str(r.network_address) for r in conn.peer_ranges if r.num_addresses == 1]
+    return list(dict.fromkeys([conn.remote_address[0], *singles]))
 
 
 @functools.lru_cache(maxsize=256)
@@ -2147,6 +2157,8 @@ class Engine:
         self.connections: dict[str, IkeConnection] = {}
         self._by_address: dict[str, list[IkeConnection]] = {}
         self._by_identity: dict[tuple[str, str], list[IkeConnection]] = {}
+        # Connections whose peer may come from a range: checked after the indexes.
+        self._ranged: list[IkeConnection] = []
         self._by_conn: dict[str, dict[int, IkeSa]] = {}
         self._timers: list[tuple[float, int, IkeSa]] = []  # heap of (deadline, seq, sa)
         self._timer_of: dict[int, float] = {}  # id(sa) -> its live deadline in the heap
@@ -2173,8 +2185,11 @@ class Engine:
     def add_connection(self, conn: IkeConnection) -> None:
         self.remove_connection(conn.name)
         self.connections[conn.name] = conn
-        self._by_address.setdefault(conn.remote_address[0], []).append(conn)
-        self._by_identity.setdefault((conn.remote_address[0], conn.remote_id), []).append(conn)
+        for address in _peer_addresses(conn):
+            self._by_address.setdefault(address, []).append(conn)
+            self._by_identity.setdefault((address, conn.remote_id), []).append(conn)
+        if any(r.num_addresses > 1 for r in conn.peer_ranges):
+            self._ranged.append(conn)
 
     def remove_connection(self, name: str) -> None:
         """Forget a connection for new negotiations; its SAs are the caller's to delete
@@ -2182,24 +2197,25 @@ class Engine:
         conn = self.connections.pop(name, None)
         if conn is None:
             return
-        for index, key in (
-            (self._by_address, conn.remote_address[0]),
-            (self._by_identity, (conn.remote_address[0], conn.remote_id)),
-        ):
-            index[key].remove(conn)
-            if not index[key]:
-                del index[key]
+        for address in _peer_addresses(conn):
+            for index, key in (
+                (self._by_address, address),
+                (self._by_identity, (address, conn.remote_id)),
+            ):
+                index[key].remove(conn)
+                if not index[key]:
+                    del index[key]
+        if conn in self._ranged:
+            self._ranged.remove(conn)
 
-    def initiate(self, name: str, now: float, psk_index: int = 0) -> IkeSa:
+    def initiate(
+        self, name: str, now: float, psk_index: int = 0, remote: Address | None = None
+    ) -> IkeSa:
+        """Start an IKE SA of connection `name`, to its remote_address or to `remote`
+        (another address of the peer's)."""
         self.now = now
-        sa = IkeSa(
-            self,
-            self.connections[name],
-            True,
-            self.connections[name].remote_address,
-            os.urandom(8),
-            bytes(8),
-        )
+        conn = self.connections[name]
+        sa = IkeSa(self, conn, True, remote or conn.remote_address, os.urandom(8), bytes(8))
         sa.psk_index = psk_index
         self._by_spi[sa.spi_i] = sa
         sa.start(now)
@@ -2534,10 +2550,22 @@ class Engine:
         self, remote: Address, remote_id: str | None = None
     ) -> list[IkeConnection]:
         """Connections to this peer address (and identity): indexed, since one agent may
-        hold thousands of connections."""
+        hold thousands of connections; then those whose peer may come from a range."""
         if remote_id is not None:
-            return self._by_identity.get((remote[0], remote_id), [])
-        return self._by_address.get(remote[0], [])
+            exact = self._by_identity.get((remote[0], remote_id), [])
+        else:
+            exact = self._by_address.get(remote[0], [])
+        if not self._ranged:
+            return exact
+        address = ipaddress.ip_address(remote[0])
+        ranged = [
+            c
+            for c in self._ranged
+            if (remote_id is None or c.remote_id == remote_id)
+            and c not in exact
+            and any(address in r for r in c.peer_ranges if r.version == address.version)
+        ]
+        return exact + ranged
 
     def _nat_notifies(
         self, spi_i: bytes, spi_r: bytes, remote: Address, swap: bool = False
@@ -2579,8 +2607,14 @@ class Engine:
         return self._by_spi.get(spi)
 
     def sas_with(self, remote_ip: str) -> list[IkeSa]:
-        """The IKE SAs of the connections to a peer address (through the indexes)."""
-        return [sa for c in self._by_address.get(remote_ip, []) for sa in self.sas_of(c.name)]
+        """The IKE SAs with a peer address (the connections' indexes, then the SAs of
+        connections to ranges that are with that address now)."""
+        exact = self._by_address.get(remote_ip, [])
+        sas = [sa for c in exact for sa in self.sas_of(c.name)]
+        for conn in self._ranged:
+            if conn not in exact:
+                sas += [sa for sa in self.sas_of(conn.name) if sa.remote[0] == remote_ip]
+        return sas
 
     def sas_of(self, name: str) -> list[IkeSa]:
         """The IKE SAs of connection `name` (any state but failed and deleted)."""
