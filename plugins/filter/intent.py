@@ -33,7 +33,13 @@ def _plain(value):
     return str(value)
 
 
-_HOST_KEYS = ("keyway_address", "keyway_sites", "keyway_ike_id", "keyway_overrides")
+_HOST_KEYS = (
+    "keyway_address",
+    "keyway_sites",
+    "keyway_ike_id",
+    "keyway_overrides",
+    "keyway_behind_nat",
+)
 
 
 @contextlib.contextmanager

@@ -18,9 +18,11 @@ The model (README: "The inventory model"):
   is left alone.
 - Each host: `keyway_address` (outer address), `keyway_sites` (prefixes behind it;
   without them it protects its own address), `keyway_ike_id` (default: its name),
-  `keyway_overrides`.
-- `keyway_external_peers`: unmanaged peers by name {address, id, sites, psk, overrides},
-  usable as link ends, site_to_site gateways and hubs.
+  `keyway_overrides`, `keyway_behind_nat` (true: its address is its own, peers do not
+  reach it there; it initiates each of its links and its peers accept it from any
+  address by its identity).
+- `keyway_external_peers`: unmanaged peers by name {address, id, sites, psk, overrides,
+  behind_nat}, usable as link ends, site_to_site gateways and hubs.
 - Overrides, highest first: the link's own, the ends' `keyway_overrides`, the ends'
   groups' (`keyway_group_overrides`), the topology's `overrides`, `keyway_defaults`;
   keys left unset take keywayd's defaults. Both ends of a link share one value: two
@@ -113,6 +115,8 @@ class Endpoint:
     managed: bool
     groups: tuple[str, ...] = ()
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    # Behind a NAT or on a changing address: it initiates; peers take it from anywhere.
+    behind_nat: bool = False
 
     @property
     def overrides_variable(self) -> str:
@@ -289,6 +293,13 @@ def _address(raw: Any, where: str, problems: _Problems) -> str | None:
         return None
 
 
+def _flag(raw: Any, where: str, problems: _Problems) -> bool:
+    if raw is None or isinstance(raw, bool):
+        return bool(raw)
+    problems.add(where, f"{raw!r} is not true or false")
+    return False
+
+
 class _Inventory:
     """Endpoints read on demand: only hosts that take part need Keyway's variables."""
 
@@ -354,9 +365,9 @@ class _Inventory:
             if not isinstance(raw, Mapping):
                 p.add(where, "must be a mapping (address, id, sites, psk)")
                 return None
-            unknown = set(raw) - {"address", "id", "sites", "psk", "overrides"}
-            for key in sorted(unknown):
-                p.add(f"{where}.{key}", "unknown key (known: address, id, sites, psk, overrides)")
+            known = ("address", "id", "sites", "psk", "overrides", "behind_nat")
+            for key in sorted(set(raw) - set(known)):
+                p.add(f"{where}.{key}", f"unknown key (known: {', '.join(known)})")
             psk = raw.get("psk")
             if not psk:
                 p.add(f"{where}.psk", "missing: an external peer needs its PSK (vault it)")
@@ -369,6 +380,7 @@ class _Inventory:
                 sites=_prefixes(raw.get("sites"), f"{where}.sites", p),
                 managed=False,
                 overrides=_overrides(raw.get("overrides"), f"{where}.overrides", p),
+                behind_nat=_flag(raw.get("behind_nat"), f"{where}.behind_nat", p),
             )
         else:
             host = self.hostvars[name]
@@ -381,6 +393,7 @@ class _Inventory:
                 managed=True,
                 groups=tuple(sorted(self._groups_of.get(name, ()))),
                 overrides=_overrides(host.get("keyway_overrides"), f"{where}: keyway_overrides", p),
+                behind_nat=_flag(host.get("keyway_behind_nat"), f"{where}: keyway_behind_nat", p),
             )
         return endpoint if len(p.items) == before else None
 
@@ -636,6 +649,22 @@ def compute_intent(
                 at,
                 problems,
             )
+            hidden = [e.name for e in endpoints if e.behind_nat]
+            if len(hidden) == 2:
+                problems.add(
+                    at,
+                    f"{hidden[0]} and {hidden[1]} are both behind NAT (keyway_behind_nat): "
+                    "neither can reach the other; link them through a hub",
+                )
+                continue
+            if hidden:
+                for key in ("start_action", "initiator"):
+                    if settings.get(key) in ("trap", "both"):
+                        problems.add(
+                            at,
+                            f"{key} {settings[key]} (from {source[key]}): {hidden[0]} is behind "
+                            "NAT, so only it can initiate; its peer answers",
+                        )
             sited = [e.name for e in endpoints if e.sites]
             if settings.get("mode") == "transport" and sited:
                 problems.add(
@@ -669,6 +698,9 @@ def _initiators(
 ) -> tuple[str, ...]:
     if settings.get("start_action") == "trap":
         return ()
+    hidden = [e for e in ends if e.behind_nat]
+    if hidden:  # only the end behind the NAT can reach the other (an external one: itself)
+        return (hidden[0].name,) if hidden[0].managed else ()
     managed = [e.name for e in ends if e.managed]
     if settings.get("initiator") == "both":
         return tuple(managed)
@@ -686,7 +718,8 @@ def _check_unique(links: Intent, problems: _Problems) -> None:
     endpoints = {e.name: e for link in links.values() for e in link.endpoints.values()}
     for name in sorted(endpoints):
         end = endpoints[name]
-        other = seen_address.setdefault(end.address, name)
+        # Behind NATs, private addresses may repeat; such peers are told by identity.
+        other = name if end.behind_nat else seen_address.setdefault(end.address, name)
         if other != name:
             problems.add(f"host {name}", f"outer address {end.address} is also {other}'s")
         other = seen_id.setdefault(end.ike_id, name)
@@ -728,7 +761,8 @@ def _connection(host: str, link: Link) -> dict:
     peer = link.endpoints[peer_name]
     conn: dict[str, Any] = {
         "local_addrs": [me.address],
-        "remote_addrs": [peer.address],
+        # A peer behind NAT comes from an address of the NAT's: any, told by identity.
+        "remote_addrs": ["%any"] if peer.behind_nat else [peer.address],
         "local": {"id": me.ike_id, "auth": "psk"},
         "remote": {"id": peer.ike_id, "auth": "psk"},
     }

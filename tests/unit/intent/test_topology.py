@@ -466,3 +466,65 @@ def test_link_psks_are_rfc_5869_hkdf_sha256_as_cryptography_computes_it():
             MASTER.encode()
         )
         assert link_psk(MASTER, *ids, version) == base64.b64encode(key).decode()
+
+
+def test_spokes_behind_nat_dial_the_hub_which_takes_them_from_any_address():
+    """keyway_behind_nat (issue 16): two spokes behind home NATs with the same private
+    address; the hub accepts each by identity from any address, each spoke initiates,
+    and spoke-to-spoke traffic goes through the hub (they cannot reach each other)."""
+    hostvars, groups = inventory(3)
+    for spoke in ("h2", "h3"):
+        hostvars[spoke].update(keyway_address="192.168.1.10", keyway_behind_nat=True)
+    links = intent(
+        [{"name": "b", "type": "hub_spoke", "hubs": ["h1"], "spokes": ["h2", "h3"]}],
+        hostvars,
+        groups,
+    )
+    assert sorted(links) == ["h1-h2", "h1-h3"]  # no direct spoke-to-spoke link
+    for spoke in ("h2", "h3"):
+        at_hub = host_connections("h1", links)[f"h1-{spoke}"]
+        at_spoke = host_connections(spoke, links)[f"h1-{spoke}"]
+        assert at_hub["remote_addrs"] == ["%any"] and at_hub["remote"]["id"] == spoke
+        assert at_hub["children"]["sites"]["start_action"] == "none"
+        assert at_spoke["remote_addrs"] == ["192.0.2.11"]
+        assert at_spoke["local_addrs"] == ["192.168.1.10"]
+        assert at_spoke["children"]["sites"]["start_action"] == "start"
+    # The other spoke's site is reached through the hub.
+    assert "10.3.0.0/24" in host_connections("h2", links)["h1-h2"]["children"]["sites"]["remote_ts"]
+
+
+def test_a_host_behind_nat_initiates_even_against_the_name_order():
+    hostvars, groups = inventory(2)
+    hostvars["h1"]["keyway_behind_nat"] = True  # h1 sorts first, but h2 cannot reach it
+    links = intent([{"name": "core", "type": "mesh", "members": "lab"}], hostvars, groups)
+    assert links["h1-h2"].initiators == ("h1",)
+    assert host_connections("h2", links)["h1-h2"]["remote_addrs"] == ["%any"]
+
+
+def test_links_a_nat_makes_impossible_are_refused_with_the_reason():
+    hostvars, groups = inventory(4)
+    hostvars["h1"]["keyway_behind_nat"] = True
+    hostvars["h2"]["keyway_behind_nat"] = True
+    hostvars["h4"]["keyway_behind_nat"] = "yes"
+    problems = problems_of(
+        [
+            {"name": "core", "type": "mesh", "members": ["h1", "h2"]},
+            {
+                "name": "t",
+                "type": "links",
+                "links": [{"ends": ["h1", "h3"], "start_action": "trap"}],
+            },
+            {"name": "u", "type": "links", "links": [{"ends": ["h3", "h4"]}]},
+        ],
+        hostvars,
+        groups,
+    )
+    assert (
+        "topology core: link h1-h2: h1 and h2 are both behind NAT (keyway_behind_nat): neither "
+        "can reach the other; link them through a hub"
+    ) in problems
+    assert (
+        "topology t: link h1-h3: start_action trap (from topology t: link h1-h3 (link)): h1 is "
+        "behind NAT, so only it can initiate; its peer answers"
+    ) in problems
+    assert "host h4: keyway_behind_nat: 'yes' is not true or false" in problems
