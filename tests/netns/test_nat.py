@@ -5,7 +5,10 @@ by identity (issue 16)."""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import time
+from pathlib import Path
 
 from tests.fixtures.capture import Capture
 from tests.fixtures.keywayd import site_connection
@@ -149,4 +152,36 @@ def test_an_initiator_whose_first_remote_address_is_down_tries_the_next(netns_ho
     assert agent.sas("ab")[0]["remote"] == f"{b.ipv4}:500"
     log = agent.log()
     assert log.index("initiating to 192.0.2.99") < log.index(f"initiating to {b.ipv4}")
+    assert both_ways(a, b)
+
+
+@contextlib.contextmanager
+def hosts_file(netns: str, text: str):
+    """/etc/netns/NS/hosts: `ip netns exec` binds it over /etc/hosts for what runs there
+    (so keywayd resolves names from it); later writes go to the same file."""
+    folder = Path("/etc/netns") / netns
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "hosts"
+    path.write_text(text)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_peer_named_by_dns_is_resolved_at_each_initiation(netns_hosts, agents):
+    """remote_addrs: [a DNS name]: looked up when initiating, and again when that fails,
+    so a peer whose name moved to another address is found there."""
+    a, b = netns_hosts(2).hosts
+    agents(b, {"ab": site_connection(b, a, start=False)})
+    conn = site_connection(a, b, start=True)
+    conn["remote_addrs"] = ["peer.keyway.test"]
+    with hosts_file(a.netns, "192.0.2.99 peer.keyway.test\n") as hosts:  # nobody there
+        agent = agents(a, {"ab": conn}, retransmit_timeout=0.5, retransmit_tries=1)
+        agent.wait_for(lambda: "initiating to 192.0.2.99 (peer.keyway.test)" in agent.log(),
+                       "the first lookup")  # fmt: skip
+        with open(hosts, "w") as rewrite:  # the same file, the bind mount sees it
+            rewrite.write(f"{b.ipv4} peer.keyway.test\n")
+        agent.wait_for(lambda: up(agent, "ab"), "ab up at the name's new address", timeout=30)
+    assert f"initiating to {b.ipv4} (peer.keyway.test)" in agent.log()
     assert both_ways(a, b)

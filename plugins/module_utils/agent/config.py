@@ -100,11 +100,26 @@ ENCAP_MODES = ("auto", "force")
 ANY_ADDRESS = {"%any": ("0.0.0.0/0", "::/0"), "%any4": ("0.0.0.0/0",), "%any6": ("::/0",)}
 
 
+# A DNS name as remote_addrs may hold one (RFC 1123 labels; not all digits and dots).
+DNS_NAME = re.compile(
+    r"^(?=.{1,253}\.?$)(?![\d.]+$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?$"
+)
+
+
+def is_dns_name(value: str) -> bool:
+    return bool(DNS_NAME.match(value))
+
+
 def initiation_addresses(remote_addrs: tuple[str, ...]) -> tuple[str, ...]:
-    """The single addresses among remote_addrs, in order: where an initiator tries."""
+    """The single addresses and DNS names among remote_addrs, in order: where an
+    initiator tries (a name is resolved at each try)."""
     singles = []
     for value in remote_addrs:
         if value in ANY_ADDRESS:
+            continue
+        if is_dns_name(value):
+            singles.append(value)
             continue
         network = ipaddress.ip_network(value)
         if network.num_addresses == 1:
@@ -113,9 +128,12 @@ def initiation_addresses(remote_addrs: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def peer_ranges(remote_addrs: tuple[str, ...]) -> tuple:
-    """Every network a peer of these remote_addrs may come from."""
+    """Every network a peer of these remote_addrs may come from (names: once resolved)."""
     return tuple(
-        ipaddress.ip_network(n) for value in remote_addrs for n in ANY_ADDRESS.get(value, (value,))
+        ipaddress.ip_network(n)
+        for value in remote_addrs
+        if not is_dns_name(value)
+        for n in ANY_ADDRESS.get(value, (value,))
     )
 
 
@@ -438,12 +456,13 @@ class _Reader:
         valid = []
         for i, value in enumerate(values):
             try:
-                if value not in ANY_ADDRESS:
+                if value not in ANY_ADDRESS and not is_dns_name(value):
                     ipaddress.ip_network(value, strict=True)
                 valid.append(value)
             except ValueError:
                 self.problem(
-                    f"{path}.{key}[{i}]", f"{value!r} is not an IP address, a prefix or %any"
+                    f"{path}.{key}[{i}]",
+                    f"{value!r} is not an IP address, a prefix, a DNS name or %any",
                 )
         return tuple(valid)
 
@@ -802,6 +821,21 @@ def _connection(
                 f"{path}.local_addrs",
                 "is required when remote_addrs has no single address (no route to choose "
                 "a local address by)",
+            )
+    first = next(iter(initiation_addresses(remote_addrs)), "")
+    if is_dns_name(first):
+        # Names are resolved when initiating, never while keywayd loads its config.
+        if all(a.startswith("%any") for a in local_addrs):
+            reader.problem(
+                f"{path}.local_addrs",
+                f"is required when the first of remote_addrs is a DNS name ({first})",
+            )
+        traps = [c.name for c in children if "trap" in (c.start_action, c.dpd_action)]
+        if traps:
+            reader.problem(
+                f"{path}.remote_addrs",
+                f"{first} is a DNS name: a trap policy needs the peer's address before any "
+                f"packet (children {', '.join(traps)}); list the address, or use start",
             )
     return ConnectionConfig(
         name=name,

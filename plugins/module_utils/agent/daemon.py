@@ -32,6 +32,7 @@ import asyncio
 import collections
 import dataclasses
 import functools
+import ipaddress
 import logging
 import os
 import random
@@ -84,6 +85,7 @@ from .config import (
     config_warnings,
     diff_configs,
     initiation_addresses,
+    is_dns_name,
     load_config,
     peer_ranges,
 )
@@ -225,7 +227,7 @@ def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> 
         )
     # Where we initiate first; a peer that may be anywhere (%any, prefixes) initiates
     # itself, and the unspecified address stands in.
-    first = next(iter(initiation_addresses(conn.remote_addrs)), None)
+    first = next((a for a in initiation_addresses(conn.remote_addrs) if not is_dns_name(a)), None)
     if first is None:
         first = "::" if ":" in resolve_local_address(conn) else "0.0.0.0"
     return IkeConnection(
@@ -292,6 +294,7 @@ class Agent:
         self._udp_encap_handler = None  # the userspace plane's ESP-in-UDP input
         self._local_towards: dict[str, str] = {}  # peer address -> our local address
         self._address_turn: dict[str, int] = {}  # which of remote_addrs is tried next
+        self._resolving: set[asyncio.Task] = set()  # DNS lookups of peers being initiated
         self.engines: dict[str, Engine] = {}  # by local address
         self.runners: dict[str, UdpRunner] = {}
         self.local_of: dict[str, str] = {}  # connection -> local address
@@ -641,10 +644,44 @@ class Agent:
             return
         self._initiating.add(name)
         self._attempts[name] = self._attempts.get(name, 0) + 1
-        remote = self._initiation_address(self.config.connection(name))
-        log.info("[%s] initiating to %s", name, remote[0])
+        host, port = self._initiation_address(self.config.connection(name))
+        if is_dns_name(host):
+            task = self._loop.create_task(self._resolve_and_initiate(name, host, port))
+            self._resolving.add(task)
+            task.add_done_callback(self._resolving.discard)
+            return
+        log.info("[%s] initiating to %s", name, host)
         self.stats["initiations"] += 1
-        self.runners[self.local_of[name]].initiate(name, remote)
+        self.runners[self.local_of[name]].initiate(name, (host, port))
+
+    async def _resolve_and_initiate(self, name: str, host: str, port: int) -> None:
+        """A peer named by DNS: resolved at each initiation (so again after a failure),
+        without blocking the other tunnels; its address is then one it may come from."""
+        local = self.local_of.get(name, "")
+        family = socket.AF_INET6 if ":" in local else socket.AF_INET
+        try:
+            found = await self._loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
+        except OSError as exc:
+            reason = f"cannot resolve {host}: {exc.strerror or exc}"
+            log.warning("[%s] %s", name, reason)
+            self._last_error[name] = reason
+            self._initiation_over(name)
+            self._wake(name, {"up": False, "error": reason})
+            self._schedule_retry(name, reason)
+            return
+        if name not in self.local_of or name in self._terminated:
+            self._initiation_over(name)  # removed or terminated meanwhile
+            return
+        address = found[0][4][0]
+        engine = self.engines[self.local_of[name]]
+        conn = engine.connections[name]
+        if ipaddress.ip_network(address) not in conn.peer_ranges:
+            ranges = (*conn.peer_ranges, ipaddress.ip_network(address))
+            engine.add_connection(dataclasses.replace(conn, peer_ranges=ranges))
+        self._local_towards[address] = self.local_of[name]
+        log.info("[%s] initiating to %s (%s)", name, address, host)
+        self.stats["initiations"] += 1
+        self.runners[self.local_of[name]].initiate(name, (address, port))
 
     def _initiation_address(self, conn: ConnectionConfig) -> tuple[str, int]:
         """Where the next initiation goes: each of remote_addrs in turn, the next one

@@ -497,10 +497,30 @@ def test_remote_addrs_take_addresses_prefixes_and_any_with_an_initiation_order()
         parse_config(good, validate_proposal=accept_all)
     problems = dict(caught.value.problems)
     assert problems["connections.h1-h2.remote_addrs[1]"] == (
-        "'192.0.2.300' is not an IP address, a prefix or %any"
+        "'192.0.2.300' is not an IP address, a prefix, a DNS name or %any"
     )
     assert problems["connections.h1-h2.remote_addrs[2]"] == (
-        "'10.0.0.1/8' is not an IP address, a prefix or %any"
+        "'10.0.0.1/8' is not an IP address, a prefix, a DNS name or %any"
     )
     assert problems["connections.h1-h2.remote_addrs"].endswith("sites: dpd_action restart")
     assert problems["connections.h1-h2.local_addrs"].startswith("is required when remote_addrs")
+
+
+def test_a_dns_name_in_remote_addrs_is_tried_in_its_turn_and_needs_a_local_address():
+    good = yaml.safe_load(GOOD)
+    conn = good["connections"]["h1-h2"]
+    conn["remote_addrs"] = ["gw.example.net", "192.0.2.12"]
+    (parsed,) = parse_config(good, validate_proposal=accept_all).connections
+    assert initiation_addresses(parsed.remote_addrs) == ("gw.example.net", "192.0.2.12")
+    assert [str(n) for n in peer_ranges(parsed.remote_addrs)] == ["192.0.2.12/32"]
+    conn["local_addrs"] = ["%any"]
+    conn["children"]["sites"]["start_action"] = "trap"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(good, validate_proposal=accept_all)
+    problems = dict(caught.value.problems)
+    assert problems["connections.h1-h2.local_addrs"] == (
+        "is required when the first of remote_addrs is a DNS name (gw.example.net)"
+    )
+    assert problems["connections.h1-h2.remote_addrs"].startswith(
+        "gw.example.net is a DNS name: a trap policy needs the peer's address"
+    )
