@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from tests.fixtures.keywayd import ENTRY, ROOT, site_connection
 from tests.fixtures.netns import in_netns, udp_exchange
 
@@ -117,3 +119,65 @@ def test_a_keywayd_killed_with_sigkill_does_not_block_its_restart(netns_hosts, a
     assert agent_a.process.returncode == -9
     agent_a.start()  # raises if the dead daemon's lock or socket were in the way
     agent_a.wait_for(lambda: agent_a.sas("ab"), "ab established after the restart")
+
+
+@pytest.mark.parametrize("group", ["modp768", "modp1024"])
+def test_weak_groups_allowed_by_config_work_at_both_ends(netns_hosts, agents, group):
+    """Issue 14, item 5, through keywayd's config: modp768/1024 with allow_weak killed an
+    initiating keywayd at start (a traceback, its control socket left behind) and made a
+    responder log a traceback per IKE_SA_INIT. Both ends now negotiate them."""
+    a, b = netns_hosts(2).hosts
+
+    def weak(conn: dict) -> dict:
+        return {**conn, "allow_weak": True, "proposals": [f"aes128-sha256-{group}"]}
+
+    agent_b = agents(b, {"ab": weak(site_connection(b, a, start=False))})
+    agent_a = agents(a, {"ab": weak(site_connection(a, b, start=True))})
+    agent_a.wait_for(lambda: agent_a.child_spis("ab"), "ab established on the weak group")
+    assert agent_a.sas("ab")[0]["proposal"].endswith(group)
+    assert traffic_flows(a, b)
+    for agent in (agent_a, agent_b):
+        assert "Traceback" not in agent.log()
+
+
+@pytest.mark.parametrize(("unique", "kept"), [("no", 1), ("never", 2)])
+def test_unique_through_keywayd_decides_what_initial_contact_does(
+    netns_hosts, agents, unique, kept
+):
+    """Issue 14, item 7 (`unique` was parsed and ignored), through keywayd's config: a
+    restarted initiator's new IKE SA carries INITIAL_CONTACT; under swanctl's default
+    `no` the responder deletes the old IKE SA of that identity, under `never` it keeps
+    it (until it times out)."""
+    a, b = netns_hosts(2).hosts
+    agent_b = agents(b, {"ab": {**site_connection(b, a, start=False), "unique": unique}})
+    agent_a = agents(a, {"ab": site_connection(a, b, start=True)})
+    agent_a.wait_for(lambda: agent_a.child_spis("ab"), "ab established")
+    (first,) = agent_b.sas("ab")
+    agent_a.kill()  # no Delete sent: b still holds the first IKE SA
+    agent_a.start()
+    agent_a.wait_for(lambda: agent_a.child_spis("ab"), "ab established again")
+    agent_b.wait_for(
+        lambda: (
+            len(agent_b.sas("ab")) == kept
+            and any(sa["spi_i"] != first["spi_i"] for sa in agent_b.sas("ab"))
+        ),
+        f"{kept} IKE SA(s) at the responder",
+    )
+    assert (first["spi_i"] in [sa["spi_i"] for sa in agent_b.sas("ab")]) == (unique == "never")
+    assert traffic_flows(a, b)
+
+
+def test_log_level_debug_from_the_config_traces_each_message(netns_hosts, agents):
+    """Issue 14, item 19, through the config key (no --log-level on the command line):
+    info logs no message trace; `log_level: debug`, applied by a reload, does."""
+    a, b = netns_hosts(2).hosts
+    conns = {"ab": site_connection(b, a, start=False)}
+    agent_b = agents(b, conns, log_level=None)
+    agent_a = agents(a, {"ab": site_connection(a, b, start=True)})
+    agent_a.wait_for(lambda: agent_b.child_spis("ab"), "ab established")
+    assert "DEBUG" not in agent_b.log()
+    agent_b.write_config(conns, log_level="debug")
+    agent_b.ctl("reload")
+    agent_a.ctl("rekey", connection="ab", child="sites")
+    agent_b.wait_for(lambda: "ab: received CREATE_CHILD_SA request" in agent_b.log(), "a trace")
+    assert "ab: sending CREATE_CHILD_SA response" in agent_b.log()

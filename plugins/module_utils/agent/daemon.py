@@ -913,7 +913,7 @@ class Agent:
                 # The rekey's initiator may not hold the new inbound SA yet: keep sending
                 # on the old one until it deletes that (then _child_deleted installs this).
                 self._deferred_out[event.rekeyed_from] = (event.spi_in, out)
-            elif older and not event.initiated and not event.redundant:
+            elif older and not (event.initiated or event.redundant or event.peer_initial_contact):
                 # The same, for the peer's reauthentication (or a second IKE SA it made):
                 # its IKE_AUTH answer may be lost, and the peer then holds nothing of
                 # this SA. It deletes the old SAs once it has it.

@@ -415,6 +415,8 @@ class IkeSa:
         # We send from the NAT-T port (with the non-ESP marker): we floated there, or
         # the peer's last request came to it.
         self.nat_t = False
+        # The peer's IKE_AUTH said INITIAL_CONTACT: it holds no older SAs with us.
+        self.peer_initial_contact = False
         self.replaced = False  # a rekey moved this SA's role to a successor
         self.reauth_of: IkeSa | None = None  # the IKE SA this one reauthenticates
         self.psk_index = 0  # which of conn.psks this SA authenticates with
@@ -951,6 +953,7 @@ class IkeSa:
             rekeyed_from=rekeyed_from,
             local_address=self.engine.local[0],
             remote_address=self.remote[0],
+            peer_initial_contact=self.peer_initial_contact,
             udp_encap=self.nat or self.nat_t,
             encap_port=self.remote[1] if self.nat_t else NAT_T_PORT,
             ike_initiator=self.initiator,
@@ -1678,6 +1681,7 @@ class IkeSa:
         initial_contact = any(
             isinstance(p, codec.Notify) and p.type == NotifyType.INITIAL_CONTACT for p in inner
         )
+        self.peer_initial_contact = initial_contact
         if initial_contact and conn.unique != "never":
             for stale in older:  # the peer forgot them: no Delete to send
                 log.info("%s: peer restarted (INITIAL_CONTACT): old IKE SA dropped", conn.name)

@@ -52,6 +52,9 @@ class ChildSaReady:
     rekeyed_from: int = 0  # inbound SPI of the Child SA this one replaces (0: new)
     local_address: str = ""  # outer addresses of the SA (the IKE SA's endpoints)
     remote_address: str = ""
+    # Its IKE SA came with INITIAL_CONTACT: the peer holds none of our older SAs (it
+    # restarted), so nothing older is worth sending on.
+    peer_initial_contact: bool = False
     udp_encap: bool = False  # ESP in UDP (NAT detected or the IKE SA floated)
     # The peer's port for ESP in UDP: its NAT-T port as the IKE SA sees it (a NAT in
     # front of the peer may have mapped it to another).
