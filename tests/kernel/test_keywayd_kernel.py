@@ -13,6 +13,7 @@ import pytest
 from ansible_collections.keyway.ipsec.plugins.module_utils.esp.tun import ROUTE_TABLE
 from tests.fixtures.capture import Capture
 from tests.fixtures.keywayd import Keywayd, site_connection
+from tests.fixtures.nat import flush_mappings
 from tests.fixtures.netns import in_netns, udp_exchange
 
 pytestmark = pytest.mark.skipif(
@@ -115,3 +116,56 @@ def test_keywayd_with_an_xfrm_interface_leaves_the_routing_to_it(netns_hosts, tm
     finally:
         for agent in agents:
             agent.stop(timeout=SLOW)
+
+
+def test_two_spokes_behind_a_port_rewriting_nat_on_the_kernel_plane(nat_lab, tmp_path):
+    """Issue 16 on the real kernel: the hub's XFRM SAs send ESP in UDP to the port the NAT
+    mapped each spoke's 4500 to, and take it from there; a flushed NAT mapping is
+    followed by updating them in place (the spokes' liveness checks carry it)."""
+    lab = nat_lab(spokes=2)
+    hub, spokes = lab.hub, lab.spokes
+    hub_conns = {}
+    for spoke in spokes:
+        conn = site_connection(hub, spoke, start=False)
+        conn["remote_addrs"] = [lab.public_nat_address]
+        hub_conns[spoke.name] = conn
+    agents = [Keywayd(hub.netns, tmp_path / "hub", hub_conns, dataplane="kernel", timeout=SLOW)]
+    try:
+        for spoke in spokes:
+            conn = {**site_connection(spoke, hub, start=True), "dpd_delay": 5}
+            agents.append(Keywayd(spoke.netns, tmp_path / spoke.name, {"hub": conn},
+                                  dataplane="kernel", timeout=SLOW))  # fmt: skip
+        hub_agent = agents[0]
+        for spoke in spokes:
+            hub_agent.wait_for(
+                lambda spoke=spoke: (
+                    hub_agent.sas(spoke.name) and hub_agent.sas(spoke.name)[0]["children"]
+                ),
+                f"{spoke.name} up",
+                timeout=SLOW,
+            )
+        ports = {s.name: hub_agent.sas(s.name)[0]["remote"].rsplit(":", 1)[1] for s in spokes}
+        assert len(set(ports.values())) == 2 and not set(ports.values()) & {"500", "4500"}
+        xfrm = in_netns(hub.netns, "ip", "xfrm", "state").stdout
+        for port in ports.values():
+            assert f"encap type espinudp sport 4500 dport {port}" in xfrm
+            assert f"encap type espinudp sport {port} dport 4500" in xfrm
+        for spoke in spokes:
+            assert udp_exchange(spoke.netns, hub.netns, spoke.site4_address, hub.site4_address,
+                                b"in", timeout=30) == b"ni"  # fmt: skip
+        before = hub_agent.sas("s1")[0]["remote"]
+        flush_mappings(lab)
+        hub_agent.wait_for(
+            lambda: hub_agent.sas("s1")[0]["remote"] != before, "the new mapping", timeout=SLOW
+        )
+        port = hub_agent.sas("s1")[0]["remote"].rsplit(":", 1)[1]
+        hub_agent.wait_for(
+            lambda: f"dport {port}" in in_netns(hub.netns, "ip", "xfrm", "state").stdout,
+            "the hub's SAs follow",
+            timeout=SLOW,
+        )
+        assert udp_exchange(hub.netns, spokes[0].netns, hub.site4_address,
+                            spokes[0].site4_address, b"out", timeout=30) == b"tuo"  # fmt: skip
+    finally:
+        for agent in agents:
+            agent.stop()
