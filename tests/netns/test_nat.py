@@ -185,3 +185,19 @@ def test_a_peer_named_by_dns_is_resolved_at_each_initiation(netns_hosts, agents)
         agent.wait_for(lambda: up(agent, "ab"), "ab up at the name's new address", timeout=30)
     assert f"initiating to {b.ipv4} (peer.keyway.test)" in agent.log()
     assert both_ways(a, b)
+
+
+def test_esp_from_a_new_nat_mapping_moves_the_sas_without_any_ike_message(nat_lab, agents):
+    """The NAT forgot the spoke's mapping and the spoke sends traffic before any IKE
+    message: its ESP, authenticated by the hub's data plane, comes from the new port,
+    and the hub's SAs (IKE and Child) follow it at once, as strongSwan does on the
+    kernel's mapping events. The first answer already goes to the new port."""
+    lab = nat_lab(spokes=1)
+    hub, (spoke,) = lab.hub, lab.spokes
+    hub_agent, _unused = start(lab, agents)  # no liveness checks (dpd_delay 0)
+    (before,) = hub_agent.sas("s1")
+    flush_mappings(lab)
+    assert both_ways(spoke, hub)  # spoke first: its packet carries the new mapping
+    (after,) = hub_agent.sas("s1")
+    assert after["remote"] != before["remote"] and after["spi_i"] == before["spi_i"]
+    assert "NAT mapping moved" in hub_agent.log()

@@ -1162,7 +1162,7 @@ class Agent:
 
     def _on_esp_in_udp(self, data: bytes, addr: tuple) -> None:
         if self._udp_encap_handler is not None:
-            self._udp_encap_handler(data, addr[0], None)
+            self._udp_encap_handler(data, addr[0], None, addr[1])
 
     def _find_child(self, spi: int) -> tuple[IkeSa, int] | None:
         """The IKE SA and inbound SPI of the Child SA that has `spi` in either direction."""
@@ -1220,7 +1220,9 @@ class Agent:
             return
         sa, spi_in = found
         now = self._loop.time()
-        if isinstance(event, base.ExpireEvent) and event.hard:
+        if isinstance(event, base.MappingEvent):
+            sa.engine.follow_nat_mapping(sa, (event.src, event.sport), now)
+        elif isinstance(event, base.ExpireEvent) and event.hard:
             log.info("[%s] Child SA %08x hit its hard limit: deleting", sa.conn.name, spi_in)
             sa.engine.delete_child_sa(sa, spi_in, now)
         else:  # soft expiry or sequence overflow: rekey (collisions are the engine's)

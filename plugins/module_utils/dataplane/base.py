@@ -202,9 +202,21 @@ class UnknownSpiEvent:
     dst: str
 
 
+@dataclass(frozen=True)
+class MappingEvent:
+    """An authenticated ESP-in-UDP packet of `sa` came from another address or port
+    than its encapsulation says: the NAT in front of the peer mapped it anew (as the
+    kernel's XFRM_MSG_MAPPING reports)."""
+
+    sa: SaId
+    reqid: int
+    src: str
+    sport: int
+
+
 # Classes union at run time since Python 3.10; pylint as ansible-test runs it thinks not.
 # pylint: disable-next=unsupported-binary-operation
-DataPlaneEvent = ExpireEvent | AcquireEvent | SeqOverflowEvent | UnknownSpiEvent
+DataPlaneEvent = ExpireEvent | AcquireEvent | SeqOverflowEvent | UnknownSpiEvent | MappingEvent
 EventSink = Callable[[DataPlaneEvent], None]
 
 

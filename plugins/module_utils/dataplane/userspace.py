@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import functools
 import ipaddress
 import os
 import secrets
@@ -47,6 +48,7 @@ from .base import (
     EventSink,
     ExpireEvent,
     IpsecProto,
+    MappingEvent,
     Mode,
     PolicyAction,
     PolicyId,
@@ -82,6 +84,7 @@ class _Sa:
     soft_sent: bool = False
     overflow_sent: bool = False
     selector: _CompiledSelector | None = None
+    mapping_sent: tuple[bytes, int] | None = None  # the new (source, port) reported
 
 
 def _net(prefix: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -511,14 +514,14 @@ class UserspacePlane(DataPlane):
     def _on_udp(self) -> None:
         for _unused in range(BATCH):
             try:
-                data, (src, _port) = self._udp.recvfrom(65535)
+                data, (src, port) = self._udp.recvfrom(65535)
             except (BlockingIOError, AttributeError):
                 return
             except OSError:
                 self.drops["recv"] += 1
                 return
             local = self._udp.getsockname()[0]
-            self.handle_udp_encap(data, src, local if local != "0.0.0.0" else None)
+            self.handle_udp_encap(data, src, local if local != "0.0.0.0" else None, port)
 
     def handle_ipv4(self, data: bytes) -> None:
         """A whole IPv4 packet carrying ESP or AH (as a raw IPv4 socket delivers it)."""
@@ -530,10 +533,14 @@ class UserspacePlane(DataPlane):
         header = bytes(ip.data[: ip.header_len])
         self.handle_ipsec(ip.proto, ip.payload, ip.src, ip.dst, header)
 
-    def handle_udp_encap(self, datagram: bytes, src: str, dst: str | None) -> bool:
-        """A UDP 4500 payload (no UDP header) from `src` to local `dst`. Returns False if
-        it is not ESP (IKE with the non-ESP marker, or a NAT keepalive): the caller keeps
-        it. `dst` None: find the SA by SPI alone among UDP-encapsulated SAs."""
+    def handle_udp_encap(
+        self, datagram: bytes, src: str, dst: str | None, sport: int | None = None
+    ) -> bool:
+        """A UDP 4500 payload (no UDP header) from `src` (port `sport`) to local `dst`.
+        Returns False if it is not ESP (IKE with the non-ESP marker, or a NAT keepalive):
+        the caller keeps it. `dst` None: find the SA by SPI alone among UDP-encapsulated
+        SAs. With `sport`, an authenticated packet from another source than its SA's
+        encapsulation says is reported (MappingEvent), as the kernel does."""
         kind = pk.classify_udp_4500(datagram)
         if kind in ("ike", "keepalive"):
             return False
@@ -552,11 +559,17 @@ class UserspacePlane(DataPlane):
         except OSError:
             self.drops["bad_address"] += 1
             return True
-        self.handle_ipsec(pk.IPPROTO_ESP, datagram, src_b, dst_b, None)
+        self.handle_ipsec(pk.IPPROTO_ESP, datagram, src_b, dst_b, None, sport)
         return True
 
     def handle_ipsec(
-        self, proto: int, data: bytes | memoryview, src: bytes, dst: bytes, header: bytes | None
+        self,
+        proto: int,
+        data: bytes | memoryview,
+        src: bytes,
+        dst: bytes,
+        header: bytes | None,
+        sport: int | None = None,
     ) -> None:
         """ESP or AH (from its header on) addressed to `dst`: verify, decrypt, deliver."""
         if len(data) < 8:
@@ -591,10 +604,24 @@ class UserspacePlane(DataPlane):
             self.drops[pk.SELECTOR] += 1
             return
         self._account(entry, len(inner))
+        if sport is not None:
+            self._check_mapping(entry, src, sport)
         try:
             os.write(self._tun_fd, inner)
         except OSError:
             self.drops["tun_write"] += 1
+
+    def _check_mapping(self, entry: _Sa, src: bytes, sport: int) -> None:
+        """Once per new mapping: the packet was authenticated, so its source is the
+        peer's (until the daemon moves the SA's encapsulation there)."""
+        encap, spec = entry.spec.encap, entry.spec
+        if encap is None or (sport == encap.sport and src == _packed(spec.src)):
+            return
+        if entry.mapping_sent == (src, sport):
+            return
+        entry.mapping_sent = (src, sport)
+        address = socket.inet_ntop(socket.AF_INET6 if len(src) == 16 else socket.AF_INET, src)
+        self._events(MappingEvent(spec.id, spec.reqid, address, sport))
 
     def _report_unknown_spi(self, proto: int, spi: int, src: bytes, dst: bytes) -> None:
         """At most one report per sender and SPI every UNKNOWN_SPI_INTERVAL seconds, and
@@ -676,3 +703,9 @@ def _fam(addr: bytes) -> int:
 
 def _fam_str(addr: str) -> int:
     return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+@functools.lru_cache(maxsize=4096)
+def _packed(addr: str) -> bytes:
+    """An address as the packets carry it (cached: checked per ESP-in-UDP packet)."""
+    return socket.inet_pton(_fam_str(addr), addr)

@@ -70,6 +70,7 @@ from .base import (
     ExpireEvent,
     IpsecProto,
     Lifetime,
+    MappingEvent,
     Mode,
     PolicyAction,
     PolicyId,
@@ -95,6 +96,7 @@ XFRM_MSG_GETPOLICY = 0x15
 XFRM_MSG_ALLOCSPI = 0x16
 XFRM_MSG_ACQUIRE = 0x17
 XFRM_MSG_EXPIRE = 0x18
+XFRM_MSG_MAPPING = 0x26
 XFRM_MSG_UPDPOLICY = 0x19
 XFRM_MSG_UPDSA = 0x1A
 XFRM_MSG_POLEXPIRE = 0x1B
@@ -105,6 +107,7 @@ XFRM_MSG_GETSPDINFO = 0x25
 
 XFRMNLGRP_ACQUIRE = 1
 XFRMNLGRP_EXPIRE = 2
+XFRMNLGRP_MAPPING = 8
 
 XFRM_STATE_ESN = 128
 XFRM_MODE_TRANSPORT = 0
@@ -515,6 +518,17 @@ xfrm_user_acquire = _msg_class(
 xfrm_user_expire = _msg_class(
     "xfrm_user_expire", (*_usersa_info_fields("state_"), ("hard", "B"), ("__pad", "7x"))
 )
+xfrm_user_mapping = _msg_class(
+    "xfrm_user_mapping",
+    (
+        *_usersa_id_fields("id_"),
+        ("reqid", "I"),
+        ("old_saddr", "16s"),
+        ("new_saddr", "16s"),
+        ("old_sport", ">H"),
+        ("new_sport", ">H"),
+    ),
+)
 xfrm_aevent_id = _msg_class(
     "xfrm_aevent_id",
     (*_usersa_id_fields("sa_id_"), ("saddr", "16s"), ("flags", "I"), ("reqid", "I")),
@@ -529,6 +543,7 @@ STRUCT_SIZES = {
     "xfrm_user_acquire": struct_size(xfrm_user_acquire.fields),
     "xfrm_user_expire": struct_size(xfrm_user_expire.fields),
     "xfrm_aevent_id": struct_size(xfrm_aevent_id.fields),
+    "xfrm_user_mapping": struct_size(xfrm_user_mapping.fields),
     "xfrm_selector": struct_size(_selector_fields("")),
     "xfrm_id": struct_size(_id_fields("")),
     "xfrm_user_tmpl": struct_size(TMPL_FIELDS),
@@ -585,6 +600,7 @@ class MarshalXfrm(Marshal):
         XFRM_MSG_ALLOCSPI: xfrm_userspi_info,
         XFRM_MSG_ACQUIRE: xfrm_user_acquire,
         XFRM_MSG_EXPIRE: xfrm_user_expire,
+        XFRM_MSG_MAPPING: xfrm_user_mapping,
         XFRM_MSG_NEWAE: xfrm_aevent_id,
         XFRM_MSG_GETAE: xfrm_aevent_id,
     }
@@ -1319,7 +1335,7 @@ class KernelPlane(DataPlane):
                           "priority", str(ROUTE_RULE_PRIORITY))  # fmt: skip
         self._sink = events
         self._loop = asyncio.get_running_loop()
-        sock = _open_socket(self.netns, (XFRMNLGRP_ACQUIRE, XFRMNLGRP_EXPIRE))
+        sock = _open_socket(self.netns, (XFRMNLGRP_ACQUIRE, XFRMNLGRP_EXPIRE, XFRMNLGRP_MAPPING))
         sock.setblocking(False)
         self._events_sock = sock
         self._loop.add_reader(sock.fileno(), self._on_readable)
@@ -1381,9 +1397,10 @@ class KernelPlane(DataPlane):
                     self._sink(event)
 
 
-def parse_events(data: bytes) -> list[AcquireEvent | ExpireEvent]:
-    """Turn ACQUIRE / EXPIRE multicast messages into plane events (others are skipped)."""
-    out: list[AcquireEvent | ExpireEvent] = []
+def parse_events(data: bytes) -> list[AcquireEvent | ExpireEvent | MappingEvent]:
+    """Turn ACQUIRE / EXPIRE / MAPPING multicast messages into plane events (others are
+    skipped)."""
+    out: list[AcquireEvent | ExpireEvent | MappingEvent] = []
     for msg in MarshalXfrm().parse(data):
         mtype = msg["header"]["type"]
         if mtype == XFRM_MSG_ACQUIRE:
@@ -1409,6 +1426,18 @@ def parse_events(data: bytes) -> list[AcquireEvent | ExpireEvent]:
                 ),
                 hard=bool(msg["hard"]),
                 reqid=msg["state_reqid"],
+            ))  # fmt: skip
+        elif mtype == XFRM_MSG_MAPPING:
+            family = msg["id_family"]
+            proto = msg["id_proto"]
+            out.append(MappingEvent(
+                sa=SaId(
+                    _unpack_addr(msg["id_daddr"], family), PROTO_OF_NUM.get(proto, proto),
+                    msg["id_spi"],
+                ),
+                reqid=msg["reqid"],
+                src=_unpack_addr(msg["new_saddr"], family),
+                sport=msg["new_sport"],
             ))  # fmt: skip
     return out
 

@@ -19,6 +19,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.base import
     ExpireEvent,
     IpsecProto,
     Lifetime,
+    MappingEvent,
     Mode,
     PolicyAction,
     PolicySpec,
@@ -44,6 +45,7 @@ def test_struct_sizes_match_xfrm_h():
         "xfrm_user_acquire": 280,
         "xfrm_user_expire": 232,
         "xfrm_aevent_id": 48,
+        "xfrm_user_mapping": 64,
         "xfrm_selector": 56,
         "xfrm_id": 24,
         "xfrm_user_tmpl": 64,
@@ -213,14 +215,29 @@ def _expire_bytes(hard: bool) -> bytes:
     return xfrm.to_bytes(msg, xfrm.XFRM_MSG_EXPIRE)
 
 
+def _mapping_bytes() -> bytes:
+    """XFRM_MSG_MAPPING as the kernel sends it: SA 1's peer now at [2001:db8::77]:40001."""
+    v6 = socket.AF_INET6
+    msg = xfrm.xfrm_user_mapping()
+    msg.update({
+        "id_daddr": socket.inet_pton(v6, SAS[1].dst), "id_spi": SAS[1].spi, "id_family": v6,
+        "id_proto": 50, "reqid": REQID, "old_saddr": socket.inet_pton(v6, SAS[1].src),
+        "new_saddr": socket.inet_pton(v6, "2001:db8::77"), "old_sport": 4500,
+        "new_sport": 40001, "attrs": [],
+    })  # fmt: skip
+    return xfrm.to_bytes(msg, xfrm.XFRM_MSG_MAPPING)
+
+
 def test_parse_events():
-    data = _acquire_bytes() + _expire_bytes(False) + _expire_bytes(True)
+    data = _acquire_bytes() + _expire_bytes(False) + _expire_bytes(True) + _mapping_bytes()
+    assert len(_mapping_bytes()) == HDR + 64
     assert len(_acquire_bytes()) == HDR + 280 + 4 + 64
     assert xfrm.parse_events(data) == [
         AcquireEvent(Selector("192.0.2.1/32", "192.0.2.50/32", 17, 4000, 53), REQID,
                      "192.0.2.1", "192.0.2.50"),
         ExpireEvent(SAS[1].id, hard=False, reqid=REQID),
         ExpireEvent(SAS[1].id, hard=True, reqid=REQID),
+        MappingEvent(SAS[1].id, REQID, "2001:db8::77", 40001),
     ]  # fmt: skip
 
 

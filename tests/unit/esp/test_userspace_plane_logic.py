@@ -19,6 +19,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.base import
     ExpireEvent,
     IpsecProto,
     Lifetime,
+    MappingEvent,
     Mode,
     PolicyAction,
     PolicySpec,
@@ -280,3 +281,23 @@ def test_allocate_spi_reserves_until_installed_or_long_unused(monkeypatch) -> No
     assert allocate() == 0x102  # 0x101 reserved, 0x100 installed
     clock.now += SPI_RESERVATION + 1  # those negotiations failed long ago
     assert allocate() == 0x101
+
+
+def test_an_authenticated_packet_from_a_new_port_reports_the_mapping_once(pair: Pair) -> None:
+    """As the kernel's XFRM_MSG_MAPPING: only a packet whose ICV verified may say the
+    peer's NAT mapping moved (a forged one from anywhere says nothing), once per mapping."""
+    events: list = []
+    pair.b._events = events.append
+    inner = udp_packet("10.1.0.1", "10.2.0.1", b"hello")
+    pair.a.handle_outbound(inner)
+    esp = pair.wire.pop()[0]
+    forged = bytearray(esp)
+    forged[-1] ^= 1
+    pair.b.handle_udp_encap(bytes(forged), A, B, 40001)  # from a new port, but forged
+    assert not events
+    pair.b.handle_udp_encap(esp, A, B, 4500)  # its SA's own port: nothing moved
+    assert not events
+    for _unused in range(2):
+        pair.a.handle_outbound(inner)
+        pair.b.handle_udp_encap(pair.wire.pop()[0], A, B, 40001)
+    assert events == [MappingEvent(SaId(B, IpsecProto.ESP, 0x1001), REQID, A, 40001)]

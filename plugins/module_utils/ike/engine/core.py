@@ -2226,6 +2226,14 @@ class Engine:
         self._touch(sa)
         return sa
 
+    def follow_nat_mapping(self, sa: IkeSa, remote: Address, now: float) -> None:
+        """An authenticated ESP-in-UDP packet of one of `sa`'s Child SAs came from
+        `remote` (the data plane checked its ICV): the NAT in front of the peer mapped it
+        anew. IKE and ESP share that mapping (RFC 3948), so the IKE SA follows as for an
+        authenticated IKE message, and its Child SAs with it (IkeSaMoved)."""
+        self.now = now
+        sa._follow(remote)
+
     def receive(self, data: bytes, src: Address, now: float, nat_t: bool = False) -> None:
         """One IKE datagram from `src`; `nat_t`: it came to our NAT-T port (the shell
         has taken its non-ESP marker off)."""
