@@ -179,5 +179,7 @@ def test_log_level_debug_from_the_config_traces_each_message(netns_hosts, agents
     agent_b.write_config(conns, log_level="debug")
     agent_b.ctl("reload")
     agent_a.ctl("rekey", connection="ab", child="sites")
-    agent_b.wait_for(lambda: "ab: received CREATE_CHILD_SA request" in agent_b.log(), "a trace")
-    assert "ab: sending CREATE_CHILD_SA response" in agent_b.log()
+    # The response is traced after the new SA is installed, a moment after the
+    # request's line: wait for the last line, then check both.
+    agent_b.wait_for(lambda: "ab: sending CREATE_CHILD_SA response" in agent_b.log(), "a trace")
+    assert "ab: received CREATE_CHILD_SA request" in agent_b.log()
