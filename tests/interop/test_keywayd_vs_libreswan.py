@@ -112,17 +112,22 @@ def test_ike_rekeys_crossing_with_pluto_s_leave_keywayd_one_ike_sa(hosts, agents
         (before,) = agent.sas("kw")
         sent = pluto.log_path.read_text().count(PLUTO_REKEY_SENT)
         retransmitted = pluto.log_path.read_text().count("retransmission; will wait")
-        with _answers_from_held_back(a):
+        ours = agent.log().count("kw: sending CREATE_CHILD_SA request")
+        # Both ends' answers are held back: each request is answered only once the other
+        # is out too (a CI run held back keywayd's alone, and pluto answered keywayd's
+        # rekey before its own whack began: nothing crossed).
+        with _answers_from_held_back(a), _answers_from_held_back(b):
             agent.ctl("rekey", connection="kw")
             pluto.whack("--name", "kw", "--rekey-ike", "--asynchronous")
             # Both requests are out, and pluto has had to retransmit its own.
             agent.wait_for(
-                lambda sent=sent, retransmitted=retransmitted: (
-                    pluto.log_path.read_text().count(PLUTO_REKEY_SENT) > sent
+                lambda sent=sent, retransmitted=retransmitted, ours=ours: (
+                    agent.log().count("kw: sending CREATE_CHILD_SA request") > ours
+                    and pluto.log_path.read_text().count(PLUTO_REKEY_SENT) > sent
                     and pluto.log_path.read_text().count("retransmission; will wait")
                     > retransmitted
                 ),
-                f"round {round_}: pluto's rekey sent and retransmitted",
+                f"round {round_}: both rekeys sent, pluto's retransmitted",
             )
         agent.wait_for(
             lambda before=before: (
