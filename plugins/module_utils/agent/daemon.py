@@ -53,6 +53,7 @@ from ..ike.engine.core import (
     REDUNDANT_IKE,
     REPLACED_UNIQUE,
     SURPLUS_REKEY,
+    UNCONFIRMED,
     ChildParams,
     Engine,
     IkeConnection,
@@ -110,7 +111,11 @@ REPLACED = (
     DUPLICATE_IKE,
     REPLACED_UNIQUE,
     SURPLUS_REKEY,
+    UNCONFIRMED,
 )
+# ChildSaDeleted reasons that show the peer holds the SA that replaces the one deleted:
+# it deleted the old one, or a twin went once the peer was known to hold the other.
+PEER_HOLDS_SUCCESSOR = ("deleted by peer", DUPLICATE_IKE)
 REAUTH_RECHECK = 5.0  # seconds: a reauthentication due during a rekey looks again
 SHUTDOWN_GRACE = 2.0  # seconds to wait for the peers' answers to our Deletes
 # Seconds an inbound SA outlives its replacement (a rekey, a reauthentication, a
@@ -1007,11 +1012,18 @@ class Agent:
             # The peer's rekey lost a collision we won: the peer deletes that SA and never
             # holds its inbound half (bench/soak.py: 10 s of traffic sent into it).
             successor = None
+        if successor is not None:
+            waits = [old for old, (spi, _unused) in self._deferred_out.items()
+                     if spi == successor[0]]  # fmt: skip
+            if waits and event.reason not in PEER_HOLDS_SUCCESSOR:
+                # It waits on several old SAs (the peer's reauthentication answered while
+                # our rekey's old SA went): only the peer's Delete says it holds the new
+                # one, or the last old SA going (bench/soak.py: 3.8 s sent into it).
+                successor = None
+            for old in waits if successor is not None else ():
+                del self._deferred_out[old]
         if successor is not None:  # make-before-break: the new outbound SA goes in first
             successor_spi, out = successor
-            for old, (waiting, _unused) in list(self._deferred_out.items()):
-                if waiting == successor_spi:  # it waited on several old SAs: one went
-                    del self._deferred_out[old]
             try:
                 self.plane.install_sa(out)
             except base.DataPlaneError as exc:

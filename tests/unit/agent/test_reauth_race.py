@@ -211,3 +211,50 @@ def test_the_peer_s_sa_that_lost_a_child_rekey_collision_is_never_sent_on(tmp_pa
     agent._child_deleted(ChildSaDeleted("h1-h2", "sites", old.spi_in, old.spi_out, "deleted by us"))
     assert SaId(B[0], IpsecProto.ESP, loser_out) not in agent.plane.sas
     assert not agent._deferred_out
+
+
+def test_our_own_delete_of_a_rekeyed_sa_does_not_end_the_wait_for_the_peer(tmp_path):
+    """Found by bench/soak.py (187 packets lost in 3.8 s): A answered B's
+    reauthentication while A still held two Child SAs, the current one and the one its
+    own rekey had replaced. The new SA's outbound half waited on both; when A's Delete
+    of the replaced one was answered, keywayd took that for the peer's word and sent on
+    the new SA, 4 s before B, whose IKE_AUTH answer was lost, held it. Only the peer's
+    Delete (or the last SA waited on going) says it holds the new one."""
+    pair = lab_pair()
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    agent = agent_of_a(pair, tmp_path)
+    for event in pair.events[A]:
+        agent._on_engine_event(event)
+    pair.events[A] = []
+    (ike,) = pair.a.sas()
+    (first,) = ike.children.values()
+    # A's Delete of the Child SA its rekey replaced is lost once (resent 0.5 s later);
+    # A's answers to B's IKE_AUTH are lost twice (B has the answer 1.5 s later).
+    lose_delete = LoseFirst(
+        lambda data, src, dst: src == A and data[18] == ExchangeType.INFORMATIONAL
+        and not data[19] & 0x20
+    )  # fmt: skip
+    lose_answer = LoseFirst(
+        lambda data, src, dst: src == A and data[18] == ExchangeType.IKE_AUTH, 2
+    )  # fmt: skip
+    pair.net.impairment.drop_if = lambda *d: lose_delete(*d) or lose_answer(*d)
+    start = pair.net.now
+    pair.a.rekey_child_sa(ike, first.spi_in, start)
+    pair.pump(until=start + 0.1)
+    current = next(c for c in ike.children.values() if c.spi_in != first.spi_in)
+    pair.b.reauthenticate(pair.b.sas()[0], pair.net.now)
+    pair.pump(until=start + 30)
+    assert lose_delete.lost and len(lose_answer.lost) == 2
+    plane = agent.plane
+    (new,) = [e for e in pair.events[A] if isinstance(e, ChildSaReady) and not e.rekeyed_from]
+    new_out = SaId(B[0], IpsecProto.ESP, new.spi_out)
+    seen = []
+    for event in pair.events[A]:
+        agent._on_engine_event(event)
+        if isinstance(event, ChildSaDeleted):
+            seen.append((event.spi_in, event.reason))
+            # Sent on from when B deleted the current SA (B then holds the new one).
+            assert (new_out in plane.sas) == (event.spi_in == current.spi_in), seen
+    assert seen == [(first.spi_in, "deleted by us"), (current.spi_in, "deleted by peer")]
+    assert new_out in plane.sas

@@ -124,6 +124,7 @@ DUPLICATE_IKE = "duplicate of a simultaneous initiation"
 REPLACED_UNIQUE = "replaced by a newer IKE SA (unique: replace)"
 SURPLUS_REKEY = "surplus: a reauthentication replaced the SA it rekeyed"
 PEER_DEAD = "peer dead"
+UNCONFIRMED = "the peer never completed it"
 HARD_LIFETIME = "hard lifetime reached"
 
 
@@ -425,6 +426,11 @@ class IkeSa:
         # peer may have restarted (a hint only: anyone on the path could send one).
         self.peer_forgot = False
         self.redundant = ""  # why a collision made this SA surplus (it goes, unreplaced)
+        # The peer holds this SA established: it answered our IKE_AUTH or rekey, or sent
+        # on the SA since. A responder's answer may be lost, and the peer then holds
+        # nothing of the SA: a duplicate of it is kept until then.
+        self.peer_holds = False
+        self.duplicate_waits = False  # a duplicate of this SA goes once the peer holds it
         self.created_at = engine.now
         self.established_at: float | None = None
         # When IKE_AUTH made this SA or the one it rekeys: what a reauthentication renews.
@@ -1126,6 +1132,15 @@ class IkeSa:
         self._retire_child(spi_in, "peer lost it", now)
         self.queue("create_child", now, params)
 
+    def _peer_holds_it(self, now: float) -> None:
+        """The peer sent on this SA, or answered us on it: it holds the SA established."""
+        if self.peer_holds or self.state != "established":
+            return
+        self.peer_holds = True
+        if self.duplicate_waits and not self.superseded:
+            self.duplicate_waits = False
+            self._settle_duplicates(now)
+
     def _release(self, now: float) -> None:
         """The old IKE SA is gone (or long enough ago replaced): send on this one."""
         self.wait_for = self.wait_until = None
@@ -1251,6 +1266,7 @@ class IkeSa:
         new.out, new.inbound = crypto.sk_ciphers(new.keys, encr, integ, initiator)
         new.state = "established"
         new.established_at = self.engine.now
+        new.peer_holds = initiator
         new.authenticated_at = self.authenticated_at  # a rekey authenticates nothing
         new.peer_fragments, new.nat = self.peer_fragments, self.nat
         new.behind_nat, new.nat_t = self.behind_nat, self.nat_t
@@ -1271,6 +1287,9 @@ class IkeSa:
         self.pending = []
         self.replaced = True
         self.successor = new
+        for sa in self.engine.sas_of(self.conn.name):
+            if sa.reauth_of is self:  # under way still (its IKE_AUTH answer lost, say)
+                sa.reauth_of = new  # it replaces whatever carries the role by then
         if not new.initiator:
             new.wait_for, new.wait_until = self, now + REDUNDANT_GRACE
             self.delete_at = now + REKEYED_DELETE_TIMEOUT  # the peer's to delete
@@ -1869,7 +1888,7 @@ class IkeSa:
                     type=NotifyType.INVALID_SPI, protocol=protocol, data=struct.pack("!I", spi)
                 )
             ]
-        else:  # dpd: an empty INFORMATIONAL
+        else:  # dpd, confirm: an empty INFORMATIONAL
             inner = []
         self._request(ExchangeType.INFORMATIONAL, inner, now, kind, arg)
 
@@ -2014,6 +2033,7 @@ class IkeSa:
     def _up(self, now: float) -> None:
         self.state = "established"
         self.established_at = self.authenticated_at = now
+        self.peer_holds = self.initiator
         self.engine._event(
             IkeSaUp(
                 self.conn.name,
@@ -2030,7 +2050,12 @@ class IkeSa:
         """Both ends initiated the connection at once (each was half-way when the other's
         IKE_SA_INIT came): keep one IKE SA. Both ends compute the same loser, the SA with
         the lowest nonce, and delete it (crossing Deletes are harmless), so a peer that
-        never deletes duplicates (strongSwan issue #1801) still ends with one."""
+        never deletes duplicates (strongSwan issue #1801) still ends with one.
+
+        Make-before-break: the loser goes only once the peer holds the SA kept. If we
+        answered that one's IKE_AUTH, the answer may be lost and the peer hold only the
+        loser (bench/soak.py: 7 s without a Child SA): an empty INFORMATIONAL on the kept
+        SA tells, and its answer (or anything else the peer sends on it) settles this."""
         for other in self.engine._established_with(self.conn.name, self.remote_id, self):
             if (
                 other.initiator == self.initiator  # ours twice: asked for, kept
@@ -2038,10 +2063,22 @@ class IkeSa:
                 or other.reauth_of is self
                 or self.reauth_of is other
                 or other.established_at is None
-                or other.established_at <= self.created_at  # older: not a twin
+                or self._older(other)
             ):
                 continue
             loser = min((self, other), key=lambda sa: min(sa.nonce_i, sa.nonce_r))
+            kept = other if loser is self else self
+            if not kept.peer_holds:
+                kept.duplicate_waits = True
+                if kept.request is None and ("confirm", None) not in kept.pending:
+                    log.info(
+                        "%s: IKE SA initiated by both ends at once; asking whether the "
+                        "peer holds the one to keep",
+                        self.conn.name,
+                    )
+                    kept.queue("confirm", now)
+                    self.engine._touch(kept)
+                continue
             log.info(
                 "%s: IKE SA initiated by both ends at once; deleting the one %s initiated",
                 self.conn.name,
@@ -2052,6 +2089,17 @@ class IkeSa:
             self.engine._touch(loser)
             if loser is self:
                 return
+
+    def _older(self, other: IkeSa) -> bool:
+        """`other` was up at both ends before this SA began: not a twin of it. Up at our
+        end is not enough if we answered its IKE_AUTH and the peer has not shown it holds
+        it: our answer may be lost and the peer still retrying, its copy half-way as ours
+        was when this one began."""
+        if other.established_at > self.created_at:
+            return False
+        return other.peer_holds or (
+            self.created_at - other.established_at > self.conn.retransmit.total()
+        )
 
     def _auth_failed(self, reason: str) -> None:
         log.warning("%s: authentication failed: %s", self.conn.name, reason)
@@ -2133,6 +2181,12 @@ class IkeSa:
         if req.attempt >= policy.tries:
             if self.superseded:
                 self._down("deleted by us")  # surplus anyway: the peer forgot it first
+                return
+            if req.kind == "confirm":
+                # The peer never completed this SA (its IKE_AUTH gave up): the duplicate
+                # we kept carries the connection; the peer is not dead.
+                log.info("%s: the peer never completed an IKE SA we answered", self.conn.name)
+                self._down(UNCONFIRMED)
                 return
             log.warning("%s: no answer after %d retransmissions", self.conn.name, policy.tries)
             self.engine._event(PeerDead(self.conn.name, self.spi_i, self.spi_r))
@@ -2499,12 +2553,14 @@ class Engine:
         sa._follow(src)
         if h.exchange == ExchangeType.IKE_AUTH:
             sa._on_auth_response(inner, now)
-        elif h.exchange == ExchangeType.INFORMATIONAL:
+            return
+        if h.exchange == ExchangeType.INFORMATIONAL:
             sa._on_informational_response(inner, now)
         elif sa.request.kind == "rekey_ike":
             sa._on_rekey_ike_response(inner, now)
         else:
             sa._on_child_response(inner, now)
+        sa._peer_holds_it(now)
 
     def _on_request(
         self, sa: IkeSa, msg: codec.Message, data: bytes, src: Address, now: float
@@ -2542,9 +2598,11 @@ class Engine:
         elif h.exchange == ExchangeType.INFORMATIONAL and sa.state == "established":
             sa.recv_mid += 1
             sa.on_informational_request(inner, h.message_id)
+            sa._peer_holds_it(now)
         elif h.exchange == ExchangeType.CREATE_CHILD_SA and sa.state == "established":
             sa.recv_mid += 1
             sa.on_create_child_request(inner, h.message_id)
+            sa._peer_holds_it(now)
         else:
             untrusted.info(
                 "%s: exchange %d in state %s not handled yet", sa.remote, h.exchange, sa.state
