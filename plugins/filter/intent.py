@@ -16,6 +16,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.intent.topology impor
     IntentError,
     compute_intent,
     host_connections,
+    host_pki,
     host_psks,
     psk_refs,
     validate_with_agent,
@@ -67,9 +68,18 @@ def _intent(
     exclude=None,
 ):
     hosts = {}
+    compromised = []
     for name in hostvars:
         host = hostvars[name]
         hosts[str(name)] = {key: _plain(host[key]) for key in _HOST_KEYS if key in host}
+        flag = _plain(host["keyway_compromised"]) if "keyway_compromised" in host else False
+        if flag not in (True, False):
+            raise AnsibleFilterError(
+                f"keyway.ipsec.intent: host {name}: keyway_compromised: {flag!r} is not "
+                "true or false"
+            )
+        if flag:
+            compromised.append(str(name))  # its certificates revoked, and in no link
     try:
         with _cyclic_gc_paused():
             return _render(
@@ -81,18 +91,26 @@ def _intent(
                     group_overrides=_plain(group_overrides),
                     external_peers=_plain(external_peers),
                     master_secret_length=master_secret_length,
-                    exclude=[str(h) for h in exclude or ()],
+                    exclude=[str(h) for h in exclude or ()] + compromised,
                 ),
                 hosts,
+                sorted(compromised),
             )
     except IntentError as exc:
         raise AnsibleFilterError(f"keyway.ipsec.intent: {exc}") from None
 
 
-def _render(links, hosts) -> dict:
-    """The validated intent as plain data: every link, and each managed host's share."""
+def _render(links, hosts, compromised=()) -> dict:
+    """The validated intent as plain data: every link, and each managed host's share;
+    the hosts Keyway's CA certifies, with their identities (`pki_identities`), and those
+    whose certificates it revokes (`compromised`)."""
     validate_with_agent(links)
-    result = {"links": {n: link.to_dict() for n, link in sorted(links.items())}, "hosts": {}}
+    result = {
+        "links": {n: link.to_dict() for n, link in sorted(links.items())},
+        "hosts": {},
+        "pki_identities": {},
+        "compromised": list(compromised),
+    }
     for name in sorted(links.by_host):
         if name not in hosts:
             continue  # an external peer
@@ -109,6 +127,10 @@ def _render(links, hosts) -> dict:
             # what this host's tunnels reach (for probes and status)
             "reaches": sorted({p for link in mine for p in link.ts[link.peer_of(name)]}),
         }
+        pki = host_pki(name, links)
+        if pki is not None:  # certificates: what the CA certifies
+            result["hosts"][name]["pki"] = pki
+            result["pki_identities"][name] = pki["identity"]
     return result
 
 

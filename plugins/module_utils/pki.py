@@ -22,26 +22,31 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
 from .ike import identity as ids
 
+try:  # the modules say what is missing (HAS_CRYPTOGRAPHY) rather than fail to import
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    HAS_CRYPTOGRAPHY = True
+    # RFC 4945 5.1.3.12: ipsecIKE; serverAuth and clientAuth for peers that ask for them.
+    LEAF_USAGES = [
+        ExtendedKeyUsageOID.IPSEC_IKE,
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+    ]
+    REASONS = {
+        "key_compromise": x509.ReasonFlags.key_compromise,
+        "cessation_of_operation": x509.ReasonFlags.cessation_of_operation,
+        "superseded": x509.ReasonFlags.superseded,
+    }
+except ImportError:  # pragma: no cover
+    HAS_CRYPTOGRAPHY = False
+
 KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "ed25519", "rsa-3072")
-# RFC 4945 5.1.3.12: ipsecIKE; serverAuth and clientAuth for peers that ask for them.
-LEAF_USAGES = [
-    ExtendedKeyUsageOID.IPSEC_IKE,
-    ExtendedKeyUsageOID.SERVER_AUTH,
-    ExtendedKeyUsageOID.CLIENT_AUTH,
-]
-REASONS = {
-    "key_compromise": x509.ReasonFlags.key_compromise,
-    "cessation_of_operation": x509.ReasonFlags.cessation_of_operation,
-    "superseded": x509.ReasonFlags.superseded,
-}
 
 
 class PkiError(ValueError):
@@ -58,6 +63,17 @@ def make_key(kind: str = "ecdsa-p256"):
     if kind == "rsa-3072":
         return rsa.generate_private_key(public_exponent=65537, key_size=3072)
     raise PkiError(f"key type {kind!r}: one of {', '.join(KEY_TYPES)}")
+
+
+def key_type(key) -> str | None:
+    """Which of KEY_TYPES `key` is, if any."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return {"secp256r1": "ecdsa-p256", "secp384r1": "ecdsa-p384"}.get(key.curve.name)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return "ed25519"
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size == 3072:
+        return "rsa-3072"
+    return None
 
 
 def key_pem(key) -> bytes:
@@ -143,8 +159,8 @@ def _next_update(crl: x509.CertificateRevocationList) -> datetime.datetime:
     return _aware(getattr(crl, "next_update_utc", None) or crl.next_update)
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Atomically, with its mode from the start (a CA key is never world-readable)."""
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """Atomically, with its mode from the start (a key is never readable by others)."""
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as handle:
@@ -164,6 +180,8 @@ class CertificateAuthority:
         self.cert: x509.Certificate | None = None
         self.index: dict[str, Any] = {"hosts": {}, "revoked": [], "crl_number": 0}
         self.changes: list[str] = []  # what this run changed, for the task's diff
+        # Files written by save() only (check mode computes everything, writes nothing).
+        self._pending: dict[Path, tuple[bytes, int]] = {}
         if (self.dir / "ca.key").exists():
             self._load()
 
@@ -204,10 +222,21 @@ class CertificateAuthority:
         self.changes.append(f"CA {name!r} created")
 
     def save(self) -> None:
+        """Write what changed: the CA's key (0600) and certificate when new, issued
+        certificates, the CRL and the index."""
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write(self.dir / "ca.key", key_pem(self.key), 0o600)
-        _write(self.dir / "ca.pem", self.cert_pem, 0o644)
-        _write(self.dir / "index.json", json.dumps(self.index, indent=1).encode(), 0o644)
+        (self.dir / "issued").mkdir(mode=0o700, exist_ok=True)
+        if not (self.dir / "ca.key").exists():
+            write_file(self.dir / "ca.key", key_pem(self.key), 0o600)
+            write_file(self.dir / "ca.pem", self.cert_pem, 0o644)
+        for path, (data, mode) in self._pending.items():
+            write_file(path, data, mode)
+        self._pending.clear()
+        write_file(self.dir / "index.json", json.dumps(self.index, indent=1).encode(), 0o644)
+
+    def _read(self, path: Path) -> bytes:
+        pending = self._pending.get(path)
+        return pending[0] if pending else path.read_bytes()
 
     @property
     def cert_pem(self) -> bytes:
@@ -242,7 +271,7 @@ class CertificateAuthority:
                 and current["identity"] == identity
                 and expires - self.now > datetime.timedelta(days=renew_days)
             ):
-                pem = (self.dir / "issued" / current["file"]).read_bytes()
+                pem = self._read(self.dir / "issued" / current["file"])
                 return Issued(host, pem, int(current["serial"]), False)
         subject, names = wanted
         builder = (
@@ -272,8 +301,7 @@ class CertificateAuthority:
         pem = cert.public_bytes(serialization.Encoding.PEM)
         serial = str(cert.serial_number)
         file = f"{host}-{cert.serial_number:x}.pem"
-        (self.dir / "issued").mkdir(mode=0o700, exist_ok=True)
-        _write(self.dir / "issued" / file, pem, 0o644)
+        self._pending[self.dir / "issued" / file] = (pem, 0o644)
         record = self.index["hosts"].setdefault(host, {"certificates": []})
         why = "renewed" if record["certificates"] else "issued"
         record["certificates"].append({
@@ -312,11 +340,11 @@ class CertificateAuthority:
         """The CRL: the current one unless the revocations changed (`force`), it is
         missing, or less than half its validity is left; then a new one, numbered on."""
         path = self.dir / "crl.pem"
-        if path.exists() and not force:
-            current = x509.load_pem_x509_crl(path.read_bytes())
+        if (path.exists() or path in self._pending) and not force:
+            current = x509.load_pem_x509_crl(self._read(path))
             left = _next_update(current) - self.now
             if left > datetime.timedelta(days=valid_days) / 2:
-                return path.read_bytes()
+                return self._read(path)
         self.index["crl_number"] += 1
         builder = (
             x509.CertificateRevocationListBuilder()
@@ -339,7 +367,6 @@ class CertificateAuthority:
             )
             builder = builder.add_revoked_certificate(revoked)
         pem = builder.sign(self.key, _digest(self.key)).public_bytes(serialization.Encoding.PEM)
-        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write(path, pem, 0o644)
+        self._pending[path] = (pem, 0o644)
         self.changes.append(f"CRL number {self.index['crl_number']} signed")
         return pem

@@ -40,6 +40,31 @@ options:
   secrets_dir:
     description: Folder for the PSK files (0700); default C(secrets) beside O(path).
     type: path
+  pki:
+    description:
+      - For connections that authenticate with certificates (C(auth) set to C(pubkey) without
+        their own C(certs)), the host's key and certificate, the CA, and its CRL.
+      - The certificate, CA and CRL are written under C(pki) beside O(path), each in a
+        file named after its content, and those connections name them (with the key
+        as their C(key), and the CA and CRL to verify the peer); a renewed certificate
+        or a new CRL is a changed connection, reauthenticated make-before-break.
+    type: dict
+    suboptions:
+      key:
+        description: The private key file (from M(keyway.ipsec.pki_key)).
+        type: path
+        required: true
+      certificate:
+        description: The host's certificate, PEM (from M(keyway.ipsec.pki_ca)).
+        type: str
+        required: true
+      ca:
+        description: The CA's certificate, PEM.
+        type: str
+        required: true
+      crl:
+        description: The CA's CRL, PEM.
+        type: str
   settings:
     description: Top-level agent settings (dataplane, log_level, control_socket, ...).
     type: dict
@@ -47,7 +72,8 @@ options:
   state:
     description:
       - C(present) writes the config and PSK files; C(absent) removes them, the secrets
-        folder, and the config's folder when nothing else is left in it.
+        folder, the C(pki) folder (the key included), and the config's folder when
+        nothing else is left in it.
     type: str
     choices: [present, absent]
     default: present
@@ -174,6 +200,7 @@ agent:
       returned: when running
 """
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -269,23 +296,76 @@ def plan(
     return dict(sorted(result.items()))
 
 
+PKI_PREFIXES = ("cert", "ca", "crl")
+
+
+def _is_pki_file(path: Path) -> bool:
+    """A certificate, CA or CRL this module wrote (PREFIX-HASH.pem)."""
+    prefix, dash, rest = path.name.partition("-")
+    return prefix in PKI_PREFIXES and bool(dash) and rest.endswith(".pem")
+
+
+def with_pki(
+    connections: dict, pki_dir: Path, pki_params: dict | None, check: bool = False
+) -> tuple[dict, dict]:
+    """The connections with certificate files filled in, and those files' contents by
+    path. A connection on certificates (auth pubkey) without its own certs uses the
+    host's certificate and key, and verifies its peer with the CA (and its CRL). In
+    check mode a host without a key yet has no certificate either: its connections are
+    planned with files still to come."""
+    files: dict[Path, bytes] = {}
+    if check and not pki_params:
+        pending = {p: str(pki_dir / f"{p}-pending.pem") for p in PKI_PREFIXES}
+        pki_params, by_prefix = {"key": str(pki_dir / "key.pem")}, pending
+    else:
+        by_prefix = {}
+    if pki_params:
+        for prefix, field in (("cert", "certificate"), ("ca", "ca"), ("crl", "crl")):
+            if pki_params.get(field):
+                pem = pki_params[field].encode()
+                digest = hashlib.sha256(pem).hexdigest()[:16]
+                files[pki_dir / f"{prefix}-{digest}.pem"] = pem
+    by_prefix.update({path.name.partition("-")[0]: str(path) for path in files})
+    result = {}
+    for name, conn in connections.items():
+        local, remote = conn.get("local") or {}, conn.get("remote") or {}
+        if local.get("auth") != "pubkey" or "certs" in local:
+            result[name] = conn
+            continue
+        if not pki_params:
+            raise ValueError(
+                f"connection {name} authenticates with certificates (auth pubkey) and has "
+                "no certs: give pki (the host's key and certificate, the CA)"
+            )
+        local = {**local, "certs": [by_prefix["cert"]], "key": pki_params["key"]}
+        remote = dict(remote)
+        remote.setdefault("cacerts", [by_prefix["ca"]])
+        if "crl" in by_prefix:
+            remote.setdefault("crls", [by_prefix["crl"]])
+        result[name] = {**conn, "local": local, "remote": remote}
+    return result, files
+
+
 def _is_psk_file(path: Path) -> bool:
     """NAME.psk (the PSK sent) or NAME.psk-N (older ones still accepted)."""
     return path.name.endswith(".psk") or ".psk-" in path.name
 
 
-def remove(path: Path, secrets_dir: Path, check: bool) -> dict:
-    """The config, the PSK files and their folder gone; the config's folder too when
-    nothing else is left in it."""
+def remove(path: Path, secrets_dir: Path, pki_dir: Path, check: bool) -> dict:
+    """The config, the PSK files, the certificates and key, and their folders gone; the
+    config's folder too when nothing else is left in it."""
     files = [path] if path.exists() else []
     if secrets_dir.is_dir():
         files += sorted(p for p in secrets_dir.iterdir() if _is_psk_file(p))
-    result = {"changed": bool(files) or secrets_dir.is_dir(), "removed": [str(f) for f in files]}
+    if pki_dir.is_dir():
+        files += sorted(p for p in pki_dir.iterdir() if p.name.endswith(".pem"))
+    folders = [d for d in (secrets_dir, pki_dir) if d.is_dir()]
+    result = {"changed": bool(files) or bool(folders), "removed": [str(f) for f in files]}
     if check:
         return result
     for file in files:
         file.unlink()
-    for folder in (secrets_dir, path.parent):
+    for folder in (secrets_dir, pki_dir, path.parent):
         try:
             folder.rmdir()
         except OSError:
@@ -334,6 +414,15 @@ def main() -> None:
             psks=dict(type="dict", default={}, no_log=True),
             secrets_dir=dict(type="path"),
             settings=dict(type="dict", default={}),
+            pki=dict(
+                type="dict",
+                options=dict(
+                    key=dict(type="path", required=True, no_log=False),
+                    certificate=dict(type="str", required=True),
+                    ca=dict(type="str", required=True),
+                    crl=dict(type="str"),
+                ),
+            ),
             reload=dict(type="bool", default=True),
             state=dict(type="str", choices=["present", "absent"], default="present"),
             peers_outside_run=dict(type="dict", default={}),
@@ -344,11 +433,18 @@ def main() -> None:
         module.fail_json(msg="PyYAML is required on the host")
     path = Path(module.params["path"])
     secrets_dir = Path(module.params["secrets_dir"] or path.parent / "secrets")
+    pki_dir = path.parent / "pki"
     if module.params["state"] == "absent":
-        module.exit_json(**remove(path, secrets_dir, module.check_mode))
+        module.exit_json(**remove(path, secrets_dir, pki_dir, module.check_mode))
     if module.params["connections"] is None:
         module.fail_json(msg="connections is required with state present")
-    connections, settings = module.params["connections"], module.params["settings"]
+    settings = module.params["settings"]
+    try:
+        connections, pki_files = with_pki(
+            module.params["connections"], pki_dir, module.params["pki"], module.check_mode
+        )
+    except ValueError as exc:
+        module.fail_json(msg=str(exc))
     # One PSK, or a rotation's list (newest first), as strings.
     psks = {
         name: [str(v) for v in value] if isinstance(value, list) else [str(value)]
@@ -392,7 +488,13 @@ def main() -> None:
         )
         + stale
     )
-    changed = before != text or bool(secrets_changed)
+    pki_stale = (
+        sorted(p for p in pki_dir.iterdir() if _is_pki_file(p) and p not in pki_files)
+        if pki_dir.is_dir()
+        else []
+    )
+    pki_writes = [p for p, pem in pki_files.items() if not p.exists() or p.read_bytes() != pem]
+    changed = before != text or bool(secrets_changed) or bool(pki_writes) or bool(pki_stale)
     held = {
         name: sum(Path(f).exists() for f in files) + sum(p.startswith(f"{name}.psk") for p in stale)
         for name, files in psk_files.items()
@@ -443,6 +545,13 @@ def main() -> None:
                 _write_private(Path(file), value)
     for name in stale:
         (secrets_dir / name).unlink()
+    if pki_files:
+        pki_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for file in pki_writes:  # public: certificates, the CA, the CRL
+        _write_private(file, pki_files[file].decode())
+        os.chmod(file, 0o644)
+    for file in pki_stale:
+        file.unlink()
     if before != text:
         _write_private(path, text)
     result["psk_state"] = {name: {"held": len(v), "current": True} for name, v in psks.items()}

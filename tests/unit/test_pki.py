@@ -127,3 +127,24 @@ def test_the_ca_key_is_its_owner_s_alone(tmp_path):
     key_file.chmod(0o644)
     with pytest.raises(pki.PkiError, match="chmod 600"):
         pki.CertificateAuthority(tmp_path / "ca")
+
+
+@pytest.mark.parametrize("module", ["pki_key", "pki_ca"])
+def test_the_modules_say_cryptography_is_missing(monkeypatch, module, tmp_path):
+    import importlib
+
+    from tests.fixtures.ansible import run_module
+
+    main = importlib.import_module(f"ansible_collections.keyway.ipsec.plugins.modules.{module}")
+    monkeypatch.setattr(pki, "HAS_CRYPTOGRAPHY", False)
+    args = {"path": str(tmp_path / "x"), "identity": "h1", "identities": {}}
+    if module == "pki_key":
+        args.pop("identities")
+    else:
+        args.pop("identity")
+    result = run_module(main.main, args)
+    assert (
+        result["failed"]
+        and "Failed to import the required Python library (cryptography" in (result["msg"])
+    )
+    assert not (tmp_path / "x").exists()

@@ -30,6 +30,10 @@ The model (README: "The inventory model"):
 - Initiators: the managed end towards an external peer, the spoke towards a hub, else
   the end whose name sorts first; `initiator: both` makes both ends start, and
   `start_action: trap` makes both ends wait for traffic.
+- `auth: pubkey` (an override) authenticates a link with certificates from Keyway's CA
+  instead of a PSK: each host's key stays on it, the controller signs its request (for
+  its IKE identity), and `keyway_compromised: true` on a host revokes its certificates
+  and takes it out of every link. Not for links to external peers.
 - Each link's PSK is derived from one master secret, the link's two IKE identities
   and its `psk_version` (see `link_psk`): renaming a host keeps its keys as long as its
   IKE identity stays; external peers bring their own `psk`. Above version 1 the
@@ -80,6 +84,7 @@ CHOICES = {
     "initiator": ("auto", "both"),
     "encap": ("auto", "force"),
     "mode": ("tunnel", "transport"),
+    "auth": ("psk", "pubkey"),
 }
 OVERRIDE_KEYS = (
     frozenset(CONNECTION_KEYS)
@@ -87,6 +92,9 @@ OVERRIDE_KEYS = (
     | frozenset(CHOICES)
     | {"psk_version", "psk_accept_previous"}
 )
+# auth: pubkey, a connection's certificate files: the agent_config module fills them in
+# from the host's key and the controller CA's certificate, CA and CRL (its pki option).
+PKI_PLACEHOLDER = "/keyway-pki-placeholder.pem"
 # Keys an operator may reach for that keywayd cannot honour per link (yet): refused with
 # the reason rather than accepted and ignored.
 REFUSED_KEYS = {
@@ -147,6 +155,12 @@ class Link:
 
     def peer_of(self, end: str) -> str:
         return self.ends[1] if end == self.ends[0] else self.ends[0]
+
+    @property
+    def auth(self) -> str:
+        """psk (derived from the master secret, or the external peer's), or pubkey
+        (certificates from Keyway's CA)."""
+        return self.settings.get("auth", "psk")
 
     def to_dict(self) -> dict:
         return {
@@ -672,6 +686,14 @@ def compute_intent(
                     f"mode transport (from {source['mode']}) protects the two hosts "
                     f"themselves, but {' and '.join(sited)} protect sites: use tunnel",
                 )
+            external = [e.name for e in endpoints if not e.managed]
+            if settings.get("auth") == "pubkey" and external:
+                problems.add(
+                    at,
+                    f"auth pubkey (from {source['auth']}): {external[0]} is an external peer, "
+                    "and Keyway's CA issues certificates only to the hosts it manages; "
+                    "use auth psk for this link",
+                )
             links[name] = Link(
                 name, topology["name"], ends, ts, settings, source,
                 _initiators(endpoints, settings, initiators),
@@ -679,7 +701,10 @@ def compute_intent(
             )  # fmt: skip
     _check_unique(links, problems)
     _check_selectors(links, problems)
-    derived = any(all(e.managed for e in link.endpoints.values()) for link in links.values())
+    derived = any(
+        all(e.managed for e in link.endpoints.values()) and link.auth == "psk"
+        for link in links.values()
+    )
     if derived and (master_secret_length or 0) < MIN_MASTER_SECRET:
         length = f"{master_secret_length} characters" if master_secret_length else "missing"
         problems.add(
@@ -755,6 +780,15 @@ def host_connections(host: str, links: Intent) -> dict[str, dict]:
     return {link.name: _connection(host, link) for link in links.of(host)}
 
 
+def host_pki(host: str, links: Intent) -> dict | None:
+    """What Keyway's CA certifies for `host` (its IKE identity) if a link of its
+    authenticates with certificates, else None."""
+    for link in links.of(host):
+        if link.auth == "pubkey":
+            return {"identity": link.endpoints[host].ike_id}
+    return None
+
+
 def _connection(host: str, link: Link) -> dict:
     me = link.endpoints[host]
     peer_name = link.peer_of(host)
@@ -763,8 +797,8 @@ def _connection(host: str, link: Link) -> dict:
         "local_addrs": [me.address],
         # A peer behind NAT comes from an address of the NAT's: any, told by identity.
         "remote_addrs": ["%any"] if peer.behind_nat else [peer.address],
-        "local": {"id": me.ike_id, "auth": "psk"},
-        "remote": {"id": peer.ike_id, "auth": "psk"},
+        "local": {"id": me.ike_id, "auth": link.auth},
+        "remote": {"id": peer.ike_id, "auth": link.auth},
     }
     child: dict[str, Any] = {
         "local_ts": list(link.ts[host]),
@@ -792,6 +826,8 @@ def psk_refs(host: str, links: Intent) -> dict[str, dict]:
     """For each of `host`'s links, where its PSK comes from (no secret in it)."""
     refs = {}
     for link in links.of(host):
+        if link.auth != "psk":
+            continue  # certificates: no PSK
         ends = [link.endpoints[n] for n in link.ends]
         external = next((e.name for e in ends if not e.managed), None)
         if external:
@@ -837,12 +873,17 @@ def validate_with_agent(links: Intent) -> None:
     seen: dict[str, tuple[str, Link]] = {}
     for link in links.values():
         ends = list(link.endpoints.values())
-        shape = repr((sorted(link.settings.items()), [bool(e.sites) for e in ends]))
+        shape = repr((sorted(link.settings.items()), [bool(e.sites) for e in ends]))  # auth too
         if shape not in seen:
             seen[shape] = (next(e.name for e in ends if e.managed), link)
     problems = []
     for host, link in seen.values():
-        connection = {**_connection(host, link), "psk": "p" * 32}
+        connection = _connection(host, link)
+        if link.auth == "pubkey":  # the files come with the host's certificate
+            connection["local"].update(certs=[PKI_PLACEHOLDER], key=PKI_PLACEHOLDER)
+            connection["remote"]["cacerts"] = [PKI_PLACEHOLDER]
+        else:
+            connection["psk"] = "p" * 32
         try:
             parse_config({"connections": {link.name: connection}}, source=f"host {host}")
         except ConfigError as exc:

@@ -11,6 +11,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.intent.topology impor
     IntentError,
     compute_intent,
     host_connections,
+    host_pki,
     host_psks,
     link_psk,
     psk_refs,
@@ -528,3 +529,49 @@ def test_links_a_nat_makes_impossible_are_refused_with_the_reason():
         "behind NAT, so only it can initiate; its peer answers"
     ) in problems
     assert "host h4: keyway_behind_nat: 'yes' is not true or false" in problems
+
+
+def test_auth_pubkey_links_use_certificates_and_need_no_master_secret():
+    """Issue 15: `auth: pubkey` (any override level) makes a link authenticate with
+    certificates from Keyway's CA: no PSK derived, no master secret needed for it, and
+    each host says which identity the CA certifies for it."""
+    hostvars, groups = inventory(3)
+    topologies = [
+        {"name": "core", "type": "mesh", "members": "lab", "overrides": {"auth": "pubkey"}},
+    ]
+    links = intent(topologies, hostvars, groups, master_secret_length=0)
+    conn = host_connections("h1", links)["h1-h2"]
+    assert conn["local"] == {"id": "h1", "auth": "pubkey"}
+    assert conn["remote"] == {"id": "h2", "auth": "pubkey"}
+    assert psk_refs("h1", links) == {}
+    assert host_pki("h1", links) == {"identity": "h1"}
+    # One link on PSKs among certificates: that one needs the master secret again.
+    topologies.append({"name": "pair", "type": "links", "links": [{"ends": ["h1", "h4"]}]})
+    hostvars["h4"] = host(4)
+    groups["all"].append("h4")
+    (problem,) = problems_of(topologies, hostvars, groups, master_secret_length=0)
+    assert problem.startswith("keyway_master_secret: missing")
+    links = intent(topologies, hostvars, groups)
+    assert host_pki("h4", links) is None and list(psk_refs("h4", links)) == ["h1-h4"]
+
+
+def test_auth_pubkey_with_an_external_peer_is_refused_with_the_reason():
+    hostvars, groups = inventory(2)
+    external = {
+        "cloud": {"address": "192.0.2.99", "sites": ["10.99.0.0/16"], "psk": "p" * 30},
+    }
+    problems = problems_of(
+        [{"name": "s2s", "type": "site_to_site", "pairs": [["h2", "cloud"]],
+          "overrides": {"auth": "pubkey"}}],
+        hostvars, groups, external_peers=external,
+    )  # fmt: skip
+    assert problems == [
+        "topology s2s: link cloud-h2: auth pubkey (from topology s2s: overrides): cloud is an "
+        "external "
+        "peer, and Keyway's CA issues certificates only to the hosts it manages; use auth "
+        "psk for this link"
+    ]
+    assert problems_of(
+        [{"name": "m", "type": "mesh", "members": "lab", "overrides": {"auth": "rsa"}}],
+        hostvars, groups,
+    ) == ["topology m.overrides.auth: 'rsa' is not one of ('psk', 'pubkey')"]  # fmt: skip
