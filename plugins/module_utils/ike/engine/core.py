@@ -469,6 +469,14 @@ class IkeSa:
             self.engine._by_conn.setdefault(conn.name, {})[id(self)] = self
 
     @property
+    def trace_name(self) -> str:
+        """Who a traced message is with: the connection, or until the peer has
+        authenticated to us as responder (only then is the connection known) its address."""
+        if self.initiator or self.remote_id:
+            return self.conn.name
+        return f"{self.remote[0]}:{self.remote[1]}"
+
+    @property
     def half_open(self) -> bool:
         """A responder's IKE SA before IKE_AUTH: anyone who can send from the peer's
         address could have made it, and which connection it belongs to is known only
@@ -523,12 +531,12 @@ class IkeSa:
     ) -> None:
         """Send a protected request (fragmented if it must be) as our next message ID."""
         header = self._header(exchange, self.send_mid, False)
-        _trace(self.conn.name, True, header, inner)
+        _trace(self.trace_name, True, header, inner)
         self._send_request(self._seal(header, inner), now, kind, arg)
 
     def _respond(self, exchange: int, mid: int, inner: list[codec.Payload]) -> None:
         header = self._header(exchange, mid, True)
-        _trace(self.conn.name, True, header, inner)
+        _trace(self.trace_name, True, header, inner)
         self._send_response(mid, self._seal(header, inner))
 
     def _seal(self, header: codec.Header, inner: list[codec.Payload]) -> tuple[bytes, ...]:
@@ -1641,7 +1649,7 @@ class IkeSa:
         if cas:
             payloads.append(codec.CERTREQ(kind=certs.X509_SIGNATURE, data=certs.certreq_data(cas)))
         header = self._header(ExchangeType.IKE_SA_INIT, 0, True)
-        _trace(self.conn.name, True, header, payloads)
+        _trace(self.trace_name, True, header, payloads)
         data_out = codec.encode_message(codec.Message(header, payloads))
         self.init_response = data_out
         self.state = "auth"
@@ -2027,7 +2035,7 @@ class IkeSa:
             if inner is None:
                 return None  # more fragments to come
             self.fragments = None
-        _trace(self.conn.name, False, msg.header, inner)
+        _trace(self.trace_name, False, msg.header, inner)
         return inner
 
     def _up(self, now: float) -> None:
