@@ -243,11 +243,18 @@ class CertificateAuthority:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
     def issue(
-        self, host: str, csr_pem: bytes, identity: str, valid_days: int, renew_days: int
+        self,
+        host: str,
+        csr_pem: bytes,
+        identity: str,
+        valid_days: int,
+        renew_days: int,
+        crl_uri: str = "",
     ) -> Issued:
         """The certificate for `host`'s request: the current one while it is valid for
-        more than `renew_days`, for the same key and identity and not revoked; else a new
-        one (the previous is listed as superseded only in the index, not revoked: it
+        more than `renew_days`, for the same key, identity and CRL distribution point
+        (`crl_uri`, where the CA's CRL is published, if it is) and not revoked; else a
+        new one (the previous is listed as superseded only in the index, not revoked: it
         stays valid until it expires, so the host's old IKE SAs keep authenticating)."""
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
@@ -269,6 +276,7 @@ class CertificateAuthority:
                 current["serial"] not in revoked
                 and current["key"] == key_id
                 and current["identity"] == identity
+                and current.get("crl_uri", "") == crl_uri
                 and expires - self.now > datetime.timedelta(days=renew_days)
             ):
                 pem = self._read(self.dir / "issued" / current["file"])
@@ -297,6 +305,11 @@ class CertificateAuthority:
         )
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        if crl_uri:
+            point = x509.DistributionPoint(
+                [x509.UniformResourceIdentifier(crl_uri)], None, None, None
+            )
+            builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
         cert = builder.sign(self.key, _digest(self.key))
         pem = cert.public_bytes(serialization.Encoding.PEM)
         serial = str(cert.serial_number)
@@ -306,7 +319,7 @@ class CertificateAuthority:
         why = "renewed" if record["certificates"] else "issued"
         record["certificates"].append({
             "serial": serial, "file": file, "key": key_id, "identity": identity,
-            "not_after": not_after(cert).isoformat(),
+            "not_after": not_after(cert).isoformat(), "crl_uri": crl_uri,
         })  # fmt: skip
         self.changes.append(f"{host}: certificate {why} (serial {cert.serial_number:x})")
         return Issued(host, pem, cert.serial_number, True)

@@ -64,6 +64,16 @@ options:
     description: A certificate with no more than this many days left is renewed.
     type: int
     default: 30
+  crl_uri:
+    description:
+      - Where the CA's CRL is published (an http URL), if it is; the certificates name it
+        as their CRL distribution point, and keywayd fetches the CRL there before it
+        accepts a peer (see keywayd's revocation policy). Changing it renews every
+        certificate.
+      - The module writes C(crl.pem) in O(path); publishing it at this URL is the
+        operator's (a web server, an object store).
+    type: str
+    default: ""
   crl_valid_days:
     description: Validity of the CRL, days (it is signed again after half of it).
     type: int
@@ -141,6 +151,7 @@ def main() -> None:
             compromised=dict(type="list", elements="str", default=[]),
             valid_days=dict(type="int", default=365),
             renew_days=dict(type="int", default=30),
+            crl_uri=dict(type="str", default=""),
             crl_valid_days=dict(type="int", default=30),
             ca_valid_days=dict(type="int", default=3650),
         ),
@@ -182,6 +193,7 @@ def main() -> None:
                 identities[host],
                 p["valid_days"],
                 p["renew_days"],
+                p["crl_uri"],
             )
         except pki.PkiError as exc:
             module.fail_json(msg=str(exc))

@@ -148,3 +148,15 @@ def test_the_modules_say_cryptography_is_missing(monkeypatch, module, tmp_path):
         and "Failed to import the required Python library (cryptography" in (result["msg"])
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_a_crl_uri_is_the_certificates_distribution_point_and_renews_them(tmp_path):
+    ca = _ca(tmp_path)
+    csr = pki.make_csr(pki.make_key(), "h1.lab")
+    plain = ca.issue("h1", csr, "h1.lab", 365, 30)
+    named = ca.issue("h1", csr, "h1.lab", 365, 30, crl_uri="http://pki.lab/keyway.crl")
+    assert named.changed and named.serial != plain.serial  # a new URI renews
+    assert not ca.issue("h1", csr, "h1.lab", 365, 30, crl_uri="http://pki.lab/keyway.crl").changed
+    cert = x509.load_pem_x509_certificate(named.pem)
+    assert certs.distribution_points(cert) == ["http://pki.lab/keyway.crl"]
+    assert certs.distribution_points(x509.load_pem_x509_certificate(plain.pem)) == []

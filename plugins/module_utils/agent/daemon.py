@@ -72,6 +72,7 @@ from ..ike.engine.events import (
     IkeSaUp,
     NegotiationFailed,
     PeerDead,
+    RevocationWanted,
 )
 from ..ike.engine.retransmit import RetransmitPolicy
 from ..ike.proposals import describe
@@ -256,6 +257,35 @@ def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> 
     )
 
 
+FETCH_TIMEOUT = 5.0  # seconds for a distribution point to answer
+FETCH_LIMIT = 4 << 20  # bytes: a CRL larger than this is refused
+
+
+def fetch_url(uri: str, timeout: float = FETCH_TIMEOUT, limit: int = FETCH_LIMIT) -> bytes:
+    """GET `uri` over HTTP(S) only (redirects too: no file:, no FTP), at most `limit`
+    bytes (the URI comes from a certificate, but its content from the network)."""
+    import urllib.request
+
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        urllib.request.HTTPHandler,
+        urllib.request.HTTPSHandler,
+        urllib.request.HTTPRedirectHandler,
+        urllib.request.HTTPDefaultErrorHandler,
+        urllib.request.HTTPErrorProcessor,
+    ):
+        opener.add_handler(handler())
+    if not uri.lower().startswith(("http://", "https://")):
+        raise ValueError(f"{uri}: only http and https are fetched")
+    with opener.open(uri, timeout=timeout) as answer:
+        if not answer.geturl().lower().startswith(("http://", "https://")):
+            raise ValueError(f"{uri}: redirected to {answer.geturl()}")
+        data = answer.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{uri}: larger than {limit} bytes")
+    return data
+
+
 def event_record(event: Event | base.DataPlaneEvent) -> dict:
     """An event as JSON-ready data, keys left out (only SPIs, names and addresses)."""
     record: dict[str, Any] = {"event": type(event).__name__}
@@ -300,6 +330,10 @@ class Agent:
         self._local_towards: dict[str, str] = {}  # peer address -> our local address
         self._address_turn: dict[str, int] = {}  # which of remote_addrs is tried next
         self._resolving: set[asyncio.Task] = set()  # DNS lookups of peers being initiated
+        # CRLs from the peers' distribution points: one cache for every engine, filled
+        # by _fetch_crl while IKE_AUTH waits (the peer retransmits meanwhile).
+        self._crl_cache = None
+        self._fetching: set[asyncio.Task] = set()
         self.engines: dict[str, Engine] = {}  # by local address
         self.runners: dict[str, UdpRunner] = {}
         self.local_of: dict[str, str] = {}  # connection -> local address
@@ -458,6 +492,9 @@ class Agent:
                 spi_allocator=functools.partial(self._allocate_spi, local),
                 cookie_threshold=self.config.half_open_cookie_threshold,
             )
+            if self._crl_cache is None:
+                self._crl_cache = engine.crl_cache
+            engine.crl_cache = self._crl_cache
             runner = UdpRunner(
                 engine,
                 local,
@@ -659,6 +696,24 @@ class Agent:
         self.stats["initiations"] += 1
         self.runners[self.local_of[name]].initiate(name, (host, port))
 
+    async def _fetch_crl(self, name: str, uri: str) -> None:
+        """A CRL from a distribution point a peer's certificate names, for the engines'
+        cache; a failure is remembered for a while (the revocation policy decides)."""
+        from ..ike import certs
+
+        try:
+            data = await self._loop.run_in_executor(None, fetch_url, uri)
+            crl = certs.load_crl(data)
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "[%s] CRL at %s not fetched: %s (the revocation policy decides; tried again "
+                "in %.0f s)", name, uri, exc, certs.CRL_FETCH_RETRY,
+            )  # fmt: skip
+            self._crl_cache.fail(uri, self._loop.time())
+            return
+        log.info("[%s] CRL at %s: %d revoked", name, uri, sum(1 for _unused in crl))
+        self._crl_cache.store(uri, crl)
+
     async def _resolve_and_initiate(self, name: str, host: str, port: int) -> None:
         """A peer named by DNS: resolved at each initiation (so again after a failure),
         without blocking the other tunnels; its address is then one it may come from."""
@@ -778,6 +833,11 @@ class Agent:
                 self._wake(name, {"up": True, "ike_only": True})
         elif isinstance(event, IkeSaMoved):
             self._follow_nat_mapping(event)
+        elif isinstance(event, RevocationWanted):
+            for uri in event.uris:
+                task = self._loop.create_task(self._fetch_crl(name, uri))
+                self._fetching.add(task)
+                task.add_done_callback(self._fetching.discard)
         elif isinstance(event, IkeSaRekeyed):
             log.info("[%s] IKE SA rekeyed (%s)", name, event.proposal)
             due = self._reauth_due.pop(event.old_spi_i, None)

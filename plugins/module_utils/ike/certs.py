@@ -14,7 +14,9 @@ keyUsage, when present, allows signatures, and its extendedKeyUsage, when presen
 names IKE (id-kp-ipsecIKE), anyExtendedKeyUsage, serverAuth or clientAuth (what IPsec
 deployments issue: strongSwan's `pki --flag serverAuth`, Windows' clients); a CA's
 name constraints (RFC 5280 4.2.1.10: DNS names, mailboxes, addresses, DNs) hold for
-every certificate below it; CRLs the configuration names, as its revocation policy says.
+every certificate below it; CRLs the configuration names, and those a certificate's
+distribution points serve (fetched by keywayd, see `CrlCache`), as the revocation policy
+says.
 Identities: IPv4/IPv6 (SAN iPAddress), FQDN (SAN dNSName), user@FQDN (SAN rfc822Name),
 a DN (the subject), a KEY_ID (the key's identifier). Not done: policies, OCSP.
 """
@@ -38,6 +40,9 @@ from .constants import NotifyType
 from .crypto import IkeCryptoError
 
 X509_SIGNATURE = 4  # CERT encoding "X.509 Certificate - Signature"
+# Seconds a distribution point that could not be fetched is not asked again: meanwhile
+# the revocation policy decides as if it had no CRL (strongSwan's relaxed accepts).
+CRL_FETCH_RETRY = 60.0
 MAX_PATH = 8  # certificates from the leaf to the CA, at most
 RSASSA_PSS = ObjectIdentifier("1.2.840.113549.1.1.10")
 IPSEC_IKE = ObjectIdentifier("1.3.6.1.5.5.7.3.17")  # id-kp-ipsecIKE (RFC 4945 5.1.3.12)
@@ -105,6 +110,60 @@ def certreq_data(ca_certs: list[x509.Certificate]) -> bytes:
     )
 
 
+class RevocationPending(Exception):
+    """The path's revocation status waits on CRLs from these distribution points, not
+    fetched yet: the caller holds the exchange (the peer retransmits) and fetches them."""
+
+    def __init__(self, uris: tuple[str, ...]):
+        super().__init__(", ".join(uris))
+        self.uris = uris
+
+
+class CrlCache:
+    """CRLs fetched from distribution points, by URI (keywayd fetches; IKE_AUTH reads).
+    A URI is `wanted` until fetched; one that failed is not asked again for
+    CRL_FETCH_RETRY seconds; a CRL past its nextUpdate is fetched again."""
+
+    def __init__(self) -> None:
+        self._crls: dict[str, x509.CertificateRevocationList] = {}
+        self._failed: dict[str, float] = {}  # uri -> monotonic time of the failure
+        self.wanted: set[str] = set()
+
+    def store(self, uri: str, crl: x509.CertificateRevocationList) -> None:
+        self._crls[uri] = crl
+        self._failed.pop(uri, None)
+        self.wanted.discard(uri)
+
+    def fail(self, uri: str, now: float) -> None:
+        self._failed[uri] = now
+        self.wanted.discard(uri)
+
+    def lookup(
+        self, uris: list[str], when: datetime.datetime, now: float
+    ) -> tuple[list[x509.CertificateRevocationList], list[str]]:
+        """The CRLs at hand for `uris` (current or not: a stale one still says what it
+        revoked), and the URIs to fetch first (none current, not failed lately)."""
+        crls = [self._crls[u] for u in uris if u in self._crls]
+        if any(_crl_current(c, when) for c in crls):
+            return crls, []
+        fetch = [u for u in uris if now - self._failed.get(u, -CRL_FETCH_RETRY) >= CRL_FETCH_RETRY]
+        return crls, fetch
+
+
+def distribution_points(cert: x509.Certificate) -> list[str]:
+    """The HTTP(S) URIs of the certificate's CRL distribution points (others, LDAP
+    say, are not fetched)."""
+    points = _extension(cert, x509.CRLDistributionPoints)
+    uris = []
+    for point in points or ():
+        for name in point.full_name or ():
+            if isinstance(name, x509.UniformResourceIdentifier) and name.value.lower().startswith(
+                ("http://", "https://")
+            ):
+                uris.append(name.value)
+    return uris
+
+
 def verify_peer(
     chain_ders: list[bytes],
     ca_certs: list[x509.Certificate],
@@ -112,9 +171,12 @@ def verify_peer(
     when: datetime.datetime | None = None,
     crls: tuple = (),
     revocation: str = "relaxed",
+    fetched: tuple[CrlCache, float] | None = None,
 ):
     """The verified leaf's public key; AUTHENTICATION_FAILED with the reason otherwise.
-    `crls` are checked on the path as `revocation` says (strict, ifuri, relaxed)."""
+    `crls` are checked on the path as `revocation` says (strict, ifuri, relaxed), with
+    those `fetched` from the certificates' distribution points (a CrlCache and the
+    monotonic time); RevocationPending if some must be fetched first."""
     fail = NotifyType.AUTHENTICATION_FAILED
     if not chain_ders:
         raise IkeCryptoError("peer sent no certificate", fail)
@@ -130,7 +192,7 @@ def verify_peer(
         _check_leaf(leaf)
         path = _check_path(leaf, intermediates, ca_certs, now)
         _check_name_constraints(path)
-        _check_revocation(path, crls, revocation, now)
+        _check_revocation(path, crls, revocation, now, fetched)
     except _Refused as exc:
         raise IkeCryptoError(f"certificate of {name!r} does not verify: {exc}", fail) from None
     if not identity_matches(leaf, identity):
@@ -172,12 +234,24 @@ def _check_path(leaf, pool: list, anchors: list, now: datetime.datetime) -> list
     raise _Refused(f"no configured CA within {MAX_PATH} certificates")
 
 
-def _check_revocation(path: list, crls: tuple, policy: str, now: datetime.datetime) -> None:
-    """Each certificate below the anchor against the CRLs its issuer signed: refused if
-    one lists it; without a current CRL (nextUpdate not passed), refused under `strict`,
-    and under `ifuri` when the certificate names a CRL distribution point."""
+def _check_revocation(
+    path: list, crls: tuple, policy: str, now: datetime.datetime, fetched=None
+) -> None:
+    """Each certificate below the anchor against the CRLs its issuer signed, configured
+    or fetched from its distribution points: refused if one lists it; without a current
+    CRL (nextUpdate not passed), refused under `strict`, and under `ifuri` when the
+    certificate names a CRL distribution point. RevocationPending when a distribution
+    point's CRL is to be fetched first (none current at hand, none failed lately)."""
+    pending: list[str] = []
     for cert, issuer in itertools.pairwise(path):
-        signed = [crl for crl in crls if crl.issuer == issuer.subject and _crl_signed(crl, issuer)]
+        candidates, fetch = list(crls), []
+        uris = distribution_points(cert) if fetched is not None else []
+        if uris:
+            at_hand, fetch = fetched[0].lookup(uris, now, fetched[1])
+            candidates += at_hand
+        signed = [
+            crl for crl in candidates if crl.issuer == issuer.subject and _crl_signed(crl, issuer)
+        ]
         for crl in signed:  # a stale CRL still says what it revoked
             entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
             if entry is not None:
@@ -185,7 +259,12 @@ def _check_revocation(path: list, crls: tuple, policy: str, now: datetime.dateti
                 raise _Refused(f"{_who(cert)} is revoked since {when:%Y-%m-%d %H:%M:%S} UTC"
                                f"{_revocation_reason(entry)}")  # fmt: skip
         current = [crl for crl in signed if _crl_current(crl, now)]
-        if current or policy == "relaxed":
+        if current:
+            continue
+        if fetch:  # the policy decides once the distribution point has answered (or not)
+            pending += fetch
+            continue
+        if policy == "relaxed":
             continue
         if policy == "strict":
             raise _Refused(
@@ -196,6 +275,8 @@ def _check_revocation(path: list, crls: tuple, policy: str, now: datetime.dateti
                 f"{_who(cert)} names a CRL distribution point, and no current CRL of "
                 f"{_who(issuer)} is at hand (revocation: ifuri)"
             )
+    if pending:
+        raise RevocationPending(tuple(dict.fromkeys(pending)))
 
 
 def _crl_signed(crl, issuer) -> bool:

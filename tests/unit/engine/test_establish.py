@@ -28,6 +28,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events imp
     IkeSaUp,
     NegotiationFailed,
     PeerDead,
+    RevocationWanted,
 )
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.retransmit import (
     RetransmitPolicy,
@@ -1062,3 +1063,41 @@ def test_a_child_sa_being_created_is_known_until_it_is_up():
     assert sa.creating("sites") and not sa.creating("other")
     pair.pump(until=pair.net.now + 10)
     assert not sa.creating("sites") and len(sa.live_children()) == 3
+
+
+@pytest.mark.parametrize("waiting", ["initiator", "responder"])
+def test_ike_auth_waits_for_a_distribution_point_s_crl_then_decides(waiting):
+    """Issue 15: the peer's certificate names a CRL distribution point and no current CRL
+    is at hand: the end verifying it asks its shell for the CRL (RevocationWanted, once)
+    and leaves the message unanswered; the retransmission that follows finds the CRL
+    the shell stored and goes through (or is refused, if the CRL revokes the peer)."""
+    from cryptography import x509
+
+    from tests.fixtures.pki import issue
+    from tests.unit.ike.test_certs import CDP, crl_of
+
+    for revoked in (False, True):
+        ca = make_ca()
+        cert_a = issue(ca, "h1", sans=[x509.DNSName("h1.lab")], key_usage="sign",
+                       extra=[(CDP, False)] if waiting == "responder" else None)  # fmt: skip
+        cert_b = issue(ca, "h2", sans=[x509.DNSName("h2.lab")], key_usage="sign",
+                       extra=[(CDP, False)] if waiting == "initiator" else None)  # fmt: skip
+        pair = cert_pair(ca, ca, cert_a, cert_b)
+        checker, peer = (pair.a, pair.b) if waiting == "initiator" else (pair.b, pair.a)
+        strict = dataclasses.replace(checker.connections["h1-h2"], revocation="strict")
+        checker.add_connection(strict)
+        checked = cert_b if waiting == "initiator" else cert_a
+        pair.a.initiate("h1-h2", 0.0)
+        pair.pump(until=0.3)  # before the first retransmission (0.5 s)
+        (wanted,) = of(pair.events[checker.local], RevocationWanted)
+        assert wanted.uris == ("http://ca.lab/ca.crl",)
+        assert not of(pair.events[checker.local], IkeSaUp)
+        checker.crl_cache.store(wanted.uris[0], crl_of(ca, [checked] if revoked else []))
+        pair.pump(until=10)
+        assert len(of(pair.events[checker.local], RevocationWanted)) == 1
+        if revoked:
+            (failed,) = of(pair.events[checker.local], AuthFailed)
+            assert "is revoked since" in failed.reason
+            assert not checker.sas() and not peer.sas()
+        else:
+            assert of(pair.events[A], ChildSaReady) and of(pair.events[B], ChildSaReady)

@@ -241,6 +241,48 @@ def test_without_a_current_crl_the_policy_decides(policy, crls, cdp, refusal):
         assert refusal in str(failed.value)
 
 
+@pytest.mark.parametrize("policy", ["strict", "ifuri", "relaxed"])
+def test_a_distribution_point_s_crl_is_fetched_first_then_decides(policy):
+    """Issue 15: a certificate naming a CRL distribution point, with no current CRL at
+    hand: the exchange waits (RevocationPending) until keywayd has fetched it; then
+    that CRL revokes or clears the certificate whatever the policy, and a distribution
+    point that could not be fetched leaves the decision to the policy, for a while."""
+    ca = root()
+    leaf = issue(ca, "moon", sans=dns("moon.lab"), extra=[(CDP, False)])
+    other = issue(ca, "sun", sans=dns("sun.lab"), extra=[(CDP, False)])
+    cache = certs.CrlCache()
+
+    def check(name, leaf, clock=0.0):
+        certs.verify_peer([leaf.der], [ca.cert], name, crls=(), revocation=policy,
+                          fetched=(cache, clock))  # fmt: skip
+
+    with pytest.raises(certs.RevocationPending) as pending:
+        check("moon.lab", leaf)
+    assert pending.value.uris == ("http://ca.lab/ca.crl",)
+    cache.store("http://ca.lab/ca.crl", crl_of(ca, [leaf]))
+    with pytest.raises(IkeCryptoError, match="is revoked since"):
+        check("moon.lab", leaf)
+    check("sun.lab", other)  # the same CRL clears the other certificate
+    cache = certs.CrlCache()
+    cache.fail("http://ca.lab/ca.crl", 100.0)
+    if policy == "relaxed":
+        check("sun.lab", other, 100.0 + certs.CRL_FETCH_RETRY - 1)
+    else:
+        with pytest.raises(IkeCryptoError, match=f"revocation: {policy}"):
+            check("sun.lab", other, 100.0 + certs.CRL_FETCH_RETRY - 1)
+    with pytest.raises(certs.RevocationPending):  # asked again once the retry is due
+        check("sun.lab", other, 100.0 + certs.CRL_FETCH_RETRY)
+
+
+def test_a_configured_crl_that_revokes_needs_no_fetch():
+    ca = root()
+    leaf = issue(ca, "moon", sans=dns("moon.lab"), extra=[(CDP, False)])
+    with pytest.raises(IkeCryptoError, match="is revoked since"):
+        certs.verify_peer([leaf.der], [ca.cert], "moon.lab", crls=(crl_of(ca, [leaf]),),
+                          revocation="strict", fetched=(certs.CrlCache(), 0.0))  # fmt: skip
+    assert certs.distribution_points(leaf.cert) == ["http://ca.lab/ca.crl"]
+
+
 def test_a_stale_crl_still_revokes():
     ca = root()
     leaf = issue(ca, "moon", sans=dns("moon.lab"))

@@ -67,6 +67,7 @@ from .events import (
     IkeSaUp,
     NegotiationFailed,
     PeerDead,
+    RevocationWanted,
 )
 from .retransmit import RetransmitPolicy
 from .schedule import LifetimeSchedule
@@ -779,12 +780,16 @@ class IkeSa:
                     self.engine.wall_clock(),
                     crls=conn.crls,
                     revocation=conn.revocation,
+                    fetched=(self.engine.crl_cache, self.engine.now),
                 )
                 scheme = crypto.verify_signature_auth(
                     key, auth.kind, auth.data, octets, conn.allow_weak
                 )
             except crypto.IkeCryptoError as exc:
                 return str(exc)
+            except certs.RevocationPending as pending:
+                self.engine._want_crls(conn.name, pending.uris)
+                raise
             if conn.peer_signatures and scheme not in conn.peer_signatures:
                 accepted = ", ".join(conn.peer_signatures)
                 return f"the peer signed with {scheme}; remote auth accepts {accepted}"
@@ -837,7 +842,7 @@ class IkeSa:
 
     def _on_auth_response(self, inner: list[codec.Payload], now: float) -> None:
         conn = self.conn
-        self.request = None
+        request, self.request = self.request, None
         notifies = [p for p in inner if isinstance(p, codec.Notify)]
         if any(n.type == NotifyType.AUTHENTICATION_FAILED for n in notifies):
             if conn.auth == "psk" and self.psk_index + 1 < len(conn.psks):
@@ -855,9 +860,14 @@ class IkeSa:
                 f"peer identity {idr.to_text()!r} is not {conn.remote_id!r}", now
             )
             return
-        reason = self._verify_auth(
-            conn, inner, idr, auth, self.init_response, self.nonce_i, self.keys.sk_pr
-        )
+        try:
+            reason = self._verify_auth(
+                conn, inner, idr, auth, self.init_response, self.nonce_i, self.keys.sk_pr
+            )
+        except certs.RevocationPending:
+            # Our retransmission brings the peer's answer again, once the CRLs are here.
+            self.request = request
+            return
         if reason:
             self._refuse_responder(f"responder: {reason}", now)
             return
@@ -1692,9 +1702,14 @@ class IkeSa:
             )
             return
         self.conn = conn
-        reason = self._verify_auth(
-            conn, inner, idi, auth, self.init_request, self.nonce_r, self.keys.sk_pi
-        )
+        try:
+            reason = self._verify_auth(
+                conn, inner, idi, auth, self.init_request, self.nonce_r, self.keys.sk_pi
+            )
+        except certs.RevocationPending:
+            # Unanswered: the peer's retransmission finds the CRLs (or the policy decides).
+            self.recv_mid -= 1
+            return
         if reason:
             self._respond_auth_failed(mid, f"{peer_id!r}: {reason}")
             return
@@ -2246,6 +2261,9 @@ class Engine:
         self._invalid_spi_window = [0.0, 0]  # [start of this second, answers in it]
         # Certificate validity needs calendar time; the shell (or a test) provides it.
         self.wall_clock = wall_clock or (lambda: datetime.datetime.now(datetime.UTC))
+        # CRLs from the peers' distribution points, fetched by the shell (one cache may
+        # serve several engines).
+        self.crl_cache = certs.CrlCache()
 
     # public API
     def add_connection(self, conn: IkeConnection) -> None:
@@ -2449,6 +2467,14 @@ class Engine:
             return
         sa.queue("invalid_spi", now, (ProtocolId.AH if ah else ProtocolId.ESP, spi))
         self._touch(sa)
+
+    def _want_crls(self, name: str, uris: tuple[str, ...]) -> None:
+        """Ask the shell for the CRLs at `uris` (once while it fetches them)."""
+        new = tuple(u for u in uris if u not in self.crl_cache.wanted)
+        if new:
+            self.crl_cache.wanted.update(new)
+            log.info("%s: IKE_AUTH waits on the CRL at %s", name, ", ".join(new))
+            self._event(RevocationWanted(name, new))
 
     def check_liveness(self, sa: IkeSa, now: float) -> None:
         """Dead peer detection: an empty INFORMATIONAL; PeerDead if it goes unanswered."""

@@ -133,9 +133,26 @@ class NegotiationFailed:
     notify: int | None = None
 
 
+@dataclass(frozen=True)
+class RevocationWanted:
+    """IKE_AUTH of `connection` waits on the CRLs at these distribution points: the
+    shell fetches them into the engine's crl_cache (the peer's retransmission, or ours,
+    then finds them)."""
+
+    connection: str
+    uris: tuple[str, ...]
+
+
 # Classes union at run time since Python 3.10; pylint as ansible-test runs it thinks not.
 # pylint: disable=unsupported-binary-operation
 Event = (
-    IkeSaUp | ChildSaReady | ChildSaDeleted | IkeSaDown | AuthFailed | PeerDead | NegotiationFailed
+    IkeSaUp
+    | ChildSaReady
+    | ChildSaDeleted
+    | IkeSaDown
+    | AuthFailed
+    | PeerDead
+    | NegotiationFailed
+    | RevocationWanted
 )
 # pylint: enable=unsupported-binary-operation
