@@ -261,9 +261,12 @@ FETCH_TIMEOUT = 5.0  # seconds for a distribution point to answer
 FETCH_LIMIT = 4 << 20  # bytes: a CRL larger than this is refused
 
 
-def fetch_url(uri: str, timeout: float = FETCH_TIMEOUT, limit: int = FETCH_LIMIT) -> bytes:
-    """GET `uri` over HTTP(S) only (redirects too: no file:, no FTP), at most `limit`
-    bytes (the URI comes from a certificate, but its content from the network)."""
+def fetch_url(
+    uri: str, body: bytes = b"", timeout: float = FETCH_TIMEOUT, limit: int = FETCH_LIMIT
+) -> bytes:
+    """GET `uri` (or POST an OCSP request `body` to it) over HTTP(S) only (redirects
+    too: no file:, no FTP), at most `limit` bytes (the URI comes from a certificate,
+    but its content from the network)."""
     import urllib.request
 
     opener = urllib.request.OpenerDirector()
@@ -277,7 +280,12 @@ def fetch_url(uri: str, timeout: float = FETCH_TIMEOUT, limit: int = FETCH_LIMIT
         opener.add_handler(handler())
     if not uri.lower().startswith(("http://", "https://")):
         raise ValueError(f"{uri}: only http and https are fetched")
-    with opener.open(uri, timeout=timeout) as answer:
+    request = urllib.request.Request(uri)
+    if body:
+        request = urllib.request.Request(
+            uri, data=body, headers={"Content-Type": "application/ocsp-request"}
+        )
+    with opener.open(request, timeout=timeout) as answer:
         if not answer.geturl().lower().startswith(("http://", "https://")):
             raise ValueError(f"{uri}: redirected to {answer.geturl()}")
         data = answer.read(limit + 1)
@@ -330,9 +338,9 @@ class Agent:
         self._local_towards: dict[str, str] = {}  # peer address -> our local address
         self._address_turn: dict[str, int] = {}  # which of remote_addrs is tried next
         self._resolving: set[asyncio.Task] = set()  # DNS lookups of peers being initiated
-        # CRLs from the peers' distribution points: one cache for every engine, filled
-        # by _fetch_crl while IKE_AUTH waits (the peer retransmits meanwhile).
-        self._crl_cache = None
+        # CRLs and OCSP responses: one cache for every engine, filled by
+        # _fetch_revocation while IKE_AUTH waits (the peer retransmits meanwhile).
+        self._revocation_cache = None
         self._fetching: set[asyncio.Task] = set()
         self.engines: dict[str, Engine] = {}  # by local address
         self.runners: dict[str, UdpRunner] = {}
@@ -492,9 +500,9 @@ class Agent:
                 spi_allocator=functools.partial(self._allocate_spi, local),
                 cookie_threshold=self.config.half_open_cookie_threshold,
             )
-            if self._crl_cache is None:
-                self._crl_cache = engine.crl_cache
-            engine.crl_cache = self._crl_cache
+            if self._revocation_cache is None:
+                self._revocation_cache = engine.revocation_cache
+            engine.revocation_cache = self._revocation_cache
             runner = UdpRunner(
                 engine,
                 local,
@@ -696,23 +704,37 @@ class Agent:
         self.stats["initiations"] += 1
         self.runners[self.local_of[name]].initiate(name, (host, port))
 
-    async def _fetch_crl(self, name: str, uri: str) -> None:
-        """A CRL from a distribution point a peer's certificate names, for the engines'
-        cache; a failure is remembered for a while (the revocation policy decides)."""
+    async def _fetch_revocation(self, name: str, fetch) -> None:
+        """A CRL from a distribution point, or an OCSP response, a peer's certificate
+        names, for the engines' cache; a failure is remembered for a while (the
+        revocation policy decides meanwhile)."""
+        from cryptography.x509 import ocsp
+
         from ..ike import certs
 
+        what = f"OCSP at {fetch.uri}" if fetch.body else f"CRL at {fetch.uri}"
         try:
-            data = await self._loop.run_in_executor(None, fetch_url, uri)
-            crl = certs.load_crl(data)
+            data = await self._loop.run_in_executor(None, fetch_url, fetch.uri, fetch.body)
+            if fetch.body:
+                response = ocsp.load_der_ocsp_response(data)
+            else:
+                crl = certs.load_crl(data)
         except (OSError, ValueError) as exc:
             log.warning(
-                "[%s] CRL at %s not fetched: %s (the revocation policy decides; tried again "
-                "in %.0f s)", name, uri, exc, certs.CRL_FETCH_RETRY,
+                "[%s] %s not fetched: %s (the revocation policy decides; tried again in "
+                "%.0f s)", name, what, exc, certs.CRL_FETCH_RETRY,
             )  # fmt: skip
-            self._crl_cache.fail(uri, self._loop.time())
+            self._revocation_cache.fail(fetch.key, self._loop.time())
             return
-        log.info("[%s] CRL at %s: %d revoked", name, uri, sum(1 for _unused in crl))
-        self._crl_cache.store(uri, crl)
+        if fetch.body:
+            status = response.response_status.name
+            if response.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL:
+                status = response.certificate_status.name
+            log.info("[%s] %s: serial %x %s", name, what, fetch.serial, status.lower())
+            self._revocation_cache.store_ocsp(fetch, response)
+            return
+        log.info("[%s] %s: %d revoked", name, what, sum(1 for _unused in crl))
+        self._revocation_cache.store(fetch.uri, crl)
 
     async def _resolve_and_initiate(self, name: str, host: str, port: int) -> None:
         """A peer named by DNS: resolved at each initiation (so again after a failure),
@@ -834,8 +856,8 @@ class Agent:
         elif isinstance(event, IkeSaMoved):
             self._follow_nat_mapping(event)
         elif isinstance(event, RevocationWanted):
-            for uri in event.uris:
-                task = self._loop.create_task(self._fetch_crl(name, uri))
+            for fetch in self._revocation_cache.to_fetch():
+                task = self._loop.create_task(self._fetch_revocation(name, fetch))
                 self._fetching.add(task)
                 task.add_done_callback(self._fetching.discard)
         elif isinstance(event, IkeSaRekeyed):

@@ -15,10 +15,10 @@ names IKE (id-kp-ipsecIKE), anyExtendedKeyUsage, serverAuth or clientAuth (what 
 deployments issue: strongSwan's `pki --flag serverAuth`, Windows' clients); a CA's
 name constraints (RFC 5280 4.2.1.10: DNS names, mailboxes, addresses, DNs) hold for
 every certificate below it; CRLs the configuration names, and those a certificate's
-distribution points serve (fetched by keywayd, see `CrlCache`), as the revocation policy
-says.
+distribution points serve and what its OCSP responders answer (fetched by keywayd, see
+`RevocationCache`), as the revocation policy says.
 Identities: IPv4/IPv6 (SAN iPAddress), FQDN (SAN dNSName), user@FQDN (SAN rfc822Name),
-a DN (the subject), a KEY_ID (the key's identifier). Not done: policies, OCSP.
+a DN (the subject), a KEY_ID (the key's identifier). Not done: policies.
 """
 
 from __future__ import annotations
@@ -28,12 +28,19 @@ import hashlib
 import ipaddress
 import itertools
 import re
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, ObjectIdentifier
+from cryptography.x509 import ocsp
+from cryptography.x509.oid import (
+    AuthorityInformationAccessOID,
+    ExtendedKeyUsageOID,
+    ExtensionOID,
+    ObjectIdentifier,
+)
 
 from . import identity as ids
 from .constants import NotifyType
@@ -110,33 +117,79 @@ def certreq_data(ca_certs: list[x509.Certificate]) -> bytes:
     )
 
 
+@dataclass(frozen=True)
+class Fetch:
+    """Revocation data keywayd fetches: a CRL (GET `uri`), or an OCSP response for one
+    certificate (POST the DER request `body` to `uri`)."""
+
+    uri: str
+    body: bytes = field(default=b"", repr=False)
+    serial: int = 0
+
+    @property
+    def key(self) -> str | tuple[str, int]:
+        return (self.uri, self.serial) if self.body else self.uri
+
+
 class RevocationPending(Exception):
-    """The path's revocation status waits on CRLs from these distribution points, not
-    fetched yet: the caller holds the exchange (the peer retransmits) and fetches them."""
+    """The path's revocation status waits on data not fetched yet (CRLs from
+    distribution points, OCSP responses): the caller holds the exchange (the peer
+    retransmits) and fetches them."""
 
-    def __init__(self, uris: tuple[str, ...]):
-        super().__init__(", ".join(uris))
-        self.uris = uris
+    def __init__(self, fetches: tuple[Fetch, ...]):
+        super().__init__(", ".join(f.uri for f in fetches))
+        self.fetches = fetches
+
+    @property
+    def uris(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(f.uri for f in self.fetches))
 
 
-class CrlCache:
-    """CRLs fetched from distribution points, by URI (keywayd fetches; IKE_AUTH reads).
-    A URI is `wanted` until fetched; one that failed is not asked again for
-    CRL_FETCH_RETRY seconds; a CRL past its nextUpdate is fetched again."""
+class RevocationCache:
+    """What keywayd fetched for revocation (IKE_AUTH reads it): CRLs by distribution
+    point, OCSP responses by responder and serial. An item is `wanted` until fetched;
+    one that failed is not asked again for CRL_FETCH_RETRY seconds; a CRL or response
+    past its nextUpdate is fetched again."""
 
     def __init__(self) -> None:
         self._crls: dict[str, x509.CertificateRevocationList] = {}
-        self._failed: dict[str, float] = {}  # uri -> monotonic time of the failure
-        self.wanted: set[str] = set()
+        self._ocsp: dict[tuple[str, int], ocsp.OCSPResponse] = {}
+        self._failed: dict[object, float] = {}  # key -> monotonic time of the failure
+        self.wanted: dict[object, Fetch] = {}
+        self._started: set[object] = set()
+
+    def want(self, fetches: tuple[Fetch, ...]) -> tuple[Fetch, ...]:
+        """Record what IKE_AUTH waits on; returns what was not wanted already."""
+        new = tuple(f for f in fetches if f.key not in self.wanted)
+        self.wanted.update((f.key, f) for f in new)
+        return new
+
+    def to_fetch(self) -> list[Fetch]:
+        """What is wanted and not being fetched yet (marked as being fetched)."""
+        todo = [f for k, f in self.wanted.items() if k not in self._started]
+        self._started.update(f.key for f in todo)
+        return todo
 
     def store(self, uri: str, crl: x509.CertificateRevocationList) -> None:
         self._crls[uri] = crl
-        self._failed.pop(uri, None)
-        self.wanted.discard(uri)
+        self._done(uri)
 
-    def fail(self, uri: str, now: float) -> None:
-        self._failed[uri] = now
-        self.wanted.discard(uri)
+    def store_ocsp(self, fetch: Fetch, response: ocsp.OCSPResponse) -> None:
+        self._ocsp[(fetch.uri, fetch.serial)] = response
+        self._done(fetch.key)
+
+    def fail(self, key, now: float) -> None:
+        self._failed[key] = now
+        self.wanted.pop(key, None)
+        self._started.discard(key)
+
+    def _done(self, key) -> None:
+        self._failed.pop(key, None)
+        self.wanted.pop(key, None)
+        self._started.discard(key)
+
+    def _may_fetch(self, key, now: float) -> bool:
+        return now - self._failed.get(key, -CRL_FETCH_RETRY) >= CRL_FETCH_RETRY
 
     def lookup(
         self, uris: list[str], when: datetime.datetime, now: float
@@ -146,8 +199,10 @@ class CrlCache:
         crls = [self._crls[u] for u in uris if u in self._crls]
         if any(_crl_current(c, when) for c in crls):
             return crls, []
-        fetch = [u for u in uris if now - self._failed.get(u, -CRL_FETCH_RETRY) >= CRL_FETCH_RETRY]
-        return crls, fetch
+        return crls, [u for u in uris if self._may_fetch(u, now)]
+
+    def ocsp_response(self, uri: str, serial: int) -> ocsp.OCSPResponse | None:
+        return self._ocsp.get((uri, serial))
 
 
 def distribution_points(cert: x509.Certificate) -> list[str]:
@@ -171,12 +226,13 @@ def verify_peer(
     when: datetime.datetime | None = None,
     crls: tuple = (),
     revocation: str = "relaxed",
-    fetched: tuple[CrlCache, float] | None = None,
+    fetched: tuple[RevocationCache, float] | None = None,
 ):
     """The verified leaf's public key; AUTHENTICATION_FAILED with the reason otherwise.
     `crls` are checked on the path as `revocation` says (strict, ifuri, relaxed), with
-    those `fetched` from the certificates' distribution points (a CrlCache and the
-    monotonic time); RevocationPending if some must be fetched first."""
+    what was `fetched` (a RevocationCache and the monotonic time) from the OCSP
+    responders and CRL distribution points the certificates name; RevocationPending if
+    some must be fetched first."""
     fail = NotifyType.AUTHENTICATION_FAILED
     if not chain_ders:
         raise IkeCryptoError("peer sent no certificate", fail)
@@ -240,10 +296,19 @@ def _check_revocation(
     """Each certificate below the anchor against the CRLs its issuer signed, configured
     or fetched from its distribution points: refused if one lists it; without a current
     CRL (nextUpdate not passed), refused under `strict`, and under `ifuri` when the
-    certificate names a CRL distribution point. RevocationPending when a distribution
-    point's CRL is to be fetched first (none current at hand, none failed lately)."""
-    pending: list[str] = []
+    certificate names a CRL distribution point (or an OCSP responder). An OCSP
+    responder the certificate names is asked first; its answer, when it has a usable
+    one, decides. RevocationPending when a response or a distribution point's CRL is to
+    be fetched first (none current at hand, none failed lately)."""
+    pending: list[Fetch] = []
     for cert, issuer in itertools.pairwise(path):
+        if fetched is not None:
+            answer = _ocsp_answer(cert, issuer, fetched, now)
+            if answer == "good":
+                continue
+            if isinstance(answer, Fetch):
+                pending.append(answer)
+                continue
         candidates, fetch = list(crls), []
         uris = distribution_points(cert) if fetched is not None else []
         if uris:
@@ -262,7 +327,7 @@ def _check_revocation(
         if current:
             continue
         if fetch:  # the policy decides once the distribution point has answered (or not)
-            pending += fetch
+            pending += [Fetch(u) for u in fetch]
             continue
         if policy == "relaxed":
             continue
@@ -270,13 +335,122 @@ def _check_revocation(
             raise _Refused(
                 f"no current CRL of {_who(issuer)} for {_who(cert)} (revocation: strict)"
             )
-        if _extension(cert, x509.CRLDistributionPoints) is not None:
+        if _extension(cert, x509.CRLDistributionPoints) is not None or ocsp_responders(cert):
             raise _Refused(
-                f"{_who(cert)} names a CRL distribution point, and no current CRL of "
-                f"{_who(issuer)} is at hand (revocation: ifuri)"
+                f"{_who(cert)} names a CRL distribution point or an OCSP responder, and "
+                f"neither told its status (revocation: ifuri)"
             )
     if pending:
-        raise RevocationPending(tuple(dict.fromkeys(pending)))
+        raise RevocationPending(tuple(pending))
+
+
+def ocsp_responders(cert: x509.Certificate) -> list[str]:
+    """The http(s) OCSP responders the certificate's authorityInfoAccess names."""
+    access = _extension(cert, x509.AuthorityInformationAccess)
+    return [
+        d.access_location.value
+        for d in access or ()
+        if d.access_method == AuthorityInformationAccessOID.OCSP
+        and isinstance(d.access_location, x509.UniformResourceIdentifier)
+        and d.access_location.value.lower().startswith(("http://", "https://"))
+    ]
+
+
+def _ocsp_answer(cert, issuer, fetched, now: datetime.datetime):
+    """What the certificate's OCSP responder said: "good"; a refusal raised if revoked;
+    a Fetch to ask it first; None when it cannot tell (no responder, it failed lately,
+    or its answer is unusable: then CRLs and the policy decide)."""
+    responders = ocsp_responders(cert)
+    if not responders:
+        return None
+    cache, clock = fetched
+    uri = responders[0]
+    key = (uri, cert.serial_number)
+    response = cache.ocsp_response(uri, cert.serial_number)
+    if response is not None:
+        status = _ocsp_status(response, cert, issuer, now)
+        if status == "good":
+            return status
+        if status is not None:
+            raise _Refused(f"{_who(cert)} is {status} (OCSP, {uri})")
+        if key not in cache._failed:
+            cache.fail(key, clock)  # an answer that tells nothing counts as none
+    if cache._may_fetch(key, clock):
+        request = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, hashes.SHA1())
+        return Fetch(uri, request.build().public_bytes(serialization.Encoding.DER), key[1])
+    return None
+
+
+OCSP_SKEW = datetime.timedelta(minutes=5)  # clocks of responder and host may differ
+
+
+def _ocsp_status(response, cert, issuer, now: datetime.datetime) -> str | None:
+    """ "good" or "revoked since ..." from a response about `cert` that `issuer` (or a
+    responder it delegated to) signed and that is current; None otherwise."""
+    if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+        return None
+    if response.serial_number != cert.serial_number:
+        return None
+    expected = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, response.hash_algorithm)
+    built = expected.build()
+    if (response.issuer_key_hash, response.issuer_name_hash) != (
+        built.issuer_key_hash,
+        built.issuer_name_hash,
+    ):
+        return None
+    if not _ocsp_signed(response, issuer):
+        return None
+    this = _utc(getattr(response, "this_update_utc", None) or response.this_update)
+    following = getattr(response, "next_update_utc", None) or response.next_update
+    if this > now + OCSP_SKEW or (following is not None and now > _utc(following) + OCSP_SKEW):
+        return None
+    if response.certificate_status == ocsp.OCSPCertStatus.GOOD:
+        return "good"
+    if response.certificate_status == ocsp.OCSPCertStatus.REVOKED:
+        when = _utc(getattr(response, "revocation_time_utc", None) or response.revocation_time)
+        reason = response.revocation_reason
+        return f"revoked since {when:%Y-%m-%d %H:%M:%S} UTC" + (
+            f" ({reason.name})" if reason else ""
+        )
+    return None  # unknown
+
+
+def _ocsp_signed(response, issuer) -> bool:
+    """Signed by the issuer, or by a responder certificate the issuer gave
+    id-kp-OCSPSigning (RFC 6960 4.2.2.2), named by the response's responder ID."""
+    signers = [issuer]
+    for cert in response.certificates:
+        purposes = _extension(cert, x509.ExtendedKeyUsage)
+        if purposes and ExtendedKeyUsageOID.OCSP_SIGNING in purposes and _issued(cert, issuer):
+            signers.append(cert)
+    for signer in signers:
+        key_hash = x509.SubjectKeyIdentifier.from_public_key(signer.public_key()).digest
+        named = response.responder_name == signer.subject or response.responder_key_hash == (
+            key_hash
+        )
+        if named and _signature_valid(
+            signer.public_key(),
+            response.signature,
+            response.tbs_response_bytes,
+            response.signature_hash_algorithm,
+        ):
+            return True
+    return False
+
+
+def _signature_valid(key, signature: bytes, data: bytes, hash_algorithm) -> bool:
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, data, padding.PKCS1v15(), hash_algorithm)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, data, ec.ECDSA(hash_algorithm))
+        elif isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+            key.verify(signature, data)
+        else:
+            return False
+    except (InvalidSignature, UnsupportedAlgorithm, TypeError, ValueError):
+        return False
+    return True
 
 
 def _crl_signed(crl, issuer) -> bool:

@@ -1092,7 +1092,7 @@ def test_ike_auth_waits_for_a_distribution_point_s_crl_then_decides(waiting):
         (wanted,) = of(pair.events[checker.local], RevocationWanted)
         assert wanted.uris == ("http://ca.lab/ca.crl",)
         assert not of(pair.events[checker.local], IkeSaUp)
-        checker.crl_cache.store(wanted.uris[0], crl_of(ca, [checked] if revoked else []))
+        checker.revocation_cache.store(wanted.uris[0], crl_of(ca, [checked] if revoked else []))
         pair.pump(until=10)
         assert len(of(pair.events[checker.local], RevocationWanted)) == 1
         if revoked:

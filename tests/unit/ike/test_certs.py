@@ -11,7 +11,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+from cryptography.x509.oid import (
+    AuthorityInformationAccessOID,
+    ExtendedKeyUsageOID,
+    NameOID,
+    ObjectIdentifier,
+)
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike import certs
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.crypto import IkeCryptoError
@@ -216,7 +221,7 @@ def test_a_revoked_certificate_is_refused_under_every_policy(policy):
         ("strict", "none", False, "no current CRL of 'CN=Root CA,O=Keyway tests'"),
         ("strict", "stale", False, "(revocation: strict)"),
         ("strict", "forged", False, "(revocation: strict)"),  # not signed by the CA: unused
-        ("ifuri", "none", True, "names a CRL distribution point, and no current CRL"),
+        ("ifuri", "none", True, "names a CRL distribution point or an OCSP responder, and"),
         ("ifuri", "none", False, None),
         ("ifuri", "current", True, None),
         ("relaxed", "none", True, None),
@@ -250,7 +255,7 @@ def test_a_distribution_point_s_crl_is_fetched_first_then_decides(policy):
     ca = root()
     leaf = issue(ca, "moon", sans=dns("moon.lab"), extra=[(CDP, False)])
     other = issue(ca, "sun", sans=dns("sun.lab"), extra=[(CDP, False)])
-    cache = certs.CrlCache()
+    cache = certs.RevocationCache()
 
     def check(name, leaf, clock=0.0):
         certs.verify_peer([leaf.der], [ca.cert], name, crls=(), revocation=policy,
@@ -263,7 +268,7 @@ def test_a_distribution_point_s_crl_is_fetched_first_then_decides(policy):
     with pytest.raises(IkeCryptoError, match="is revoked since"):
         check("moon.lab", leaf)
     check("sun.lab", other)  # the same CRL clears the other certificate
-    cache = certs.CrlCache()
+    cache = certs.RevocationCache()
     cache.fail("http://ca.lab/ca.crl", 100.0)
     if policy == "relaxed":
         check("sun.lab", other, 100.0 + certs.CRL_FETCH_RETRY - 1)
@@ -279,8 +284,66 @@ def test_a_configured_crl_that_revokes_needs_no_fetch():
     leaf = issue(ca, "moon", sans=dns("moon.lab"), extra=[(CDP, False)])
     with pytest.raises(IkeCryptoError, match="is revoked since"):
         certs.verify_peer([leaf.der], [ca.cert], "moon.lab", crls=(crl_of(ca, [leaf]),),
-                          revocation="strict", fetched=(certs.CrlCache(), 0.0))  # fmt: skip
+                          revocation="strict", fetched=(certs.RevocationCache(), 0.0))  # fmt: skip
     assert certs.distribution_points(leaf.cert) == ["http://ca.lab/ca.crl"]
+
+
+AIA = x509.AuthorityInformationAccess(
+    [x509.AccessDescription(AuthorityInformationAccessOID.OCSP,
+                            x509.UniformResourceIdentifier("http://ocsp.lab/"))]
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome"),
+    [
+        ("good", None),
+        ("revoked", "is revoked since .* \\(key_compromise\\) \\(OCSP, http://ocsp.lab/\\)"),
+        ("unknown", "revocation: strict"),  # tells nothing: CRLs and the policy decide
+        ("stale", "revocation: strict"),
+        ("forged", "revocation: strict"),  # signed by another CA's key
+        ("delegated", None),  # a responder certificate the CA gave OCSPSigning
+        ("undelegated", "revocation: strict"),  # one without OCSPSigning
+    ],
+)
+def test_an_ocsp_responder_the_certificate_names_is_asked_first(answer, outcome):
+    """Issue 15: OCSP. The certificate's authorityInfoAccess names a responder: IKE_AUTH
+    waits for its answer (RevocationPending with the request to POST), which decides when
+    it is signed by the CA (or a responder it delegated to), about this certificate, and
+    current; an answer that tells nothing leaves CRLs and the policy to decide."""
+    from cryptography.x509 import ocsp
+
+    from tests.fixtures.pki import ocsp_response
+
+    ca = root()
+    leaf = issue(ca, "moon", sans=dns("moon.lab"), extra=[(AIA, False)])
+    cache = certs.RevocationCache()
+
+    def check():
+        certs.verify_peer([leaf.der], [ca.cert], "moon.lab", revocation="strict",
+                          fetched=(cache, 0.0))  # fmt: skip
+
+    with pytest.raises(certs.RevocationPending) as pending:
+        check()
+    (fetch,) = pending.value.fetches
+    assert (fetch.uri, fetch.serial) == ("http://ocsp.lab/", leaf.cert.serial_number)
+    assert ocsp.load_der_ocsp_request(fetch.body).serial_number == leaf.cert.serial_number
+    signer, extra = None, None
+    if answer in ("delegated", "undelegated"):
+        eku = [ExtendedKeyUsageOID.OCSP_SIGNING] if answer == "delegated" else None
+        signer = issue(ca, "OCSP responder", key_usage="sign", eku=eku)
+        extra = [signer.cert]
+    if answer == "forged":
+        signer = root()
+    status = answer if answer in ("good", "revoked", "unknown") else "good"
+    days = (-10, -2) if answer == "stale" else (0, 1)
+    der = ocsp_response(ca, leaf.cert, status, signer=signer, days=days, responder_certs=extra)
+    cache.store_ocsp(fetch, ocsp.load_der_ocsp_response(der))
+    if outcome is None:
+        check()
+    else:
+        with pytest.raises(IkeCryptoError, match=outcome):
+            check()
 
 
 def test_a_stale_crl_still_revokes():

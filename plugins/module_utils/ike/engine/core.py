@@ -780,7 +780,7 @@ class IkeSa:
                     self.engine.wall_clock(),
                     crls=conn.crls,
                     revocation=conn.revocation,
-                    fetched=(self.engine.crl_cache, self.engine.now),
+                    fetched=(self.engine.revocation_cache, self.engine.now),
                 )
                 scheme = crypto.verify_signature_auth(
                     key, auth.kind, auth.data, octets, conn.allow_weak
@@ -788,7 +788,7 @@ class IkeSa:
             except crypto.IkeCryptoError as exc:
                 return str(exc)
             except certs.RevocationPending as pending:
-                self.engine._want_crls(conn.name, pending.uris)
+                self.engine._want_revocation(conn.name, pending.fetches)
                 raise
             if conn.peer_signatures and scheme not in conn.peer_signatures:
                 accepted = ", ".join(conn.peer_signatures)
@@ -2261,9 +2261,9 @@ class Engine:
         self._invalid_spi_window = [0.0, 0]  # [start of this second, answers in it]
         # Certificate validity needs calendar time; the shell (or a test) provides it.
         self.wall_clock = wall_clock or (lambda: datetime.datetime.now(datetime.UTC))
-        # CRLs from the peers' distribution points, fetched by the shell (one cache may
-        # serve several engines).
-        self.crl_cache = certs.CrlCache()
+        # CRLs from the peers' distribution points and OCSP responses, fetched by the
+        # shell (one cache may serve several engines).
+        self.revocation_cache = certs.RevocationCache()
 
     # public API
     def add_connection(self, conn: IkeConnection) -> None:
@@ -2468,13 +2468,13 @@ class Engine:
         sa.queue("invalid_spi", now, (ProtocolId.AH if ah else ProtocolId.ESP, spi))
         self._touch(sa)
 
-    def _want_crls(self, name: str, uris: tuple[str, ...]) -> None:
-        """Ask the shell for the CRLs at `uris` (once while it fetches them)."""
-        new = tuple(u for u in uris if u not in self.crl_cache.wanted)
+    def _want_revocation(self, name: str, fetches: tuple[certs.Fetch, ...]) -> None:
+        """Ask the shell for CRLs and OCSP responses (once while it fetches them)."""
+        new = self.revocation_cache.want(fetches)
         if new:
-            self.crl_cache.wanted.update(new)
-            log.info("%s: IKE_AUTH waits on the CRL at %s", name, ", ".join(new))
-            self._event(RevocationWanted(name, new))
+            what = ", ".join(f"{'OCSP' if f.body else 'the CRL'} at {f.uri}" for f in new)
+            log.info("%s: IKE_AUTH waits on %s", name, what)
+            self._event(RevocationWanted(name, tuple(dict.fromkeys(f.uri for f in new))))
 
     def check_liveness(self, sa: IkeSa, now: float) -> None:
         """Dead peer detection: an empty INFORMATIONAL; PeerDead if it goes unanswered."""

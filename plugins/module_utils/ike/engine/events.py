@@ -135,9 +135,10 @@ class NegotiationFailed:
 
 @dataclass(frozen=True)
 class RevocationWanted:
-    """IKE_AUTH of `connection` waits on the CRLs at these distribution points: the
-    shell fetches them into the engine's crl_cache (the peer's retransmission, or ours,
-    then finds them)."""
+    """IKE_AUTH of `connection` waits on revocation data from these URIs (CRL
+    distribution points, OCSP responders): the shell fetches what the engine's
+    revocation_cache lists as wanted (the peer's retransmission, or ours, then finds
+    it)."""
 
     connection: str
     uris: tuple[str, ...]
