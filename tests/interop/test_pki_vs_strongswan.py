@@ -1,7 +1,8 @@
-"""Issue 15, the Ansible half against charon: certificates from Keyway's own CA (the
+"""Issue 15 against charon: certificates from Keyway's own CA (the
 pki module_utils behind keyway.ipsec.pki_key and pki_ca) are what strongSwan accepts
 too, for each key type the role offers, and charon honours the CA's CRL: a certificate
-Keyway revoked is refused by charon, and keywayd says so."""
+Keyway revoked is refused by charon, and keywayd says so. And keywayd checks charon's
+certificate with the OCSP responder it names."""
 
 from __future__ import annotations
 
@@ -97,3 +98,68 @@ def test_charon_refuses_a_certificate_keyway_s_ca_revoked(netns_hosts, charon_fa
         assert not agent.sas("kw")
     finally:
         agent.stop()
+
+
+@pytest.mark.parametrize("revoked", [False, True], ids=["good", "revoked"])
+def test_charon_s_certificate_checked_by_ocsp(netns_hosts, charon_factory, tmp_path, revoked):
+    """Issue 15: charon's certificate names an OCSP responder (made with cryptography, in
+    its own lab namespace); keywayd asks it while IKE_AUTH waits: good, the tunnel comes
+    up; revoked, charon is refused with the reason and no SA stays on either side."""
+    import subprocess
+    import sys
+
+    from cryptography import x509
+    from cryptography.x509.oid import AuthorityInformationAccessOID
+
+    from tests.fixtures.pki import issue, make_ca
+    from tests.netns.test_revocation_fetch import OCSP_RESPONDER
+
+    a, b, responder = netns_hosts(3).hosts
+    uri = f"http://{responder.ipv4}:8080/"
+    aia = x509.AuthorityInformationAccess([x509.AccessDescription(
+        AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(uri))])  # fmt: skip
+    ca = make_ca()
+    me, them = f"{a.name}.lab", f"{b.name}.lab"
+    mine = issue(ca, a.name, sans=[x509.DNSName(me)], key_usage="sign")
+    theirs = issue(ca, b.name, sans=[x509.DNSName(them)], key_usage="sign", extra=[(aia, False)])
+    www = tmp_path / "ocsp"
+    www.mkdir()
+    (www / "ca.pem").write_bytes(ca.pem)
+    (www / "ca.key").write_bytes(ca.key_pem)
+    (www / "cert-b.pem").write_bytes(theirs.pem)
+    (www / "revoked").write_text(f"{theirs.cert.serial_number:x}\n" if revoked else "")
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", responder.netns, sys.executable, "-c", OCSP_RESPONDER,
+         responder.ipv4, "8080", str(www)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    agent = None
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        charon = charon_factory(
+            b.netns,
+            _pubkey_swanctl(a, b, me, them),
+            files={
+                "x509ca/ca.pem": ca.pem,
+                f"x509/{b.name}.pem": theirs.pem,
+                f"private/{b.name}.pem": theirs.key_pem,
+            },
+        )
+        files = {"a.pem": mine.pem, "a.key": mine.key_pem, "ca.pem": ca.pem}
+        conns = _pubkey_conns(a, b, "start", tmp_path, me, them, files,
+                              remote={"revocation": "strict"})  # fmt: skip
+        agent = Keywayd(a.netns, tmp_path / "a", conns)
+        agent.wait_for(lambda: f"IKE_AUTH waits on OCSP at {uri}" in agent.log(), "waits")
+        if revoked:
+            agent.wait_for(lambda: "(OCSP, " in agent.log(), "charon refused")
+            assert "(key_compromise)" in agent.log()
+            agent.wait_for(lambda: not charon_ike_sas(charon), "no IKE SA left at charon", 10)
+            assert not agent.sas("kw")
+        else:
+            agent.wait_for(lambda: agent.sas("kw") and agent.sas("kw")[0]["children"], "kw up")
+            agree(agent, charon)
+    finally:
+        if agent is not None:
+            agent.stop()
+        server.kill()
+        server.wait()
