@@ -27,6 +27,22 @@ def _issued(ca: pki.CertificateAuthority, host: str, identity: str, key_type: st
     return key, cert
 
 
+def _charon(charon_factory, a, b, ca, key_and_cert, crl: bytes, **kwargs):
+    """charon on b with its key and certificate from Keyway's CA, the CA and its CRL."""
+    key, cert = key_and_cert
+    return charon_factory(
+        b.netns,
+        _pubkey_swanctl(a, b, f"{a.name}.lab", f"{b.name}.lab"),
+        files={
+            "x509ca/ca.pem": ca.cert_pem,
+            "x509crl/ca.crl": crl,
+            f"x509/{b.name}.pem": cert.pem,
+            f"private/{b.name}.pem": pki.key_pem(key),
+        },
+        **kwargs,
+    )
+
+
 @pytest.mark.parametrize("key_type", ["ecdsa-p256", "ed25519", "rsa-3072"])
 def test_certificates_from_keyway_s_ca_work_with_charon(
     netns_hosts, charon_factory, tmp_path, key_type
@@ -38,19 +54,10 @@ def test_certificates_from_keyway_s_ca_work_with_charon(
     my_key, mine = _issued(ca, a.name, me, key_type)
     their_key, theirs = _issued(ca, b.name, them, key_type)
     crl = ca.crl(30)
-    charon = charon_factory(
-        b.netns,
-        _pubkey_swanctl(a, b, me, them),
-        files={
-            "x509ca/ca.pem": ca.cert_pem,
-            "x509crl/ca.crl": crl,
-            f"x509/{b.name}.pem": theirs.pem,
-            f"private/{b.name}.pem": pki.key_pem(their_key),
-        },
-        # charon signs RSA with PKCS#1 v1.5 unless told otherwise; keywayd refuses that
-        # by default (RFC 8247), so the RSA case asks charon for RSASSA-PSS.
-        charon_settings="rsa_pss = yes" if key_type.startswith("rsa") else "",
-    )
+    # charon signs RSA with PKCS#1 v1.5 unless told otherwise; keywayd refuses that by
+    # default (RFC 8247), so the RSA case asks charon for RSASSA-PSS.
+    pss = "rsa_pss = yes" if key_type.startswith("rsa") else ""
+    charon = _charon(charon_factory, a, b, ca, (their_key, theirs), crl, charon_settings=pss)
     files = {"a.pem": mine.pem, "a.key": pki.key_pem(my_key), "ca.pem": ca.cert_pem,
              "ca.crl": crl}  # fmt: skip
     strict = {"crls": [str(tmp_path / "ca.crl")], "revocation": "strict"}
@@ -76,16 +83,7 @@ def test_charon_refuses_a_certificate_keyway_s_ca_revoked(netns_hosts, charon_fa
     their_key, theirs = _issued(ca, b.name, them, "ecdsa-p256")
     assert ca.revoke(a.name, "key_compromise")
     crl = ca.crl(30, force=True)
-    charon = charon_factory(
-        b.netns,
-        _pubkey_swanctl(a, b, me, them),
-        files={
-            "x509ca/ca.pem": ca.cert_pem,
-            "x509crl/ca.crl": crl,
-            f"x509/{b.name}.pem": theirs.pem,
-            f"private/{b.name}.pem": pki.key_pem(their_key),
-        },
-    )
+    charon = _charon(charon_factory, a, b, ca, (their_key, theirs), crl)
     files = {"a.pem": mine.pem, "a.key": pki.key_pem(my_key), "ca.pem": ca.cert_pem}
     agent = Keywayd(
         a.netns, tmp_path / "a", _pubkey_conns(a, b, "start", tmp_path, me, them, files)

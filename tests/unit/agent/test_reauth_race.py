@@ -60,6 +60,19 @@ def agent_of_a(pair, tmp_path) -> Agent:
     return agent
 
 
+def _up_with_agent_of_a(tmp_path):
+    """An established pair, and A's keywayd holding what A's engine reported (its
+    events consumed)."""
+    pair = lab_pair()
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    agent = agent_of_a(pair, tmp_path)
+    for event in pair.events[A]:
+        agent._on_engine_event(event)
+    pair.events[A] = []
+    return pair, agent
+
+
 def test_no_reauthentication_of_an_ike_sa_the_peer_already_reauthenticated(tmp_path):
     pair = established()
     (old_a,), (old_b,) = pair.a.sas(), pair.b.sas()
@@ -114,14 +127,8 @@ def test_the_peer_s_reauthentication_sends_nothing_until_the_old_sas_go(tmp_path
     SA at once; the answer was lost, so B, which did not hold that SA until its
     retransmission 4 s later, dropped 200 packets as ESP for an unknown SPI. As after a
     rekey, A keeps sending on the old SA until B deletes it (B then holds the new one)."""
-    pair = lab_pair()
-    pair.a.initiate("h1-h2", 0.0)
-    pair.pump()
-    agent = agent_of_a(pair, tmp_path)
-    for event in pair.events[A]:
-        agent._on_engine_event(event)
+    pair, agent = _up_with_agent_of_a(tmp_path)
     (old,) = pair.a.sas()[0].children.values()
-    pair.events[A] = []
     lose = LoseFirst(lambda data, src, dst: src == A and data[18] == ExchangeType.IKE_AUTH)
     pair.net.impairment.drop_if = lose
     pair.b.reauthenticate(pair.b.sas()[0], pair.net.now)
@@ -220,13 +227,7 @@ def test_our_own_delete_of_a_rekeyed_sa_does_not_end_the_wait_for_the_peer(tmp_p
     of the replaced one was answered, keywayd took that for the peer's word and sent on
     the new SA, 4 s before B, whose IKE_AUTH answer was lost, held it. Only the peer's
     Delete (or the last SA waited on going) says it holds the new one."""
-    pair = lab_pair()
-    pair.a.initiate("h1-h2", 0.0)
-    pair.pump()
-    agent = agent_of_a(pair, tmp_path)
-    for event in pair.events[A]:
-        agent._on_engine_event(event)
-    pair.events[A] = []
+    pair, agent = _up_with_agent_of_a(tmp_path)
     (ike,) = pair.a.sas()
     (first,) = ike.children.values()
     # A's Delete of the Child SA its rekey replaced is lost once (resent 0.5 s later);
