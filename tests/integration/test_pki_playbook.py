@@ -10,6 +10,7 @@ import stat
 import threading
 from pathlib import Path
 
+import pytest
 import yaml
 from cryptography import x509
 
@@ -115,6 +116,12 @@ def test_a_mesh_on_certificates_from_the_controller_ca(netns_hosts, tmp_path):
             assert "revoked" in str(exc)
         else:
             raise AssertionError("h3's certificate still verifies")
+    # h3, untouched, still runs its old links: its former peers no longer answer it (h1
+    # has no connection from its address any more; its IKE_SA_INIT goes unanswered).
+    with pytest.raises(control.ControlError, match="h1-h3: not established after 8 s"):
+        control.request(f"{h3.run_dir}/keywayd.sock", "initiate",
+                        args={"connection": "h1-h3", "timeout": 8})  # fmt: skip
+    assert list(_established(h1)) == ["h1-h2"]
 
 
 def _public_of(key_file: Path):
