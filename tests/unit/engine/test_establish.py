@@ -638,6 +638,30 @@ def test_hard_lifetime_deletes_a_child_the_initiator_cannot_rekey():
     assert pair.a.sas()[0].state == "established"  # the IKE SA stays
 
 
+def test_a_child_past_its_hard_lifetime_leaves_the_data_plane_before_its_delete_is_answered():
+    """Found by bench/soak.py: a Child SA reached its hard lifetime while its Delete went
+    unanswered (lost answers), and stayed installed for 39 s more, its keys still
+    accepted. It goes at its hard lifetime (ChildSaDeleted, once); the Delete still
+    tells the peer."""
+    ca = conn("h1.lab", "h2.lab", B, ("10.1.0.0/24",), ("10.2.0.0/24",))
+    cb = conn("h2.lab", "h1.lab", A, ("10.2.0.0/24",), ("10.1.0.0/24",))
+    cb = dataclasses.replace(cb, children=(dataclasses.replace(cb.children[0], life_time=50.0),))
+    pair = Pair(FakeNetwork(), ca, cb)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump(until=1.0)
+    # A's answers to B's Delete are lost twice: it gets through 1.5 s later.
+    lose = LoseFirst(lambda data, src, dst: src == A and data[18] == 37 and data[19] & 0x20, 2)
+    pair.net.impairment.drop_if = lose
+    pair.pump(until=50.1)
+    (gone,) = of(pair.events[B], ChildSaDeleted)
+    assert gone.reason == "hard lifetime reached"
+    assert pair.b.sas()[0].children  # its Delete not answered yet
+    pair.pump(until=100.0)
+    assert len(lose.lost) == 2 and not pair.b.sas()[0].children
+    assert len(of(pair.events[B], ChildSaDeleted)) == 1  # announced once
+    assert [e.reason for e in of(pair.events[A], ChildSaDeleted)] == ["deleted by peer"]
+
+
 def test_a_child_the_peer_rekeyed_outlives_its_hard_lifetime_until_the_peer_deletes_it():
     """Issue 14, item 22: B answered A's rekey, the answer was lost, and B's hard
     lifetime came before A's retransmission got through. B deleting the old Child SA

@@ -443,6 +443,9 @@ class IkeSa:
         # them, and nothing is ever sent on them (keywayd installs no outbound half).
         self.losing_children: set[int] = set()
         self.deleting_children: dict[int, str] = {}  # spi_in -> reason, queued or in flight
+        # Past their hard lifetime: already out of the data plane (ChildSaDeleted said
+        # so), kept here only for the Delete that tells the peer.
+        self.expired_children: set[int] = set()
         # Peer rekeys we answered while our own rekey of the same Child SA was in flight:
         # old spi_in -> (the peer's new spi_in, the lower nonce of that exchange).
         self.child_collisions: dict[int, tuple[int, bytes]] = {}
@@ -1301,6 +1304,7 @@ class IkeSa:
         new.overdue_children, self.overdue_children = self.overdue_children, set()
         new.losing_children, self.losing_children = self.losing_children, set()
         new.deleting_children, self.deleting_children = self.deleting_children, {}
+        new.expired_children, self.expired_children = self.expired_children, set()
         new.pending = [p for p in self.pending if p[0] not in ("delete_ike", "rekey_ike")]
         self.pending = []
         self.replaced = True
@@ -1846,6 +1850,7 @@ class IkeSa:
                 log.info("%s: Child SA %08x reached its hard lifetime", self.conn.name, spi_in)
                 self.queue("delete_child", now, spi_in)
                 self.deleting_children[spi_in] = HARD_LIFETIME
+                self._expire_child(spi_in)
             elif timers.rekey_at is not None and now >= timers.rekey_at:
                 self.child_timers[spi_in] = LifetimeSchedule(None, timers.expire_at)
                 self.queue("rekey_child", now, spi_in)
@@ -1925,10 +1930,23 @@ class IkeSa:
             self._forget_child(req.arg, reason)
         self._next_pending(now)
 
+    def _expire_child(self, spi_in: int) -> None:
+        """Its keys may be used no longer (RFC 7296 2.8): out of the data plane now,
+        whenever the peer answers the Delete (in a soak, lost answers took 90 s)."""
+        child = self.children.get(spi_in)
+        if child is not None and spi_in not in self.expired_children:
+            self.expired_children.add(spi_in)
+            self.engine._event(
+                ChildSaDeleted(self.conn.name, child.child, spi_in, child.spi_out, HARD_LIFETIME)
+            )
+
     def _forget_child(self, spi_in: int, reason: str) -> ChildSaReady | None:
         child = self.children.pop(spi_in, None)
         self.rekeyed_children.discard(spi_in)  # (a collision on it stays, to be settled)
         self.losing_children.discard(spi_in)
+        if spi_in in self.expired_children:
+            self.expired_children.discard(spi_in)
+            return child  # its ChildSaDeleted went at its hard lifetime
         if child is not None:
             self.engine._event(
                 ChildSaDeleted(self.conn.name, child.child, child.spi_in, child.spi_out, reason)
@@ -2023,10 +2041,13 @@ class IkeSa:
             # won: it lost, so this SA was redundant.
             reason = REDUNDANT_IKE
         for child in list(self.children.values()):
+            if child.spi_in in self.expired_children:
+                continue  # announced at its hard lifetime
             self.engine._event(
                 ChildSaDeleted(self.conn.name, child.child, child.spi_in, child.spi_out, reason)
             )
         self.children.clear()
+        self.expired_children.clear()
         if self.successor is not None and self.successor.wait_for is self:
             self.successor._release(self.engine.now)
         self.engine._event(IkeSaDown(self.conn.name, self.spi_i, self.spi_r, reason))
