@@ -868,7 +868,8 @@ class IkeSa:
                 conn, inner, idr, auth, self.init_response, self.nonce_i, self.keys.sk_pr
             )
         except certs.RevocationPending:
-            # Our retransmission brings the peer's answer again, once the CRLs are here.
+            # Our retransmission brings the peer's answer again, once the revocation data
+            # (CRLs, OCSP) is here.
             self.request = request
             return
         if reason:
@@ -1711,7 +1712,8 @@ class IkeSa:
                 conn, inner, idi, auth, self.init_request, self.nonce_r, self.keys.sk_pi
             )
         except certs.RevocationPending:
-            # Unanswered: the peer's retransmission finds the CRLs (or the policy decides).
+            # Unanswered: the peer's retransmission finds the revocation data (or the policy
+            # decides).
             self.recv_mid -= 1
             return
         if reason:
