@@ -12,6 +12,7 @@ test_ike_rekey.c (read for their scenarios; these tests are our own).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 
 import pytest
@@ -522,3 +523,30 @@ def test_a_reauthentication_outlives_a_rekey_of_the_sa_it_replaces(seeded):
     assert _sa(pair.b) is new
     (down,) = [e for e in of(pair.events[B], IkeSaDown) if e.spi_i == successor.spi_i]
     assert down.reason == "replaced by reauthentication"
+
+
+def test_a_child_whose_rekey_answer_is_still_lost_is_rekeyed_later_not_replaced(seeded):
+    """Found by bench/soak.py: A answered B's Child SA rekey, and the answers were lost
+    for 47 s; A's own rekey schedule for the new SA came first, and B, which did not
+    hold it yet, said CHILD_SA_NOT_FOUND. A took the SA for lost, deleted it and made
+    another (refused: a warning, and churn). While the SA it replaced is still here, the
+    peer has not had our answer: A tries the rekey again later."""
+    seeded(7)
+    pair = lab_pair()
+    a_conn = pair.a.connections["h1-h2"]
+    quick = dataclasses.replace(a_conn.children[0], rekey_time=2.0, life_time=60.0)
+    pair.a.add_connection(dataclasses.replace(a_conn, children=(quick,)))
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump(until=1.0)
+    # A's answers to B's rekey are lost three times: B has one 3.5 s after asking.
+    lose = LoseFirst(lambda data, src, dst: src == A and data[18] == 36 and data[19] & 0x20, 3)
+    pair.net.impairment.drop_if = lose
+    sa_b = _sa(pair.b)
+    pair.b.rekey_child_sa(sa_b, next(iter(sa_b.children)), pair.net.now)
+    pair.pump(until=4.0)  # A's rekey of its new SA: B does not hold it yet
+    assert len(lose.lost) == 3
+    pair.pump(until=30.0)
+    reasons = [e.reason for e in of(pair.events[A], ChildSaDeleted)]
+    assert "peer lost it" not in reasons
+    assert not of(pair.events[A], NegotiationFailed)
+    _assert_agree(pair)
