@@ -269,6 +269,11 @@ class CertificateAuthority:
         key_id = public_key_id(csr.public_key())
         record = self.index["hosts"].get(host)
         revoked = {entry["serial"] for entry in self.index["revoked"]}
+        if key_id in self.compromised_keys():
+            raise PkiError(
+                f"{host}: its key was revoked as compromised; make it a new key (remove the "
+                "old one on the host) before asking for a certificate again"
+            )
         if record is not None:
             current = record["certificates"][-1]
             expires = datetime.datetime.fromisoformat(current["not_after"])
@@ -342,6 +347,16 @@ class CertificateAuthority:
             self.changes.append(f"{host}: certificate {int(cert['serial']):x} revoked ({reason})")
             changed = True
         return changed
+
+    def compromised_keys(self) -> set[str]:
+        """The keys of certificates revoked for keyCompromise: never certified again."""
+        serials = {e["serial"] for e in self.index["revoked"] if e["reason"] == "key_compromise"}
+        return {
+            cert["key"]
+            for record in self.index["hosts"].values()
+            for cert in record["certificates"]
+            if cert["serial"] in serials
+        }
 
     def hosts(self) -> list[str]:
         return sorted(self.index["hosts"])

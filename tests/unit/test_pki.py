@@ -160,3 +160,18 @@ def test_a_crl_uri_is_the_certificates_distribution_point_and_renews_them(tmp_pa
     cert = x509.load_pem_x509_certificate(named.pem)
     assert certs.distribution_points(cert) == ["http://pki.lab/keyway.crl"]
     assert certs.distribution_points(x509.load_pem_x509_certificate(plain.pem)) == []
+
+
+def test_a_key_revoked_as_compromised_is_never_certified_again(tmp_path):
+    ca = _ca(tmp_path)
+    key = pki.make_key()
+    ca.issue("h3", pki.make_csr(key, "h3.lab"), "h3.lab", 365, 30)
+    assert ca.revoke("h3", "key_compromise")
+    with pytest.raises(pki.PkiError, match="its key was revoked as compromised"):
+        ca.issue("h3", pki.make_csr(key, "h3.lab"), "h3.lab", 365, 30)
+    # A new key is certified; a key retired with its host (cessation) is not refused.
+    assert ca.issue("h3", pki.make_csr(pki.make_key(), "h3.lab"), "h3.lab", 365, 30).changed
+    other = pki.make_key()
+    ca.issue("h4", pki.make_csr(other, "h4.lab"), "h4.lab", 365, 30)
+    ca.revoke("h4", "cessation_of_operation")
+    assert ca.issue("h4", pki.make_csr(other, "h4.lab"), "h4.lab", 365, 30).changed
