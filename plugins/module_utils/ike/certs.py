@@ -260,6 +260,11 @@ def verify_peer(
     return leaf.public_key()
 
 
+def leaf_public_key(chain_ders: list[bytes]):
+    """The public key of the first certificate of a CERT chain (verify_peer checked it)."""
+    return x509.load_der_x509_certificate(chain_ders[0]).public_key()
+
+
 class _Refused(Exception):
     """Why a certificate path does not validate."""
 

@@ -1125,3 +1125,28 @@ def test_ike_auth_waits_for_a_distribution_point_s_crl_then_decides(waiting):
             assert not checker.sas() and not peer.sas()
         else:
             assert of(pair.events[A], ChildSaReady) and of(pair.events[B], ChildSaReady)
+
+
+def test_a_peer_without_the_certificate_s_key_makes_us_fetch_nothing():
+    """Certificates are public: a peer sending one whose key it does not hold (its AUTH
+    signed with another key) is refused at once, before any CRL or OCSP fetch it could
+    otherwise make us start."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec as ec_keys
+
+    from tests.fixtures.pki import issue
+    from tests.unit.ike.test_certs import CDP
+
+    ca = make_ca()
+    cert_a = issue(ca, "h1", sans=[x509.DNSName("h1.lab")], key_usage="sign")
+    cert_b = issue(ca, "h2", sans=[x509.DNSName("h2.lab")], key_usage="sign", extra=[(CDP, False)])
+    pair = cert_pair(ca, ca, cert_a, cert_b)
+    stolen = dataclasses.replace(
+        pair.b.connections["h1-h2"], private_key=ec_keys.generate_private_key(ec_keys.SECP256R1())
+    )
+    pair.b.add_connection(stolen)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump(until=10)
+    assert not of(pair.events[A], RevocationWanted) and not pair.a.revocation_cache.wanted
+    (failed,) = of(pair.events[A], AuthFailed)
+    assert "signature" in failed.reason.lower()

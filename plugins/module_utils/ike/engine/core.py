@@ -791,6 +791,15 @@ class IkeSa:
             except crypto.IkeCryptoError as exc:
                 return str(exc)
             except certs.RevocationPending as pending:
+                # Fetch only for a peer that holds the certificate's key: certificates are
+                # public, and anyone could send one to make us fetch.
+                try:
+                    crypto.verify_signature_auth(
+                        certs.leaf_public_key(chain), auth.kind, auth.data, octets,
+                        conn.allow_weak,
+                    )  # fmt: skip
+                except crypto.IkeCryptoError as exc:
+                    return str(exc)
                 self.engine._want_revocation(conn.name, pending.fetches)
                 raise
             if conn.peer_signatures and scheme not in conn.peer_signatures:
