@@ -201,3 +201,21 @@ def test_esp_from_a_new_nat_mapping_moves_the_sas_without_any_ike_message(nat_la
     (after,) = hub_agent.sas("s1")
     assert after["remote"] != before["remote"] and after["spi_i"] == before["spi_i"]
     assert "NAT mapping moved" in hub_agent.log()
+
+
+def test_encap_no_keeps_ike_on_500_and_esp_plain_through_a_nat(nat_lab, agents):
+    """encap: no on the spoke (issue 16: honoured on both planes' terms, not refused):
+    no NAT detection is sent, so neither end floats to 4500 or UDP-encapsulates. The
+    spoke's IKE stays on port 500 (rewritten by the NAT, answered where it came from),
+    its Child SAs carry plain ESP (IP protocol 50), and nftables' masquerade, which
+    translates ESP by address, lets the one spoke through."""
+    lab = nat_lab(spokes=1)
+    hub_agent, (spoke_agent,) = start(lab, agents, spoke_extra={"encap": "no"})
+    (sa,) = hub_agent.sas()
+    assert not sa["children"][0]["encap"]
+    assert int(sa["remote"].rsplit(":", 1)[1]) != 4500
+    assert "NAT detected" not in spoke_agent.log() + hub_agent.log()
+    with Capture(lab.hub.netns, "eth0") as wire:
+        assert both_ways(lab.spokes[0], lab.hub)
+    assert [f for f in wire.frames if f.ip_proto == 50 and f.outgoing]
+    assert not [f for f in wire.frames if f.udp_payload(4500)]

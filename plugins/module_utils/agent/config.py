@@ -95,8 +95,9 @@ UNIQUE_POLICIES = ("no", "never", "keep", "replace")
 CHILD_MODES = ("tunnel", "transport", "pass", "drop")
 START_ACTIONS = ("none", "trap", "start")
 DPD_ACTIONS = ("clear", "trap", "restart")
-# "no" (never encapsulate, even behind a NAT) is not implemented: refused with a reason.
-ENCAP_MODES = ("auto", "force")
+# auto: UDP-encapsulate ESP when a NAT is detected; force: always; no: never (no NAT
+# detection at all: for peers that must speak plain ESP, a NAT between them breaks it).
+ENCAP_MODES = ("auto", "force", "no")
 ANY_ADDRESS = {"%any": ("0.0.0.0/0", "::/0"), "%any4": ("0.0.0.0/0",), "%any6": ("::/0",)}
 
 
@@ -777,15 +778,7 @@ def _connection(
             "is IKEv1's (swanctl ignores it for IKEv2): an IKEv2 peer is dead when "
             "retransmit_tries retransmissions of a request go unanswered",
         )
-    if raw.get("encap") == "no":  # said here, not as just one more unknown choice
-        reader.problem(
-            f"{path}.encap",
-            "no is not implemented: keywayd UDP-encapsulates ESP when a NAT is detected "
-            "(auto) or always (force)",
-        )
-        encap = "auto"
-    else:
-        encap = reader.choice(raw, "encap", path, ENCAP_MODES, "auto")
+    encap = reader.choice(raw, "encap", path, ENCAP_MODES, "auto")
     if encap == "force":
         for child in children:
             if child.protocol == "ah":

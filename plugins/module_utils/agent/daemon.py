@@ -249,6 +249,7 @@ def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> 
         unique=conn.unique,
         fragment_size=agent.fragment_size,
         keepalive=agent.keepalive,
+        nat_traversal=conn.encap != "no",
         peer_ranges=peer_ranges(conn.remote_addrs),
         retransmit=RetransmitPolicy(
             agent.retransmit_timeout, agent.retransmit_base, agent.retransmit_tries

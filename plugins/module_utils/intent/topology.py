@@ -82,7 +82,7 @@ CHOICES = {
     "start_action": ("start", "trap"),
     "dpd_action": ("restart", "clear", "trap"),
     "initiator": ("auto", "both"),
-    "encap": ("auto", "force"),
+    "encap": ("auto", "force", "no"),
     "mode": ("tunnel", "transport"),
     "auth": ("psk", "pubkey"),
 }
@@ -233,8 +233,7 @@ def _overrides(raw: Any, where: str, problems: _Problems) -> dict[str, Any]:
                 f"unknown override key (known: {', '.join(sorted(OVERRIDE_KEYS))})",
             )
         elif key in CHOICES and value not in CHOICES[key]:
-            hint = " (encap: no is not honoured by keywayd yet)" if key == "encap" else ""
-            problems.add(f"{where}.{key}", f"{value!r} is not one of {CHOICES[key]}{hint}")
+            problems.add(f"{where}.{key}", f"{value!r} is not one of {CHOICES[key]}")
         elif key == "psk_accept_previous" and not isinstance(value, bool):
             problems.add(f"{where}.{key}", f"{value!r} is not true or false")
         elif key == "psk_version" and not (
@@ -671,6 +670,12 @@ def compute_intent(
                     "neither can reach the other; link them through a hub",
                 )
                 continue
+            if hidden and settings.get("encap") == "no":
+                problems.add(
+                    at,
+                    f"encap no (from {source['encap']}): {hidden[0]} is behind NAT, and ESP "
+                    "crosses a NAT only UDP-encapsulated; use auto",
+                )
             if hidden:
                 for key in ("start_action", "initiator"):
                     if settings.get(key) in ("trap", "both"):

@@ -24,14 +24,16 @@ INSIDE, HUB, PUBLIC = "172.16.0.11", ("192.0.2.1", 500), "192.0.2.254"
 class NattedPair:
     """a (inside a NAT) and b (public); mapping[inside port] = public port."""
 
-    def __init__(self, keepalive: float = 20.0):
+    def __init__(self, keepalive: float = 20.0, nat_traversal=(True, True)):
         self.a, self.b = Engine((INSIDE, 500)), Engine(HUB)
         self.a.add_connection(
-            conn("a.lab", "b.lab", HUB, ("10.11.0.0/24",), ("10.1.0.0/24",), keepalive=keepalive)
-        )
+            conn("a.lab", "b.lab", HUB, ("10.11.0.0/24",), ("10.1.0.0/24",), keepalive=keepalive,
+                 nat_traversal=nat_traversal[0])
+        )  # fmt: skip
         self.b.add_connection(
-            conn("b.lab", "a.lab", (PUBLIC, 500), ("10.1.0.0/24",), ("10.11.0.0/24",))
-        )
+            conn("b.lab", "a.lab", (PUBLIC, 500), ("10.1.0.0/24",), ("10.11.0.0/24",),
+                 nat_traversal=nat_traversal[1])
+        )  # fmt: skip
         self.ports = itertools.count(40000, 1111)
         self.mapping: dict[int, int] = {}
         self.events: dict[str, list] = {"a": [], "b": []}
@@ -125,3 +127,20 @@ def test_an_unauthenticated_message_from_a_new_port_moves_nothing():
     forged = request.data[:-1] + bytes([request.data[-1] ^ 1])  # its ICV broken
     pair.b.receive(forged, (PUBLIC, 1234), pair.now, nat_t=True)
     assert sa_b.remote == before and not of(pair.b.pop_events(), IkeSaMoved)
+
+
+def test_encap_no_at_either_end_keeps_ike_on_500_and_esp_plain():
+    """encap: no (nat_traversal False) sends no NAT detection notifies and heeds none:
+    whichever end says it, neither floats to 4500 nor UDP-encapsulates ESP (the operator
+    asked for plain ESP; across this NAT it would not pass, which is theirs to know)."""
+    for setting in ((False, True), (True, False)):
+        pair = NattedPair(nat_traversal=setting)
+        pair.a.initiate("h1-h2", 0.0)
+        pair.pump(until=1.0)
+        (ours,), (theirs,) = of(pair.events["a"], ChildSaReady), of(pair.events["b"], ChildSaReady)
+        assert not ours.udp_encap and not theirs.udp_encap, setting
+        assert set(pair.mapping) == {500}  # nothing ever left from the NAT-T port
+        (sa_a,), (sa_b,) = pair.a.sas(), pair.b.sas()
+        assert not (sa_a.nat or sa_a.behind_nat or sa_a.nat_t or sa_b.nat or sa_b.nat_t)
+        pair.pump(until=60.0)
+        assert not [d for _t, d, _p in pair.to_hub if d == NAT_KEEPALIVE]

@@ -360,10 +360,6 @@ def test_derived_psks_match_on_both_ends_differ_per_link_and_version_and_survive
             "set agent_dataplane on the host",
         ),
         (
-            [{"name": "t", "type": "mesh", "members": "lab", "overrides": {"encap": "no"}}],
-            "encap: no is not honoured",
-        ),
-        (
             [{"name": "t", "type": "mesh", "members": "lab", "hubs": "lab"}],
             "topology t.hubs: unknown key for a mesh topology",
         ),
@@ -575,3 +571,21 @@ def test_auth_pubkey_with_an_external_peer_is_refused_with_the_reason():
         [{"name": "m", "type": "mesh", "members": "lab", "overrides": {"auth": "rsa"}}],
         hostvars, groups,
     ) == ["topology m.overrides.auth: 'rsa' is not one of ('psk', 'pubkey')"]  # fmt: skip
+
+
+def test_encap_no_is_plain_esp_and_refused_for_a_host_behind_nat():
+    hostvars, groups = inventory(3)
+    hostvars["h3"]["keyway_behind_nat"] = True
+    links = intent(
+        [{"name": "core", "type": "mesh", "members": ["h1", "h2"], "overrides": {"encap": "no"}}],
+        hostvars, groups,
+    )  # fmt: skip
+    assert host_connections("h1", links)["h1-h2"]["encap"] == "no"
+    (problem,) = problems_of(
+        [{"name": "n", "type": "links", "links": [{"ends": ["h1", "h3"], "encap": "no"}]}],
+        hostvars, groups,
+    )  # fmt: skip
+    assert problem == (
+        "topology n: link h1-h3: encap no (from topology n: link h1-h3 (link)): h3 is behind "
+        "NAT, and ESP crosses a NAT only UDP-encapsulated; use auto"
+    )

@@ -179,6 +179,9 @@ class IkeConnection:
     # (0.0.0.0/0 and ::/0 for swanctl's %any); such a peer is told apart by identity.
     # remote_address is where we initiate (a caller may pick another per initiation).
     peer_ranges: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # NAT traversal (RFC 7296 2.23): False (encap: no) sends no NAT detection notifies
+    # and heeds none, so neither end floats to 4500 nor UDP-encapsulates ESP.
+    nat_traversal: bool = True
 
     @property
     def psks(self) -> tuple[bytes, ...]:
@@ -603,9 +606,10 @@ class IkeSa:
             codec.SA(proposals=[s.to_proposal(i + 1) for i, s in enumerate(specs)]),
             codec.KE(group=self.ke_group, data=self.kx.public),
             codec.Nonce(data=self.nonce_i),
-            *self.engine._nat_notifies(self.spi_i, bytes(8), self.remote),
+            *(self.engine._nat_notifies(self.spi_i, bytes(8), self.remote)
+              if conn.nat_traversal else ()),
             codec.Notify(type=NotifyType.SIGNATURE_HASH_ALGORITHMS, data=SIGNATURE_HASHES),
-        ]
+        ]  # fmt: skip
         if conn.fragment_size:
             payloads.append(codec.Notify(type=NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
         payloads.append(codec.Notify(type=NotifyType.CHILDLESS_IKEV2_SUPPORTED))  # RFC 6023
@@ -648,7 +652,7 @@ class IkeSa:
         self.peer_childless = bool(msg.notifies(NotifyType.CHILDLESS_IKEV2_SUPPORTED))
         self.peer_sig_hashes = _announced_hashes(msg)
         self.engine._index(self)
-        if self._detect_nat(msg, self.spi_r):
+        if conn.nat_traversal and self._detect_nat(msg, self.spi_r):
             # RFC 7296 2.23: behind a NAT (or a peer that says so, like strongSwan's
             # libipsec), continue on the NAT-T port with the non-ESP marker.
             log.info("%s: NAT detected, moving to port %d", conn.name, NAT_T_PORT)
@@ -1652,8 +1656,10 @@ class IkeSa:
             self._answer_init_error(msg, NotifyType.INVALID_KE_PAYLOAD, struct.pack("!H", group))
             return
         self.conn = next((c for c in candidates if c.allow_weak), candidates[0])
-        # The initiator's hashes are over SPIi and a zero SPIr (RFC 7296 2.23).
-        self._detect_nat(msg, bytes(8))
+        # NAT traversal unless every connection to this address says encap: no.
+        nat_traversal = any(c.nat_traversal for c in candidates)
+        if nat_traversal:  # the initiator's hashes: over SPIi and a zero SPIr (2.23)
+            self._detect_nat(msg, bytes(8))
         self.kx = crypto.key_exchange(group, allow_weak=True)
         self.nonce_i, self.nonce_r = nonce.data, os.urandom(NONCE_SIZE)
         self.init_request = data
@@ -1665,9 +1671,10 @@ class IkeSa:
             codec.SA(proposals=[chosen]),
             codec.KE(group=group, data=self.kx.public),
             codec.Nonce(data=self.nonce_r),
-            *self.engine._nat_notifies(self.spi_i, self.spi_r, self.remote),
+            *(self.engine._nat_notifies(self.spi_i, self.spi_r, self.remote)
+              if nat_traversal else ()),
             codec.Notify(type=NotifyType.SIGNATURE_HASH_ALGORITHMS, data=SIGNATURE_HASHES),
-        ]
+        ]  # fmt: skip
         self.peer_childless = bool(msg.notifies(NotifyType.CHILDLESS_IKEV2_SUPPORTED))
         self.peer_sig_hashes = _announced_hashes(msg)
         if self.peer_childless:  # RFC 6023: we accept IKE_AUTH without a Child SA
