@@ -338,6 +338,9 @@ class Agent:
         self._udp_encap_handler = None  # the userspace plane's ESP-in-UDP input
         self._local_towards: dict[str, str] = {}  # peer address -> our local address
         self._address_turn: dict[str, int] = {}  # which of remote_addrs is tried next
+        # (connection, DNS name) -> the address it resolved to last: a peer may come
+        # from there (and no longer from where the name pointed before).
+        self._resolved: dict[tuple[str, str], ipaddress.IPv4Network | ipaddress.IPv6Network] = {}
         self._resolving: set[asyncio.Task] = set()  # DNS lookups of peers being initiated
         # CRLs and OCSP responses: one cache for every engine, filled by
         # _fetch_revocation while IKE_AUTH waits (the peer retransmits meanwhile).
@@ -758,8 +761,14 @@ class Agent:
         address = found[0][4][0]
         engine = self.engines[self.local_of[name]]
         conn = engine.connections[name]
-        if ipaddress.ip_network(address) not in conn.peer_ranges:
-            ranges = (*conn.peer_ranges, ipaddress.ip_network(address))
+        # Where the name points now; the address it pointed to before is dropped (a new
+        # IKE_SA_INIT from there no longer matches; SAs up stay).
+        self._resolved[(name, host)] = ipaddress.ip_network(address)
+        remote_addrs = self.config.connection(name).remote_addrs
+        configured = peer_ranges(remote_addrs)
+        resolved = {v for (n, h), v in self._resolved.items() if n == name and h in remote_addrs}
+        ranges = (*configured, *sorted(resolved - set(configured), key=str))
+        if ranges != conn.peer_ranges:
             engine.add_connection(dataclasses.replace(conn, peer_ranges=ranges))
         self._local_towards[address] = self.local_of[name]
         log.info("[%s] initiating to %s (%s)", name, address, host)
