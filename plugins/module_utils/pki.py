@@ -31,6 +31,8 @@ try:  # the modules say what is missing (HAS_CRYPTOGRAPHY) rather than fail to i
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+    from .ike.certs import utc_time
+
     HAS_CRYPTOGRAPHY = True
     # RFC 4945 5.1.3.12: ipsecIKE; serverAuth and clientAuth for peers that ask for them.
     LEAF_USAGES = [
@@ -146,17 +148,8 @@ def _utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)  # noqa: UP017 (Python 3.10 hosts)
 
 
-def _aware(moment: datetime.datetime) -> datetime.datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)  # noqa: UP017
-
-
 def not_after(cert: x509.Certificate) -> datetime.datetime:
-    """cryptography 42's not_valid_after_utc, on 38 too (Debian 12's)."""
-    return _aware(getattr(cert, "not_valid_after_utc", None) or cert.not_valid_after)
-
-
-def _next_update(crl: x509.CertificateRevocationList) -> datetime.datetime:
-    return _aware(getattr(crl, "next_update_utc", None) or crl.next_update)
+    return utc_time(cert, "not_valid_after")
 
 
 def write_file(path: Path, data: bytes, mode: int) -> None:
@@ -370,7 +363,7 @@ class CertificateAuthority:
         path = self.dir / "crl.pem"
         if (path.exists() or path in self._pending) and not force:
             current = x509.load_pem_x509_crl(self._read(path))
-            left = _next_update(current) - self.now
+            left = utc_time(current, "next_update") - self.now
             if left > datetime.timedelta(days=valid_days) / 2:
                 return self._read(path)
         self.index["crl_number"] += 1

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from ..dataplane import base
+from ..ike.certs import RevocationCache
 from ..ike.engine.core import (
     DUPLICATE_IKE,
     HARD_LIFETIME,
@@ -281,11 +282,8 @@ def fetch_url(
         opener.add_handler(handler())
     if not uri.lower().startswith(("http://", "https://")):
         raise ValueError(f"{uri}: only http and https are fetched")
-    request = urllib.request.Request(uri)
-    if body:
-        request = urllib.request.Request(
-            uri, data=body, headers={"Content-Type": "application/ocsp-request"}
-        )
+    headers = {"Content-Type": "application/ocsp-request"} if body else {}
+    request = urllib.request.Request(uri, data=body or None, headers=headers)
     with opener.open(request, timeout=timeout) as answer:
         if not answer.geturl().lower().startswith(("http://", "https://")):
             raise ValueError(f"{uri}: redirected to {answer.geturl()}")
@@ -344,7 +342,7 @@ class Agent:
         self._resolving: set[asyncio.Task] = set()  # DNS lookups of peers being initiated
         # CRLs and OCSP responses: one cache for every engine, filled by
         # _fetch_revocation while IKE_AUTH waits (the peer retransmits meanwhile).
-        self._revocation_cache = None
+        self._revocation_cache = RevocationCache()
         self._fetching: set[asyncio.Task] = set()
         self.engines: dict[str, Engine] = {}  # by local address
         self.runners: dict[str, UdpRunner] = {}
@@ -504,8 +502,6 @@ class Agent:
                 spi_allocator=functools.partial(self._allocate_spi, local),
                 cookie_threshold=self.config.half_open_cookie_threshold,
             )
-            if self._revocation_cache is None:
-                self._revocation_cache = engine.revocation_cache
             engine.revocation_cache = self._revocation_cache
             runner = UdpRunner(
                 engine,

@@ -522,6 +522,13 @@ def _utc(moment: datetime.datetime) -> datetime.datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=datetime.UTC)
 
 
+def utc_time(obj, field: str) -> datetime.datetime | None:
+    """A certificate's or CRL's time `field` (not_valid_after, next_update...), aware:
+    cryptography 42's FIELD_utc, or the naive FIELD of older ones (Debian 12's 38)."""
+    value = getattr(obj, f"{field}_utc", None) or getattr(obj, field)
+    return None if value is None else _utc(value)
+
+
 def _check_critical(cert) -> None:
     for ext in cert.extensions:
         if ext.critical and ext.oid not in HANDLED:
