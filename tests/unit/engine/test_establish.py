@@ -150,6 +150,31 @@ def test_debug_logging_traces_every_message_and_never_a_secret(caplog):
         assert secret.hex() not in text and repr(secret) not in text
 
 
+def test_debug_trace_names_the_ike_sa_and_shows_retransmissions(caplog):
+    """A soak's stuck request could not be read from the trace: the lines did not say
+    which of a connection's IKE SAs a message was on, nor whether a request was sent
+    again or a retransmission answered from the cache."""
+    caplog.set_level(logging.DEBUG, logger="keyway.ike")
+    # The first IKE_AUTH answer is lost: A sends its request again, B answers again.
+    lose = LoseFirst(lambda data, src, dst: dst == A and data[18] == ExchangeType.IKE_AUTH)
+    pair = lab_pair(Impairment(drop_if=lose))
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    assert lose.lost
+    (sa,) = pair.a.sas()
+    spis = f"{sa.spi_i.hex()}_i {sa.spi_r.hex()}_r"
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert f"h1-h2: received IKE_AUTH response #1 [IDr AUTH SA TSi TSr] {spis}" in lines
+    assert f"h1-h2: sending IKE_AUTH request #1 again (retransmission 1 of 4) {spis}" in lines
+    assert f"h1-h2: received IKE_AUTH request #1 again (answered from the cache) {spis}" in lines
+    # The IKE_SA_INIT request went out before the responder's SPI was known.
+    assert any(
+        line.startswith("h1-h2: sending IKE_SA_INIT request #0 [")
+        and line.endswith(f"{sa.spi_i.hex()}_i {bytes(8).hex()}_r")
+        for line in lines
+    )
+
+
 def test_establish_through_loss_duplication_and_reordering():
     for seed in range(10):
         pair = lab_pair(Impairment(loss=0.25, duplicate=0.3, reorder=0.4), seed=seed)

@@ -98,14 +98,37 @@ def _trace(name: str, sent: bool, header: codec.Header, payloads: list[codec.Pay
         else:
             names.append(_name(PayloadType, payload.TYPE))
     log.debug(
-        "%s: %s %s %s #%d [%s]",
+        "%s: %s %s %s #%d [%s] %s",
         name,
         "sending" if sent else "received",
         _name(ExchangeType, header.exchange),
         "response" if header.is_response else "request",
         header.message_id,
         " ".join(names),
+        _spis(header),
     )
+
+
+def _spis(header: codec.Header) -> str:
+    """The IKE SA a traced message is on, as `keywayctl list-sas` names it: messages on
+    the several IKE SAs of one connection (rekeys, reauthentications) told apart."""
+    return f"{header.spi_i.hex()}_i {header.spi_r.hex()}_r"
+
+
+def _trace_again(name: str, sent: bool, header: codec.Header, why: str) -> None:
+    """log_level debug: a message that comes or goes once more (a retransmission, or a
+    retransmitted request answered from the cache), which the first trace line hides."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "%s: %s %s %s #%d again (%s) %s",
+            name,
+            "sending" if sent else "received",
+            _name(ExchangeType, header.exchange),
+            "response" if header.is_response else "request",
+            header.message_id,
+            why,
+            _spis(header),
+        )
 
 
 NONCE_SIZE = 32
@@ -2270,6 +2293,8 @@ class IkeSa:
             return
         req.attempt += 1
         req.sent_at = now
+        why = f"retransmission {req.attempt} of {policy.tries}"
+        _trace_again(self.trace_name, True, codec.decode_header(req.data[0]), why)
         self.engine._emit_all(req.data, self.remote, self.nat_t)
 
 
@@ -2403,6 +2428,7 @@ class Engine:
         sa = self._half_open.get(key)
         if sa is not None:  # a retransmitted request: the same answer again
             if sa.last_response:
+                _trace_again(sa.trace_name, False, h, "answered from the cache")
                 self._emit_all(sa.last_response[1], src)
             return
         if not self._connections_for(src):
@@ -2655,6 +2681,7 @@ class Engine:
             # 7383 2.6.1: a fragmented one is recognised by its first fragment).
             last = msg.payloads[-1] if msg.payloads else None
             if not isinstance(last, codec.EncryptedFragment) or last.number == 1:
+                _trace_again(sa.trace_name, False, h, "answered from the cache")
                 self._emit_all(sa.last_response[1], src)
             return
         if h.message_id != sa.recv_mid:
