@@ -13,7 +13,7 @@ import pytest
 from ansible_collections.keyway.ipsec.plugins.module_utils.esp.tun import ROUTE_TABLE
 from tests.fixtures.capture import Capture
 from tests.fixtures.keywayd import Keywayd, site_connection
-from tests.fixtures.nat import flush_mappings
+from tests.fixtures.nat import flush_mappings, renumber_nat
 from tests.fixtures.netns import in_netns, udp_exchange
 
 pytestmark = pytest.mark.skipif(
@@ -176,6 +176,66 @@ def test_two_spokes_behind_a_port_rewriting_nat_on_the_kernel_plane(nat_lab, tmp
             )
             assert udp_exchange(hub.netns, spoke.netns, hub.site4_address, spoke.site4_address,
                                 b"out", timeout=30) == b"tuo"  # fmt: skip
+    finally:
+        for agent in agents:
+            agent.stop()
+
+
+def _oseq_towards(netns: str, dst: str) -> int:
+    """The outbound sequence number of the (one) SA to `dst`, as `ip xfrm state` shows."""
+    states = in_netns(netns, "ip", "xfrm", "state").stdout.split("\nsrc ")
+    (block,) = [b for b in states if re.match(rf"(src )?\S+ dst {re.escape(dst)}\n", b)]
+    return int(re.search(r"oseq (0x[0-9a-f]+)", block).group(1), 16)
+
+
+def test_a_nat_that_gets_another_public_address_is_followed_on_the_kernel_plane(nat_lab, tmp_path):
+    """Issue 16 on the real kernel: the spoke's NAT gets another public address. The
+    hub's XFRM SAs are added anew at it with their sequence numbers (an outbound one
+    counting from 1 again would be dropped by the spoke as replays), the old ones go,
+    and the tunnel's policy templates point there; no renegotiation."""
+    lab = nat_lab(spokes=1)
+    hub, (spoke,) = lab.hub, lab.spokes
+    conn = site_connection(hub, spoke, start=False)
+    conn["remote_addrs"] = [lab.public_nat_address]
+    agents = [Keywayd(hub.netns, tmp_path / "hub", {"s1": conn}, dataplane="kernel",
+                      timeout=SLOW)]  # fmt: skip
+    try:
+        spoke_conn = {**site_connection(spoke, hub, start=True), "dpd_delay": 5}
+        agents.append(Keywayd(spoke.netns, tmp_path / "s1", {"hub": spoke_conn},
+                              dataplane="kernel", timeout=SLOW))  # fmt: skip
+        hub_agent = agents[0]
+        hub_agent.wait_for(
+            lambda: hub_agent.sas("s1") and hub_agent.sas("s1")[0]["children"], "up", SLOW
+        )
+        for _unused in range(3):
+            assert udp_exchange(hub.netns, spoke.netns, hub.site4_address, spoke.site4_address,
+                                b"out", timeout=30) == b"tuo"  # fmt: skip
+        sent = _oseq_towards(hub.netns, "192.0.2.254")
+        assert sent >= 3
+        (before,) = hub_agent.sas("s1")
+        renumber_nat(lab, "192.0.2.253")
+        hub_agent.wait_for(
+            lambda: hub_agent.sas("s1")[0]["remote"].startswith("192.0.2.253:"),
+            "the hub follows the NAT's new address",
+            timeout=SLOW,
+        )
+        states = in_netns(hub.netns, "ip", "xfrm", "state").stdout
+        assert "192.0.2.254" not in states
+        assert "src 192.0.2.1 dst 192.0.2.253" in states
+        assert "src 192.0.2.253 dst 192.0.2.1" in states
+        assert _oseq_towards(hub.netns, "192.0.2.253") == sent  # carried, not reset
+        policies = in_netns(hub.netns, "ip", "xfrm", "policy").stdout
+        assert "tmpl src 192.0.2.1 dst 192.0.2.253" in policies
+        assert "192.0.2.254" not in policies
+        assert udp_exchange(hub.netns, spoke.netns, hub.site4_address, spoke.site4_address,
+                            b"out", timeout=30) == b"tuo"  # fmt: skip
+        assert udp_exchange(spoke.netns, hub.netns, spoke.site4_address, hub.site4_address,
+                            b"in", timeout=30) == b"ni"  # fmt: skip
+        (after,) = hub_agent.sas("s1")
+        assert (after["spi_i"], after["children"][0]["spi_in"]) == (
+            before["spi_i"],
+            before["children"][0]["spi_in"],
+        )
     finally:
         for agent in agents:
             agent.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tests.fixtures.capture import Capture
 from tests.fixtures.keywayd import site_connection
-from tests.fixtures.nat import flush_mappings
+from tests.fixtures.nat import flush_mappings, renumber_nat
 from tests.fixtures.netns import udp_exchange
 
 
@@ -201,6 +201,36 @@ def test_esp_from_a_new_nat_mapping_moves_the_sas_without_any_ike_message(nat_la
     (after,) = hub_agent.sas("s1")
     assert after["remote"] != before["remote"] and after["spi_i"] == before["spi_i"]
     assert "NAT mapping moved" in hub_agent.log()
+
+
+def test_a_nat_that_gets_another_public_address_is_followed(nat_lab, agents):
+    """The spoke's NAT is given another public address (its old one and every mapping
+    gone). The spoke's next liveness check comes from there: the hub's IKE SA and Child
+    SAs move to it, keys and counters kept, and the tunnel's policies lead there too,
+    without renegotiation or a Child SA rekey."""
+    lab = nat_lab(spokes=1)
+    hub, (spoke,) = lab.hub, lab.spokes
+    hub_agent, _unused = start(lab, agents, spoke_extra={"dpd_delay": 2})
+    assert both_ways(spoke, hub)
+    (before,) = hub_agent.sas("s1")
+    renumber_nat(lab, "192.0.2.253")
+    hub_agent.wait_for(
+        lambda: hub_agent.sas("s1")[0]["remote"].startswith("192.0.2.253:"),
+        "the hub follows the NAT's new address",
+        timeout=20,
+    )
+    assert both_ways(spoke, hub) and both_ways(hub, spoke)
+    (after,) = hub_agent.sas("s1")
+    assert (after["spi_i"], after["children"][0]["spi_in"]) == (
+        before["spi_i"],
+        before["children"][0]["spi_in"],
+    )  # the same SAs: nothing renegotiated
+    # Counters went with the SAs: what came before the move is still counted.
+    assert after["children"][0]["packets_in"] > before["children"][0]["packets_in"] >= 2
+    held = hub_agent.ctl("list-policies")
+    tunnel_ends = {t["dst"] for p in held if p["direction"] == "out" for t in p["templates"]}
+    assert tunnel_ends == {"192.0.2.253"}
+    assert "NAT mapping moved to 192.0.2.253" in hub_agent.log()
 
 
 def test_encap_no_keeps_ike_on_500_and_esp_plain_through_a_nat(nat_lab, agents):

@@ -649,8 +649,9 @@ class Agent:
                 continue
             try:
                 if policy.id in held:
-                    self.plane.remove_policy(policy.id)
-                self.plane.install_policy(policy)
+                    self.plane.update_policy(policy)  # in one step: never without one
+                else:
+                    self.plane.install_policy(policy)
                 kept.append(policy)
             except base.DataPlaneError as exc:
                 log.error("[%s/%s] policy not installed: %s", conn.name, child.name, exc)
@@ -1050,44 +1051,75 @@ class Agent:
         )
 
     def _follow_nat_mapping(self, event: IkeSaMoved) -> None:
-        """The peer's NAT mapped it to another port: ESP in UDP follows, in place (the
-        SAs keep their keys, counters and replay windows)."""
+        """The peer's NAT mapped it anew: to another port, or (a NAT that restarted with
+        another public address, a mobile uplink) to another address. ESP follows, the
+        SAs keeping their keys, counters and replay windows; after a new address the
+        tunnels' policies and routes lead there too (RFC 7296 2.23)."""
         (address, port), previous = event.remote, event.previous
-        if address != previous[0]:
-            # The SAs' addresses are part of how the plane finds them: that takes MOBIKE.
-            log.warning(
-                "[%s] the peer's NAT moved it to another address (%s): the Child SAs keep "
-                "sending to %s",
-                event.connection,
-                address,
-                previous[0],
-            )
-            return
         ike = next((sa for sa in self._ike_sas(event.connection) if sa.spi_i == event.spi_i), None)
         if ike is None:
             return
+        local = self.local_of[event.connection]
         installed = {spec.id: spec for spec in self.plane.list_sas()}
-        moved = 0
+        moved = failed = 0
         for spi_in in ike.children:
-            out, inbound = self.sa_pairs.get(spi_in, (None, None))
-            for sa_id, outbound in ((out, True), (inbound, False)):
-                spec = installed.get(sa_id)
-                if spec is None or spec.encap is None:
+            pair = list(self.sa_pairs.get(spi_in, (None, None)))
+            for index, outbound in ((0, True), (1, False)):
+                spec = installed.get(pair[index])
+                if spec is None:
                     continue
-                encap = (
-                    base.UdpEncap(spec.encap.sport, port)
-                    if outbound
-                    else base.UdpEncap(port, spec.encap.dport)
-                )
-                self.plane.update_sa(dataclasses.replace(spec, encap=encap))
-                moved += 1
+                encap = spec.encap
+                if encap is not None:
+                    encap = (base.UdpEncap(encap.sport, port) if outbound
+                             else base.UdpEncap(port, encap.dport))  # fmt: skip
+                try:
+                    if address == previous[0]:
+                        self.plane.update_sa(dataclasses.replace(spec, encap=encap))
+                    else:
+                        src, dst = (local, address) if outbound else (address, local)
+                        pair[index] = self.plane.move_sa(spec.id, src, dst, encap).id
+                    moved += 1
+                except base.DataPlaneError as exc:
+                    log.error("[%s] Child SA %08x not moved: %s", event.connection, spi_in, exc)
+                    failed += 1
+            if spi_in in self.sa_pairs:
+                self.sa_pairs[spi_in] = (pair[0], pair[1])
             deferred = self._deferred_out.get(spi_in)
-            if deferred is not None and deferred[1].encap is not None:
+            if deferred is not None:
                 spec = deferred[1]
-                encap = base.UdpEncap(spec.encap.sport, port)
-                self._deferred_out[spi_in] = (deferred[0], dataclasses.replace(spec, encap=encap))
-        log.info("[%s] the peer's NAT mapping moved to port %d: %d SA(s) follow",
-                 event.connection, port, moved)  # fmt: skip
+                encap = spec.encap and base.UdpEncap(spec.encap.sport, port)
+                spec = dataclasses.replace(spec, dst=address, encap=encap)
+                self._deferred_out[spi_in] = (deferred[0], spec)
+        if address != previous[0]:
+            self._local_towards[address] = local
+            self._move_policies(event.connection, previous[0], address)
+        log.info("[%s] the peer's NAT mapping moved to %s:%d: %d SA(s) follow%s",
+                 event.connection, address, port, moved,
+                 f", {failed} could not" if failed else "")  # fmt: skip
+
+    def _move_policies(self, name: str, previous: str, address: str) -> None:
+        """Tunnel-mode policies of connection `name` that end at `previous` end at
+        `address` now, each replaced in one step (no packet meets no policy)."""
+
+        def moved(template: base.Template) -> base.Template:
+            return dataclasses.replace(
+                template,
+                src=address if template.src == previous else template.src,
+                dst=address if template.dst == previous else template.dst,
+            )
+
+        for (conn_name, child), state in self.children.items():
+            if conn_name != name:
+                continue
+            for i, policy in enumerate(state.policies):
+                new = dataclasses.replace(policy, templates=tuple(map(moved, policy.templates)))
+                if new == policy:
+                    continue
+                try:
+                    self.plane.update_policy(new)
+                    state.policies[i] = new
+                except base.DataPlaneError as exc:
+                    log.error("[%s/%s] policy not moved: %s", name, child, exc)
 
     def _child_deleted(self, event: ChildSaDeleted) -> None:
         # A successor deleted before the SA it replaces (a rekey collision's surplus SA):
@@ -1389,8 +1421,8 @@ class Agent:
 
     def _swap_policies(self, conn: ConnectionConfig, child: ChildConfig, state: _ChildState):
         """Replace a child's policies: new selectors in first, then stale ones out, so
-        that traffic is never left without a policy (a policy whose selector stays but
-        whose template changes is removed and at once installed again)."""
+        that traffic is never left without a policy (one whose selector stays but whose
+        template changes is replaced in one step)."""
         stale, state.policies = state.policies, []
         kept = {p.id: p for p in stale}
         for policy in self._policies_of(conn, child, state):
@@ -1399,8 +1431,10 @@ class Agent:
                 continue
             try:
                 if policy.id in kept:
-                    self.plane.remove_policy(kept.pop(policy.id).id)
-                self.plane.install_policy(policy)
+                    self.plane.update_policy(policy)
+                    del kept[policy.id]
+                else:
+                    self.plane.install_policy(policy)
                 state.policies.append(policy)
             except base.DataPlaneError as exc:
                 log.error("[%s/%s] policy not installed: %s", conn.name, child.name, exc)
@@ -1557,6 +1591,25 @@ class Agent:
                 }
             )
         return result
+
+    async def _cmd_list_policies(self, args: dict) -> list:
+        """The policies keywayd holds for each child (swanctl --list-pols)."""
+        return [
+            {
+                "connection": name,
+                "child": child,
+                "direction": policy.direction.value,
+                "action": policy.action.value,
+                "src": policy.selector.src,
+                "dst": policy.selector.dst,
+                "templates": [
+                    {"protocol": t.proto.value, "mode": t.mode.value, "src": t.src, "dst": t.dst}
+                    for t in policy.templates
+                ],
+            }
+            for (name, child), state in sorted(self.children.items())
+            for policy in state.policies
+        ]
 
     async def _cmd_list_sas(self, args: dict) -> list:
         result = []
@@ -1788,6 +1841,7 @@ _COMMANDS = {
     "status": Agent._cmd_status,
     "list-conns": Agent._cmd_list_conns,
     "list-sas": Agent._cmd_list_sas,
+    "list-policies": Agent._cmd_list_policies,
     "initiate": Agent._cmd_initiate,
     "terminate": Agent._cmd_terminate,
     "rekey": Agent._cmd_rekey,

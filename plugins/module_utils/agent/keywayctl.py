@@ -1,6 +1,7 @@
 """keywayctl: talk to keywayd over its control socket (agent/control.py).
 
-keywayctl [--socket PATH] [--json] status | list-conns | list-sas [--json] | stats | metrics
+keywayctl [--socket PATH] [--json] status | list-conns | list-sas [--json] | list-policies |
+    stats | metrics
 keywayctl initiate CONN [--no-wait] | terminate CONN [--child NAME]
 keywayctl rekey CONN [--child NAME] | reload | watch
 """
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     after = argparse.ArgumentParser(add_help=False)
     after.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("status", "list-conns", "list-sas", "reload", "stats", "metrics", "watch"):
+    commands = ("status", "list-conns", "list-sas", "list-policies", "reload", "stats")
+    for name in (*commands, "metrics", "watch"):
         sub.add_parser(name, parents=[after])
     initiate = sub.add_parser("initiate", parents=[after])
     initiate.add_argument("connection")

@@ -258,6 +258,12 @@ class DataPlane(abc.ABC):
         """Replace an SA's mutable parts (lifetimes, encap) keeping counters."""
 
     @abc.abstractmethod
+    def move_sa(self, sa: SaId, src: str, dst: str, encap: UdpEncap | None) -> SaSpec:
+        """Give an SA other outer addresses and UDP encapsulation, keeping its keys,
+        sequence numbers and replay window (the peer's NAT moved it to another address,
+        RFC 7296 2.23). Returns the SA as it is now: its id changes with `dst`."""
+
+    @abc.abstractmethod
     def delete_sa(self, sa: SaId) -> None:
         """Remove an SA."""
 
@@ -272,6 +278,11 @@ class DataPlane(abc.ABC):
     @abc.abstractmethod
     def install_policy(self, policy: PolicySpec) -> None:
         """Install a policy."""
+
+    @abc.abstractmethod
+    def update_policy(self, policy: PolicySpec) -> None:
+        """Replace an installed policy of the same id in one step (its templates' tunnel
+        endpoints moved with the peer): no packet finds the policy missing meanwhile."""
 
     @abc.abstractmethod
     def remove_policy(self, policy: PolicyId) -> None:

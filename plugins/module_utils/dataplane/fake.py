@@ -19,6 +19,7 @@ from .base import (
     SaCounters,
     SaId,
     SaSpec,
+    UdpEncap,
     is_keyway_reqid,
 )
 
@@ -70,6 +71,19 @@ class RecordingPlane(DataPlane):
             raise DataPlaneError(f"update_sa {sa.proto} spi 0x{sa.spi:08x} {sa.dst}: no such SA")
         self.sas[sa.id] = sa
 
+    def move_sa(self, sa: SaId, src: str, dst: str, encap: UdpEncap | None) -> SaSpec:
+        self.calls.append(("move_sa", (sa, src, dst, encap)))
+        spec = self.sas.get(sa)
+        if spec is None:
+            raise DataPlaneError(f"move_sa {sa.proto} spi 0x{sa.spi:08x} {sa.dst}: no such SA")
+        moved = replace(spec, src=src, dst=dst, encap=encap)
+        if moved.id != sa and moved.id in self.sas:
+            raise DataPlaneError(f"move_sa {sa.proto} spi 0x{sa.spi:08x} {dst}: exists")
+        del self.sas[sa]
+        self.sas[moved.id] = moved
+        self.counters[moved.id] = self.counters.pop(sa)
+        return moved
+
     def delete_sa(self, sa: SaId) -> None:
         self.calls.append(("delete_sa", sa))
         if self.sas.pop(sa, None) is None:
@@ -90,6 +104,12 @@ class RecordingPlane(DataPlane):
         self.calls.append(("install_policy", policy))
         if policy.id in self.policies:
             raise DataPlaneError(f"install_policy {policy.id}: exists")
+        self.policies[policy.id] = policy
+
+    def update_policy(self, policy: PolicySpec) -> None:
+        self.calls.append(("update_policy", policy))
+        if policy.id not in self.policies:
+            raise DataPlaneError(f"update_policy {policy.id}: no such policy")
         self.policies[policy.id] = policy
 
     def remove_policy(self, policy: PolicyId) -> None:

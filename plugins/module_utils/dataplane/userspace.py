@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import dataclasses
 import functools
 import ipaddress
 import os
@@ -58,6 +59,7 @@ from .base import (
     SaSpec,
     Selector,
     SeqOverflowEvent,
+    UdpEncap,
     UnknownSpiEvent,
     is_keyway_reqid,
 )
@@ -297,6 +299,30 @@ class UserspacePlane(DataPlane):
         elif self._encap_by_spi.get(sa.spi) is entry:
             del self._encap_by_spi[sa.spi]
 
+    def move_sa(self, sa: SaId, src: str, dst: str, encap: UdpEncap | None) -> SaSpec:
+        entry = self._sas.get(sa)
+        if entry is None:
+            raise DataPlaneError(f"no SA {sa.dst}/{sa.proto}/0x{sa.spi:08x} to move")
+        moved = dataclasses.replace(entry.spec, src=src, dst=dst, encap=encap)
+        if moved.id != sa and moved.id in self._sas:
+            raise DataPlaneError(f"SA {dst}/{sa.proto}/0x{sa.spi:08x} exists")
+        # The same entry under its new id: sequence numbers, the replay window and the
+        # counters go with it.
+        del self._sas[sa]
+        proto = pk.IPPROTO_AH if sa.proto == IpsecProto.AH else pk.IPPROTO_ESP
+        self._inbound.pop((ipaddress.ip_address(sa.dst).packed, proto, sa.spi), None)
+        entry.spec = moved
+        entry.crypto.outer_src, entry.crypto.outer_dst = src, dst
+        entry.mapping_sent = None
+        self._sas[moved.id] = entry
+        self._inbound[(ipaddress.ip_address(dst).packed, proto, sa.spi)] = entry
+        self._out_cache.clear()
+        if encap is not None:
+            self._encap_by_spi[sa.spi] = entry
+        elif self._encap_by_spi.get(sa.spi) is entry:
+            del self._encap_by_spi[sa.spi]
+        return moved
+
     def delete_sa(self, sa: SaId) -> None:
         entry = self._sas.pop(sa, None)
         if entry is None:
@@ -327,6 +353,12 @@ class UserspacePlane(DataPlane):
             raise DataPlaneError(f"policy selector: {exc}") from None
         if policy.action == PolicyAction.PROTECT and not policy.templates:
             raise DataPlaneError("a PROTECT policy needs a template")
+        if _routed(policy):
+            # Counted before a policy it replaces lets go of the route: the route into
+            # the TUN device never vanishes meanwhile (a packet would leave in the clear).
+            self._route_users[_dst_prefix(policy)] += 1
+            if self._tun_fd >= 0:
+                self._route_for(policy)
         if policy.id in self._policies:
             self._unlist(policy.id)
         entry = (policy, compiled)
@@ -335,10 +367,11 @@ class UserspacePlane(DataPlane):
         if order is not None:
             # Kept sorted on insertion (not re-sorted): thousands of policies are usual.
             bisect.insort(order, entry, key=_policy_rank)
-        if _routed(policy):
-            self._route_users[_dst_prefix(policy)] += 1
-            if self._tun_fd >= 0:
-                self._route_for(policy)
+
+    def update_policy(self, policy: PolicySpec) -> None:
+        if policy.id not in self._policies:
+            raise DataPlaneError(f"no policy {policy.selector} {policy.direction} to update")
+        self.install_policy(policy)  # in place, between two packets, its route held
 
     def remove_policy(self, policy: PolicyId) -> None:
         if policy not in self._policies:

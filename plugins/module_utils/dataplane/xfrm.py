@@ -1197,6 +1197,40 @@ class KernelPlane(DataPlane):
         self._do("update_sa", _sa_str(sa), msg, XFRM_MSG_UPDSA, NLM_F_REQUEST | NLM_F_ACK)
         self._sa_marks[sa.id] = sa.mark
 
+    def move_sa(self, sa: SaId, src: str, dst: str, encap: UdpEncap | None) -> SaSpec:
+        """The SA added anew at its new addresses with the old one's sequence numbers,
+        replay window and use (the kernel's update keeps the addresses; strongSwan
+        moves SAs the same way); an outbound SA's new id is added before the old goes."""
+        what = _sa_str(sa)
+        replies = self._do(
+            "move_sa", what, encode_sa_id(sa, self._mark_of(sa)), XFRM_MSG_GETSA, NLM_F_REQUEST
+        )
+        if not replies:
+            raise DataPlaneError(f"move_sa {what}: kernel sent no SA back")
+        held = replies[0]
+        moved = dataclasses.replace(decode_sa(held), src=src, dst=dst, encap=encap)
+        msg = encode_sa(moved)
+        attrs = [a for a in msg["attrs"] if a[0] != "XFRMA_REPLAY_ESN_VAL"]
+        esn, legacy = held.get_attr("XFRMA_REPLAY_ESN_VAL"), held.get_attr("XFRMA_REPLAY_VAL")
+        if esn is not None:
+            fields = (*(name for name, _unused in esn.fixed), "bmp")
+            attrs.append(["XFRMA_REPLAY_ESN_VAL", {k: esn[k] for k in fields}])
+        elif legacy is not None:
+            attrs.append(["XFRMA_REPLAY_VAL", {k: legacy[k] for k in ("oseq", "seq", "bitmap")}])
+        use = ("bytes", "packets", "add_time", "use_time")
+        attrs.append(["XFRMA_LTIME_VAL", {k: held[f"curlft_{k}"] for k in use}])
+        msg["attrs"] = attrs
+        flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
+        if moved.id == sa:
+            # Inbound: the id (our address, the SPI) stays, so the old SA goes first.
+            self.delete_sa(sa)
+            self._do("move_sa", _sa_str(moved), msg, XFRM_MSG_NEWSA, flags)
+        else:
+            self._do("move_sa", _sa_str(moved), msg, XFRM_MSG_NEWSA, flags)
+            self.delete_sa(sa)
+        self._sa_marks[moved.id] = moved.mark
+        return moved
+
     def _mark_of(self, sa: SaId) -> tuple[int, int] | None:
         # SaId has no mark, but the kernel finds a marked SA only with its mark.
         if sa in self._sa_marks:
@@ -1269,6 +1303,17 @@ class KernelPlane(DataPlane):
             if not self._route_users.get(prefix):
                 _route_towards(prefix, policy.templates[0].dst)
             self._route_users[prefix] = self._route_users.get(prefix, 0) + 1
+
+    def update_policy(self, policy: PolicySpec) -> None:
+        what = _policy_str(policy.id)
+        # UPDPOLICY would add a policy that is gone: the caller means one it holds.
+        self._do("update_policy", what, encode_policy_id(policy.id), XFRM_MSG_GETPOLICY,
+                 NLM_F_REQUEST)  # fmt: skip
+        msg = encode_policy(policy)
+        self._do("update_policy", what, msg, XFRM_MSG_UPDPOLICY, NLM_F_REQUEST | NLM_F_ACK)
+        if self.routes and _routed(policy) and _prefix(policy.selector.dst) in self._route_users:
+            # `ip route replace`: the route follows the peer without a gap.
+            _route_towards(_prefix(policy.selector.dst), policy.templates[0].dst)
 
     def remove_policy(self, policy: PolicyId) -> None:
         msg = encode_policy_id(policy)

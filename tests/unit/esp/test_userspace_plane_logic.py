@@ -301,3 +301,33 @@ def test_an_authenticated_packet_from_a_new_port_reports_the_mapping_once(pair: 
         pair.a.handle_outbound(inner)
         pair.b.handle_udp_encap(pair.wire.pop()[0], A, B, 40001)
     assert events == [MappingEvent(SaId(B, IpsecProto.ESP, 0x1001), REQID, A, 40001)]
+
+
+def test_move_sa_keeps_sequence_numbers_window_and_counters(pair: Pair) -> None:
+    """The peer's NAT moved it to another address (issue 16): its SAs go with it, and
+    neither end starts counting again (a sequence number reused would be a replay)."""
+    inner = udp_packet("10.1.0.1", "10.2.0.1", b"m")
+    assert pair.send(inner) == inner
+    replayed = pair.last
+    c = "192.0.2.99"
+    moved = pair.a.move_sa(SaId(B, IpsecProto.ESP, 0x1001), A, c, UdpEncap(4500, 40001))
+    assert (moved.src, moved.dst, moved.encap, moved.spi) == (A, c, UdpEncap(4500, 40001), 0x1001)
+    pair.a.update_policy(
+        PolicySpec(Selector("10.1.0.0/24", "10.2.0.0/24"), Direction.OUT,
+                   templates=(Template(IpsecProto.ESP, Mode.TUNNEL, REQID, A, c),))
+    )  # fmt: skip
+    assert pair.a.sa_counters(moved.id).packets == 1  # the counters moved too
+    with pytest.raises(DataPlaneError):
+        pair.a.sa_counters(SaId(B, IpsecProto.ESP, 0x1001))
+    pair.a.handle_outbound(inner)
+    esp, dst, port = pair.wire.pop()
+    assert (dst, port) == (c, 40001)
+    assert int.from_bytes(esp[4:8], "big") == 2  # its sequence number goes on from 1
+    # The receiving end's inbound SA moves its source; its replay window stays.
+    pair.b.move_sa(SaId(B, IpsecProto.ESP, 0x1001), c, B, UdpEncap(40001, 4500))
+    pair.b.handle_udp_encap(replayed, c, B, 40001)
+    assert pair.b.drops["replay"] == 1
+    pair.b.handle_udp_encap(esp, c, B, 40001)
+    assert os.read(pair.r, 65535) == inner
+    with pytest.raises(DataPlaneError, match="to move"):
+        pair.a.move_sa(SaId(B, IpsecProto.ESP, 0x1001), A, c, None)
