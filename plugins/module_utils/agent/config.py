@@ -243,6 +243,9 @@ class ConnectionConfig:
     remote_port: int = 500
     proposals: tuple[str, ...] = ("aes256gcm16-prfsha384-x25519",)
     encap: str = "auto"
+    # MOBIKE (RFC 4555), swanctl's default: a peer that supports it may move its
+    # address with UPDATE_SA_ADDRESSES, without renegotiation.
+    mobike: bool = True
     dpd_delay: int = 30
     rekey_time: int = 14400
     reauth_time: int = 0
@@ -581,6 +584,7 @@ _CONNECTION_KEYS = {
     "psk_file",
     "proposals",
     "encap",
+    "mobike",
     "dpd_delay",
     "dpd_timeout",
     "rekey_time",
@@ -845,6 +849,7 @@ def _connection(
             raw, "proposals", path, "ike", ("aes256gcm16-prfsha384-x25519",), allow_weak
         ),
         encap=encap,
+        mobike=reader.boolean(raw, "mobike", path, True),
         dpd_delay=reader.duration(raw, "dpd_delay", path, 30),
         rekey_time=rekey_time,
         reauth_time=reauth_time,

@@ -251,6 +251,7 @@ def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> 
         fragment_size=agent.fragment_size,
         keepalive=agent.keepalive,
         nat_traversal=conn.encap != "no",
+        mobike=conn.mobike,
         peer_ranges=peer_ranges(conn.remote_addrs),
         retransmit=RetransmitPolicy(
             agent.retransmit_timeout, agent.retransmit_base, agent.retransmit_tries
@@ -501,6 +502,7 @@ class Agent:
                 (local, self.config.ike_port),
                 spi_allocator=functools.partial(self._allocate_spi, local),
                 cookie_threshold=self.config.half_open_cookie_threshold,
+                nat_t_port=self.config.nat_t_port,
             )
             engine.revocation_cache = self._revocation_cache
             runner = UdpRunner(
@@ -1052,14 +1054,28 @@ class Agent:
 
     def _follow_nat_mapping(self, event: IkeSaMoved) -> None:
         """The peer's NAT mapped it anew: to another port, or (a NAT that restarted with
-        another public address, a mobile uplink) to another address. ESP follows, the
-        SAs keeping their keys, counters and replay windows; after a new address the
-        tunnels' policies and routes lead there too (RFC 7296 2.23)."""
+        another public address, a mobile uplink) to another address (RFC 7296 2.23); or
+        the peer moved with MOBIKE (RFC 4555). ESP follows, the SAs keeping their keys,
+        counters and replay windows, UDP-encapsulated if a NAT is on the new path; after
+        a new address the tunnels' policies and routes lead there too."""
         (address, port), previous = event.remote, event.previous
+        conn = self._config_of(event.connection)
         ike = next((sa for sa in self._ike_sas(event.connection) if sa.spi_i == event.spi_i), None)
         if ike is None:
             return
         local = self.local_of[event.connection]
+        force = conn is not None and conn.encap == "force"
+
+        def encap_of(encap: base.UdpEncap | None, outbound: bool) -> base.UdpEncap | None:
+            if event.nat is not None:  # NAT detection on the new path decides
+                nat_t = self.config.nat_t_port
+                encap = (encap or base.UdpEncap(nat_t, nat_t)) if event.nat or force else None
+            if encap is None:
+                return None
+            if outbound:
+                return base.UdpEncap(encap.sport, port)
+            return base.UdpEncap(port, encap.dport)
+
         installed = {spec.id: spec for spec in self.plane.list_sas()}
         moved = failed = 0
         for spi_in in ike.children:
@@ -1068,10 +1084,7 @@ class Agent:
                 spec = installed.get(pair[index])
                 if spec is None:
                     continue
-                encap = spec.encap
-                if encap is not None:
-                    encap = (base.UdpEncap(encap.sport, port) if outbound
-                             else base.UdpEncap(port, encap.dport))  # fmt: skip
+                encap = encap_of(spec.encap, outbound)
                 try:
                     if address == previous[0]:
                         self.plane.update_sa(dataclasses.replace(spec, encap=encap))
@@ -1087,15 +1100,14 @@ class Agent:
             deferred = self._deferred_out.get(spi_in)
             if deferred is not None:
                 spec = deferred[1]
-                encap = spec.encap and base.UdpEncap(spec.encap.sport, port)
-                spec = dataclasses.replace(spec, dst=address, encap=encap)
+                spec = dataclasses.replace(spec, dst=address, encap=encap_of(spec.encap, True))
                 self._deferred_out[spi_in] = (deferred[0], spec)
         if address != previous[0]:
             self._local_towards[address] = local
             self._move_policies(event.connection, previous[0], address)
-        log.info("[%s] the peer's NAT mapping moved to %s:%d: %d SA(s) follow%s",
-                 event.connection, address, port, moved,
-                 f", {failed} could not" if failed else "")  # fmt: skip
+        what = "the peer moved (MOBIKE)" if event.mobike else "the peer's NAT mapping moved"
+        log.info("[%s] %s to %s:%d: %d SA(s) follow%s", event.connection, what, address, port,
+                 moved, f", {failed} could not" if failed else "")  # fmt: skip
 
     def _move_policies(self, name: str, previous: str, address: str) -> None:
         """Tunnel-mode policies of connection `name` that end at `previous` end at

@@ -115,6 +115,19 @@ def _spis(header: codec.Header) -> str:
     return f"{header.spi_i.hex()}_i {header.spi_r.hex()}_r"
 
 
+def _notified(payloads: list[codec.Payload], kind: int) -> codec.Notify | None:
+    """The first notify of type `kind` among `payloads`, if any."""
+    return next((p for p in payloads if isinstance(p, codec.Notify) and p.type == kind), None)
+
+
+def _address_pair(src: Address, dst: Address) -> bytes:
+    """NO_NATS_ALLOWED's data (RFC 4555 4.2.6): source address and port, then
+    destination address and port, as the message's IP and UDP headers carry them."""
+    return b"".join(
+        ipaddress.ip_address(a).packed + struct.pack("!H", port) for a, port in (src, dst)
+    )
+
+
 def _trace_again(name: str, sent: bool, header: codec.Header, why: str) -> None:
     """log_level debug: a message that comes or goes once more (a retransmission, or a
     retransmitted request answered from the cache), which the first trace line hides."""
@@ -205,6 +218,9 @@ class IkeConnection:
     # NAT traversal (RFC 7296 2.23): False (encap: no) sends no NAT detection notifies
     # and heeds none, so neither end floats to 4500 nor UDP-encapsulates ESP.
     nat_traversal: bool = True
+    # MOBIKE (RFC 4555): MOBIKE_SUPPORTED sent in IKE_AUTH; when the peer sends it too,
+    # the peer may move its addresses with UPDATE_SA_ADDRESSES (we follow, as responder).
+    mobike: bool = True
 
     @property
     def psks(self) -> tuple[bytes, ...]:
@@ -445,6 +461,16 @@ class IkeSa:
         self.nat_t = False
         # The peer's IKE_AUTH said INITIAL_CONTACT: it holds no older SAs with us.
         self.peer_initial_contact = False
+        # MOBIKE is in use (RFC 4555): the peer moves its address only by
+        # UPDATE_SA_ADDRESSES, not by where its other IKE messages come from.
+        self.mobike = False
+        # Where the answer to the request being handled goes, with MOBIKE: its source,
+        # which is not where the SA sends its own requests (RFC 7296 2.11).
+        self.reply_to: tuple[Address, bool] | None = None
+        # After an UPDATE_SA_ADDRESSES, until the peer answered us there: where the
+        # Child SAs still send, and whether NAT detection found a NAT on the new path.
+        self.child_remote: Address | None = None
+        self.moved_nat: bool | None = None
         self.replaced = False  # a rekey moved this SA's role to a successor
         self.reauth_of: IkeSa | None = None  # the IKE SA this one reauthenticates
         self.psk_index = 0  # which of conn.psks this SA authenticates with
@@ -554,7 +580,8 @@ class IkeSa:
 
     def _send_response(self, mid: int, data: tuple[bytes, ...]) -> None:
         self.last_response = (mid, data)
-        self.engine._emit_all(data, self.remote, self.nat_t)
+        remote, nat_t = self.reply_to or (self.remote, self.nat_t)
+        self.engine._emit_all(data, remote, nat_t)
 
     def _request(
         self, exchange: int, inner: list[codec.Payload], now: float, kind: str = "", arg=None
@@ -587,16 +614,20 @@ class IkeSa:
         marker = 4 if self.nat_t else 0  # the non-ESP marker on the NAT-T port
         return conn.fragment_size - ip_header - 8 - marker
 
-    def _follow(self, src: Address) -> None:
+    def _follow(self, src: Address, esp: bool = False) -> None:
         """An authenticated message came from `src`: if that is not where this SA sends,
         the NAT in front of the peer mapped it anew (its entry expired, or the NAT
         restarted), and we follow, Child SAs too (RFC 7296 2.23). Without a NAT a new
-        address is MOBIKE's business."""
+        address is MOBIKE's business; with MOBIKE only ESP (`esp`) moves us so (RFC 4555
+        3.8), IKE messages only by UPDATE_SA_ADDRESSES."""
         if src == self.remote or not self.nat or self.state != "established":
+            return
+        if self.mobike and not esp:
             return
         previous, self.remote = self.remote, src
         log.info("%s: the peer's NAT mapping moved from %s:%d to %s:%d",
                  self.conn.name, *previous, *src)  # fmt: skip
+        self.child_remote = self.moved_nat = None  # ESP moved the Child SAs as well
         self.engine._event(IkeSaMoved(self.conn.name, self.spi_i, self.spi_r, src, previous))
 
     def _detect_nat(self, msg: codec.Message, spi_r: bytes) -> bool:
@@ -1793,6 +1824,11 @@ class IkeSa:
         ]
         child = self._responder_child(inner)
         reply += child[0]
+        if conn.mobike and conn.nat_traversal and _notified(inner, NotifyType.MOBIKE_SUPPORTED):
+            # RFC 4555 3.2: both ends said so, MOBIKE is in use (the initiator's moves
+            # are followed; we do not move ourselves, and send no address list).
+            reply.append(codec.Notify(type=NotifyType.MOBIKE_SUPPORTED))
+            self.mobike = True
         self._respond(ExchangeType.IKE_AUTH, mid, reply)
         self._up(now)
         if child[1] is not None:
@@ -1972,8 +2008,12 @@ class IkeSa:
             inner = []
         self._request(ExchangeType.INFORMATIONAL, inner, now, kind, arg)
 
-    def _on_informational_response(self, inner: list[codec.Payload], now: float) -> None:
+    def _on_informational_response(
+        self, inner: list[codec.Payload], now: float, src: Address | None = None
+    ) -> None:
         req, self.request = self.request, None
+        if req.kind == "routability" and src is not None:
+            self._routable(src)
         if req.kind == "delete_ike":
             self._down("deleted by us")
             return
@@ -2004,6 +2044,62 @@ class IkeSa:
                 ChildSaDeleted(self.conn.name, child.child, child.spi_in, child.spi_out, reason)
             )
         return child
+
+    def on_update_sa_addresses(
+        self, inner: list[codec.Payload], mid: int, src: Address, now: float
+    ) -> None:
+        """RFC 4555 3.5, as responder: the peer moved to `src` (the request's IP header).
+        The IKE SA sends there at once; the Child SAs follow once a request of ours is
+        answered from there (the return routability check of 3.7, which charon omits):
+        an UPDATE_SA_ADDRESSES replayed by an attacker from elsewhere would otherwise
+        send the traffic there."""
+        rx_nat_t = self.engine._rx_nat_t
+        here = (self.engine.local[0], self.engine.nat_t_port if rx_nat_t else self.engine.local[1])
+        no_nats = _notified(inner, NotifyType.NO_NATS_ALLOWED)
+        if no_nats is not None and no_nats.data != _address_pair(src, here):
+            untrusted.info("%s: UPDATE_SA_ADDRESSES from %s:%d through a NAT the peer "
+                           "allows none of", self.conn.name, *src)  # fmt: skip
+            self.reply_to = (src, rx_nat_t)
+            reply = [codec.Notify(type=NotifyType.UNEXPECTED_NAT_DETECTED)]
+            self._respond(ExchangeType.INFORMATIONAL, mid, reply)
+            return
+        if self.child_remote is None:
+            self.child_remote = self.remote  # where the Child SAs still send
+        previous, self.remote, self.nat_t, self.reply_to = self.remote, src, rx_nat_t, None
+        reply: list[codec.Payload] = []
+        theirs = [n.data for n in inner if isinstance(n, codec.Notify)
+                  and n.type == NotifyType.NAT_DETECTION_SOURCE_IP]  # fmt: skip
+        ours = [n.data for n in inner if isinstance(n, codec.Notify)
+                and n.type == NotifyType.NAT_DETECTION_DESTINATION_IP]  # fmt: skip
+        if theirs or ours:  # 3.8: NAT detection answered with NAT detection
+            expect_src, expect_dst = (
+                n.data for n in self.engine._nat_notifies(
+                    self.spi_i, self.spi_r, src, swap=True, local=here
+                )
+            )  # fmt: skip
+            translated, behind = expect_src not in theirs, expect_dst not in ours
+            self.nat, self.behind_nat = translated or behind, behind
+            self.moved_nat = self.nat
+            reply += self.engine._nat_notifies(self.spi_i, self.spi_r, src, local=here)
+        cookie2 = _notified(inner, NotifyType.COOKIE2)
+        if cookie2 is not None:
+            reply.append(codec.Notify(type=NotifyType.COOKIE2, data=cookie2.data))  # 3.7
+        self._respond(ExchangeType.INFORMATIONAL, mid, reply)
+        log.info("%s: the peer moved from %s:%d to %s:%d (MOBIKE); checking it is there",
+                 self.conn.name, *previous, *src)  # fmt: skip
+        self.queue("routability", now, urgent=True)
+
+    def _routable(self, src: Address) -> None:
+        """A request of ours was answered from `src`: if the peer moved there (MOBIKE),
+        its Child SAs follow now."""
+        if src != self.remote or self.child_remote is None:
+            return  # it moved again meanwhile: that move's own check decides
+        previous, self.child_remote = self.child_remote, None
+        nat, self.moved_nat = self.moved_nat, None
+        log.info("%s: the peer answered at %s:%d: its Child SAs follow", self.conn.name, *src)
+        self.engine._event(
+            IkeSaMoved(self.conn.name, self.spi_i, self.spi_r, src, previous, nat, mobike=True)
+        )
 
     def on_informational_request(self, inner: list[codec.Payload], mid: int) -> None:
         if any(
@@ -2308,8 +2404,10 @@ class Engine:
         max_half_open: int = MAX_HALF_OPEN,
         cookie_threshold: int = 100,
         wall_clock: Callable[[], datetime.datetime] | None = None,
+        nat_t_port: int = 4500,
     ):
         self.local = local
+        self.nat_t_port = nat_t_port  # where our IKE is when it floated (NAT detection)
         self.connections: dict[str, IkeConnection] = {}
         self._by_address: dict[str, list[IkeConnection]] = {}
         self._by_identity: dict[tuple[str, str], list[IkeConnection]] = {}
@@ -2387,7 +2485,7 @@ class Engine:
         anew. IKE and ESP share that mapping (RFC 3948), so the IKE SA follows as for an
         authenticated IKE message, and its Child SAs with it (IkeSaMoved)."""
         self.now = now
-        sa._follow(remote)
+        sa._follow(remote, esp=True)
 
     def receive(self, data: bytes, src: Address, now: float, nat_t: bool = False) -> None:
         """One IKE datagram from `src`; `nat_t`: it came to our NAT-T port (the shell
@@ -2665,7 +2763,7 @@ class Engine:
             sa._on_auth_response(inner, now)
             return
         if h.exchange == ExchangeType.INFORMATIONAL:
-            sa._on_informational_response(inner, now)
+            sa._on_informational_response(inner, now, src)
         elif sa.request.kind == "rekey_ike":
             sa._on_rekey_ike_response(inner, now)
         else:
@@ -2702,13 +2800,19 @@ class Engine:
             # Keyed by the address IKE_SA_INIT came from, before a float to 4500.
             self._half_open.pop((sa.spi_i, sa.remote), None)
         sa._follow(src)
-        sa.remote, sa.nat_t = src, self._rx_nat_t
+        if sa.mobike:
+            sa.reply_to = (src, self._rx_nat_t)
+        else:
+            sa.remote, sa.nat_t = src, self._rx_nat_t
         if h.exchange == ExchangeType.IKE_AUTH and sa.state == "auth":
             sa.recv_mid += 1
             sa.on_auth_request(inner, h.message_id, now)
         elif h.exchange == ExchangeType.INFORMATIONAL and sa.state == "established":
             sa.recv_mid += 1
-            sa.on_informational_request(inner, h.message_id)
+            if sa.mobike and _notified(inner, NotifyType.UPDATE_SA_ADDRESSES):
+                sa.on_update_sa_addresses(inner, h.message_id, src, now)
+            else:
+                sa.on_informational_request(inner, h.message_id)
             sa._peer_holds_it(now)
         elif h.exchange == ExchangeType.CREATE_CHILD_SA and sa.state == "established":
             sa.recv_mid += 1
@@ -2749,17 +2853,24 @@ class Engine:
         return exact + ranged
 
     def _nat_notifies(
-        self, spi_i: bytes, spi_r: bytes, remote: Address, swap: bool = False
+        self,
+        spi_i: bytes,
+        spi_r: bytes,
+        remote: Address,
+        swap: bool = False,
+        local: Address | None = None,
     ) -> list[codec.Notify]:
-        """NAT_DETECTION_SOURCE/DESTINATION_IP for a message to `remote`; with swap, the
-        values a message from `remote` to us should carry."""
+        """NAT_DETECTION_SOURCE/DESTINATION_IP for a message to `remote` (from `local`,
+        by default our IKE port); with swap, the values a message from `remote` to us
+        should carry."""
 
         def digest(address: Address) -> bytes:
             packed = ipaddress.ip_address(address[0]).packed
             # SHA-1 is what RFC 7296 2.23 prescribes here (not a security function).
             return hashlib.sha1(spi_i + spi_r + packed + struct.pack("!H", address[1])).digest()
 
-        src, dst = (remote, self.local) if swap else (self.local, remote)
+        local = local or self.local
+        src, dst = (remote, local) if swap else (local, remote)
         return [
             codec.Notify(type=NotifyType.NAT_DETECTION_SOURCE_IP, data=digest(src)),
             codec.Notify(type=NotifyType.NAT_DETECTION_DESTINATION_IP, data=digest(dst)),

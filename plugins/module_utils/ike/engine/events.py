@@ -91,15 +91,19 @@ class IkeSaRekeyed:
 
 @dataclass(frozen=True)
 class IkeSaMoved:
-    """The NAT in front of the peer mapped it to a new address or port (RFC 7296 2.23):
-    an authenticated message came from `remote`, where the IKE SA now sends, and so must
-    its Child SAs' UDP encapsulation."""
+    """The peer is at a new address or port: its NAT mapped it anew (RFC 7296 2.23, an
+    authenticated message came from `remote`), or it moved with MOBIKE (RFC 4555,
+    `mobike`, once a request of ours reached it there). The IKE SA sends there now, and
+    so must its Child SAs; `nat` says whether they need UDP encapsulation from now on
+    (None: as before)."""
 
     connection: str
     spi_i: bytes
     spi_r: bytes
     remote: Address
     previous: Address
+    nat: bool | None = None
+    mobike: bool = False
 
 
 @dataclass(frozen=True)
