@@ -89,12 +89,11 @@ def timed_batch(netns: str, lines: str) -> float:
     return time.perf_counter() - start
 
 
-def compare(what: str, items, install, ip_netns: str, ip_lines: str) -> None:
-    """Install `items` one by one through Keyway's plane, then the same through
+def compare(what: str, items, install_all, ip_netns: str, ip_lines: str) -> None:
+    """Install `items` through Keyway's plane (`install_all`), then the same through
     `ip -batch` in another namespace, and print both rates and their ratio."""
     start = time.perf_counter()
-    for item in items:
-        install(item)
+    install_all(items)
     keyway = time.perf_counter() - start
     ip = timed_batch(ip_netns, ip_lines)
     n = len(items)
@@ -107,16 +106,33 @@ def main() -> None:
     with_sas = not probe_kernel_esp()
     pols, sa_list = policies(n), sas(n) if with_sas else []
     p_lines, s_lines = batch_lines(pols, sa_list)
-    ours, theirs = namespace("keyway"), namespace("ip")
+    names = [namespace("keyway"), namespace("batch"), namespace("ip"), namespace("ip2")]
     try:
-        plane = KernelPlane(netns=ours)
-        compare("XFRM policies", pols, plane.install_policy, theirs, p_lines)
+        plane, batch_plane = KernelPlane(netns=names[0]), KernelPlane(netns=names[1])
+
+        def one_by_one(items, install):
+            for item in items:
+                install(item)
+
+        def batched(items):
+            failed = batch_plane.install_policies(items)
+            assert not failed, failed[:3]
+
+        compare(
+            "XFRM policies one by one (install_policy)",
+            pols,
+            lambda items: one_by_one(items, plane.install_policy),
+            names[2],
+            p_lines,
+        )
+        compare("XFRM policies in batches (install_policies)", pols, batched, names[3], p_lines)
         if with_sas:
-            compare("ESP SAs", sa_list, plane.install_sa, theirs, s_lines)
+            compare("ESP SAs", sa_list, lambda items: one_by_one(items, plane.install_sa),
+                    names[2], s_lines)  # fmt: skip
         else:
             print("ESP SAs: this kernel refuses them (run in the VM tier for SA figures)")
     finally:
-        for name in (ours, theirs):
+        for name in names:
             subprocess.run(["ip", "netns", "del", name], check=False)
 
 

@@ -304,3 +304,30 @@ def test_kernel_counts_follow_the_policies(ns, plane):
     assert counts["policies"] == {"in": 1, "out": 5, "fwd": 1}
     plane.allocate_spi(A, B, IpsecProto.ESP, REQID)  # a larval state counts as an SA
     assert plane.kernel_counts()["sas"] == 1
+
+
+def test_install_policies_in_batches_attributes_each_refusal_to_its_policy(ns, plane):
+    """install_policies sends many policies at once (issue 18) and asks the kernel for
+    one ACK per send: a refusal anywhere in a send, its last message included, is still
+    the refused policy's own error, and the rest are in."""
+    many = [
+        tunnel_policy(f"10.1.{i >> 8}.{i & 255}/32", f"10.2.{i >> 8}.{i & 255}/32", A, B)
+        for i in range(300)
+    ]
+    taken = [many[5], many[127], many[299]]  # inside, last of the first send, last of all
+    for policy in taken:
+        plane.install_policy(policy)
+    bad_band = PolicySpec(Selector("10.9.0.0/16", "10.8.0.0/16"), Direction.OUT,
+                          PolicyAction.PASS, priority=5)  # fmt: skip
+    failed = plane.install_policies([*many[:200], bad_band, *many[200:]])
+    assert [policy for policy, _error in failed] == [many[5], many[127], bad_band, many[299]]
+    for policy, error in failed:
+        if policy is bad_band:
+            assert "outside Keyway's band" in str(error)
+        else:
+            assert str(error) == (
+                f"install_policy out {policy.selector.src} -> {policy.selector.dst}: kernel "
+                f"refused: {os.strerror(errno.EEXIST)} (errno {errno.EEXIST})"
+            )
+    assert {p.id for p in plane.list_policies()} == {p.id for p in many}
+    assert plane.install_policies([]) == []

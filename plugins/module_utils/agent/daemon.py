@@ -645,22 +645,30 @@ class Agent:
             wanted += [p for p in self._policies_of(conn, child, state) if p.id not in ids]
         held = {p.id: p for p in state.policies}
         kept = []
+        new = [p for p in wanted if p.id not in held]
+        refused = {id(p) for p, _unused in self._install_policies(conn, child, new)}
         for policy in wanted:
             if held.get(policy.id) == policy:
                 kept.append(policy)
-                continue
-            try:
-                if policy.id in held:
+            elif policy.id in held:
+                try:
                     self.plane.update_policy(policy)  # in one step: never without one
-                else:
-                    self.plane.install_policy(policy)
+                    kept.append(policy)
+                except base.DataPlaneError as exc:
+                    log.error("[%s/%s] policy not installed: %s", conn.name, child.name, exc)
+            elif id(policy) not in refused:
                 kept.append(policy)
-            except base.DataPlaneError as exc:
-                log.error("[%s/%s] policy not installed: %s", conn.name, child.name, exc)
         wanted_ids = {p.id for p in wanted}
         state.policies = [p for p in state.policies if p.id not in wanted_ids]
         self._remove_policies(state)
         state.policies = kept
+
+    def _install_policies(self, conn, child, policies: list[base.PolicySpec]) -> list:
+        """Install `policies` at once (the plane batches them); log each one refused."""
+        failed = self.plane.install_policies(policies) if policies else []
+        for _unused, exc in failed:
+            log.error("[%s/%s] policy not installed: %s", conn.name, child.name, exc)
+        return failed
 
     def _remove_policies(self, state: _ChildState) -> None:
         for policy in state.policies:

@@ -279,6 +279,19 @@ class DataPlane(abc.ABC):
     def install_policy(self, policy: PolicySpec) -> None:
         """Install a policy."""
 
+    def install_policies(
+        self, policies: list[PolicySpec]
+    ) -> list[tuple[PolicySpec, DataPlaneError]]:
+        """Install several policies; returns those refused, each with its own error (the
+        others are installed). Planes that can install many at once override this."""
+        failed = []
+        for policy in policies:
+            try:
+                self.install_policy(policy)
+            except DataPlaneError as exc:
+                failed.append((policy, exc))
+        return failed
+
     @abc.abstractmethod
     def update_policy(self, policy: PolicySpec) -> None:
         """Replace an installed policy of the same id in one step (its templates' tunnel

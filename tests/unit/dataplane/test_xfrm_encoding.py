@@ -148,6 +148,19 @@ def test_policy_round_trip(policy):
     assert xfrm.decode_policy(msg) == policy
 
 
+@pytest.mark.parametrize(
+    "policy",
+    [*POLICIES, replace(POLICIES[0], priority=0), replace(POLICIES[2], mark=(7, 0xFF))],
+    ids=lambda p: f"{p.direction}-{p.action}-{p.priority}",
+)
+def test_the_fast_policy_packer_writes_the_generic_encoder_s_bytes(policy):
+    """pack_policy (the install fast path) against pyroute2's encoder, byte for byte."""
+    for msg_type, flags, seq in ((xfrm.XFRM_MSG_NEWPOLICY, 0x605, 7),
+                                 (xfrm.XFRM_MSG_UPDPOLICY, 0x5, 0xFFFFFFFF)):  # fmt: skip
+        generic = xfrm.to_bytes(xfrm.encode_policy(policy), msg_type, flags, seq)
+        assert xfrm.pack_policy(policy, msg_type, flags, seq) == generic
+
+
 def test_policy_byte_layout():
     policy = POLICIES[1]
     body = xfrm.to_bytes(xfrm.encode_policy(policy), xfrm.XFRM_MSG_NEWPOLICY)[HDR:]
