@@ -1004,6 +1004,66 @@ def pack_policy(policy: PolicySpec, msg_type: int, flags: int, seq: int) -> byte
     return _NLMSGHDR.pack(16 + len(data), msg_type, flags, seq, 0) + data
 
 
+_SA_BODY = struct.Struct("=16s4sB3x16s8Q4Q3IIIHBBB7x")  # after the selector
+_ALGO = struct.Struct("=64sI")  # xfrm_algo; _auth/_aead add one u32
+_ENCAP = struct.Struct("=H2s2s2x16s")
+_REPLAY_ESN = struct.Struct("=6I")
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    """One attribute, padded to 4 bytes (the length excludes the padding)."""
+    return _NLA.pack(4 + len(payload), kind) + payload + bytes(-len(payload) % 4)
+
+
+def pack_sa(sa: SaSpec, msg_type: int, flags: int, seq: int) -> bytes:
+    """NEWSA/UPDSA for `sa` as wire bytes, header included (encode_sa's bytes, which
+    the unit tests hold it to)."""
+    if sa.selector is not None:
+        selector, _family_unused = _packed_selector(sa.selector)
+    else:
+        selector = bytes(_SELECTOR.size)
+    lft = _lifetime_values(sa.lifetime)
+    body = [
+        selector,
+        _SA_BODY.pack(
+            _pack_addr(sa.dst), struct.pack("!I", sa.spi), PROTO_NUM[IpsecProto(sa.proto)],
+            _pack_addr(sa.src), *(lft[f"lft_{n}"] for n, _unused in _lft_cfg_fields("")),
+            0, 0, 0, 0, 0, 0, 0, 0, sa.reqid, _family(sa.dst), MODE_NUM[Mode(sa.mode)],
+            0 if sa.esn else min(sa.replay_window, 255), XFRM_STATE_ESN if sa.esn else 0,
+        ),
+    ]  # fmt: skip
+    if sa.enc_alg in AEAD_ALGS:
+        head = _ALGO.pack(AEAD_ALGS[sa.enc_alg].encode(), len(sa.enc_key) * 8)
+        body.append(_nla(18, head + struct.pack("=I", sa.icv_bits) + sa.enc_key))
+    elif sa.enc_alg in CRYPT_ALGS:
+        head = _ALGO.pack(CRYPT_ALGS[sa.enc_alg].encode(), len(sa.enc_key) * 8)
+        body.append(_nla(2, head + sa.enc_key))
+    elif sa.enc_alg is not None:
+        raise DataPlaneError(f"install_sa spi 0x{sa.spi:08x}: unknown enc_alg {sa.enc_alg!r}")
+    if sa.integ_alg is not None:
+        if sa.integ_alg not in INTEG_ALGS:
+            raise DataPlaneError(
+                f"install_sa spi 0x{sa.spi:08x}: unknown integ_alg {sa.integ_alg!r}"
+            )
+        name, trunc = INTEG_ALGS[sa.integ_alg]
+        head = _ALGO.pack(name.encode(), len(sa.integ_key) * 8)
+        body.append(_nla(20, head + struct.pack("=I", trunc) + sa.integ_key))
+    if sa.encap is not None:
+        ports = (struct.pack("!H", sa.encap.sport), struct.pack("!H", sa.encap.dport))
+        body.append(_nla(4, _ENCAP.pack(UDP_ENCAP_ESPINUDP, *ports, bytes(16))))
+    if sa.esn:
+        window = max(sa.replay_window, 0)
+        bmp_len = (window + 31) // 32
+        state = _REPLAY_ESN.pack(bmp_len, 0, 0, 0, 0, window) + bytes(4 * bmp_len)
+        body.append(_nla(23, state))
+    if sa.mark is not None:
+        body.append(_nla(_XFRMA_MARK, struct.pack("=II", *sa.mark)))
+    if sa.if_id:
+        body.append(_nla(_XFRMA_IF_ID, struct.pack("=I", sa.if_id)))
+    data = b"".join(body)
+    return _NLMSGHDR.pack(16 + len(data), msg_type, flags, seq, 0) + data
+
+
 def _mark_attrs(mark: tuple[int, int] | None, if_id: int) -> list:
     attrs: list = []
     if mark is not None:
@@ -1277,14 +1337,15 @@ class KernelPlane(DataPlane):
         return spi
 
     def install_sa(self, sa: SaSpec) -> None:
-        msg = encode_sa(sa)
         if sa.id in self._larval:
             # The larval SA allocate_spi made is filled in place (XFRM_MSG_UPDSA, as
             # strongSwan does); once the kernel expired it (net.core.xfrm_acq_expires,
             # 30 s), the SA is added anew.
             del self._larval[sa.id]
+            seq = next(self._seq) & 0xFFFFFFFF
+            flags = NLM_F_REQUEST | NLM_F_ACK
             try:
-                self._request(msg, XFRM_MSG_UPDSA, NLM_F_REQUEST | NLM_F_ACK)
+                self._exchange(pack_sa(sa, XFRM_MSG_UPDSA, flags, seq), seq, flags)
             except NetlinkError as exc:
                 if exc.code != errno_mod.ESRCH:
                     raise _refused("install_sa", _sa_str(sa), exc) from exc
@@ -1298,12 +1359,14 @@ class KernelPlane(DataPlane):
                 self._sa_marks[sa.id] = sa.mark
                 return
         flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
-        self._do("install_sa", _sa_str(sa), msg, XFRM_MSG_NEWSA, flags)
+        seq = next(self._seq) & 0xFFFFFFFF
+        self._do_raw("install_sa", _sa_str(sa), pack_sa(sa, XFRM_MSG_NEWSA, flags, seq), seq, flags)
         self._sa_marks[sa.id] = sa.mark
 
     def update_sa(self, sa: SaSpec) -> None:
-        msg = encode_sa(sa)
-        self._do("update_sa", _sa_str(sa), msg, XFRM_MSG_UPDSA, NLM_F_REQUEST | NLM_F_ACK)
+        flags = NLM_F_REQUEST | NLM_F_ACK
+        seq = next(self._seq) & 0xFFFFFFFF
+        self._do_raw("update_sa", _sa_str(sa), pack_sa(sa, XFRM_MSG_UPDSA, flags, seq), seq, flags)
         self._sa_marks[sa.id] = sa.mark
 
     def move_sa(self, sa: SaId, src: str, dst: str, encap: UdpEncap | None) -> SaSpec:
