@@ -389,6 +389,45 @@ def test_reauthentication_comes_due_through_rekeys_on_either_end(netns_hosts, ag
     assert udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"re") == b"er"
 
 
+# a's CREATE_CHILD_SA requests to b dropped: the exchange type, byte 18 of the IKE
+# header, after the 8-byte UDP header (IKE on port 500, no NAT here).
+DROP_CREATE_CHILD_SA = """
+table inet kwtest {{
+  chain out {{
+    type filter hook output priority 0; policy accept;
+    ip daddr {peer} udp dport 500 @th,208,8 36 drop
+  }}
+}}
+"""
+
+
+def test_an_ike_sa_past_over_time_goes_and_a_start_connection_comes_back(netns_hosts, agents):
+    """Issue 14 (the soak's c38 and c2): the IKE rekey's answers are lost until over_time.
+    The SA goes then without waiting minutes for its unanswered request, and the start
+    connection comes back with a new IKE SA (before, nothing brought it back)."""
+    a, b = netns_hosts(2).hosts
+    ours = {"rekey_time": "3s", "over_time": "3s", "rand_time": "0s"}
+    agent_b = agents(b, {"ab": site_connection(b, a, start=False)})  # b never rekeys
+    agent_a = agents(a, {"ab": {**site_connection(a, b, start=True), **ours}})
+    agent_a.wait_for(lambda: agent_a.sas("ab"), "ab established")
+    first = agent_a.sas("ab")[0]["spi_i"]
+    rules = DROP_CREATE_CHILD_SA.format(peer=b.ipv4)
+    done = in_netns(a.netns, "nft", "-f", "-", input=rules)
+    assert done.returncode == 0, done.stderr
+    agent_a.wait_for(lambda: "not rekeyed within over_time" in agent_a.log(), "expiry", 20)
+    assert "dropped without a Delete" in agent_a.log()  # its rekey was still unanswered
+    assert in_netns(a.netns, "nft", "delete", "table", "inet", "kwtest").returncode == 0
+    agent_a.wait_for(
+        lambda: (sas := agent_a.sas("ab")) and sas[0]["spi_i"] != first and sas[0]["children"],
+        "a new IKE SA",
+        timeout=30,
+    )
+    assert "IKE SA expired (not rekeyed within over_time); initiating again" in agent_a.log()
+    # The new IKE SA's INITIAL_CONTACT made b drop the one a dropped without a Delete.
+    agent_b.wait_for(lambda: len(agent_b.ctl("list-sas")) == 1, "one IKE SA at b")
+    assert udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"up") == b"pu"
+
+
 def test_updown_runs_when_a_child_comes_up_and_goes_down_not_on_rekeys(
     netns_hosts, agents, tmp_path
 ):

@@ -359,6 +359,7 @@ class Agent:
         self._next_reqid = base.KEYWAY_REQID_MIN + 1
         self._reqids: dict[tuple[str, str], int] = {}
         self._closing: set[bytes] = set()  # spi_i of IKE SAs we asked to delete
+        self._expired: set[bytes] = set()  # of those, the ones over_time ended
         self._terminated: set[str] = set()  # closed by the operator: no restart
         self._retries: dict[str, tuple[int, asyncio.TimerHandle]] = {}
         self._attempts: dict[str, int] = {}
@@ -884,13 +885,18 @@ class Agent:
         elif isinstance(event, IkeSaDown):
             ours = event.spi_i in self._closing
             self._closing.discard(event.spi_i)
+            expired = event.spi_i in self._expired
+            self._expired.discard(event.spi_i)
             self._dpd_next.pop(event.spi_i, None)
             for handle in self._ike_timers.pop(event.spi_i, ()):
                 handle.cancel()
             self._reauth_due.pop(event.spi_i, None)
             log.info("[%s] IKE SA down: %s", name, event.reason)
             # A dead peer was reported (PeerDead) and handled by dpd_action already.
-            if not ours and event.reason not in (*REPLACED, PEER_DEAD):
+            if expired:
+                self._after_loss(name, "IKE SA expired (not rekeyed within over_time)",
+                                 "close_action")  # fmt: skip
+            elif not ours and event.reason not in (*REPLACED, PEER_DEAD):
                 self._after_loss(name, f"IKE SA down ({event.reason})", "close_action")
         elif isinstance(event, PeerDead):
             log.warning("[%s] peer dead: no answer to our requests", name)
@@ -971,9 +977,15 @@ class Agent:
         runner.pump()
 
     def _expire_ike(self, sa: IkeSa) -> None:
+        """Past over_time: the SA goes, and the connection comes back as after any loss
+        (a start child is up again after the backoff; the operator did not close it)."""
         if sa.state == "established":
             log.warning("[%s] IKE SA not rekeyed within over_time: deleting it", sa.conn.name)
-            self._close_ike(sa)
+            self._expired.add(sa.spi_i)
+            self._closing.add(sa.spi_i)
+            engine = sa.engine
+            engine.expire_ike_sa(sa, self._loop.time())
+            self.runners[engine.local[0]].pump()
 
     def _after_loss(self, name: str, why: str, action: str) -> None:
         """An established IKE SA is gone without our asking: the children's close_action

@@ -160,6 +160,7 @@ REDUNDANT_IKE = "redundant after a rekey collision"
 DUPLICATE_IKE = "duplicate of a simultaneous initiation"
 REPLACED_UNIQUE = "replaced by a newer IKE SA (unique: replace)"
 SURPLUS_REKEY = "surplus: a reauthentication replaced the SA it rekeyed"
+EXPIRED = "expired: not rekeyed within over_time"
 PEER_DEAD = "peer dead"
 UNCONFIRMED = "the peer never completed it"
 HARD_LIFETIME = "hard lifetime reached"
@@ -2615,6 +2616,21 @@ class Engine:
         if params is None:
             raise ValueError(f"connection {sa.conn.name!r} has no child {child!r}")
         sa.queue("create_child", now, params)
+        self._touch(sa)
+
+    def expire_ike_sa(self, sa: IkeSa, now: float) -> None:
+        """The IKE SA outlived its rekey or reauthentication (over_time): it is deleted,
+        with a Delete when the exchange window is free. When a request still waits for
+        its answer (lost, retransmitted for up to minutes), it goes at once without one:
+        its keys may not serve past their lifetime, and a Delete could only follow that
+        request. A new IKE SA's INITIAL_CONTACT then tells the peer to drop it too."""
+        if sa.request is None or sa._deleting_ike():
+            self.delete_ike_sa(sa, now)
+            return
+        log.info("%s: IKE SA expired with request #%d unanswered: dropped without a Delete",
+                 sa.conn.name, sa.request.message_id)  # fmt: skip
+        sa.request, sa.pending = None, []
+        sa._down(EXPIRED)
         self._touch(sa)
 
     def rekey_ike_sa(self, sa: IkeSa, now: float) -> None:
