@@ -728,6 +728,25 @@ def _alg_name(raw: bytes) -> str:
 # Message builders and parsers (pure: no socket)
 
 
+def _kernel_algorithms(sa: SaSpec) -> tuple[bytes | None, tuple[bytes, int] | None]:
+    """The kernel's names of `sa`'s encryption (AEAD or cipher) and integrity algorithms
+    (with its truncation, bits); DataPlaneError for one it has no name for."""
+    enc = integ = None
+    if sa.enc_alg is not None:
+        name = AEAD_ALGS.get(sa.enc_alg) or CRYPT_ALGS.get(sa.enc_alg)
+        if name is None:
+            raise DataPlaneError(f"install_sa spi 0x{sa.spi:08x}: unknown enc_alg {sa.enc_alg!r}")
+        enc = name.encode()
+    if sa.integ_alg is not None:
+        if sa.integ_alg not in INTEG_ALGS:
+            raise DataPlaneError(
+                f"install_sa spi 0x{sa.spi:08x}: unknown integ_alg {sa.integ_alg!r}"
+            )
+        name, trunc = INTEG_ALGS[sa.integ_alg]
+        integ = (name.encode(), trunc)
+    return enc, integ
+
+
 def encode_sa(sa: SaSpec) -> xfrm_usersa_info:
     """Build the NEWSA/UPDSA body for `sa` (header type and flags set by the caller)."""
     family = _family(sa.dst)
@@ -750,30 +769,25 @@ def encode_sa(sa: SaSpec) -> xfrm_usersa_info:
     msg = xfrm_usersa_info()
     msg.update(values)
     attrs = []
+    enc, integ = _kernel_algorithms(sa)
     if sa.enc_alg in AEAD_ALGS:
         # AEAD keys are key || salt and the length in bits counts the salt (iproute2).
         attrs.append(["XFRMA_ALG_AEAD", {
-            "alg_name": AEAD_ALGS[sa.enc_alg].encode(),
+            "alg_name": enc,
             "alg_key_len": len(sa.enc_key) * 8,
             "alg_icv_len": sa.icv_bits,
             "alg_key": sa.enc_key,
         }])  # fmt: skip
-    elif sa.enc_alg in CRYPT_ALGS:
+    elif enc is not None:
         attrs.append(["XFRMA_ALG_CRYPT", {
-            "alg_name": CRYPT_ALGS[sa.enc_alg].encode(),
+            "alg_name": enc,
             "alg_key_len": len(sa.enc_key) * 8,
             "alg_key": sa.enc_key,
         }])  # fmt: skip
-    elif sa.enc_alg is not None:
-        raise DataPlaneError(f"install_sa spi 0x{sa.spi:08x}: unknown enc_alg {sa.enc_alg!r}")
-    if sa.integ_alg is not None:
-        if sa.integ_alg not in INTEG_ALGS:
-            raise DataPlaneError(
-                f"install_sa spi 0x{sa.spi:08x}: unknown integ_alg {sa.integ_alg!r}"
-            )
-        name, trunc = INTEG_ALGS[sa.integ_alg]
+    if integ is not None:
+        name, trunc = integ
         attrs.append(["XFRMA_ALG_AUTH_TRUNC", {
-            "alg_name": name.encode(),
+            "alg_name": name,
             "alg_key_len": len(sa.integ_key) * 8,
             "alg_trunc_len": trunc,
             "alg_key": sa.integ_key,
@@ -1032,22 +1046,15 @@ def pack_sa(sa: SaSpec, msg_type: int, flags: int, seq: int) -> bytes:
             0 if sa.esn else min(sa.replay_window, 255), XFRM_STATE_ESN if sa.esn else 0,
         ),
     ]  # fmt: skip
+    enc, integ = _kernel_algorithms(sa)
     if sa.enc_alg in AEAD_ALGS:
-        head = _ALGO.pack(AEAD_ALGS[sa.enc_alg].encode(), len(sa.enc_key) * 8)
+        head = _ALGO.pack(enc, len(sa.enc_key) * 8)
         body.append(_nla(18, head + struct.pack("=I", sa.icv_bits) + sa.enc_key))
-    elif sa.enc_alg in CRYPT_ALGS:
-        head = _ALGO.pack(CRYPT_ALGS[sa.enc_alg].encode(), len(sa.enc_key) * 8)
-        body.append(_nla(2, head + sa.enc_key))
-    elif sa.enc_alg is not None:
-        raise DataPlaneError(f"install_sa spi 0x{sa.spi:08x}: unknown enc_alg {sa.enc_alg!r}")
-    if sa.integ_alg is not None:
-        if sa.integ_alg not in INTEG_ALGS:
-            raise DataPlaneError(
-                f"install_sa spi 0x{sa.spi:08x}: unknown integ_alg {sa.integ_alg!r}"
-            )
-        name, trunc = INTEG_ALGS[sa.integ_alg]
-        head = _ALGO.pack(name.encode(), len(sa.integ_key) * 8)
-        body.append(_nla(20, head + struct.pack("=I", trunc) + sa.integ_key))
+    elif enc is not None:
+        body.append(_nla(2, _ALGO.pack(enc, len(sa.enc_key) * 8) + sa.enc_key))
+    if integ is not None:
+        head = _ALGO.pack(integ[0], len(sa.integ_key) * 8)
+        body.append(_nla(20, head + struct.pack("=I", integ[1]) + sa.integ_key))
     if sa.encap is not None:
         ports = (struct.pack("!H", sa.encap.sport), struct.pack("!H", sa.encap.dport))
         body.append(_nla(4, _ENCAP.pack(UDP_ENCAP_ESPINUDP, *ports, bytes(16))))

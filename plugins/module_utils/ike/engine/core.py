@@ -86,9 +86,13 @@ def _name(kind: type[IntEnum], value: int) -> str:
         return str(value)
 
 
-def _trace(name: str, sent: bool, header: codec.Header, payloads: list[codec.Payload]) -> None:
+def _trace(
+    name: str, sent: bool, header: codec.Header, payloads: list[codec.Payload], again: str = ""
+) -> None:
     """log_level debug: each message as strongSwan's charon shows it (exchange, request
-    or response, message ID, payload types, notify types); never a key or a nonce."""
+    or response, message ID, payload types, notify types); never a key or a nonce.
+    `again`: why a message comes or goes once more (a retransmission, or a retransmitted
+    request answered from the cache), which the first line for it does not show."""
     if not log.isEnabledFor(logging.DEBUG):
         return
     names = []
@@ -98,13 +102,13 @@ def _trace(name: str, sent: bool, header: codec.Header, payloads: list[codec.Pay
         else:
             names.append(_name(PayloadType, payload.TYPE))
     log.debug(
-        "%s: %s %s %s #%d [%s] %s",
+        "%s: %s %s %s #%d %s %s",
         name,
         "sending" if sent else "received",
         _name(ExchangeType, header.exchange),
         "response" if header.is_response else "request",
         header.message_id,
-        " ".join(names),
+        f"again ({again})" if again else f"[{' '.join(names)}]",
         _spis(header),
     )
 
@@ -126,22 +130,6 @@ def _address_pair(src: Address, dst: Address) -> bytes:
     return b"".join(
         ipaddress.ip_address(a).packed + struct.pack("!H", port) for a, port in (src, dst)
     )
-
-
-def _trace_again(name: str, sent: bool, header: codec.Header, why: str) -> None:
-    """log_level debug: a message that comes or goes once more (a retransmission, or a
-    retransmitted request answered from the cache), which the first trace line hides."""
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug(
-            "%s: %s %s %s #%d again (%s) %s",
-            name,
-            "sending" if sent else "received",
-            _name(ExchangeType, header.exchange),
-            "response" if header.is_response else "request",
-            header.message_id,
-            why,
-            _spis(header),
-        )
 
 
 NONCE_SIZE = 32
@@ -2391,7 +2379,7 @@ class IkeSa:
         req.attempt += 1
         req.sent_at = now
         why = f"retransmission {req.attempt} of {policy.tries}"
-        _trace_again(self.trace_name, True, codec.decode_header(req.data[0]), why)
+        _trace(self.trace_name, True, codec.decode_header(req.data[0]), [], again=why)
         self.engine._emit_all(req.data, self.remote, self.nat_t)
 
 
@@ -2527,7 +2515,7 @@ class Engine:
         sa = self._half_open.get(key)
         if sa is not None:  # a retransmitted request: the same answer again
             if sa.last_response:
-                _trace_again(sa.trace_name, False, h, "answered from the cache")
+                _trace(sa.trace_name, False, h, [], again="answered from the cache")
                 self._emit_all(sa.last_response[1], src)
             return
         if not self._connections_for(src):
@@ -2795,7 +2783,7 @@ class Engine:
             # 7383 2.6.1: a fragmented one is recognised by its first fragment).
             last = msg.payloads[-1] if msg.payloads else None
             if not isinstance(last, codec.EncryptedFragment) or last.number == 1:
-                _trace_again(sa.trace_name, False, h, "answered from the cache")
+                _trace(sa.trace_name, False, h, [], again="answered from the cache")
                 self._emit_all(sa.last_response[1], src)
             return
         if h.message_id != sa.recv_mid:
