@@ -65,6 +65,9 @@ class Pair:
     def __init__(self, net: FakeNetwork, conn_a: IkeConnection, conn_b: IkeConnection):
         self.net = net
         self.a, self.b = Engine(A), Engine(B)
+        # Their jitter and retry delays from the network's seed too: a run replays.
+        self.a.rng.seed(net.seed * 2)
+        self.b.rng.seed(net.seed * 2 + 1)
         self.a.add_connection(conn_a)
         self.b.add_connection(conn_b)
         self.events = {A: [], B: []}
