@@ -360,6 +360,8 @@ class Agent:
         self._reqids: dict[tuple[str, str], int] = {}
         self._closing: set[bytes] = set()  # spi_i of IKE SAs we asked to delete
         self._expired: set[bytes] = set()  # of those, the ones over_time ended
+        # spi_in of a Child SA our rekey replaced -> the rekey's SA, until the old goes
+        self._rekeyed_by_us: dict[int, int] = {}
         self._terminated: set[str] = set()  # closed by the operator: no restart
         self._retries: dict[str, tuple[int, asyncio.TimerHandle]] = {}
         self._attempts: dict[str, int] = {}
@@ -1025,6 +1027,8 @@ class Agent:
             self.plane.install_sa(inbound)  # inbound first: the peer may send at once
             installed_out = None
             older = sorted(state.spis - {event.spi_in})
+            if event.rekeyed_from and event.initiated:
+                self._rekeyed_by_us[event.rekeyed_from] = event.spi_in
             if event.rekeyed_from and not event.initiated:
                 # The rekey's initiator may not hold the new inbound SA yet: keep sending
                 # on the old one until it deletes that (then _child_deleted installs this).
@@ -1160,6 +1164,21 @@ class Agent:
             if successor_spi == event.spi_in:
                 del self._deferred_out[old]
         successor = self._deferred_out.pop(event.spi_in, None)
+        ours = self._rekeyed_by_us.pop(event.spi_in, None)
+        state = self.children.get((event.connection, event.child))
+        if (
+            successor is not None
+            and ours is not None
+            and ours != successor[0]
+            and state is not None
+            and ours in state.spis
+        ):
+            # Our rekey replaced an SA that a newer one (the peer's reauthentication)
+            # waits on: the rekey's SA lives on the same old IKE SA, which the peer
+            # deletes once it holds the newer one. It takes over the wait (bench/soak.py:
+            # 91 packets sent into an SA the peer did not hold yet).
+            self._deferred_out[ours] = successor
+            successor = None
         if successor is not None and self._lost_collision(event.connection, successor[0]):
             # The peer's rekey lost a collision we won: the peer deletes that SA and never
             # holds its inbound half (bench/soak.py: 10 s of traffic sent into it).
@@ -1184,7 +1203,6 @@ class Agent:
                 self.sa_pairs[successor_spi] = (out.id, self.sa_pairs[successor_spi][1])
         pair = self.sa_pairs.pop(event.spi_in, None)
         self._child_since.pop(event.spi_in, None)
-        state = self.children.get((event.connection, event.child))
         carried_on = state is not None and bool(state.spis - {event.spi_in})
         if pair is not None:
             out, inbound = pair

@@ -259,3 +259,38 @@ def test_our_own_delete_of_a_rekeyed_sa_does_not_end_the_wait_for_the_peer(tmp_p
             assert (new_out in plane.sas) == (event.spi_in == current.spi_in), seen
     assert seen == [(first.spi_in, "deleted by us"), (current.spi_in, "deleted by peer")]
     assert new_out in plane.sas
+
+
+def test_our_rekey_of_the_old_child_hands_the_wait_for_the_peer_to_the_rekey_s_sa(tmp_path):
+    """Found by bench/soak.py (91 packets lost in 1.8 s): A answered B's
+    reauthentication, whose answers were then lost for seconds; meanwhile A's own rekey
+    of the old IKE SA's Child SA completed and A deleted the SA it replaced, the only
+    one the new SA's outbound half waited on. keywayd sent on the new SA before B held
+    it. The rekey's SA takes over the wait: B holds the new one when it deletes that."""
+    pair, agent = _up_with_agent_of_a(tmp_path)
+    (ike,) = pair.a.sas()
+    (first,) = ike.children.values()
+    # A's answers to B's IKE_AUTH are lost three times (B has one 3.5 s after asking).
+    lose_answer = LoseFirst(
+        lambda data, src, dst: src == A and data[18] == ExchangeType.IKE_AUTH, 3
+    )  # fmt: skip
+    pair.net.impairment.drop_if = lose_answer
+    start = pair.net.now
+    pair.b.reauthenticate(pair.b.sas()[0], start)
+    pair.pump(until=start + 0.1)  # A answered (lost): A holds the new Child SA
+    pair.a.rekey_child_sa(ike, first.spi_in, pair.net.now)
+    pair.pump(until=start + 30)
+    assert len(lose_answer.lost) == 3
+    plane = agent.plane
+    (new,) = [e for e in pair.events[A] if isinstance(e, ChildSaReady) and not e.rekeyed_from]
+    (rekeyed,) = [e for e in pair.events[A] if isinstance(e, ChildSaReady) and e.rekeyed_from]
+    new_out = SaId(B[0], IpsecProto.ESP, new.spi_out)
+    seen = []
+    for event in pair.events[A]:
+        agent._on_engine_event(event)
+        if isinstance(event, ChildSaDeleted):
+            seen.append((event.spi_in, event.reason))
+            # Sent on from when B deleted the rekey's SA (B then holds the new one).
+            assert (new_out in plane.sas) == (event.spi_in == rekeyed.spi_in), seen
+    assert seen[0] == (first.spi_in, "deleted by us") and seen[1][0] == rekeyed.spi_in
+    assert new_out in plane.sas
