@@ -668,7 +668,7 @@ class Agent:
 
     def _install_policies(self, conn, child, policies: list[base.PolicySpec]) -> list:
         """Install `policies` at once (the plane batches them); log each one refused."""
-        failed = self.plane.install_policies(policies) if policies else []
+        failed = self.plane.install_policies(policies)
         for _unused, exc in failed:
             log.error("[%s/%s] policy not installed: %s", conn.name, child.name, exc)
         return failed

@@ -663,12 +663,6 @@ def _selector_of(msg: dict, p: str = "sel_", family: int | None = None) -> Selec
     )
 
 
-@functools.lru_cache(maxsize=4096)
-def _network(prefix: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """A selector's prefix parsed once: a mesh installs each in three policies."""
-    return ipaddress.ip_network(prefix, strict=False)
-
-
 def _specificity(sel: Selector) -> int:
     score = (_prefix_parts(sel.src)[1] + _prefix_parts(sel.dst)[1]) * 4
     return score + (2 if sel.proto else 0) + (1 if sel.sport else 0) + (1 if sel.dport else 0)
@@ -964,7 +958,8 @@ def _prefix_parts(prefix: str) -> tuple[bytes, int, int]:
         if not 0 <= plen <= bits:
             raise ValueError(prefix)
     except (OSError, ValueError):
-        net = _network(prefix)  # what ipaddress refuses raises here, with its message
+        # What ipaddress refuses raises here, with its message; it takes netmasks too.
+        net = ipaddress.ip_network(prefix, strict=False)
         fam = socket.AF_INET6 if net.version == 6 else socket.AF_INET
         return net.network_address.packed.ljust(16, b"\0"), net.prefixlen, fam
     mask = ((1 << bits) - 1) ^ ((1 << (bits - plen)) - 1)

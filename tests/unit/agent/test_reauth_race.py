@@ -220,6 +220,19 @@ def test_the_peer_s_sa_that_lost_a_child_rekey_collision_is_never_sent_on(tmp_pa
     assert not agent._deferred_out
 
 
+def _replay_until_sent(agent, events, new_out, released_by: int) -> list:
+    """Hand A's engine events to its keywayd in order; the new outbound SA must be in
+    the plane exactly from the ChildSaDeleted of `released_by` on. Returns the
+    (spi_in, reason) of each ChildSaDeleted."""
+    seen = []
+    for event in events:
+        agent._on_engine_event(event)
+        if isinstance(event, ChildSaDeleted):
+            seen.append((event.spi_in, event.reason))
+            assert (new_out in agent.plane.sas) == (event.spi_in == released_by), seen
+    return seen
+
+
 def test_our_own_delete_of_a_rekeyed_sa_does_not_end_the_wait_for_the_peer(tmp_path):
     """Found by bench/soak.py (187 packets lost in 3.8 s): A answered B's
     reauthentication while A still held two Child SAs, the current one and the one its
@@ -250,13 +263,8 @@ def test_our_own_delete_of_a_rekeyed_sa_does_not_end_the_wait_for_the_peer(tmp_p
     plane = agent.plane
     (new,) = [e for e in pair.events[A] if isinstance(e, ChildSaReady) and not e.rekeyed_from]
     new_out = SaId(B[0], IpsecProto.ESP, new.spi_out)
-    seen = []
-    for event in pair.events[A]:
-        agent._on_engine_event(event)
-        if isinstance(event, ChildSaDeleted):
-            seen.append((event.spi_in, event.reason))
-            # Sent on from when B deleted the current SA (B then holds the new one).
-            assert (new_out in plane.sas) == (event.spi_in == current.spi_in), seen
+    # Sent on from when B deleted the current SA (B then holds the new one).
+    seen = _replay_until_sent(agent, pair.events[A], new_out, current.spi_in)
     assert seen == [(first.spi_in, "deleted by us"), (current.spi_in, "deleted by peer")]
     assert new_out in plane.sas
 
@@ -285,12 +293,7 @@ def test_our_rekey_of_the_old_child_hands_the_wait_for_the_peer_to_the_rekey_s_s
     (new,) = [e for e in pair.events[A] if isinstance(e, ChildSaReady) and not e.rekeyed_from]
     (rekeyed,) = [e for e in pair.events[A] if isinstance(e, ChildSaReady) and e.rekeyed_from]
     new_out = SaId(B[0], IpsecProto.ESP, new.spi_out)
-    seen = []
-    for event in pair.events[A]:
-        agent._on_engine_event(event)
-        if isinstance(event, ChildSaDeleted):
-            seen.append((event.spi_in, event.reason))
-            # Sent on from when B deleted the rekey's SA (B then holds the new one).
-            assert (new_out in plane.sas) == (event.spi_in == rekeyed.spi_in), seen
+    # Sent on from when B deleted the rekey's SA (B then holds the new one).
+    seen = _replay_until_sent(agent, pair.events[A], new_out, rekeyed.spi_in)
     assert seen[0] == (first.spi_in, "deleted by us") and seen[1][0] == rekeyed.spi_in
     assert new_out in plane.sas

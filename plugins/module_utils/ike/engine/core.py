@@ -457,9 +457,8 @@ class IkeSa:
         # which is not where the SA sends its own requests (RFC 7296 2.11).
         self.reply_to: tuple[Address, bool] | None = None
         # After an UPDATE_SA_ADDRESSES, until the peer answered us there: where the
-        # Child SAs still send, and whether NAT detection found a NAT on the new path.
+        # Child SAs still send.
         self.child_remote: Address | None = None
-        self.moved_nat: bool | None = None
         self.replaced = False  # a rekey moved this SA's role to a successor
         self.reauth_of: IkeSa | None = None  # the IKE SA this one reauthenticates
         self.psk_index = 0  # which of conn.psks this SA authenticates with
@@ -616,7 +615,7 @@ class IkeSa:
         previous, self.remote = self.remote, src
         log.info("%s: the peer's NAT mapping moved from %s:%d to %s:%d",
                  self.conn.name, *previous, *src)  # fmt: skip
-        self.child_remote = self.moved_nat = None  # ESP moved the Child SAs as well
+        self.child_remote = None  # ESP moved the Child SAs as well
         self.engine._event(IkeSaMoved(self.conn.name, self.spi_i, self.spi_r, src, previous))
 
     def _detect_nat(self, msg: codec.Message, spi_r: bytes) -> bool:
@@ -2068,7 +2067,6 @@ class IkeSa:
             )  # fmt: skip
             translated, behind = expect_src not in theirs, expect_dst not in ours
             self.nat, self.behind_nat = translated or behind, behind
-            self.moved_nat = self.nat
             reply += self.engine._nat_notifies(self.spi_i, self.spi_r, src, local=here)
         cookie2 = _notified(inner, NotifyType.COOKIE2)
         if cookie2 is not None:
@@ -2084,10 +2082,9 @@ class IkeSa:
         if src != self.remote or self.child_remote is None:
             return  # it moved again meanwhile: that move's own check decides
         previous, self.child_remote = self.child_remote, None
-        nat, self.moved_nat = self.moved_nat, None
         log.info("%s: the peer answered at %s:%d: its Child SAs follow", self.conn.name, *src)
         self.engine._event(
-            IkeSaMoved(self.conn.name, self.spi_i, self.spi_r, src, previous, nat, mobike=True)
+            IkeSaMoved(self.conn.name, self.spi_i, self.spi_r, src, previous, self.nat, mobike=True)
         )
 
     def on_informational_request(self, inner: list[codec.Payload], mid: int) -> None:
