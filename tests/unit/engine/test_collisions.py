@@ -564,3 +564,47 @@ def _pump_until_quiet(pair: Pair, limit: float = 10.0) -> None:
         step = pair.net.now + 0.01
         pair.pump(until=step)
         pair.net.deliver_until(step)  # the clock moves on even when nothing is due
+
+
+def test_a_collision_the_peer_settled_by_using_its_new_sa_moves_the_children_there(seeded):
+    """Found by bench/soak.py (a surplus Child SA pair for 60 s): A's IKE rekey request
+    was lost; B's rekey of the same SA reached A, which answered it and waited for its
+    own request's answer to settle the collision. B's Delete of the old SA was lost, and
+    so was B's TEMPORARY_FAILURE to A's retry. B then rekeyed the Child SA on its new IKE
+    SA, where A held none: CHILD_SA_NOT_FOUND, and a new Child SA on each end beside the
+    old one. A request on the peer's new SA says that the peer uses it: A moves the
+    children there at once."""
+    seeded(11)
+    pair = lab_pair(retransmit=RetransmitPolicy())  # resends at 4, 11.2, 24.2 s
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    old = _sa(pair.a)
+
+    def on_old(data: bytes) -> bool:
+        return data[:8] == old.spi_i
+
+    lose_request = LoseFirst(
+        lambda data, src, dst: src == A and on_old(data) and data[18] == 36 and not data[19] & 0x20
+    )
+    lose_delete = LoseFirst(
+        lambda data, src, dst: src == B and on_old(data) and data[18] == 37 and not data[19] & 0x20,
+        3,
+    )
+    lose_refusal = LoseFirst(
+        lambda data, src, dst: src == B and on_old(data) and data[18] == 36 and data[19] & 0x20
+    )
+    pair.net.impairment.drop_if = _either(lose_request, lose_delete, lose_refusal)
+    start = pair.net.now
+    pair.a.rekey_ike_sa(old, start)
+    pair.pump(until=start + 1)
+    pair.b.rekey_ike_sa(_sa(pair.b), pair.net.now)
+    pair.pump(until=start + 5)  # A's retry at +4 s: refused by B, the refusal lost
+    assert lose_request.lost and lose_refusal.lost
+    assert old.children and old.ike_collision is not None  # A waits to settle it
+    new_b = next(sa for sa in pair.b.sas() if sa.children)
+    pair.b.rekey_child_sa(new_b, next(iter(new_b.children)), pair.net.now)
+    pair.pump(until=start + 120)
+    assert len(lose_delete.lost) == 3
+    assert "peer lost it" not in _reasons(pair)
+    _assert_agree(pair)
+    assert _sa(pair.a).spi_i == new_b.spi_i

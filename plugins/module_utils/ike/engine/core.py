@@ -1430,6 +1430,8 @@ class IkeSa:
             name = notify_name(errors[0].type) if errors else "unusable response"
             if collision is not None:
                 log.info("%s: IKE rekey collided and lost (%s)", self.conn.name, name)
+            elif self.superseded:
+                log.info("%s: IKE rekey refused (%s); it is replaced already", self.conn.name, name)
             elif any(n.type == NotifyType.TEMPORARY_FAILURE for n in errors):
                 delay = self.engine.rng.uniform(*RETRY_DELAY)
                 log.info("%s: peer busy; IKE rekey again in %.0f s", self.conn.name, delay)
@@ -1454,6 +1456,16 @@ class IkeSa:
             new.queue("delete_ike", now)
             self.engine._touch(new)
             self._next_pending(now)  # this SA's own Delete
+            return
+        if new is not None and self.replaced:
+            # The peer's colliding rekey was settled while ours waited for this answer:
+            # the peer used its new SA, so that one carries the children, and ours,
+            # made with the peer's answer, is redundant (RFC 7296 2.8.2).
+            log.info("%s: IKE SA rekey collision lost", self.conn.name)
+            new.redundant = REDUNDANT_IKE
+            new.queue("delete_ike", now)
+            self.engine._touch(new)
+            self._next_pending(now)
             return
         winner = new
         if collision is not None:
@@ -1532,6 +1544,20 @@ class IkeSa:
             new.rekey_of = self
         else:
             self._hand_over(new, self.engine.now)
+
+    def _peer_uses_it(self, now: float) -> None:
+        """A request other than its Delete came on the SA the peer's colliding rekey
+        made (RFC 7296 2.8.2): the peer finished that rekey and moved its children here.
+        It deletes a new SA that lost at once and never uses it, so this one won, or our
+        own rekey never reached the peer. Settled now: left for our request's answer
+        (lost, retransmitted for minutes), the children stayed on the old SA, and the
+        peer's requests about them here got CHILD_SA_NOT_FOUND and made new ones."""
+        old = self.rekey_of
+        if old is None or old.ike_collision is None or old.ike_collision[0] is not self:
+            return
+        old.ike_collision = None
+        log.info("%s: IKE SA rekey collision lost (the peer uses its new SA)", self.conn.name)
+        old._hand_over(self, now)
 
     def _deleting_ike(self) -> bool:
         return (self.request is not None and self.request.kind == "delete_ike") or any(
@@ -2810,6 +2836,9 @@ class Engine:
             sa.on_auth_request(inner, h.message_id, now)
         elif h.exchange == ExchangeType.INFORMATIONAL and sa.state == "established":
             sa.recv_mid += 1
+            deletes = (p for p in inner if isinstance(p, codec.Delete))
+            if not any(d.protocol == ProtocolId.IKE for d in deletes):
+                sa._peer_uses_it(now)
             if sa.mobike and _notified(inner, NotifyType.UPDATE_SA_ADDRESSES):
                 sa.on_update_sa_addresses(inner, h.message_id, src, now)
             else:
@@ -2817,6 +2846,7 @@ class Engine:
             sa._peer_holds_it(now)
         elif h.exchange == ExchangeType.CREATE_CHILD_SA and sa.state == "established":
             sa.recv_mid += 1
+            sa._peer_uses_it(now)
             sa.on_create_child_request(inner, h.message_id)
             sa._peer_holds_it(now)
         else:
