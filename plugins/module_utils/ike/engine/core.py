@@ -61,6 +61,7 @@ from .events import (
     ChildSaReady,
     Datagram,
     Event,
+    IkeSaConfirmed,
     IkeSaDown,
     IkeSaMoved,
     IkeSaRekeyed,
@@ -1225,6 +1226,7 @@ class IkeSa:
         if self.peer_holds or self.state != "established":
             return
         self.peer_holds = True
+        self.engine._event(IkeSaConfirmed(self.conn.name, self.spi_i, self.spi_r))
         if self.duplicate_waits and not self.superseded:
             self.duplicate_waits = False
             self._settle_duplicates(now)

@@ -107,6 +107,17 @@ class IkeSaMoved:
 
 
 @dataclass(frozen=True)
+class IkeSaConfirmed:
+    """The peer sent on an IKE SA that it made and we answered (its IKE_AUTH or its
+    rekey), or answered a request of ours on it: it holds the SA. Before, our answer may
+    have been lost and the peer hold nothing of it or of its Child SAs."""
+
+    connection: str
+    spi_i: bytes
+    spi_r: bytes
+
+
+@dataclass(frozen=True)
 class IkeSaDown:
     connection: str
     spi_i: bytes
