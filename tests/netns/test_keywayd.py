@@ -505,6 +505,32 @@ def test_a_responder_only_peer_that_restarts_is_back_within_a_dpd_interval(netns
     assert len(agent_a.ctl("list-sas")) == 1  # the old IKE SA is gone, not left retrying
 
 
+def test_esp_at_a_peer_that_restarted_brings_the_tunnel_back_before_the_next_dpd(
+    netns_hosts, agents
+):
+    """Issue 14, item 3, without waiting for DPD (300 s here): the restarted peer gets
+    our ESP on an SPI it forgot and, sharing no IKE SA with us, says INVALID_SPI
+    unprotected; we check liveness at once and negotiate anew."""
+    a, b = netns_hosts(2).hosts
+    agent_b = agents(b, {"ab": site_connection(b, a, start=False)})
+    agent_a = agents(a, {"ab": {**site_connection(a, b, start=True), "dpd_delay": "300s"}})
+    agent_a.wait_for(lambda: agent_a.child_spis("ab"), "ab established")
+    agent_b.kill()
+    agent_b.start()
+    # A packet from a's site goes into the SA b forgot: that is the hint.
+    udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"lost", timeout=1)
+    agent_a.wait_for(
+        lambda: agent_b.child_spis("ab")
+        and agent_a.child_spis("ab") == {(o, i) for i, o in agent_b.child_spis("ab")},
+        "ab back with the restarted peer", timeout=15,
+    )  # fmt: skip
+    assert udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"back") == b"kcab"
+    assert "INVALID_SPI unprotected" in agent_b.log()
+    assert "unprotected INVALID_SPI): checking its liveness" in agent_a.log()
+    assert "does not know this IKE SA (restarted?)" in agent_a.log()
+    assert len(agent_a.ctl("list-sas")) == 1
+
+
 @pytest.mark.parametrize("mode", ["tunnel", "transport"])
 def test_ah_children_carry_authenticated_traffic(netns_hosts, agents, mode):
     """Issue 14, item 6: ah_proposals negotiate AH; the userspace plane sends it (IP

@@ -1410,13 +1410,18 @@ class Agent:
         of; the one that has it replaces that Child SA, the others ignore the notify.
         (The plane reports an SPI from a sender once per interval: a spoofed flood costs
         a few messages per IKE SA, bounded by the engine's queue.)"""
-        engine = self.engines.get(self._local_towards.get(event.src, ""))
+        engine = self.engines.get(self._local_towards.get(event.src, event.dst))
         if engine is None:
             return
         sas = [
             s for s in engine.sas_with(event.src) if s.state == "established" and not s.superseded
         ]
         if not sas:
+            # None to say it under (we restarted?): said unprotected, as a hint to the
+            # peer, which would otherwise send into SAs we lost until its next DPD.
+            ah = event.proto == socket.IPPROTO_AH
+            if engine.tell_unknown_spi(event.src, event.spi, self._loop.time(), ah=ah):
+                self.runners[engine.local[0]].pump()
             return
         protocol = "AH" if event.proto == socket.IPPROTO_AH else "ESP"
         untrusted.info(

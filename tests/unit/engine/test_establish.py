@@ -9,9 +9,11 @@ import logging
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from ansible_collections.keyway.ipsec.plugins.module_utils.ike import codec
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.constants import (
     ExchangeType,
     IntegId,
+    NotifyType,
 )
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine import core
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.core import (
@@ -773,6 +775,65 @@ def test_a_responder_that_restarted_is_back_within_a_liveness_check_and_two_roun
     assert pair.events[A].index(ready) < pair.events[A].index(gone)  # make-before-break
 
 
+def test_esp_at_a_peer_that_restarted_brings_the_tunnel_back_without_waiting_for_dpd():
+    """Issue 14, item 3: B restarted; A still sends ESP on the Child SA B forgot, and
+    A's next liveness check may be minutes away. B has no IKE SA with A to tell it under,
+    so it says INVALID_SPI unprotected (RFC 7296 1.5); A takes that as a hint, checks
+    liveness at once, gets INVALID_IKE_SPI and negotiates a new IKE SA make-before-break.
+    The hint changes nothing by itself, gets no answer, and is acted on once per
+    HINT_INTERVAL; one naming an SPI we do not send on is ignored."""
+    pair = established()
+    (old,) = pair.a.sas()
+    (old_child,) = old.children.values()
+    restarted = Engine(B)
+    restarted.add_connection(pair.b.connections["h1-h2"])
+    pair.b = restarted
+    pair.net.attach(B, lambda d, s, _dst, now: restarted.receive(d, s, now))
+    pair.events[A] = []
+    sent: list[bytes] = []
+    pair.net.impairment.drop_if = lambda data, src, dst: src == A and sent.append(data) and False
+
+    # A forged hint (an SPI A sends on no Child SA of) changes nothing and is not answered.
+    start = pair.net.now
+    assert restarted.tell_unknown_spi(A[0], old_child.spi_out ^ 1, start)
+    pair.pump(until=start + 1)
+    assert not sent and pair.a.sas() == [old] and old.request is None
+
+    # ESP of A's on the Child SA B lost: the hint. A checks liveness, once per interval.
+    assert restarted.tell_unknown_spi(A[0], old_child.spi_out, pair.net.now)
+    assert restarted.tell_unknown_spi(A[0], old_child.spi_out, pair.net.now)
+    hinted = pair.net.now
+    pair.pump(until=hinted + 30)
+    (new,) = pair.a.sas()
+    assert new is not old and new.state == "established"
+    assert new.established_at - hinted < 0.1  # three round trips of fake time
+    informational = {
+        d[20:24] for d in sent if d[:8] == old.spi_i and d[18] == ExchangeType.INFORMATIONAL
+    }
+    assert len(informational) == 2  # one liveness check for two hints, then the Delete
+    (down,) = of(pair.events[A], IkeSaDown)
+    assert down.reason == "replaced by reauthentication"
+    assert not of(pair.events[A], PeerDead)
+    (peer_child,) = restarted.sas()[0].children.values()
+    (child,) = new.children.values()
+    assert (child.spi_out, child.key_out) == (peer_child.spi_in, peer_child.key_in)
+
+
+def test_invalid_spi_outside_an_ike_sa_goes_only_to_a_configured_peer_and_is_rate_limited():
+    engine = Engine(B)
+    engine.add_connection(lab_pair().b.connections["h1-h2"])
+    assert not engine.tell_unknown_spi("198.51.100.9", 0x1234, 0.0)  # no connection names it
+    told = [engine.tell_unknown_spi(A[0], 0x1234 + n, 1.0) for n in range(50)]
+    assert told.count(True) == core.INVALID_SPI_ANSWERS_PER_SECOND
+    datagrams = engine.pop_datagrams()
+    assert len(datagrams) == core.INVALID_SPI_ANSWERS_PER_SECOND
+    msg = codec.decode_message(datagrams[0].data)
+    (notify,) = msg.payloads
+    assert (notify.type, notify.data) == (NotifyType.INVALID_SPI, (0x1234).to_bytes(4, "big"))
+    assert datagrams[0].dst == A and not msg.header.is_response
+    assert engine.tell_unknown_spi(A[0], 0x1234, 2.0)  # the next second
+
+
 def test_an_older_ike_sa_the_peer_dropped_is_not_renewed_when_a_newer_one_lives():
     """The peer answers for an older IKE SA with INVALID_IKE_SPI while a newer one with it
     is up (a reauthentication's race): it did not restart, so no new IKE SA is made; the
@@ -800,7 +861,6 @@ def test_a_spoofed_invalid_ike_spi_deletes_nothing():
     pair.a.check_liveness(sa, pair.net.now)
     (dpd,) = pair.a.pop_datagrams()
     # An answer from anyone on the path, unprotected, before the peer's own.
-    from ansible_collections.keyway.ipsec.plugins.module_utils.ike import codec
     from ansible_collections.keyway.ipsec.plugins.module_utils.ike.constants import (
         HeaderFlag,
         NotifyType,

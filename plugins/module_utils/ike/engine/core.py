@@ -142,6 +142,9 @@ REKEYED_DELETE_TIMEOUT = 90.0
 MAX_HALF_OPEN = 1024  # responder state for unauthenticated peers is bounded
 INVALID_SPI_ANSWERS_PER_SECOND = 20
 MAX_QUEUED_INVALID_SPI = 8  # INVALID_SPI notifications waiting on one IKE SA
+# Seconds between the liveness checks one IKE SA makes on unprotected hints (RFC 7296
+# 2.21.4: such tests are limited, or a forger could make us flood the peer with them).
+HINT_INTERVAL = 10.0
 RETRY_DELAY = (2.0, 8.0)  # seconds before retrying an exchange the peer was busy for
 CHILD_EXCHANGES = ("rekey_child", "create_child", "delete_child")
 REDUNDANT_CHILD = "redundant after a rekey collision"
@@ -467,6 +470,7 @@ class IkeSa:
         # An unprotected INVALID_IKE_SPI answered one of our requests on this SA: the
         # peer may have restarted (a hint only: anyone on the path could send one).
         self.peer_forgot = False
+        self.hinted_at: float | None = None  # last liveness check on an unprotected hint
         self.redundant = ""  # why a collision made this SA surplus (it goes, unreplaced)
         # The peer holds this SA established: it answered our IKE_AUTH or rekey, or sent
         # on the SA since. A responder's answer may be lost, and the peer then holds
@@ -2524,6 +2528,8 @@ class Engine:
         local_spi = h.spi_r if h.is_initiator else h.spi_i
         sa = self._by_spi.get(local_spi)
         if sa is None or sa.initiator == h.is_initiator:
+            if self._invalid_spi_hint(msg, src, now):
+                return  # never answered (RFC 7296 2.21.4)
             untrusted.info("message from %s for unknown IKE SA %s", src, local_spi.hex())
             if not h.is_response:
                 self._answer_invalid_ike_spi(msg, src, now)
@@ -2564,16 +2570,86 @@ class Engine:
         """RFC 7296 2.21.4: a request for an IKE SA we do not know (we restarted?) gets
         an unprotected INVALID_IKE_SPI, with its SPIs and message ID, and no state. The
         answers are rate-limited: spoofed requests must not turn us into a reflector."""
-        if now - self._invalid_spi_window[0] >= 1.0:
-            self._invalid_spi_window = [now, 0]
-        if self._invalid_spi_window[1] >= INVALID_SPI_ANSWERS_PER_SECOND:
+        if not self._unprotected_allowed(now):
             return
-        self._invalid_spi_window[1] += 1
         h = msg.header
         flags = HeaderFlag.RESPONSE | (0 if h.is_initiator else HeaderFlag.INITIATOR)
         header = codec.Header(h.spi_i, h.spi_r, h.exchange, flags, h.message_id)
         notify = codec.Notify(type=NotifyType.INVALID_IKE_SPI)
         self._emit(codec.encode_message(codec.Message(header, [notify])), src)
+
+    def _unprotected_allowed(self, now: float) -> bool:
+        """One more unprotected message this second (answers to requests for unknown
+        IKE SAs, INVALID_SPI outside any IKE SA): spoofed input must not make us a
+        reflector."""
+        if now - self._invalid_spi_window[0] >= 1.0:
+            self._invalid_spi_window = [now, 0]
+        if self._invalid_spi_window[1] >= INVALID_SPI_ANSWERS_PER_SECOND:
+            return False
+        self._invalid_spi_window[1] += 1
+        return True
+
+    def tell_unknown_spi(self, src: str, spi: int, now: float, ah: bool = False) -> bool:
+        """ESP or AH came from `src` on an SPI we do not hold, and no IKE SA with `src`
+        can say so (we restarted and lost them?): an unprotected INFORMATIONAL with
+        INVALID_SPI (RFC 7296 1.5), only to a peer a connection names by its address,
+        rate-limited. The peer takes it as a hint to check that IKE SA's liveness, and
+        learns we forgot it within a round trip, not at its next DPD. True if sent."""
+        self.now = now
+        conns = self._by_address.get(src, [])
+        if not conns or not self._unprotected_allowed(now):
+            return False
+        header = codec.Header(
+            os.urandom(8), bytes(8), ExchangeType.INFORMATIONAL, HeaderFlag.INITIATOR, 0
+        )
+        notify = codec.Notify(
+            type=NotifyType.INVALID_SPI,
+            protocol=ProtocolId.AH if ah else ProtocolId.ESP,
+            data=struct.pack("!I", spi),
+        )
+        untrusted.info(
+            "%s: %s for unknown SPI %08x, and no IKE SA with it: INVALID_SPI unprotected",
+            conns[0].name, "AH" if ah else "ESP", spi,
+        )  # fmt: skip
+        self._emit(codec.encode_message(codec.Message(header, [notify])),
+                   (src, conns[0].remote_address[1]), nat_t=False)  # fmt: skip
+        return True
+
+    def _invalid_spi_hint(self, msg: codec.Message, src: Address, now: float) -> bool:
+        """An unprotected INVALID_SPI outside any IKE SA (tell_unknown_spi at the peer):
+        it proves nothing, so it changes no state and gets no answer; a hint to check the
+        liveness of the IKE SAs that hold a Child SA sending on that SPI (RFC 7296 2.21.4),
+        each at most once per HINT_INTERVAL. True if it was such a message."""
+        h = msg.header
+        if h.is_response or h.exchange != ExchangeType.INFORMATIONAL:
+            return False
+        notify = next(
+            (
+                p
+                for p in msg.payloads
+                if isinstance(p, codec.Notify) and p.type == NotifyType.INVALID_SPI
+            ),
+            None,
+        )
+        if notify is None:
+            return False
+        raw = notify.data if len(notify.data) == 4 else notify.spi
+        spi = int.from_bytes(raw, "big") if len(raw) == 4 else None
+        for sa in self.sas_with(src[0]):
+            if sa.state != "established" or sa.superseded:
+                continue
+            if not any(c.spi_out == spi for c in sa.children.values()):
+                continue
+            if sa.hinted_at is not None and now - sa.hinted_at < HINT_INTERVAL:
+                continue
+            sa.hinted_at = now
+            untrusted.info(
+                "%s: the peer says it does not know Child SA %08x (unprotected INVALID_SPI): "
+                "checking its liveness", sa.conn.name, spi,
+            )  # fmt: skip
+            if sa.request is None:
+                self.check_liveness(sa, now)
+        return True
 
     def _cookie_ok(self, msg: codec.Message, src: Address, now: float) -> bool:
         """True if the request carries our COOKIE; else answer with one (no state kept)."""
