@@ -1238,3 +1238,39 @@ def test_a_peer_without_the_certificate_s_key_makes_us_fetch_nothing():
     assert not of(pair.events[A], RevocationWanted) and not pair.a.revocation_cache.wanted
     (failed,) = of(pair.events[A], AuthFailed)
     assert "signature" in failed.reason.lower()
+
+
+def test_our_rekey_unanswered_at_the_hard_lifetime_keeps_the_old_child_until_it_ends():
+    """Issue 14, item 22, the rekey's initiator: A rekeys at 10 s with its hard lifetime
+    at 11 s; its first three requests are lost, the fourth (13.5 s) gets through. The old
+    Child SA stays until then: an end never holds no Child SA both ends hold (deleted at
+    11 s, both had none until 13.5 s). Its hard lifetime deletes it only once the
+    rekey's exchange is over."""
+    pair = lab_pair()
+    a_conn, b_conn = pair.a.connections["h1-h2"], pair.b.connections["h1-h2"]
+    quick = dataclasses.replace(a_conn.children[0], rekey_time=10.0, life_time=11.0)
+    pair.a.add_connection(dataclasses.replace(a_conn, children=(quick,)))
+    slow = dataclasses.replace(b_conn.children[0], rekey_time=0.0, life_time=0.0)
+    pair.b.add_connection(dataclasses.replace(b_conn, children=(slow,)))
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump(until=1.0)
+    (sa_a,), (sa_b,) = pair.a.sas(), pair.b.sas()
+    (old,) = sa_a.children.values()
+    lose = LoseFirst(
+        lambda data, src, dst: src == A and data[18] == ExchangeType.CREATE_CHILD_SA
+        and not data[19] & 0x20, 3
+    )  # fmt: skip
+    pair.net.impairment.drop_if = lose
+    t = 1.0
+    while t < 20.0:
+        t += 0.05
+        pair.pump(until=t)
+        pair.net.deliver_until(t)
+        shared = [c for c in sa_a.children.values() if c.spi_out in sa_b.children]
+        live = [c for c in shared if c.spi_in not in sa_a.expired_children]
+        assert live, f"no Child SA both ends hold at {t:.2f} s"
+    assert len(lose.lost) == 3
+    (new,) = sa_a.children.values()
+    assert new.spi_in != old.spi_in and list(sa_b.children) == [new.spi_out]
+    reasons = [e.reason for e in of(pair.events[A], ChildSaDeleted)]
+    assert reasons == ["deleted by us"]

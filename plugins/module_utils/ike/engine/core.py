@@ -1953,6 +1953,16 @@ class IkeSa:
                              "it: kept %.1f s more for its Delete", self.conn.name, spi_in,
                              grace)  # fmt: skip
                     continue
+                until = self._rekey_under_way(spi_in, now)
+                if until is not None:
+                    # Our rekey of it has no answer yet (lost, retransmitted): gone now,
+                    # the SA would leave both ends nothing to send on until the rekey
+                    # ends (bench/soak.py: 93 packets in 2.6-4.7 s). Kept until it ends
+                    # or fails, which its retransmission schedule bounds.
+                    self.child_timers[spi_in] = LifetimeSchedule(None, until)
+                    log.info("%s: Child SA %08x reached its hard lifetime during its rekey: "
+                             "kept until the rekey ends", self.conn.name, spi_in)  # fmt: skip
+                    continue
                 del self.child_timers[spi_in]
                 self.overdue_children.discard(spi_in)
                 log.info("%s: Child SA %08x reached its hard lifetime", self.conn.name, spi_in)
@@ -1962,6 +1972,17 @@ class IkeSa:
             elif timers.rekey_at is not None and now >= timers.rekey_at:
                 self.child_timers[spi_in] = LifetimeSchedule(None, timers.expire_at)
                 self.queue("rekey_child", now, spi_in)
+
+    def _rekey_under_way(self, spi_in: int, now: float) -> float | None:
+        """When to look again at Child SA `spi_in` if our rekey of it is in flight or
+        queued (the request's next retransmission or giving up), else None."""
+        req = self.request
+        in_flight = req is not None and req.kind == "rekey_child" and req.arg[0] == spi_in
+        if not in_flight and ("rekey_child", spi_in) not in self.pending:
+            return None
+        if req is None:
+            return now + 1.0  # queued behind a wait (a rekeyed IKE SA's grace)
+        return max(self.conn.retransmit.give_up_after(req.sent_at, req.attempt), now + 0.1)
 
     def lifetime_deadline(self) -> float | None:
         times = [
