@@ -580,7 +580,7 @@ def test_a_child_whose_hard_lifetime_came_without_a_rekey_comes_back(netns_hosts
     assert [sa["spi_i"] for sa in agent_a.sas("ab")] == [ike["spi_i"]]  # the same IKE SA
     assert "Child SA lost (deleted by peer): creating it again" in agent_a.log()
     (conn,) = agent_a.ctl("list-conns")
-    assert conn["state"] == "established"
+    assert conn["state"] == "established" and conn["children"][0]["child_sas"] == 1
     assert udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"back") == b"kcab"
 
 

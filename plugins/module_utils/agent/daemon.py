@@ -1681,6 +1681,11 @@ class Agent:
                             "proposals": list(c.proposals),
                             "start_action": c.start_action,
                             "reqid": self._reqids.get((conn.name, c.name)),
+                            # Child SAs installed for it now (two while one replaces
+                            # another): 0 under an established IKE SA says it is missing
+                            "child_sas": len(self.children[(conn.name, c.name)].spis)
+                            if (conn.name, c.name) in self.children
+                            else 0,
                             # what the data plane holds for it: the configured selectors
                             # (trap, pass, drop) or those negotiated with the peer
                             "policies": [

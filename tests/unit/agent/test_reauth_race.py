@@ -6,6 +6,7 @@ showed."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 
@@ -385,3 +386,47 @@ def test_crossed_reauthentications_send_on_the_peer_s_sa_only_once_it_holds_it(
     (their_child,) = pair.a.sas()[0].children.values()
     outbound = [sa for sa in agent.plane.sas if sa.dst == B[0]]
     assert outbound == [SaId(B[0], IpsecProto.ESP, their_child.spi_out)]
+
+
+def test_a_start_child_whose_rekeys_the_peer_refused_until_its_hard_lifetime_comes_back(
+    tmp_path,
+):
+    """Issue 14, item 20, as the soak had it: B answered every request about the Child
+    SA with TEMPORARY_FAILURE ("we are deleting Child SA ...") from A's rekey at 10 s
+    past its hard lifetime (14 s) and A's first request for a new one. Both ends lost
+    the child; A's keywayd creates it again (a `start` child) on the same IKE SA, and
+    A asks again when the peer was busy for that too."""
+    pair = lab_pair()
+    a_conn, b_conn = pair.a.connections["h1-h2"], pair.b.connections["h1-h2"]
+    quick = dataclasses.replace(a_conn.children[0], rekey_time=10.0, life_time=14.0)
+    pair.a.add_connection(dataclasses.replace(a_conn, children=(quick,)))
+    slow = dataclasses.replace(b_conn.children[0], rekey_time=0.0, life_time=0.0)
+    pair.b.add_connection(dataclasses.replace(b_conn, children=(slow,)))
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump(until=1.0)
+    agent = agent_of_a(pair, tmp_path)
+    (sa_a,), (sa_b,) = pair.a.sas(), pair.b.sas()
+    (first,) = sa_a.children.values()
+    busy_until = 14.5
+    real_busy = sa_b._busy_for_child
+    sa_b._busy_for_child = lambda old: (
+        f"we are deleting Child SA {first.spi_out:08x}"
+        if pair.net.now < busy_until
+        else real_busy(old)
+    )
+    seen: list = []
+
+    def each_step() -> None:
+        fresh = pair.events[A][len(seen) :]
+        seen.extend(fresh)
+        for event in fresh:
+            agent._on_engine_event(event)
+
+    _pump_stepwise(pair, 25.0, each_step)  # before the new Child SA's own rekey
+    gone = [e for e in seen if isinstance(e, ChildSaDeleted)]
+    assert [(e.spi_in, e.reason) for e in gone] == [(first.spi_in, core.HARD_LIFETIME)]
+    assert pair.a.sas() == [sa_a] and pair.b.sas() == [sa_b]  # the same IKE SA
+    (child,) = sa_a.children.values()
+    assert child.spi_out in sa_b.children and child.spi_in != first.spi_in
+    assert agent.children[("h1-h2", "sites")].spis == {child.spi_in}
+    assert SaId(B[0], IpsecProto.ESP, child.spi_out) in agent.plane.sas

@@ -496,6 +496,8 @@ class IkeSa:
         self.child_collisions: dict[int, tuple[int, bytes]] = {}
         self.ike_collision: tuple[IkeSa, bytes] | None = None  # the same, for the IKE SA
         self.ike_rekey_retry_at: float | None = None  # after a TEMPORARY_FAILURE
+        # configured child -> when to ask for it again, after the peer was busy for it
+        self.create_retry: dict[str, float] = {}
         self.delete_at: float | None = None  # a redundant SA the peer did not delete
         self.rekey_of: IkeSa | None = None  # the SA whose colliding rekey made this one
         self.successor: IkeSa | None = None  # the SA a rekey handed this one's role to
@@ -552,6 +554,8 @@ class IkeSa:
         req = self.request
         if req is not None and req.kind == "create_child" and req.arg[4].name == child:
             return True
+        if child in self.create_retry:
+            return True  # asked again shortly: the peer was busy
         return any(kind == "create_child" and arg.name == child for kind, arg in self.pending)
 
     @property
@@ -1129,6 +1133,13 @@ class IkeSa:
                 self.rekeyed_children.add(spi_in)
             elif spi_in and NotifyType.TEMPORARY_FAILURE in refused:
                 self._retry_child_rekey(spi_in, now)
+            elif NotifyType.TEMPORARY_FAILURE in refused:
+                # A new Child SA the peer cannot make now (it is deleting or rekeying
+                # one): asked again later, or a `start` child lost that way never came
+                # back (issue 14, item 20).
+                delay = self.engine.rng.uniform(*RETRY_DELAY)
+                log.info("%s: %s: peer busy; asking again in %.0f s", self.conn.name, what, delay)
+                self.create_retry[params.name] = now + delay
             elif spi_in and NotifyType.CHILD_SA_NOT_FOUND in refused:
                 if self._peer_may_not_hold_yet(spi_in):
                     self._retry_child_rekey(spi_in, now)
@@ -1378,6 +1389,7 @@ class IkeSa:
         new.losing_children, self.losing_children = self.losing_children, set()
         new.deleting_children, self.deleting_children = self.deleting_children, {}
         new.expired_children, self.expired_children = self.expired_children, set()
+        new.create_retry, self.create_retry = self.create_retry, {}
         new.pending = [p for p in self.pending if p[0] not in ("delete_ike", "rekey_ike")]
         self.pending = []
         self.replaced = True
@@ -1973,6 +1985,15 @@ class IkeSa:
                 self.child_timers[spi_in] = LifetimeSchedule(None, timers.expire_at)
                 self.queue("rekey_child", now, spi_in)
 
+    def _create_again(self, child: str, now: float) -> None:
+        """Ask for configured child `child` again, unless one is up or on its way."""
+        params = next((c for c in self.conn.children if c.name == child), None)
+        if params is None or self.superseded or self.creating(child):
+            return
+        if any(self.children[s].child == child for s in self.live_children()):
+            return
+        self.queue("create_child", now, params)
+
     def _rekey_under_way(self, spi_in: int, now: float) -> float | None:
         """When to look again at Child SA `spi_in` if our rekey of it is in flight or
         queued (the request's next retransmission or giving up), else None."""
@@ -2353,7 +2374,14 @@ class IkeSa:
         if self.state == "auth" and not self.initiator:
             return self.created_at + HALF_OPEN_TIMEOUT
         life = self.lifetime_deadline() if self.state == "established" else None
-        for at in (self.ike_rekey_retry_at, self.delete_at, self.wait_until, self.keepalive_at):
+        retry = min(self.create_retry.values(), default=None)
+        for at in (
+            self.ike_rekey_retry_at,
+            self.delete_at,
+            self.wait_until,
+            self.keepalive_at,
+            retry,
+        ):
             if at is not None and self.state == "established":
                 life = min(life, at) if life is not None else at
         if self.request is None:
@@ -2377,6 +2405,10 @@ class IkeSa:
             if self.ike_rekey_retry_at is not None and now >= self.ike_rekey_retry_at:
                 self.ike_rekey_retry_at = None
                 self.queue("rekey_ike", now)
+            for child, at in list(self.create_retry.items()):
+                if now >= at:
+                    del self.create_retry[child]
+                    self._create_again(child, now)
             if self.wait_until is not None and now >= self.wait_until:
                 self._release(now)
             if self.keepalive_at is not None and now >= self.keepalive_at:
