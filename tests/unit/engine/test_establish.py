@@ -149,9 +149,19 @@ def test_debug_logging_traces_every_message_and_never_a_secret(caplog):
     assert any(": received IKE_SA_INIT request #0 [SA KE NONCE" in line for line in lines)
     assert any(line.startswith("h1-h2: sending IKE_AUTH request #1 [IDi") for line in lines)
     assert any(line.startswith("h1-h2: received IKE_AUTH response #1 [IDr AUTH") for line in lines)
+    # The proposals chosen, as the info lines and `list-sas` name them, and the selectors.
+    (sa,) = pair.a.sas()
+    spis = f"{sa.spi_i.hex()}_i {sa.spi_r.hex()}_r"
+    assert f"h1-h2: selected IKE proposal aes256gcm16-prfsha384-x25519 {spis}" in lines
+    assert (
+        f"h1-h2: selected ESP proposal {child.proposal}, TS 10.1.0.0/24 === 10.2.0.0/24 {spis}"
+        in lines
+    )
     text = caplog.text
     assert PSK.decode() not in text
-    for secret in (PSK, child.key_in, child.key_out):
+    secrets = [PSK, child.key_in, child.key_out, child.integ_key_in, child.integ_key_out]
+    secrets += [sa.nonce_i, sa.nonce_r, *dataclasses.astuple(sa.keys)]
+    for secret in filter(None, secrets):  # (AEAD suites have no integrity keys)
         assert secret.hex() not in text and repr(secret) not in text
 
 

@@ -733,6 +733,8 @@ class IkeSa:
             self._fail(f"cannot use the negotiated suite: {exc}")
             return
         self.chosen_ike = chosen
+        log.debug("%s: selected IKE proposal %s %s", self.trace_name, describe(chosen),
+                  f"{self.spi_i.hex()}_i {self.spi_r.hex()}_r")  # fmt: skip
         self.keys = crypto.derive_ike_keys(
             self.prf, encr, integ, shared, self.nonce_i, self.nonce_r, self.spi_i, self.spi_r
         )
@@ -1018,6 +1020,12 @@ class IkeSa:
         keys = crypto.derive_child_keys(self.prf, self.keys.sk_d, encr, integ, ni, nr, shared)
         esn = by_type.get(TransformType.ESN)
         local, remote = (tsi, tsr) if i_side else (tsr, tsi)
+        log.debug(
+            "%s: selected %s proposal %s, TS %s === %s %s", self.trace_name,
+            _protocol_name(chosen.protocol).upper(), describe(chosen),
+            ", ".join(ts_to_prefixes(local)), ", ".join(ts_to_prefixes(remote)),
+            f"{self.spi_i.hex()}_i {self.spi_r.hex()}_r",
+        )  # fmt: skip
         key_out, ik_out, key_in, ik_in = (
             (keys.encr_i, keys.integ_i, keys.encr_r, keys.integ_r)
             if i_side
