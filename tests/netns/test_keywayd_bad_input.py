@@ -43,6 +43,8 @@ def test_wrong_psks_and_garbage_leave_no_state_and_cost_a_few_log_lines(netns_ho
         "remote_ts": b.site4,
         "attempts": WRONG_PSK_ATTEMPTS,
         "garbage": GARBAGE,
+        "stranger": c.site4_address,  # no connection of b's names it
+        "strangers": 3000,
     }
     flood = in_netns(
         c.netns, sys.executable, "-m", "tests.fixtures.flood", json.dumps(spec), cwd=ROOT,
@@ -54,10 +56,14 @@ def test_wrong_psks_and_garbage_leave_no_state_and_cost_a_few_log_lines(netns_ho
     listed = agent_b.ctl("list-sas")
     assert [(sa["connection"], sa["state"]) for sa in listed] == [("ab", "established")]
     flood_log = agent_b.log().splitlines()[lines_before:]
-    # Each message template passes 10 times a minute; the flood sent 6,300 provocations.
+    # Each message template passes 10 times a minute; the flood sent 9,300 provocations.
     assert 0 < len(flood_log) <= 100, "\n".join(flood_log[:200])
     assert any("IKE_AUTH from" in line and "failed" in line for line in flood_log)
     assert any("dropped datagram from" in line for line in flood_log)
+    assert any(f"IKE_SA_INIT from ('{c.site4_address}'" in line for line in flood_log)
+    assert any("matches no connection" in line for line in flood_log)
+    # The junk to 4500 is ESP on unknown SPIs from c, with which b shares no IKE SA.
+    assert any("ESP for unknown SPI" in line for line in flood_log)
     assert agent_b.child_spis("ab") == spis
     assert traffic_flows(a, b)
 
