@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import sys
 import threading
 import time
 
 import pytest
 import yaml
 
+from tests.fixtures.capture import Capture
 from tests.fixtures.keywayd import Keywayd
-from tests.fixtures.netns import udp_exchange
+from tests.fixtures.netns import in_netns, udp_exchange
 from tests.fixtures.traffic import stream
 
 PSK = "keywayd-interop-psk-1a2b3c4d5e"
@@ -200,8 +202,33 @@ def test_selectors_charon_narrows_are_what_keywayd_protects(
         expected = policies(half) + (policies(b.site4) if start_action == "trap" else [])
         assert sorted(conn["children"][0]["policies"]) == sorted(expected)
         assert udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"h") == b"h"
+        # Traffic to the half charon refused never goes into the SA (charon drops it:
+        # before, under trap, it did). Under trap the configured policy holds it (the
+        # SA's selector refuses it, so it is acquired and dropped); under start no policy
+        # covers it and it follows the main routing table, which has no route to b's
+        # site here (with one it would leave in the clear, as with charon initiating).
+        other = str(list(ipaddress.ip_network(b.site4).hosts())[-1])
+        marker = b"outside-the-narrowed-selectors"
+        with Capture(a.netns, "eth0", outgoing_only=True) as cap:
+            for _unused in range(3):
+                in_netns(a.netns, sys.executable, "-c", SEND_UDP,
+                         a.site4_address, other, marker.hex())  # fmt: skip
+            udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"h")
+        clear = [f for f in cap.frames if marker in f.data]
+        esp = [f for f in cap.frames if f.ip_proto == 50 or f.udp_payload(4500)]
+        assert not clear
+        assert len(esp) == 1  # the probe to the narrowed half alone
+        (child_after,) = agent.sas("kw")[0]["children"]
+        assert child_after["spi_in"] == child["spi_in"]  # no Child SA made for it
     finally:
         agent.stop()
+
+
+# Send one UDP datagram from argv[1] to argv[2] port 9 (the hex payload argv[3]).
+SEND_UDP = (
+    "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+    "s.bind((sys.argv[1], 0)); s.sendto(bytes.fromhex(sys.argv[3]), (sys.argv[2], 9))"
+)
 
 
 def _charon_peer(

@@ -456,6 +456,12 @@ class UserspacePlane(DataPlane):
         # Transport mode templates carry no address: the SA goes to the packet's destination.
         sa_dst = tmpl.dst or socket.inet_ntop(_fam(ip.dst), ip.dst)
         entry = self._outbound_sa(tmpl.reqid, tmpl.proto, sa_dst)
+        if entry is not None and entry.selector is not None and not entry.selector.matches(ip):
+            # As XFRM's state lookup: an SA's selector bounds what it carries. A trap
+            # policy for the configured selectors shares the reqid of a Child SA the
+            # peer narrowed; traffic outside the narrowed ones must not go into it (the
+            # peer drops it): it is acquired, as if no SA were there.
+            entry = self._outbound_sa_for(tmpl.reqid, tmpl.proto, sa_dst, ip)
         if entry is None:
             self.drops["no_sa"] += 1
             now = self.clock()
@@ -510,6 +516,22 @@ class UserspacePlane(DataPlane):
                 best = entry
         if best is not None:
             self._out_cache[key] = best
+        return best
+
+    def _outbound_sa_for(
+        self, reqid: int, proto: IpsecProto, dst: str, ip: pk.IpPacket
+    ) -> _Sa | None:
+        """The newest outbound SA for the template whose selector takes this packet (the
+        slow path, for a packet the cached SA's selector refuses)."""
+        best = None
+        for entry in self._sas.values():
+            s = entry.spec
+            if s.reqid != reqid or s.proto != proto or s.dst != dst:
+                continue
+            if entry.selector is not None and not entry.selector.matches(ip):
+                continue
+            if best is None or entry.add_time >= best.add_time:
+                best = entry
         return best
 
     def _send_raw(self, data: bytes, dst: str, family: int) -> None:

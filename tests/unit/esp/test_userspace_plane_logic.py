@@ -4,6 +4,7 @@ per-reason drop counters."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 
@@ -141,7 +142,11 @@ def test_ike_and_keepalives_are_handed_back(pair: Pair) -> None:
 
 
 def test_selector_mismatch_inside_a_valid_sa_is_dropped(pair: Pair) -> None:
-    # The sender's policy is wide; the receiving SA only admits 10.1/24 -> 10.2/24.
+    # The sender's policy is wide and its SA has no selector (as one for several prefix
+    # pairs); the receiving SA only admits 10.1/24 -> 10.2/24.
+    out = pair.a._sas[SaId(B, IpsecProto.ESP, 0x1001)].spec
+    pair.a.delete_sa(out.id)
+    pair.a.install_sa(dataclasses.replace(out, selector=None))
     pair.a.install_policy(
         PolicySpec(Selector("10.9.0.0/24", "10.2.0.0/24"), Direction.OUT,
                    templates=(Template(IpsecProto.ESP, Mode.TUNNEL, REQID, A, B),))
@@ -167,6 +172,25 @@ def test_policy_actions_and_acquire(pair: Pair) -> None:
     acquires = [e for e in pair.events if isinstance(e, AcquireEvent)]
     assert len(acquires) == 1 and acquires[0].reqid == REQID + 1  # rate-limited
     assert pair.a.drops["no_sa"] == 2
+
+
+def test_an_sa_s_selector_bounds_what_a_wider_policy_of_its_reqid_sends_into_it(
+    pair: Pair,
+) -> None:
+    """Issue 14, item 15, as XFRM does: a trap policy for the configured selectors
+    shares its reqid with the Child SA the peer narrowed; a packet outside the SA's
+    selector is acquired, not sent into the SA (the peer would drop it)."""
+    pair.a.install_policy(
+        PolicySpec(Selector("10.1.0.0/16", "10.2.0.0/16"), Direction.OUT,
+                   templates=(Template(IpsecProto.ESP, Mode.TUNNEL, REQID, A, B),))
+    )  # fmt: skip
+    inside = udp_packet("10.1.0.1", "10.2.0.1", b"in")
+    assert pair.send(inside) == inside
+    assert pair.send(udp_packet("10.1.0.1", "10.2.9.1", b"out")) is None
+    assert not pair.wire and pair.a.drops["no_sa"] == 1
+    (acquire,) = [e for e in pair.events if isinstance(e, AcquireEvent)]
+    assert (acquire.reqid, acquire.dst) == (REQID, "10.2.9.1")
+    assert pair.send(inside) == inside  # the cached SA still serves its own selector
 
 
 def test_packet_and_byte_lifetimes_raise_soft_then_hard_expire() -> None:
