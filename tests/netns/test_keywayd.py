@@ -602,16 +602,22 @@ def test_initiate_answers_for_a_connection_without_children_and_names_a_refused_
         agent_a.ctl("initiate", connection="ab", timeout=10)
 
 
-@pytest.mark.parametrize("start_action", ["start", "trap"])
+@pytest.mark.parametrize("start_action", ["start", "trap", "close_action"])
 def test_a_child_sa_the_peer_deletes_comes_back_on_the_same_ike_sa(
     netns_hosts, agents, start_action
 ):
     """Issue 14, item 2: `start` children come back at once on CREATE_CHILD_SA, `trap`
-    ones on their next packet; the IKE SA stays."""
+    ones on their next packet; the IKE SA stays. `close_action: start` brings back a
+    child the operator initiated (`start_action: none`) the same way."""
     a, b = netns_hosts(2).hosts
     agent_b = agents(b, {"ab": site_connection(b, a, start=False)})
-    conn_a = site_connection(a, b, start=True, start_action=start_action)
+    if start_action == "close_action":
+        conn_a = site_connection(a, b, start=False, close_action="start")
+    else:
+        conn_a = site_connection(a, b, start=True, start_action=start_action)
     agent_a = agents(a, {"ab": conn_a})
+    if start_action == "close_action":
+        agent_a.ctl("initiate", connection="ab", timeout=10)
 
     def knock() -> None:  # a packet for the trap policy: its acquire starts the SA
         udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"knock", timeout=1)
