@@ -1476,19 +1476,23 @@ class Agent:
             await asyncio.sleep(1.0)
             if not any(conn.dpd_delay for conn in self.config.connections):
                 continue  # nothing to probe: do not walk every SA each second
-            now = self._loop.time()
-            for engine in self.engines.values():
-                for sa in engine.sas():
-                    if sa.state != "established" or sa.conn is None or sa.superseded:
-                        continue  # a surplus SA only waits for its Delete: no probes
-                    conn = self._config_of(sa.conn.name)
-                    if conn is None or not conn.dpd_delay:
-                        continue
-                    due = self._dpd_next.setdefault(sa.spi_i, now + conn.dpd_delay)
-                    if now >= due and sa.request is None:
-                        engine.check_liveness(sa, now)
-                        self._dpd_next[sa.spi_i] = now + conn.dpd_delay
-                self.runners[engine.local[0]].pump()
+            self._dpd_round(self._loop.time())
+
+    def _dpd_round(self, now: float) -> None:
+        """A liveness check on each IKE SA whose dpd_delay has passed since the last,
+        unless a request on it is under way (its answer tells as much)."""
+        for engine in self.engines.values():
+            for sa in engine.sas():
+                if sa.state != "established" or sa.conn is None or sa.superseded:
+                    continue  # a surplus SA only waits for its Delete: no probes
+                conn = self._config_of(sa.conn.name)
+                if conn is None or not conn.dpd_delay:
+                    continue
+                due = self._dpd_next.setdefault(sa.spi_i, now + conn.dpd_delay)
+                if now >= due and sa.request is None:
+                    engine.check_liveness(sa, now)
+                    self._dpd_next[sa.spi_i] = now + conn.dpd_delay
+            self.runners[engine.local[0]].pump()
 
     def _change_in_place(self, old: ConnectionConfig, conn: ConnectionConfig) -> bool:
         """Apply a changed connection to the same peer without a gap: new negotiations
