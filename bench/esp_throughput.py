@@ -30,7 +30,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.lab.netns import (
 )
 from ansible_collections.keyway.ipsec.plugins.module_utils.lab.plan import plan_lab
 
-RUNNER = "ansible_collections.keyway.ipsec.plugins.module_utils.esp.runner"
+RUNNER = "tests.fixtures.plane_runner"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / ".collections")}
 
 RECEIVER = r"""
@@ -96,7 +96,7 @@ def _config(me, peer, out_spi, in_spi, k_out, k_in, udp):
 def _start(netns: str, config: dict) -> subprocess.Popen:
     proc = subprocess.Popen(
         ["ip", "netns", "exec", netns, sys.executable, "-m", RUNNER],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
     )  # fmt: skip
     proc.stdin.write(json.dumps(config) + "\n")
     proc.stdin.flush()

@@ -2,9 +2,9 @@
 tunnel, ciphertext on the wire (AF_PACKET capture), replayed and corrupted packets dropped
 and counted.
 
-Each plane runs as `ip netns exec NS python -m ...esp.runner`: the whole process (TUN fd,
-raw sockets, routes via `ip`) then lives in the namespace, with no setns juggling of a
-multi-threaded interpreter, and it is killed by PID like any lab process."""
+Each plane runs as `ip netns exec NS python -m tests.fixtures.plane_runner`: the whole
+process (TUN fd, raw sockets, routes via `ip`) then lives in the namespace, with no setns
+juggling of a multi-threaded interpreter, and it is killed by PID like any lab process."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.esp.tun import FWMARK
 from tests.conftest import ROOT
 from tests.fixtures.netns import in_netns, udp_exchange
 
-RUNNER = "ansible_collections.keyway.ipsec.plugins.module_utils.esp.runner"
+RUNNER = "tests.fixtures.plane_runner"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT / ".collections")}
 
 CAPTURE = r"""
