@@ -45,7 +45,6 @@ def _shipped_library() -> None:
     from ansible_collections.keyway.ipsec.plugins.module_utils.esp import (  # noqa: F401
         packet,
         replay,
-        runner,
         tun,
     )
     from ansible_collections.keyway.ipsec.plugins.module_utils.ike import (  # noqa: F401
