@@ -213,6 +213,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import (
     parse_config,
 )
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent.control import (
+    DEFAULT_SOCKET,
     ControlError,
     request,
 )
@@ -227,8 +228,6 @@ try:
     SafeDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 except ImportError:  # pragma: no cover
     HAS_YAML = False
-
-DEFAULT_SOCKET = "/run/keyway/keywayd.sock"
 
 
 def _psk_file_entry(files: list[str]) -> str | list[str]:

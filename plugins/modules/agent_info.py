@@ -68,6 +68,7 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent.control import (
+    DEFAULT_SOCKET,
     ControlError,
     request,
 )
@@ -99,7 +100,7 @@ def wait_established(module, path: str, timeout: float, seconds: int) -> list[st
 def main() -> None:
     module = AnsibleModule(
         argument_spec=dict(
-            socket=dict(type="path", default="/run/keyway/keywayd.sock"),
+            socket=dict(type="path", default=DEFAULT_SOCKET),
             timeout=dict(type="float", default=10.0),
             wait=dict(type="int", default=0),
         ),

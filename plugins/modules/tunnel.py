@@ -88,6 +88,7 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent.control import (
+    DEFAULT_SOCKET,
     ControlError,
     request,
 )
@@ -120,7 +121,7 @@ def main() -> None:
             name=dict(type="str", required=True),
             child=dict(type="str"),
             state=dict(type="str", choices=["up", "down", "rekeyed"], default="up"),
-            socket=dict(type="path", default="/run/keyway/keywayd.sock"),
+            socket=dict(type="path", default=DEFAULT_SOCKET),
             timeout=dict(type="int", default=30),
         ),
         supports_check_mode=True,

@@ -37,6 +37,7 @@ in one ConfigError; a bad file never replaces a good running config. Secrets are
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import ipaddress
 import os
@@ -48,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from ..ike import identity
+from ..ike.defaults import DEFAULT_ESP_PROPOSALS, DEFAULT_IKE_PROPOSALS
+from .control import DEFAULT_SOCKET
 
 try:  # PyYAML is a runtime dependency; the C loader is faster where built.
     import yaml
@@ -203,7 +206,7 @@ class ChildConfig:
     local_ts: tuple[str, ...]
     remote_ts: tuple[str, ...]
     mode: str = "tunnel"
-    esp_proposals: tuple[str, ...] = ("aes256gcm16",)
+    esp_proposals: tuple[str, ...] = DEFAULT_ESP_PROPOSALS
     ah_proposals: tuple[str, ...] = ()
     rekey_time: int = 3600
     life_time: int = 0  # 0: rekey_time + 10%
@@ -241,7 +244,7 @@ class ConnectionConfig:
     version: int = 2
     local_port: int = 500  # the agent's ike_port: the only one keywayd listens on
     remote_port: int = 500
-    proposals: tuple[str, ...] = ("aes256gcm16-prfsha384-x25519",)
+    proposals: tuple[str, ...] = DEFAULT_IKE_PROPOSALS
     encap: str = "auto"
     # MOBIKE (RFC 4555), swanctl's default: a peer that supports it may move its
     # address with UPDATE_SA_ADDRESSES, without renegotiation.
@@ -265,7 +268,7 @@ class AgentConfig:
     connections: tuple[ConnectionConfig, ...] = ()
     dataplane: str = "auto"
     log_level: str = "info"
-    control_socket: str = "/run/keyway/keywayd.sock"
+    control_socket: str = DEFAULT_SOCKET
     # Prometheus metrics over HTTP (GET /metrics): (address, port), or None (off)
     metrics_listen: tuple[str, int] | None = None
     ike_port: int = 500
@@ -313,6 +316,16 @@ def diff_configs(old: AgentConfig, new: AgentConfig) -> ConfigChanges:
 # A hook for proposal validation: (proposal string, "ike" | "esp" | "ah", allow_weak)
 # -> None, raising ValueError with the reason. The IKE layer registers its parser.
 ProposalValidator = Callable[[str, str, bool], None]
+
+
+def _default(cls: type, name: str) -> Any:
+    """A config dataclass field's default: the one place each default is written."""
+    return _defaults_of(cls)[name]
+
+
+@functools.cache
+def _defaults_of(cls: type) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(cls)}
 
 
 def _default_proposal_validator(text: str, kind: str, allow_weak: bool) -> None:
@@ -531,7 +544,9 @@ def _auth(reader: _Reader, raw: Any, path: str, remote: bool) -> AuthConfig:
         ident = identity.canonical(ident)
     except identity.IdentityError as exc:
         reader.problem(f"{path}.id", str(exc))
-    auth = reader.choice(raw, "auth", path, REMOTE_AUTH if remote else AUTH_METHODS, "psk")
+    auth = reader.choice(
+        raw, "auth", path, REMOTE_AUTH if remote else AUTH_METHODS, _default(AuthConfig, "auth")
+    )
     certs = reader.strings(raw, "certs", path, ())
     cacerts = reader.strings(raw, "cacerts", path, ())
     key = raw.get("key", "")
@@ -549,7 +564,9 @@ def _auth(reader: _Reader, raw: Any, path: str, remote: bool) -> AuthConfig:
         key_passphrase=passphrase,
         cacerts=cacerts,
         crls=reader.strings(raw, "crls", path, ()),
-        revocation=reader.choice(raw, "revocation", path, REVOCATION_POLICIES, "relaxed"),
+        revocation=reader.choice(
+            raw, "revocation", path, REVOCATION_POLICIES, _default(AuthConfig, "revocation")
+        ),
     )
 
 
@@ -619,16 +636,16 @@ _AGENT_KEYS = {
 
 def _child(reader: _Reader, name: str, raw: Any, path: str, allow_weak: bool) -> ChildConfig:
     raw = reader.mapping(raw, path, _CHILD_KEYS)
-    mode = reader.choice(raw, "mode", path, CHILD_MODES, "tunnel")
+    mode = reader.choice(raw, "mode", path, CHILD_MODES, _default(ChildConfig, "mode"))
     if "esp_proposals" in raw and "ah_proposals" in raw:
         reader.problem(path, "esp_proposals and ah_proposals exclude each other")
     ah = reader.proposals(raw, "ah_proposals", path, "ah", (), allow_weak)
     esp = (
         ()
         if ah
-        else reader.proposals(raw, "esp_proposals", path, "esp", ("aes256gcm16",), allow_weak)
+        else reader.proposals(raw, "esp_proposals", path, "esp", DEFAULT_ESP_PROPOSALS, allow_weak)
     )
-    rekey_time = reader.duration(raw, "rekey_time", path, 3600)
+    rekey_time = reader.duration(raw, "rekey_time", path, _default(ChildConfig, "rekey_time"))
     life_time = reader.duration(raw, "life_time", path, 0) or rekey_time + rekey_time // 10
     rand_time = reader.duration(raw, "rand_time", path, -1) if "rand_time" in raw else -1
     if rand_time < 0:
@@ -657,10 +674,18 @@ def _child(reader: _Reader, name: str, raw: Any, path: str, allow_weak: bool) ->
         life_bytes=life_bytes,
         rekey_packets=rekey_packets,
         life_packets=life_packets,
-        start_action=reader.choice(raw, "start_action", path, START_ACTIONS, "none"),
-        close_action=reader.choice(raw, "close_action", path, START_ACTIONS, "none"),
-        dpd_action=reader.choice(raw, "dpd_action", path, DPD_ACTIONS, "clear"),
-        replay_window=reader.integer(raw, "replay_window", path, 128, 0, 4096),
+        start_action=reader.choice(
+            raw, "start_action", path, START_ACTIONS, _default(ChildConfig, "start_action")
+        ),
+        close_action=reader.choice(
+            raw, "close_action", path, START_ACTIONS, _default(ChildConfig, "close_action")
+        ),
+        dpd_action=reader.choice(
+            raw, "dpd_action", path, DPD_ACTIONS, _default(ChildConfig, "dpd_action")
+        ),
+        replay_window=reader.integer(
+            raw, "replay_window", path, _default(ChildConfig, "replay_window"), 0, 4096
+        ),
         updown=raw.get("updown", "") if isinstance(raw.get("updown", ""), str) else "",
     )
 
@@ -718,7 +743,7 @@ def _connection(
     if not _NAME.match(name):
         reader.problem(path, "connection names use letters, digits, '_', '.', '-' (64 at most)")
     raw = reader.mapping(raw, path, _CONNECTION_KEYS)
-    allow_weak = reader.boolean(raw, "allow_weak", path, False)
+    allow_weak = reader.boolean(raw, "allow_weak", path, _default(ConnectionConfig, "allow_weak"))
     local = _auth(reader, raw.get("local"), f"{path}.local", remote=False)
     remote = _auth(reader, raw.get("remote"), f"{path}.remote", remote=True)
     if local.method != remote.method:
@@ -755,8 +780,10 @@ def _connection(
                 reader.problem(
                     f"{path}.remote", f"verifying a peer's certificate needs cryptography ({exc})"
                 )
-    rekey_time = reader.duration(raw, "rekey_time", path, 14400)
-    reauth_time = reader.duration(raw, "reauth_time", path, 0)
+    rekey_time = reader.duration(raw, "rekey_time", path, _default(ConnectionConfig, "rekey_time"))
+    reauth_time = reader.duration(
+        raw, "reauth_time", path, _default(ConnectionConfig, "reauth_time")
+    )
     over_time = reader.duration(raw, "over_time", path, 0) or max(rekey_time, reauth_time) // 10
     rand_time = (
         reader.duration(raw, "rand_time", path, over_time) if "rand_time" in raw else over_time
@@ -782,7 +809,7 @@ def _connection(
             "is IKEv1's (swanctl ignores it for IKEv2): an IKEv2 peer is dead when "
             "retransmit_tries retransmissions of a request go unanswered",
         )
-    encap = reader.choice(raw, "encap", path, ENCAP_MODES, "auto")
+    encap = reader.choice(raw, "encap", path, ENCAP_MODES, _default(ConnectionConfig, "encap"))
     if encap == "force":
         for child in children:
             if child.protocol == "ah":
@@ -844,19 +871,25 @@ def _connection(
         psk=psk,
         previous_psks=tuple(psks[1:]),
         local_port=local_port,
-        remote_port=reader.integer(raw, "remote_port", path, 500, 1, 65535),
+        remote_port=reader.integer(
+            raw, "remote_port", path, _default(ConnectionConfig, "remote_port"), 1, 65535
+        ),
         proposals=reader.proposals(
-            raw, "proposals", path, "ike", ("aes256gcm16-prfsha384-x25519",), allow_weak
+            raw, "proposals", path, "ike", DEFAULT_IKE_PROPOSALS, allow_weak
         ),
         encap=encap,
-        mobike=reader.boolean(raw, "mobike", path, True),
-        dpd_delay=reader.duration(raw, "dpd_delay", path, 30),
+        mobike=reader.boolean(raw, "mobike", path, _default(ConnectionConfig, "mobike")),
+        dpd_delay=reader.duration(raw, "dpd_delay", path, _default(ConnectionConfig, "dpd_delay")),
         rekey_time=rekey_time,
         reauth_time=reauth_time,
         over_time=over_time,
         rand_time=rand_time,
-        keyingtries=reader.integer(raw, "keyingtries", path, 1, 0, 1 << 16),
-        unique=reader.choice(raw, "unique", path, UNIQUE_POLICIES, "no"),
+        keyingtries=reader.integer(
+            raw, "keyingtries", path, _default(ConnectionConfig, "keyingtries"), 0, 1 << 16
+        ),
+        unique=reader.choice(
+            raw, "unique", path, UNIQUE_POLICIES, _default(ConnectionConfig, "unique")
+        ),
         if_id_in=reader.integer(raw, "if_id_in", path, 0, 0, 0xFFFFFFFF),
         if_id_out=reader.integer(raw, "if_id_out", path, 0, 0, 0xFFFFFFFF),
         mark_in=_mark(reader, raw, "mark_in", path),
@@ -894,7 +927,7 @@ def parse_config(
     """Validate an already-loaded YAML document; raise ConfigError listing every problem."""
     reader = _Reader(validate_proposal or _default_proposal_validator, base_dir or Path("/"))
     raw = reader.mapping(raw, "", _AGENT_KEYS)
-    ike_port = reader.integer(raw, "ike_port", "", 500, 1, 65535)
+    ike_port = reader.integer(raw, "ike_port", "", _default(AgentConfig, "ike_port"), 1, 65535)
     connections_raw = raw.get("connections", {})
     connections = []
     if not isinstance(connections_raw, dict):
@@ -904,20 +937,39 @@ def parse_config(
             connections.append(_connection(reader, str(name), conn_raw, file_private, ike_port))
     config = AgentConfig(
         connections=tuple(connections),
-        dataplane=reader.choice(raw, "dataplane", "", DATAPLANES, "auto"),
-        log_level=reader.choice(raw, "log_level", "", LOG_LEVELS, "info"),
-        control_socket=str(raw.get("control_socket", "/run/keyway/keywayd.sock")),
+        dataplane=reader.choice(
+            raw, "dataplane", "", DATAPLANES, _default(AgentConfig, "dataplane")
+        ),
+        log_level=reader.choice(
+            raw, "log_level", "", LOG_LEVELS, _default(AgentConfig, "log_level")
+        ),
+        control_socket=str(raw.get("control_socket", _default(AgentConfig, "control_socket"))),
         metrics_listen=_listen_address(reader, raw, "metrics_listen"),
         ike_port=ike_port,
-        nat_t_port=reader.integer(raw, "nat_t_port", "", 4500, 1, 65535),
-        half_open_cookie_threshold=reader.integer(
-            raw, "half_open_cookie_threshold", "", 100, 0, 1 << 20
+        nat_t_port=reader.integer(
+            raw, "nat_t_port", "", _default(AgentConfig, "nat_t_port"), 1, 65535
         ),
-        fragment_size=reader.integer(raw, "fragment_size", "", 1280, 576, 65535),
-        keepalive=reader.duration(raw, "keepalive", "", 20),
-        retransmit_timeout=reader.number(raw, "retransmit_timeout", "", 4.0, 0.1, 600.0),
-        retransmit_base=reader.number(raw, "retransmit_base", "", 1.8, 1.0, 10.0),
-        retransmit_tries=reader.integer(raw, "retransmit_tries", "", 5, 0, 30),
+        half_open_cookie_threshold=reader.integer(
+            raw,
+            "half_open_cookie_threshold",
+            "",
+            _default(AgentConfig, "half_open_cookie_threshold"),
+            0,
+            1 << 20,
+        ),
+        fragment_size=reader.integer(
+            raw, "fragment_size", "", _default(AgentConfig, "fragment_size"), 576, 65535
+        ),
+        keepalive=reader.duration(raw, "keepalive", "", _default(AgentConfig, "keepalive")),
+        retransmit_timeout=reader.number(
+            raw, "retransmit_timeout", "", _default(AgentConfig, "retransmit_timeout"), 0.1, 600.0
+        ),
+        retransmit_base=reader.number(
+            raw, "retransmit_base", "", _default(AgentConfig, "retransmit_base"), 1.0, 10.0
+        ),
+        retransmit_tries=reader.integer(
+            raw, "retransmit_tries", "", _default(AgentConfig, "retransmit_tries"), 0, 30
+        ),
     )
     if reader.problems:
         raise ConfigError(reader.problems, source)

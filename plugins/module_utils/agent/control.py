@@ -27,6 +27,9 @@ import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+
+# Where keywayd listens unless its config says control_socket (keywayctl, the modules).
+DEFAULT_SOCKET = "/run/keyway/keywayd.sock"
 from typing import Any
 
 log = logging.getLogger("keyway.control")

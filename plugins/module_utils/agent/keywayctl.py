@@ -12,9 +12,7 @@ import argparse
 import json
 import sys
 
-from .control import ControlError, request, watch
-
-DEFAULT_SOCKET = "/run/keyway/keywayd.sock"
+from .control import DEFAULT_SOCKET, ControlError, request, watch
 
 
 def _table(sas: list[dict]) -> str:

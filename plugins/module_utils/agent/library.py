@@ -52,6 +52,7 @@ def _shipped_library() -> None:
         codec,
         constants,
         crypto,
+        defaults,
         identity,
         proposals,
     )

@@ -52,6 +52,7 @@ from ..constants import (
     TransformType,
     TsType,
 )
+from ..defaults import DEFAULT_ESP_PROPOSALS, DEFAULT_IKE_PROPOSALS
 from ..proposals import describe, parse_proposal_string, proposal_acceptable, select_proposal
 from .cookies import CookieJar
 from .events import (
@@ -163,7 +164,7 @@ class ChildParams:
     name: str
     local_ts: tuple[str, ...]
     remote_ts: tuple[str, ...]
-    proposals: tuple[str, ...] = ("aes256gcm16",)  # of `protocol`
+    proposals: tuple[str, ...] = DEFAULT_ESP_PROPOSALS  # of `protocol`
     mode: str = "tunnel"
     rekey_time: float = 0.0  # seconds; 0: no time-based rekey
     life_time: float = 0.0  # hard expiry; 0: none
@@ -178,7 +179,7 @@ class IkeConnection:
     local_id: str
     remote_id: str
     psk: bytes = field(repr=False)  # sent as initiator; accepted
-    proposals: tuple[str, ...] = ("aes256gcm16-prfsha384-x25519",)
+    proposals: tuple[str, ...] = DEFAULT_IKE_PROPOSALS
     children: tuple[ChildParams, ...] = ()
     allow_weak: bool = False
     retransmit: RetransmitPolicy = field(default_factory=RetransmitPolicy)
