@@ -5,10 +5,13 @@ events by bytes and by time, and an XFRM interface with if_id."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import ipaddress
 import json
 import os
 import secrets
 import subprocess
+import sys
 import time
 
 import pytest
@@ -155,6 +158,49 @@ def test_soft_and_hard_expire_events_by_bytes_and_time(netns_hosts):
     assert (0x3001, False) in expires and (0x3001, True) in expires  # by time: soft, hard
     assert all(e.reqid == REQID for e in events if isinstance(e, base.ExpireEvent))
     assert not [s for s in timed.list_sas() if s.spi == 0x3001]  # the kernel removed it
+
+
+def test_an_sa_s_selector_bounds_what_a_wider_policy_of_its_reqid_sends_into_it(netns_hosts):
+    """Issue 14, item 15, as the userspace plane now does it too: a trap policy for the
+    configured sites shares its reqid with the Child SA the peer narrowed to half of
+    h2's site. The kernel's state lookup takes the SA's selector into account: a packet
+    to the other half is not sent into the SA (the peer would drop it) but acquired."""
+    h1, h2 = netns_hosts(2).hosts
+    p1, _p2 = _tunnel(h1, h2, "aes-gcm-16")  # policies for the whole sites
+    halves = list(ipaddress.ip_network(h2.site4).subnets())
+    (out,) = [s for s in p1.list_sas() if s.spi == 0x1001]
+    p1.delete_sa(out.id)
+    p1.install_sa(dataclasses.replace(out, selector=base.Selector(h1.site4, str(halves[0]))))
+    other = str(list(halves[1].hosts())[-1])
+    send = (
+        "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        "s.bind((sys.argv[1], 0)); s.sendto(b'outside', (sys.argv[2], 9))"
+    )
+
+    async def run() -> list:
+        events: list = []
+        await p1.start(events.append)
+        loop = asyncio.get_running_loop()
+        answer = await loop.run_in_executor(
+            None, udp_exchange, h1.netns, h2.netns, h1.site4_address, h2.site4_address,
+            b"half", 7007, 30,
+        )  # fmt: skip
+        assert answer == b"flah"  # the narrowed half goes through the SA
+        with Capture(h1.netns, "eth0", outgoing_only=True) as cap:
+            for _unused in range(3):
+                in_netns(h1.netns, sys.executable, "-c", send, h1.site4_address, other)
+            for _unused in range(50):
+                if any(isinstance(e, base.AcquireEvent) for e in events):
+                    break
+                await asyncio.sleep(0.1)
+        await p1.stop()
+        assert not [f for f in cap.frames if f.ip_proto == 50 or b"outside" in f.data]
+        return events
+
+    acquires = [e for e in asyncio.run(run()) if isinstance(e, base.AcquireEvent)]
+    assert acquires and acquires[0].reqid == REQID
+    assert acquires[0].selector.dst.split("/")[0] == other  # the flow the kernel acquires
+    p1.flush_owned()
 
 
 def test_xfrm_interface_with_if_id(netns_hosts):

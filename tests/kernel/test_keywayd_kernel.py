@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 
 import pytest
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.esp.tun import ROUTE_TABLE
 from tests.fixtures.capture import Capture
-from tests.fixtures.keywayd import Keywayd, site_connection
+from tests.fixtures.keywayd import ENTRY, ROOT, Keywayd, site_connection
 from tests.fixtures.nat import flush_mappings, renumber_nat
 from tests.fixtures.netns import in_netns, udp_exchange
 
@@ -68,6 +69,19 @@ def test_keywayd_pair_on_the_kernel_plane(netns_hosts, tmp_path, protocol, encap
         )  # fmt: skip
         assert udp_exchange(a.netns, b.netns, a.site4_address, b.site4_address, b"k2",
                             timeout=60) == b"2k"  # fmt: skip
+        if encap == "auto" and protocol == "esp":
+            # Issue 14, item 9, on the kernel plane: a second keywayd with the same config
+            # refuses before it touches XFRM (it would have flushed a's SAs and policies).
+            env = dict(os.environ, PYTHONPATH=str(ROOT / ".collections"))
+            config = str(agent_a.config_path)
+            second = in_netns(a.netns, sys.executable, "-m", ENTRY, "--config", config,
+                              cwd=ROOT, timeout=SLOW, env=env)  # fmt: skip
+            assert second.returncode == 1, second.stderr
+            assert f"another keywayd (pid {agent_a.process.pid}) is running" in second.stderr
+            (now,) = agent_a.sas("ab")[0]["children"]
+            kernel = in_netns(a.netns, "ip", "xfrm", "state").stdout
+            assert f"spi 0x{now['spi_out']}" in kernel and f"spi 0x{now['spi_in']}" in kernel
+            assert "reqid" in in_netns(a.netns, "ip", "xfrm", "policy").stdout
         # The old SAs go after the new ones (its inbound half DELETE_REKEYED_DELAY later).
         agent_a.wait_for(
             lambda: f"spi 0x{child['spi_in']}" not in
