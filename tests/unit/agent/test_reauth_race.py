@@ -6,7 +6,6 @@ showed."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 
@@ -32,7 +31,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events imp
 )
 from tests.fixtures.fakenet import LoseFirst
 from tests.unit.agent.test_daemon_install import Timers
-from tests.unit.engine.test_establish import A, B, established, lab_pair
+from tests.unit.engine.test_establish import A, B, established, lab_pair, rekeying_pair
 
 
 class NoRunner:
@@ -396,14 +395,7 @@ def test_a_start_child_whose_rekeys_the_peer_refused_until_its_hard_lifetime_com
     past its hard lifetime (14 s) and A's first request for a new one. Both ends lost
     the child; A's keywayd creates it again (a `start` child) on the same IKE SA, and
     A asks again when the peer was busy for that too."""
-    pair = lab_pair()
-    a_conn, b_conn = pair.a.connections["h1-h2"], pair.b.connections["h1-h2"]
-    quick = dataclasses.replace(a_conn.children[0], rekey_time=10.0, life_time=14.0)
-    pair.a.add_connection(dataclasses.replace(a_conn, children=(quick,)))
-    slow = dataclasses.replace(b_conn.children[0], rekey_time=0.0, life_time=0.0)
-    pair.b.add_connection(dataclasses.replace(b_conn, children=(slow,)))
-    pair.a.initiate("h1-h2", 0.0)
-    pair.pump(until=1.0)
+    pair = rekeying_pair(rekey_time=10.0, life_time=14.0)
     agent = agent_of_a(pair, tmp_path)
     (sa_a,), (sa_b,) = pair.a.sas(), pair.b.sas()
     (first,) = sa_a.children.values()

@@ -750,6 +750,17 @@ def test_initial_contact_from_a_restarted_peer_replaces_its_stale_ike_sa():
     assert now_sa is not old and now_sa.state == "established"
 
 
+def restart_b(pair: Pair) -> Engine:
+    """B restarts, knowing nothing of its SAs: a fresh engine at its address with its
+    connection (which only answers). A's events so far are cleared."""
+    restarted = Engine(B)
+    restarted.add_connection(pair.b.connections["h1-h2"])
+    pair.b = restarted
+    pair.net.attach(B, lambda d, s, _dst, now: restarted.receive(d, s, now))
+    pair.events[A] = []
+    return restarted
+
+
 @pytest.mark.parametrize("rtt", [0.01, 0.2])
 def test_a_responder_that_restarted_is_back_within_a_liveness_check_and_two_round_trips(rtt):
     pair = lab_pair(impairment=Impairment(delay=rtt / 2))
@@ -758,11 +769,7 @@ def test_a_responder_that_restarted_is_back_within_a_liveness_check_and_two_roun
     (old,) = pair.a.sas()
     (old_child,) = old.children.values()
     # B restarts and waits for peers (responder only): a fresh engine at its address.
-    restarted = Engine(B)
-    restarted.add_connection(pair.b.connections["h1-h2"])
-    pair.b = restarted
-    pair.net.attach(B, lambda d, s, _dst, now: restarted.receive(d, s, now))
-    pair.events[A] = []
+    restarted = restart_b(pair)
     checked_at = pair.net.now
     pair.a.check_liveness(old, checked_at)  # A's next DPD: B answers INVALID_IKE_SPI
     pair.pump(until=checked_at + 60)
@@ -795,11 +802,7 @@ def test_esp_at_a_peer_that_restarted_brings_the_tunnel_back_without_waiting_for
     pair = established()
     (old,) = pair.a.sas()
     (old_child,) = old.children.values()
-    restarted = Engine(B)
-    restarted.add_connection(pair.b.connections["h1-h2"])
-    pair.b = restarted
-    pair.net.attach(B, lambda d, s, _dst, now: restarted.receive(d, s, now))
-    pair.events[A] = []
+    restarted = restart_b(pair)
     sent: list[bytes] = []
     pair.net.impairment.drop_if = lambda data, src, dst: src == A and sent.append(data) and False
 
@@ -1250,20 +1253,27 @@ def test_a_peer_without_the_certificate_s_key_makes_us_fetch_nothing():
     assert "signature" in failed.reason.lower()
 
 
+def rekeying_pair(rekey_time: float, life_time: float) -> Pair:
+    """A pair up since 1 s, whose A rekeys its Child SA on the schedule given (no jitter)
+    and whose B keeps no Child SA schedule."""
+    pair = lab_pair()
+    a_conn, b_conn = pair.a.connections["h1-h2"], pair.b.connections["h1-h2"]
+    quick = dataclasses.replace(a_conn.children[0], rekey_time=rekey_time, life_time=life_time)
+    pair.a.add_connection(dataclasses.replace(a_conn, children=(quick,)))
+    slow = dataclasses.replace(b_conn.children[0], rekey_time=0.0, life_time=0.0)
+    pair.b.add_connection(dataclasses.replace(b_conn, children=(slow,)))
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump(until=1.0)
+    return pair
+
+
 def test_our_rekey_unanswered_at_the_hard_lifetime_keeps_the_old_child_until_it_ends():
     """Issue 14, item 22, the rekey's initiator: A rekeys at 10 s with its hard lifetime
     at 11 s; its first three requests are lost, the fourth (13.5 s) gets through. The old
     Child SA stays until then: an end never holds no Child SA both ends hold (deleted at
     11 s, both had none until 13.5 s). Its hard lifetime deletes it only once the
     rekey's exchange is over."""
-    pair = lab_pair()
-    a_conn, b_conn = pair.a.connections["h1-h2"], pair.b.connections["h1-h2"]
-    quick = dataclasses.replace(a_conn.children[0], rekey_time=10.0, life_time=11.0)
-    pair.a.add_connection(dataclasses.replace(a_conn, children=(quick,)))
-    slow = dataclasses.replace(b_conn.children[0], rekey_time=0.0, life_time=0.0)
-    pair.b.add_connection(dataclasses.replace(b_conn, children=(slow,)))
-    pair.a.initiate("h1-h2", 0.0)
-    pair.pump(until=1.0)
+    pair = rekeying_pair(rekey_time=10.0, life_time=11.0)
     (sa_a,), (sa_b,) = pair.a.sas(), pair.b.sas()
     (old,) = sa_a.children.values()
     lose = LoseFirst(
