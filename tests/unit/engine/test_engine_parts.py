@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import pytest
 
+from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine import core
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.cookies import CookieJar
 from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.retransmit import (
     RetransmitPolicy,
@@ -15,6 +17,7 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.schedule i
 )
 
 NI, IP, SPI = b"n" * 32, bytes([192, 0, 2, 11]), b"\x01" * 8
+from tests.unit.engine.test_establish import established
 
 
 def test_cookie_is_bound_to_nonce_address_and_spi():
@@ -72,3 +75,16 @@ def test_cookie_from_before_a_long_idle_gap_is_refused():
     jar = CookieJar(rotate_seconds=10)
     cookie = jar.make(0.0, NI, IP, SPI)
     assert not jar.check(21.0, cookie, NI, IP, SPI)
+
+
+def test_a_state_change_outside_the_state_machine_is_logged_as_a_bug(caplog):
+    """IKE SA states change only through _set_state, along SA_TRANSITIONS; anything else
+    is a bug, said so (every engine test fails on such a line: conftest.py)."""
+    pair = established()
+    (sa,) = pair.a.sas()
+    assert sa.state is core.SaState.ESTABLISHED and sa.state == "established"
+    assert core.SA_TRANSITIONS[core.SaState.ESTABLISHED] == {core.SaState.DELETED}
+    sa._set_state(core.SaState.AUTH)
+    (record,) = [r for r in caplog.records if "not in its state machine" in r.getMessage()]
+    assert record.levelno == logging.ERROR and "established -> auth" in record.getMessage()
+    caplog.clear()  # this test's own bug line is the point, not a failure

@@ -23,6 +23,7 @@ reason and dropped (or answered as RFC 7296 says), leaving every other SA untouc
 from __future__ import annotations
 
 import datetime
+import enum
 import functools
 import hashlib
 import heapq
@@ -396,6 +397,27 @@ def ts_to_prefixes(selectors: list[codec.TrafficSelector]) -> tuple[str, ...]:
     return tuple(out)
 
 
+class SaState(enum.StrEnum):
+    """Where an IKE SA is: one state machine (SA_TRANSITIONS), each change made by
+    IkeSa._set_state. A str, so callers comparing with the names keep working."""
+
+    INIT = "init"  # IKE_SA_INIT under way (an SA a rekey makes starts here too)
+    AUTH = "auth"  # IKE_AUTH under way
+    ESTABLISHED = "established"
+    DELETED = "deleted"  # gone after it was up: deleted, expired, replaced, peer dead
+    FAILED = "failed"  # never came up, or a half-open SA dropped
+
+
+SA_TRANSITIONS: dict[SaState, frozenset[SaState]] = {
+    # INIT -> ESTABLISHED: an SA a rekey makes is up once its CREATE_CHILD_SA is done.
+    SaState.INIT: frozenset({SaState.AUTH, SaState.ESTABLISHED, SaState.FAILED}),
+    SaState.AUTH: frozenset({SaState.ESTABLISHED, SaState.FAILED}),
+    SaState.ESTABLISHED: frozenset({SaState.DELETED}),
+    SaState.DELETED: frozenset(),
+    SaState.FAILED: frozenset(),
+}
+
+
 @dataclass
 class _Request:
     data: tuple[bytes, ...]  # one message, or its fragments
@@ -421,7 +443,7 @@ class IkeSa:
         self._conn: IkeConnection | None = None
         self.engine, self.initiator, self.remote = engine, initiator, remote
         self.spi_i, self.spi_r = spi_i, spi_r
-        self.state = "init"
+        self.state = SaState.INIT
         self.conn = conn
         self.send_mid = 0  # id of our next request
         self.recv_mid = 0  # id of the peer's next request
@@ -907,7 +929,7 @@ class IkeSa:
                 codec.TSi(selectors=[_ts_from_prefix(p) for p in params.local_ts]),
                 codec.TSr(selectors=[_ts_from_prefix(p) for p in params.remote_ts]),
             ]
-        self.state = "auth"
+        self._set_state(SaState.AUTH)
         self._request(ExchangeType.IKE_AUTH, inner, now)
 
     def _on_auth_response(self, inner: list[codec.Payload], now: float) -> None:
@@ -1378,7 +1400,7 @@ class IkeSa:
             self.prf, self.keys.sk_d, prf, encr, integ, shared, ni, nr, spi_i, spi_r
         )
         new.out, new.inbound = crypto.sk_ciphers(new.keys, encr, integ, initiator)
-        new.state = "established"
+        new._set_state(SaState.ESTABLISHED)
         new.established_at = self.engine.now
         new.peer_holds = initiator
         new.authenticated_at = self.authenticated_at  # a rekey authenticates nothing
@@ -1789,7 +1811,7 @@ class IkeSa:
         _trace(self.trace_name, True, header, payloads)
         data_out = codec.encode_message(codec.Message(header, payloads))
         self.init_response = data_out
-        self.state = "auth"
+        self._set_state(SaState.AUTH)
         self.recv_mid = 1
         self._send_response(0, (data_out,))
 
@@ -2268,7 +2290,7 @@ class IkeSa:
         if self.successor is not None and self.successor.wait_for is self:
             self.successor._release(self.engine.now)
         self.engine._event(IkeSaDown(self.conn.name, self.spi_i, self.spi_r, reason))
-        self.state = "deleted"
+        self._set_state(SaState.DELETED)
         self.request = None
         self.engine._forget(self)
 
@@ -2291,8 +2313,19 @@ class IkeSa:
         _trace(self.trace_name, False, msg.header, inner)
         return inner
 
+    def _set_state(self, new: SaState) -> None:
+        """The one way an IKE SA changes state; a change the machine does not have is a
+        bug, logged (and made: the SA must not stay half in one state)."""
+        old = self.state
+        if new == old:
+            return  # a failed SA discarded once more
+        if new not in SA_TRANSITIONS[old]:
+            log.error("%s: IKE SA state %s -> %s is not in its state machine (a bug)",
+                      self.trace_name, old, new)  # fmt: skip
+        self.state = new
+
     def _up(self, now: float) -> None:
-        self.state = "established"
+        self._set_state(SaState.ESTABLISHED)
         self.established_at = self.authenticated_at = now
         self.peer_holds = self.initiator
         self.engine._event(
@@ -2375,7 +2408,7 @@ class IkeSa:
 
     def _discard(self) -> None:
         """This SA failed: nothing of it stays (no request to retransmit, no index)."""
-        self.state = "failed"
+        self._set_state(SaState.FAILED)
         self.request = None
         self.engine._forget(self)
 
