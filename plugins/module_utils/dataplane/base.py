@@ -175,7 +175,10 @@ class ExpireEvent:
 
 @dataclass(frozen=True)
 class AcquireEvent:
-    """A packet hit a trap policy with no SA: negotiate one."""
+    """A packet hit a trap policy with no SA: negotiate one. As XFRM reports it, on both
+    planes: `selector` is the packet's flow (its addresses as /32 or /128, protocol and
+    ports), `src` and `dst` the SA's endpoints (the policy template's in tunnel mode,
+    the packet's addresses in transport mode)."""
 
     selector: Selector
     reqid: int

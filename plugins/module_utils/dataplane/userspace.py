@@ -467,9 +467,12 @@ class UserspacePlane(DataPlane):
             now = self.clock()
             if now - self._acquired.get(tmpl.reqid, -1e9) > 1.0:  # rate-limited like XFRM
                 self._acquired[tmpl.reqid] = now
+                # As XFRM's acquire: the packet's flow, and the SA's endpoints.
                 src = socket.inet_ntop(_fam(ip.src), ip.src)
                 dst = socket.inet_ntop(_fam(ip.dst), ip.dst)
-                self._events(AcquireEvent(policy.selector, tmpl.reqid, src, dst))
+                bits = 32 if ip.version == 4 else 128
+                flow = Selector(f"{src}/{bits}", f"{dst}/{bits}", ip.proto, ip.sport, ip.dport)
+                self._events(AcquireEvent(flow, tmpl.reqid, tmpl.src or src, sa_dst))
             return
         spec, crypto = entry.spec, entry.crypto
         try:

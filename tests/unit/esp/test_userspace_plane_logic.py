@@ -189,7 +189,8 @@ def test_an_sa_s_selector_bounds_what_a_wider_policy_of_its_reqid_sends_into_it(
     assert pair.send(udp_packet("10.1.0.1", "10.2.9.1", b"out")) is None
     assert not pair.wire and pair.a.drops["no_sa"] == 1
     (acquire,) = [e for e in pair.events if isinstance(e, AcquireEvent)]
-    assert (acquire.reqid, acquire.dst) == (REQID, "10.2.9.1")
+    # As XFRM's: the packet's flow, and the SA's endpoints (the tunnel's).
+    assert acquire == AcquireEvent(Selector("10.1.0.1/32", "10.2.9.1/32", 17, 1234, 7), REQID, A, B)
     assert pair.send(inside) == inside  # the cached SA still serves its own selector
 
 
