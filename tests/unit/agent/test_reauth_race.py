@@ -6,6 +6,7 @@ showed."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 
@@ -445,3 +446,49 @@ def test_a_replaced_ike_sa_waiting_for_the_peer_s_delete_gets_no_liveness_checks
     pair.pump(until=start + 31.5)
     checked = {d[:8] for d in sent if d[18] == ExchangeType.INFORMATIONAL and not d[19] & 0x20}
     assert checked == {new.spi_i}
+
+
+def test_the_reauthentication_deadline_survives_a_rekey_and_comes_at_the_original_time(tmp_path):
+    """Issue 14, item 21, as strongSwan has it ("reauthentication timeout survives a
+    rekeying"): A's IKE SA is up at 0 s with reauth_time 300 s and rekey_time 100 s. The
+    rekey at 100 s makes a new SA; its reauthentication is still due at 300 s, not 400 s,
+    and at 300 s A reauthenticates it. over_time ends an SA neither renewed in time."""
+    pair = lab_pair()
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    agent = agent_of_a(pair, tmp_path)
+    conn = agent.config.connections[0]
+    timed = dataclasses.replace(conn, reauth_time=300, rekey_time=100, over_time=30, rand_time=0)
+    agent.config = dataclasses.replace(agent.config, connections=(timed,))
+    for event in pair.events[A]:
+        agent._on_engine_event(event)
+    pair.events[A] = []
+    (first,) = pair.a.sas()
+    assert agent._reauth_due[first.spi_i] == 300
+
+    def at(seconds: float) -> None:
+        """Run on to `seconds`: the agent's timers and the engines' clock together."""
+        while agent._loop.now < seconds:
+            step = min(seconds, agent._loop.now + 0.5)
+            pair.pump(until=step)
+            pair.net.deliver_until(step)
+            agent._loop.advance(step - agent._loop.now)
+            for event in pair.events[A]:
+                agent._on_engine_event(event)
+            pair.events[A] = []
+
+    at(101)  # the rekey at 100 s
+    (rekeyed,) = pair.a.sas()
+    assert rekeyed is not first
+    assert agent._reauth_due == {rekeyed.spi_i: 300}
+    due = {(e[0], e[1].__name__) for e in agent._loop.pending if not e[3]}
+    assert (300, "_reauth") in due
+    # Unless renewed, it ends over_time after the earlier of its rekey and its reauth.
+    (expiry,) = [t for t, what in due if what == "_expire_ike"]
+    assert abs(expiry - (rekeyed.established_at + 100 + 30)) < 0.6
+    at(299.5)  # its own rekey at 200 s carried the deadline on again
+    (current,) = pair.a.sas()
+    assert agent._reauth_due == {current.spi_i: 300}
+    at(301)  # 300 s: A reauthenticates
+    ups = [sa for sa in pair.a.sas() if sa.authenticated_at and sa.authenticated_at >= 300]
+    assert len(ups) == 1 and ups[0].initiator
