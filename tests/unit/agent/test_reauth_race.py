@@ -492,3 +492,54 @@ def test_the_reauthentication_deadline_survives_a_rekey_and_comes_at_the_origina
     at(301)  # 300 s: A reauthenticates
     ups = [sa for sa in pair.a.sas() if sa.authenticated_at and sa.authenticated_at >= 300]
     assert len(ups) == 1 and ups[0].initiator
+
+
+def test_the_peer_s_rekey_then_its_reauthentication_each_release_their_own_outbound_half(tmp_path):
+    """Found by bench/soak.py (385 packets lost in 7.7 s): A answered B's Child SA rekey
+    (its outbound half waiting for B's Delete of the old SA), then B's reauthentication,
+    whose answer was lost. The reauthentication's Child SA took over the old SA's wait,
+    so B's Delete of the old SA, which says B holds the rekey's SA, sent traffic into the
+    reauthentication's, which B did not hold for 7.7 s more. Each Delete releases the
+    half it proves the peer holds: the old SA's the rekey's, the rekey's SA's the
+    reauthentication's."""
+    pair, agent = _up_with_agent_of_a(tmp_path)
+    (ike_b,) = pair.b.sas()
+    (old_b,) = ike_b.children.values()
+    lose_delete = LoseFirst(
+        lambda data, src, dst: src == B and data[18] == ExchangeType.INFORMATIONAL
+        and not data[19] & 0x20, 2
+    )  # fmt: skip
+    lose_answer = LoseFirst(
+        lambda data, src, dst: src == A and data[18] == ExchangeType.IKE_AUTH, 3
+    )  # fmt: skip
+    pair.net.impairment.drop_if = lambda *d: lose_delete(*d) or lose_answer(*d)
+    seen: list = []
+    sent_on: list[frozenset] = []  # the outbound SPIs in A's plane after each event
+
+    def each_step() -> None:
+        fresh = pair.events[A][len(seen) :]
+        seen.extend(fresh)
+        for event in fresh:
+            agent._on_engine_event(event)
+            sent_on.append(frozenset(s.spi for s in agent.plane.sas if s.dst == B[0]))
+
+    start = pair.net.now
+    pair.b.rekey_child_sa(ike_b, old_b.spi_in, start)
+    _pump_stepwise(pair, start + 0.1, each_step)
+    reauth_b = pair.b.reauthenticate(ike_b, pair.net.now)
+    _pump_stepwise(pair, start + 30, each_step)
+    assert len(lose_delete.lost) == 2 and len(lose_answer.lost) == 3
+    ready = [e for e in seen if isinstance(e, ChildSaReady)]
+    (rekeyed,) = [e for e in ready if e.rekeyed_from]
+    (reauthed,) = [e for e in ready if not e.rekeyed_from]
+    gone = [e.spi_in for e in seen if isinstance(e, ChildSaDeleted)]
+    assert gone[0] == rekeyed.rekeyed_from  # B's Delete of the old SA came first
+    # From B's Delete of the old SA on, A sends on the rekey's SA (B holds it) ...
+    old_gone = next(
+        i for i, e in enumerate(seen)
+        if isinstance(e, ChildSaDeleted) and e.spi_in == rekeyed.rekeyed_from
+    )  # fmt: skip
+    assert rekeyed.spi_out in sent_on[old_gone] and reauthed.spi_out not in sent_on[old_gone]
+    # ... and on the reauthentication's only once B deleted the SAs it replaced.
+    assert [sa.spi_i for sa in pair.a.sas()] == [reauth_b.spi_i]
+    assert {s.spi for s in agent.plane.sas if s.dst == B[0]} == {reauthed.spi_out}
