@@ -543,3 +543,43 @@ def test_the_peer_s_rekey_then_its_reauthentication_each_release_their_own_outbo
     # ... and on the reauthentication's only once B deleted the SAs it replaced.
     assert [sa.spi_i for sa in pair.a.sas()] == [reauth_b.spi_i]
     assert {s.spi for s in agent.plane.sas if s.dst == B[0]} == {reauthed.spi_out}
+
+
+def test_the_peer_s_reauthentication_then_its_rekey_each_release_their_own_outbound_half(
+    tmp_path,
+):
+    """Found by bench/soak.py (644 packets lost in 12.9 s), the reverse order of the
+    test above: A answered B's reauthentication (its answers lost, so its outbound half
+    waited on the old Child SA), then B's rekey of the old Child SA. The rekey took the
+    old SA's wait over, and the reauthentication's half was never installed: when B,
+    its reauthentication done, deleted the old IKE SA, A had nothing to send on until
+    its next rekey. That half waits on the rekey's SA now."""
+    pair, agent = _up_with_agent_of_a(tmp_path)
+    (ike_b,) = pair.b.sas()
+    (old_b,) = ike_b.children.values()
+    lose_answer = LoseFirst(
+        lambda data, src, dst: src == A and data[18] == ExchangeType.IKE_AUTH, 3
+    )  # fmt: skip
+    pair.net.impairment.drop_if = lose_answer
+    seen: list = []
+    sent_on: list[frozenset] = []  # the outbound SPIs in A's plane after each event
+
+    def each_step() -> None:
+        fresh = pair.events[A][len(seen) :]
+        seen.extend(fresh)
+        for event in fresh:
+            agent._on_engine_event(event)
+            sent_on.append(frozenset(s.spi for s in agent.plane.sas if s.dst == B[0]))
+
+    start = pair.net.now
+    reauth_b = pair.b.reauthenticate(ike_b, start)
+    _pump_stepwise(pair, start + 0.1, each_step)  # A answered (lost)
+    pair.b.rekey_child_sa(ike_b, old_b.spi_in, pair.net.now)
+    _pump_stepwise(pair, start + 30, each_step)
+    assert len(lose_answer.lost) == 3
+    assert [sa.spi_i for sa in pair.a.sas()] == [reauth_b.spi_i]
+    (current,) = pair.a.sas()[0].children.values()
+    # Once the old IKE SA is gone, A sends on the reauthentication's Child SA, and on
+    # nothing at any moment after the first SA went.
+    assert {s.spi for s in agent.plane.sas if s.dst == B[0]} == {current.spi_out}
+    assert all(sent_on), "a moment with no outbound SA"
