@@ -318,6 +318,22 @@ def _pump_stepwise(pair, until: float, each_step) -> None:
         each_step()
 
 
+def _feeding(pair, agent):
+    """(events seen, the outbound SPIs in A's plane after each, a step function that
+    hands A's new engine events to its keywayd): for _pump_stepwise."""
+    seen: list = []
+    sent_on: list[frozenset] = []
+
+    def each_step() -> None:
+        fresh = pair.events[A][len(seen) :]
+        seen.extend(fresh)
+        for event in fresh:
+            agent._on_engine_event(event)
+            sent_on.append(frozenset(s.spi for s in agent.plane.sas if s.dst == B[0]))
+
+    return seen, sent_on, each_step
+
+
 def _crossed_reauthentications(tmp_path, each_step=lambda pair, agent: None):
     """A's first IKE_AUTH request is lost, and A's first IKE_AUTH answer: A reauthenticates,
     B does too 0.1 s later, and each end's IKE_AUTH gets through on its retry."""
@@ -407,13 +423,7 @@ def test_a_start_child_whose_rekeys_the_peer_refused_until_its_hard_lifetime_com
         if pair.net.now < busy_until
         else real_busy(old)
     )
-    seen: list = []
-
-    def each_step() -> None:
-        fresh = pair.events[A][len(seen) :]
-        seen.extend(fresh)
-        for event in fresh:
-            agent._on_engine_event(event)
+    seen, _sent_on, each_step = _feeding(pair, agent)
 
     _pump_stepwise(pair, 25.0, each_step)  # before the new Child SA's own rekey
     gone = [e for e in seen if isinstance(e, ChildSaDeleted)]
@@ -513,15 +523,7 @@ def test_the_peer_s_rekey_then_its_reauthentication_each_release_their_own_outbo
         lambda data, src, dst: src == A and data[18] == ExchangeType.IKE_AUTH, 3
     )  # fmt: skip
     pair.net.impairment.drop_if = lambda *d: lose_delete(*d) or lose_answer(*d)
-    seen: list = []
-    sent_on: list[frozenset] = []  # the outbound SPIs in A's plane after each event
-
-    def each_step() -> None:
-        fresh = pair.events[A][len(seen) :]
-        seen.extend(fresh)
-        for event in fresh:
-            agent._on_engine_event(event)
-            sent_on.append(frozenset(s.spi for s in agent.plane.sas if s.dst == B[0]))
+    seen, sent_on, each_step = _feeding(pair, agent)
 
     start = pair.net.now
     pair.b.rekey_child_sa(ike_b, old_b.spi_in, start)
@@ -561,15 +563,7 @@ def test_the_peer_s_reauthentication_then_its_rekey_each_release_their_own_outbo
         lambda data, src, dst: src == A and data[18] == ExchangeType.IKE_AUTH, 3
     )  # fmt: skip
     pair.net.impairment.drop_if = lose_answer
-    seen: list = []
-    sent_on: list[frozenset] = []  # the outbound SPIs in A's plane after each event
-
-    def each_step() -> None:
-        fresh = pair.events[A][len(seen) :]
-        seen.extend(fresh)
-        for event in fresh:
-            agent._on_engine_event(event)
-            sent_on.append(frozenset(s.spi for s in agent.plane.sas if s.dst == B[0]))
+    _seen, sent_on, each_step = _feeding(pair, agent)
 
     start = pair.net.now
     reauth_b = pair.b.reauthenticate(ike_b, start)
