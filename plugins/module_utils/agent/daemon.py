@@ -1173,8 +1173,11 @@ class Agent:
     def _install_unconfirmed(self, name: str, spi_in: int) -> None:
         """Send on Child SA `spi_in` now, if its outbound half was held back."""
         out = self._unconfirmed_out.pop(spi_in, None)
-        if out is None or spi_in not in self.sa_pairs:
-            return
+        if out is not None and spi_in in self.sa_pairs:
+            self._install_outbound(name, spi_in, out)
+
+    def _install_outbound(self, name: str, spi_in: int, out: base.SaSpec) -> None:
+        """The held-back outbound half of Child SA `spi_in` goes in: we send on it."""
         try:
             self.plane.install_sa(out)
         except base.DataPlaneError as exc:
@@ -1251,13 +1254,7 @@ class Agent:
             self._unconfirmed_out[successor[0]] = successor[1]
             successor = None
         if successor is not None:  # make-before-break: the new outbound SA goes in first
-            successor_spi, out = successor
-            try:
-                self.plane.install_sa(out)
-            except base.DataPlaneError as exc:
-                log.error("[%s] rekeyed outbound SA not installed: %s", event.connection, exc)
-            else:
-                self.sa_pairs[successor_spi] = (out.id, self.sa_pairs[successor_spi][1])
+            self._install_outbound(event.connection, *successor)
         pair = self.sa_pairs.pop(event.spi_in, None)
         self._child_since.pop(event.spi_in, None)
         carried_on = state is not None and bool(state.spis - {event.spi_in})
