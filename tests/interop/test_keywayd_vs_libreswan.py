@@ -51,13 +51,13 @@ def _connection(a, b, *, children: bool) -> dict:
 
 
 @contextlib.contextmanager
-def _answers_from_held_back(host):
-    """Drop the IKE responses `host` sends (the R flag, byte 19 of the IKE header): a
-    request the peer sends meanwhile is answered only once it retransmits, so the two
-    ends' rekeys cross."""
-    rule = "udp sport { 500, 4500 } @th,216,8 & 0x20 == 0x20 drop"
+def _ike_held_back(host):
+    """Drop every IKE datagram `host` sends: its requests go out only as retransmissions
+    once this ends, and a request the peer sends meanwhile is answered only then, so
+    each end holds the other's request while its own is outstanding."""
     script = (
-        f"table inet kwhold {{ chain out {{ type filter hook output priority 0; {rule}; }}; }}\n"
+        "table inet kwhold { chain out { type filter hook output priority 0; "
+        "udp sport { 500, 4500 } drop; }; }\n"
     )
     subprocess.run(["ip", "netns", "exec", host.netns, "nft", "-f", "-"], input=script.encode(),
                    check=True)  # fmt: skip
@@ -113,17 +113,23 @@ def test_ike_rekeys_crossing_with_pluto_s_leave_keywayd_one_ike_sa(hosts, agents
         sent = pluto.log_path.read_text().count(PLUTO_REKEY_SENT)
         retransmitted = pluto.log_path.read_text().count("retransmission; will wait")
         ours = agent.log().count("kw: sending CREATE_CHILD_SA request")
-        # Both ends' answers are held back: each request is answered only once the other
-        # is out too (a CI run held back keywayd's alone, and pluto answered keywayd's
-        # rekey before its own whack began: nothing crossed).
-        with _answers_from_held_back(a), _answers_from_held_back(b):
+        theirs = agent.log().count("kw: received CREATE_CHILD_SA request")
+        # keywayd sends nothing until both rekeys are out and keywayd holds pluto's: then
+        # the two requests cross whichever retransmission arrives first. (Holding back
+        # answers alone let pluto answer keywayd's rekey before its own whack began, and
+        # delete the old SA: nothing crossed, a CI run failed that way.)
+        with _ike_held_back(a):
             agent.ctl("rekey", connection="kw")
-            pluto.whack("--name", "kw", "--rekey-ike", "--asynchronous")
-            # Both requests are out, and pluto has had to retransmit its own.
             agent.wait_for(
-                lambda sent=sent, retransmitted=retransmitted, ours=ours: (
-                    agent.log().count("kw: sending CREATE_CHILD_SA request") > ours
-                    and pluto.log_path.read_text().count(PLUTO_REKEY_SENT) > sent
+                lambda ours=ours: agent.log().count("kw: sending CREATE_CHILD_SA request") > ours,
+                f"round {round_}: keywayd's rekey sent",
+            )
+            pluto.whack("--name", "kw", "--rekey-ike", "--asynchronous")
+            # pluto's request is in at keywayd, and pluto has had to retransmit it.
+            agent.wait_for(
+                lambda sent=sent, retransmitted=retransmitted, theirs=theirs: (
+                    pluto.log_path.read_text().count(PLUTO_REKEY_SENT) > sent
+                    and agent.log().count("kw: received CREATE_CHILD_SA request") > theirs
                     and pluto.log_path.read_text().count("retransmission; will wait")
                     > retransmitted
                 ),
