@@ -2,6 +2,9 @@
 namespaces (64- and 1400-byte UDP payloads, plain ESP and ESP-in-UDP, AES-GCM-128), plus
 the in-process cost of the packet layer per algorithm; and strongSwan's kernel-libipsec
 between the same namespaces in the same run (SAs negotiated by two charons), as a ratio.
+Two rows each: the plane alone (hand-installed SAs, its own UDP socket), and two keywayd
+agents (SAs negotiated, ESP-in-UDP through the IKE NAT-T socket as in production), the
+one to compare with two charons.
 
 Run as root from the repository root after the test suite has created .collections:
     .venv/bin/python bench/esp_throughput.py [seconds]
@@ -133,8 +136,33 @@ def tunnel_run(h1, h2, size: int, seconds: float) -> tuple[int, int, int]:
     return int(sent), n, nbytes
 
 
-def libipsec_run(h1, h2, seconds: float) -> dict[int, float]:
-    """Received packets/s through two charons (kernel-libipsec), AES-GCM-128, PSK."""
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its threads so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _measured_run(h1, h2, seconds: float, pids: list[int], counters=None) -> dict[int, dict]:
+    """tunnel_run at 64 and 1400 B: received packets/s, and the CPU the two ends (`pids`)
+    spent per packet received; with `counters` (a callable giving (sent, decrypted) SA
+    packet counts), the packets/s the sender's end protected and the receiver's decrypted,
+    which shows where packets were dropped."""
+    figures = {}
+    for size in (64, 1400):
+        cpu0 = sum(_cpu_seconds(pid) for pid in pids)
+        c0 = counters() if counters else None
+        _sent, n, _nbytes = tunnel_run(h1, h2, size, seconds)
+        cpu = sum(_cpu_seconds(pid) for pid in pids) - cpu0
+        figures[size] = {"rate": n / seconds, "cpu_us": cpu / n * 1e6 if n else float("nan")}
+        if counters:
+            c1 = counters()
+            figures[size]["protected"] = (c1[0] - c0[0]) / seconds
+            figures[size]["decrypted"] = (c1[1] - c0[1]) / seconds
+    return figures
+
+
+def libipsec_run(h1, h2, seconds: float) -> dict[int, dict]:
+    """Through two charons (kernel-libipsec), AES-GCM-128, PSK: _measured_run's figures."""
     sys.path.insert(0, str(ROOT))
     from tests.fixtures.strongswan import Charon, site_connection
 
@@ -156,10 +184,38 @@ def libipsec_run(h1, h2, seconds: float) -> dict[int, float]:
             charons.append(charon)
             charon.start()
         charons[1].swanctl("--initiate", "--child", "kw", timeout=30)
-        return {size: tunnel_run(h1, h2, size, seconds)[1] / seconds for size in (64, 1400)}
+        return _measured_run(h1, h2, seconds, [c.process.pid for c in charons])
     finally:
         for charon in charons:
             charon.stop()
+
+
+def keywayd_run(h1, h2, seconds: float) -> dict[int, dict]:
+    """Through two keywayd agents (userspace plane, `encap: force`: ESP-in-UDP as
+    libipsec always does), AES-GCM-128, PSK: _measured_run's figures."""
+    sys.path.insert(0, str(ROOT))
+    from tests.fixtures.keywayd import Keywayd, site_connection
+
+    folder = Path(tempfile.mkdtemp(prefix="kwbench-keywayd"))
+    agents = []
+    try:
+        for me, peer in ((h2, h1), (h1, h2)):
+            conn = site_connection(me, peer, start=False, esp_proposals=["aes128gcm16"])
+            conn["encap"] = "force"
+            agents.append(Keywayd(me.netns, folder / me.name, {"kw": conn}, log_level="info"))
+        receiver, sender = agents
+        sender.ctl("initiate", connection="kw")
+
+        def packets(agent, key: str) -> int:
+            return sum(c.get(key, 0) for sa in agent.sas("kw") for c in sa["children"])
+
+        def counters() -> tuple[int, int]:
+            return packets(sender, "packets_out"), packets(receiver, "packets_in")
+
+        return _measured_run(h1, h2, seconds, [a.process.pid for a in agents], counters)
+    finally:
+        for agent in agents:
+            agent.stop()
 
 
 def packet_layer(seconds: float = 0.5) -> None:
@@ -223,12 +279,27 @@ def main() -> None:
             finally:
                 _stop(p1)
                 _stop(p2)
+        agents = keywayd_run(h1, h2, seconds)
         theirs = libipsec_run(h1, h2, seconds)
-        print("\nstrongSwan 5.9.8 charon with kernel-libipsec (always ESP-in-UDP), same hosts:")
-        for size, rate in theirs.items():
+        print(
+            "\nnegotiated, ESP-in-UDP, same hosts: two keywayd (userspace plane, encap: force),"
+            "\nand two strongSwan 5.9.8 charons with kernel-libipsec (always ESP-in-UDP). CPU: of"
+            "\nboth ends' agents per packet received; these 2 cores also run the sender and"
+            "\nthe receiver, so an agent's CPU is the receiver's loss."
+        )
+        print(f"{'agent':<11} {'payload':>7} {'recv pkt/s':>11} {'CPU us/pkt':>11}  where")
+        for size in (64, 1400):
+            kw, ss = agents[size], theirs[size]
+            print(f"{'keywayd':<11} {size:>7} {kw['rate']:>11.0f} {kw['cpu_us']:>11.1f}  "
+                  f"sender's SA protected {kw['protected']:.0f}/s, receiver's decrypted "
+                  f"{kw['decrypted']:.0f}/s")  # fmt: skip
+            print(f"{'libipsec':<11} {size:>7} {ss['rate']:>11.0f} {ss['cpu_us']:>11.1f}")
+            rate = ss["rate"]
             print(
-                f"{'libipsec':<11} {size:>7} {rate:>11.0f} pkt/s received; keyway/libipsec "
-                f"(ESP-in-UDP) = {ours[size] / rate if rate else float('nan'):.2f}"
+                f"{'':<11} {size:>7} keywayd/libipsec = "
+                f"{kw['rate'] / rate if rate else float('nan'):.2f} (received), CPU per "
+                f"packet {kw['cpu_us'] / ss['cpu_us']:.2f}x; plane alone/libipsec = "
+                f"{ours[size] / rate if rate else float('nan'):.2f}"
             )
         packet_layer()
     finally:

@@ -87,6 +87,18 @@ class _Sa:
     overflow_sent: bool = False
     selector: _CompiledSelector | None = None
     mapping_sent: tuple[bytes, int] | None = None  # the new (source, port) reported
+    # The spec's addresses as the per-packet paths need them, set by `addressed`.
+    family: int = socket.AF_INET
+    src_packed: bytes = b""
+    dst_packed: bytes = b""
+
+    def addressed(self) -> _Sa:
+        """Derive the per-packet forms of the spec's addresses (after any change of it)."""
+        self.family = _fam_str(self.spec.dst)
+        self.src_packed = _packed(self.spec.src)
+        self.dst_packed = _packed(self.spec.dst)
+        self.crypto.set_outer(self.spec.src, self.spec.dst)
+        return self
 
 
 def _net(prefix: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -273,7 +285,7 @@ class UserspacePlane(DataPlane):
             selector = _CompiledSelector(sa.selector) if sa.selector else None
         except ValueError as exc:
             raise DataPlaneError(f"SA 0x{sa.spi:08x} selector: {exc}") from None
-        entry = _Sa(sa, crypto, add_time=self.clock(), selector=selector)
+        entry = _Sa(sa, crypto, add_time=self.clock(), selector=selector).addressed()
         self._sas[sa.id] = entry
         self._out_cache.clear()
         if sa.encap is not None:
@@ -293,6 +305,7 @@ class UserspacePlane(DataPlane):
         ):
             raise DataPlaneError(f"SA 0x{sa.spi:08x}: keys and algorithms cannot be updated")
         entry.spec = sa  # lifetimes and encapsulation; counters and the window stay
+        entry.addressed()
         self._out_cache.clear()
         if sa.encap is not None:
             self._encap_by_spi[sa.spi] = entry
@@ -312,7 +325,7 @@ class UserspacePlane(DataPlane):
         proto = pk.IPPROTO_AH if sa.proto == IpsecProto.AH else pk.IPPROTO_ESP
         self._inbound.pop((ipaddress.ip_address(sa.dst).packed, proto, sa.spi), None)
         entry.spec = moved
-        entry.crypto.outer_src, entry.crypto.outer_dst = src, dst
+        entry.addressed()
         entry.mapping_sent = None
         self._sas[moved.id] = entry
         self._inbound[(ipaddress.ip_address(dst).packed, proto, sa.spi)] = entry
@@ -484,26 +497,33 @@ class UserspacePlane(DataPlane):
         if seq >= crypto.seq_limit - SEQ_OVERFLOW_MARGIN:
             self._overflow(entry)
         encap = spec.encap
+        # ESP-in-UDP through a UDP socket: the ESP alone is sealed, no outer headers.
+        udp_send = None
+        if encap is not None and not crypto.is_ah:
+            if self.udp_sender is not None:
+                udp_send = self.udp_sender
+            elif self._udp is not None and entry.family == socket.AF_INET:
+                udp_send = self._send_udp
         try:
-            out = pk.protect(crypto, data, (encap.sport, encap.dport) if encap else None, seq=seq)
+            if udp_send is not None:
+                out = pk.seal_esp(crypto, ip, seq)
+            else:
+                ports = (encap.sport, encap.dport) if encap else None
+                out = pk.protect(crypto, ip, ports, seq=seq)
         except pk.Drop as drop:
             self.drops[drop.reason] += 1
             return
         self._account(entry, len(data))
-        family = _fam_str(spec.dst)
-        if encap is None:
-            self._send_raw(out, spec.dst, family)
-            return
-        esp = out[(20 if family == socket.AF_INET else 40) + 8 :]
-        if self.udp_sender is not None:
-            self.udp_sender(esp, spec.dst, encap.dport)
-        elif self._udp is not None and family == socket.AF_INET:
-            try:
-                self._udp.sendto(esp, (spec.dst, encap.dport))
-            except OSError:
-                self.drops["send"] += 1
+        if udp_send is not None:
+            udp_send(out, spec.dst, encap.dport)
         else:
-            self._send_raw(out, spec.dst, family)
+            self._send_raw(out, spec.dst, entry.family)
+
+    def _send_udp(self, esp: bytes, dst: str, port: int) -> None:
+        try:
+            self._udp.sendto(esp, (dst, port))
+        except OSError:
+            self.drops["send"] += 1
 
     def _outbound_sa(self, reqid: int, proto: IpsecProto, dst: str) -> _Sa | None:
         key = (reqid, proto, dst)
@@ -578,8 +598,8 @@ class UserspacePlane(DataPlane):
             except OSError:
                 self.drops["recv"] += 1
                 return
-            local = self._udp.getsockname()[0]
-            self.handle_udp_encap(data, src, local if local != "0.0.0.0" else None, port)
+            # Bound to 0.0.0.0: the SA is found by its SPI among UDP-encapsulated ones.
+            self.handle_udp_encap(data, src, None, port)
 
     def handle_ipv4(self, data: bytes) -> None:
         """A whole IPv4 packet carrying ESP or AH (as a raw IPv4 socket delivers it)."""
@@ -609,9 +629,7 @@ class UserspacePlane(DataPlane):
             src_b = socket.inet_pton(_fam_str(src), src)
             if dst is None:
                 entry = self._encap_by_spi.get(struct.unpack_from("!I", datagram, 0)[0])
-                dst_b = (
-                    socket.inet_pton(_fam_str(entry.spec.dst), entry.spec.dst) if entry else src_b
-                )
+                dst_b = entry.dst_packed if entry else src_b
             else:
                 dst_b = socket.inet_pton(_fam_str(dst), dst)
         except OSError:
@@ -641,10 +659,9 @@ class UserspacePlane(DataPlane):
             return
         try:
             if proto == pk.IPPROTO_AH:
-                inner, _unused = pk.unprotect_ah(entry.crypto, header, data, src, dst)
+                ip, _unused = pk.open_ah(entry.crypto, header, data, src, dst)
             else:
-                inner, _unused = pk.unprotect_esp(entry.crypto, data, src, dst)
-            ip = pk.IpPacket(inner)
+                ip, _unused = pk.open_esp(entry.crypto, data, src, dst)
         except pk.Drop as drop:
             self.drops[drop.reason] += 1
             if drop.reason == pk.REPLAY:
@@ -661,11 +678,11 @@ class UserspacePlane(DataPlane):
             # the inner packet must match an IN policy whose template is this SA's reqid.
             self.drops[pk.SELECTOR] += 1
             return
-        self._account(entry, len(inner))
+        self._account(entry, len(ip.data))
         if sport is not None:
             self._check_mapping(entry, src, sport)
         try:
-            os.write(self._tun_fd, inner)
+            os.write(self._tun_fd, ip.data)
         except OSError:
             self.drops["tun_write"] += 1
 
@@ -673,7 +690,7 @@ class UserspacePlane(DataPlane):
         """Once per new mapping: the packet was authenticated, so its source is the
         peer's (until the daemon moves the SA's encapsulation there)."""
         encap, spec = entry.spec.encap, entry.spec
-        if encap is None or (sport == encap.sport and src == _packed(spec.src)):
+        if encap is None or (sport == encap.sport and src == entry.src_packed):
             return
         if entry.mapping_sent == (src, sport):
             return

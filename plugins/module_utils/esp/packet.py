@@ -94,8 +94,7 @@ class SaCrypto:
         "icv_len",
         "is_ah",
         "iv_len",
-        "outer_dst",
-        "outer_src",
+        "outer",
         "replay",
         "seq",
         "seq_limit",
@@ -124,8 +123,7 @@ class SaCrypto:
         self.is_ah = ah
         self.tunnel = tunnel
         self.esn = esn
-        self.outer_src = outer_src
-        self.outer_dst = outer_dst
+        self.set_outer(outer_src, outer_dst)
         self._aead = None
         self._salt = b""
         self._cbc_key = b""
@@ -178,6 +176,10 @@ class SaCrypto:
         if len(integ_key) != key_len:
             raise SaConfigError(f"{integ_alg} needs a {key_len}-byte key, got {len(integ_key)}")
         self._mac_key, self._mac_name = integ_key, name
+
+    def set_outer(self, src: str, dst: str) -> None:
+        """The tunnel's outer addresses, packed once here rather than per packet."""
+        self.outer = (_addr(src) if src else b"", _addr(dst) if dst else b"")
 
     def __repr__(self) -> str:  # keys never appear
         return f"SaCrypto(spi=0x{self.spi:08x}, ah={self.is_ah}, tunnel={self.tunnel})"
@@ -334,7 +336,8 @@ class IpPacket:
                 raise Drop(TRUNCATED, "IPv4 lengths")
             self.header_len, self.proto = ihl, data[9]
             self.src, self.dst = bytes(data[12:16]), bytes(data[16:20])
-            data = data[:total]
+            if total != n:
+                data = data[:total]
         elif version == 6:
             if n < 40:
                 raise Drop(TRUNCATED, "IPv6 header")
@@ -343,7 +346,8 @@ class IpPacket:
                 raise Drop(TRUNCATED, "IPv6 payload length")
             self.header_len, self.proto = 40, data[6]
             self.src, self.dst = bytes(data[8:24]), bytes(data[24:40])
-            data = data[: 40 + plen]
+            if 40 + plen != n:
+                data = data[: 40 + plen]
         else:
             raise Drop(UNSUPPORTED, f"IP version {version}")
         self.version = version
@@ -366,7 +370,7 @@ def _addr(text: str) -> bytes:
 
 def _outer_header(sa: SaCrypto, inner: IpPacket, proto: int, payload_len: int) -> bytes:
     if sa.tunnel:
-        src, dst = _addr(sa.outer_src), _addr(sa.outer_dst)
+        src, dst = sa.outer
         if len(src) == 4:
             return ipv4_header(src, dst, proto, payload_len)
         return ipv6_header(src, dst, proto, payload_len)
@@ -386,28 +390,42 @@ def _outer_header(sa: SaCrypto, inner: IpPacket, proto: int, payload_len: int) -
 
 def protect(
     sa: SaCrypto,
-    packet: bytes | memoryview,
+    packet: bytes | memoryview | IpPacket,
     udp_ports: tuple[int, int] | None = None,
     seq: int | None = None,
     iv: bytes | None = None,
 ) -> bytes:
-    """Inner IP packet -> outer IP packet (ESP, ESP-in-UDP when `udp_ports`, or AH).
-    `seq` and `iv` are for published test vectors; normally the SA chooses them."""
-    inner = IpPacket(packet)
+    """Inner IP packet (raw, or as parsed already) -> outer IP packet (ESP, ESP-in-UDP
+    when `udp_ports`, or AH). `seq` and `iv` are for published test vectors; normally the
+    SA chooses them."""
+    inner = packet if isinstance(packet, IpPacket) else IpPacket(packet)
     if seq is None:
         seq = sa.next_seq()
-    if sa.tunnel:
-        next_header = IPPROTO_IPIP if inner.version == 4 else IPPROTO_IPV6
-        payload = bytes(inner.data)
-    else:
-        next_header, payload = inner.proto, bytes(inner.payload)
     if sa.is_ah:
+        next_header, payload = _inner_payload(sa, inner)
         return _ah_protect(sa, inner, next_header, payload, seq)
-    esp = sa.esp_seal(payload, next_header, seq, iv)
+    esp = seal_esp(sa, inner, seq, iv)
     if udp_ports is None:
         return _outer_header(sa, inner, IPPROTO_ESP, len(esp)) + esp
     header = _outer_header(sa, inner, IPPROTO_UDP, 8 + len(esp))
     return header + udp_header(udp_ports[0], udp_ports[1], esp, header) + esp
+
+
+def seal_esp(sa: SaCrypto, inner: IpPacket, seq: int, iv: bytes | None = None) -> bytes:
+    """`inner` in ESP, from the SPI on: what follows the outer IP header, or an
+    ESP-in-UDP datagram's payload as a UDP socket sends it (no outer header built and
+    cut off again)."""
+    next_header, payload = _inner_payload(sa, inner)
+    return sa.esp_seal(payload, next_header, seq, iv)
+
+
+def _inner_payload(sa: SaCrypto, inner: IpPacket) -> tuple[int, bytes]:
+    """What the SA protects of `inner`, with its next header: the whole packet in
+    tunnel mode, the transport payload in transport mode. (bytes() of a bytes object is
+    that object: no copy for what a TUN read returns.)"""
+    if sa.tunnel:
+        return (IPPROTO_IPIP if inner.version == 4 else IPPROTO_IPV6), bytes(inner.data)
+    return inner.proto, bytes(inner.payload)
 
 
 def _ah_protect(sa: SaCrypto, inner: IpPacket, next_header: int, payload: bytes, seq: int) -> bytes:
@@ -441,6 +459,14 @@ def unprotect_esp(
 ) -> tuple[bytes, int]:
     """ESP (from the SPI on) -> (inner IP packet, seq). Transport mode rebuilds the header
     from the outer addresses."""
+    inner, seq = open_esp(sa, esp, outer_src, outer_dst)
+    return bytes(inner.data), seq
+
+
+def open_esp(
+    sa: SaCrypto, esp: bytes | memoryview, outer_src: bytes, outer_dst: bytes
+) -> tuple[IpPacket, int]:
+    """As unprotect_esp, the inner packet parsed (the plane checks its selectors)."""
     next_header, payload, seq = sa.esp_open(esp)
     return _inner_from(sa, next_header, payload, outer_src, outer_dst), seq
 
@@ -455,6 +481,18 @@ def unprotect_ah(
     """AH (from its header on) -> (inner IP packet, seq). `outer_header` is the received
     IPv4 header (its identification is protected); IPv6 raw sockets do not deliver one,
     so it is rebuilt (no extension headers supported)."""
+    inner, seq = open_ah(sa, outer_header, ah, outer_src, outer_dst)
+    return bytes(inner.data), seq
+
+
+def open_ah(
+    sa: SaCrypto,
+    outer_header: bytes | None,
+    ah: bytes | memoryview,
+    outer_src: bytes,
+    outer_dst: bytes,
+) -> tuple[IpPacket, int]:
+    """As unprotect_ah, the inner packet parsed."""
     n = len(ah)
     if n < 12 + sa.icv_len:
         raise Drop(TRUNCATED, f"AH {n} bytes")
@@ -479,15 +517,16 @@ def unprotect_ah(
     return _inner_from(sa, next_header, bytes(payload), outer_src, outer_dst), seq
 
 
-def _inner_from(sa: SaCrypto, next_header: int, payload: bytes, src: bytes, dst: bytes) -> bytes:
+def _inner_from(sa: SaCrypto, next_header: int, payload: bytes, src: bytes, dst: bytes) -> IpPacket:
+    """The inner packet, parsed: which validates its lengths before it reaches the TUN
+    device, and gives the plane what its selector checks need."""
     if sa.tunnel:
         if next_header not in (IPPROTO_IPIP, IPPROTO_IPV6):
             raise Drop(UNSUPPORTED, f"tunnel mode next header {next_header}")
-        IpPacket(payload)  # validates lengths before it reaches the TUN device
-        return payload
+        return IpPacket(payload)
     if len(src) == 4:
-        return ipv4_header(src, dst, next_header, len(payload)) + payload
-    return ipv6_header(src, dst, next_header, len(payload)) + payload
+        return IpPacket(ipv4_header(src, dst, next_header, len(payload)) + payload)
+    return IpPacket(ipv6_header(src, dst, next_header, len(payload)) + payload)
 
 
 # -- RFC 3948 UDP encapsulation --------------------------------------------------------
@@ -541,4 +580,14 @@ def family_of(addr: str) -> int:
     return socket.AF_INET6 if ":" in addr else socket.AF_INET
 
 
-__all__ = ["Drop", "SaConfigError", "SaCrypto", "protect", "unprotect_ah", "unprotect_esp"]
+__all__ = [
+    "Drop",
+    "SaConfigError",
+    "SaCrypto",
+    "open_ah",
+    "open_esp",
+    "protect",
+    "seal_esp",
+    "unprotect_ah",
+    "unprotect_esp",
+]

@@ -138,6 +138,34 @@ def receive(sa: SaCrypto, outer: bytes) -> bytes:
     return pk.unprotect_esp(sa, ip.payload, ip.src, ip.dst)[0]
 
 
+@pytest.mark.parametrize("tunnel", [True, False], ids=["tunnel", "transport"])
+@pytest.mark.parametrize("family", [4, 6])
+def test_seal_esp_is_what_esp_in_udp_carries_and_the_outer_addresses_follow_set_outer(
+    tunnel: bool, family: int
+) -> None:
+    """The plane sends seal_esp's bytes as an ESP-in-UDP datagram's payload: they must be
+    what protect() puts after the outer IP and UDP headers (same SA, sequence number and
+    IV). And set_outer (the plane's move_sa) changes the tunnel's outer header."""
+    tx, rx = pair("esp", ALGS[0], tunnel, family)
+    isrc, idst = FAMILIES[family][2:] if tunnel else FAMILIES[family][:2]
+    inner = udp_packet(isrc, idst, b"sealed alone" * 3)
+    iv = os.urandom(8)
+    outer = pk.protect(tx, inner, udp_ports=(4500, 4500), seq=5, iv=iv)
+    header = 20 if family == 4 else 40
+    assert pk.seal_esp(tx, pk.IpPacket(inner), seq=5, iv=iv) == outer[header + 8 :]
+    assert pk.protect(tx, pk.IpPacket(inner), seq=6, iv=iv) == pk.protect(
+        tx, inner, seq=6, iv=iv
+    )  # an IpPacket already parsed is taken as it is
+    ip = pk.IpPacket(outer)
+    packet, seq = pk.open_esp(rx, outer[header + 8 :], ip.src, ip.dst)
+    assert seq == 5 and packet.proto == 17
+    assert bytes(packet.payload) == pk.IpPacket(inner).payload
+    if tunnel:
+        moved = "192.0.2.99" if family == 4 else "2001:db8::99"
+        tx.set_outer(FAMILIES[family][0], moved)
+        assert pk.IpPacket(pk.protect(tx, inner)).dst == pk._addr(moved)
+
+
 @pytest.mark.parametrize("alg", ALGS, ids=lambda a: f"{a[0]}-{a[1]}-{a[2]}")
 @pytest.mark.parametrize("tunnel", [True, False], ids=["tunnel", "transport"])
 @pytest.mark.parametrize("family", [4, 6])

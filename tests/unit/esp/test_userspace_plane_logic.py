@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import struct
 
 import pytest
@@ -356,3 +357,26 @@ def test_move_sa_keeps_sequence_numbers_window_and_counters(pair: Pair) -> None:
     assert os.read(pair.r, 65535) == inner
     with pytest.raises(DataPlaneError, match="to move"):
         pair.a.move_sa(SaId(B, IpsecProto.ESP, 0x1001), A, c, None)
+
+
+def test_an_sa_moved_off_udp_sends_plain_esp_from_and_to_its_new_addresses(pair: Pair) -> None:
+    """The outer addresses are packed once per SA (not per packet): a move must repack
+    them, or plain ESP would still go to the old address."""
+    sent: list[tuple[bytes, tuple]] = []
+
+    class RawSender:
+        def sendto(self, data: bytes, addr: tuple) -> None:
+            sent.append((data, addr))
+
+    pair.a._senders[socket.AF_INET] = RawSender()
+    c = "192.0.2.99"
+    pair.a.move_sa(SaId(B, IpsecProto.ESP, 0x1001), A, c, None)
+    pair.a.update_policy(
+        PolicySpec(Selector("10.1.0.0/24", "10.2.0.0/24"), Direction.OUT,
+                   templates=(Template(IpsecProto.ESP, Mode.TUNNEL, REQID, A, c),))
+    )  # fmt: skip
+    pair.a.handle_outbound(udp_packet("10.1.0.1", "10.2.0.1", b"plain"))
+    ((outer, addr),) = sent
+    ip = pk.IpPacket(outer)
+    assert (ip.proto, ip.src, ip.dst, addr) == (pk.IPPROTO_ESP, pk._addr(A), pk._addr(c), (c, 0))
+    assert pair.wire == []
