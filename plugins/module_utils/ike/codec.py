@@ -20,6 +20,7 @@ and which notify a responder should answer with (None: drop silently).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 from dataclasses import dataclass, field
@@ -41,6 +42,13 @@ DEFAULT_MAX_MESSAGE_SIZE = 65535
 MAX_PAYLOADS = 256  # a message with more is garbage, not work to do
 _HEADER = struct.Struct("!8s8sBBBBII")
 _GENERIC = struct.Struct("!BBH")
+
+
+@functools.lru_cache(maxsize=4096)
+def ip_address(value: str | bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """ipaddress.ip_address, cached: an agent parses the same few addresses over and over
+    (traffic selectors, NAT detection), and parsing is most of a selector's cost."""
+    return ipaddress.ip_address(value)
 
 
 class IkeDecodeError(Exception):
@@ -396,7 +404,7 @@ class VendorID(Payload):
         return cls(body, critical=critical)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrafficSelector:
     ts_type: int
     ip_proto: int
@@ -406,8 +414,8 @@ class TrafficSelector:
     end_addr: str
 
     def encode(self) -> bytes:
-        start = ipaddress.ip_address(self.start_addr).packed
-        end = ipaddress.ip_address(self.end_addr).packed
+        start = ip_address(self.start_addr).packed
+        end = ip_address(self.end_addr).packed
         return (
             struct.pack(
                 "!BBHHH",
@@ -459,8 +467,8 @@ class _TS(Payload):
                     proto,
                     sport,
                     eport,
-                    str(ipaddress.ip_address(start)),
-                    str(ipaddress.ip_address(end)),
+                    str(ip_address(start)),
+                    str(ip_address(end)),
                 )
             )
             offset += length

@@ -344,6 +344,7 @@ def encode_id(text: str) -> tuple[int, bytes]:
     return (IdType.RFC822_ADDR if "@" in text else IdType.FQDN), text.encode()
 
 
+@functools.lru_cache(maxsize=1024)
 def _ts_from_prefix(prefix: str) -> codec.TrafficSelector:
     net = ipaddress.ip_network(prefix)
     ts_type = TsType.IPV4_ADDR_RANGE if net.version == 4 else TsType.IPV6_ADDR_RANGE
@@ -360,8 +361,8 @@ def narrow(
             mine = _ts_from_prefix(prefix)
             if mine.ts_type != ts.ts_type:
                 continue
-            start = max(ipaddress.ip_address(ts.start_addr), ipaddress.ip_address(mine.start_addr))
-            end = min(ipaddress.ip_address(ts.end_addr), ipaddress.ip_address(mine.end_addr))
+            start = max(codec.ip_address(ts.start_addr), codec.ip_address(mine.start_addr))
+            end = min(codec.ip_address(ts.end_addr), codec.ip_address(mine.end_addr))
             if start > end:
                 continue
             result.append(
@@ -379,8 +380,8 @@ def within(selectors: list[codec.TrafficSelector], allowed: tuple[str, ...]) -> 
     return all(
         any(
             mine.ts_type == ts.ts_type
-            and ipaddress.ip_address(mine.start_addr) <= ipaddress.ip_address(ts.start_addr)
-            and ipaddress.ip_address(ts.end_addr) <= ipaddress.ip_address(mine.end_addr)
+            and codec.ip_address(mine.start_addr) <= codec.ip_address(ts.start_addr)
+            and codec.ip_address(ts.end_addr) <= codec.ip_address(mine.end_addr)
             for mine in ours
         )
         for ts in selectors
@@ -388,13 +389,16 @@ def within(selectors: list[codec.TrafficSelector], allowed: tuple[str, ...]) -> 
 
 
 def ts_to_prefixes(selectors: list[codec.TrafficSelector]) -> tuple[str, ...]:
-    out = []
-    for ts in selectors:
-        for net in ipaddress.summarize_address_range(
-            ipaddress.ip_address(ts.start_addr), ipaddress.ip_address(ts.end_addr)
-        ):
-            out.append(str(net))
-    return tuple(out)
+    return tuple(p for ts in selectors for p in _range_prefixes(ts.start_addr, ts.end_addr))
+
+
+@functools.lru_cache(maxsize=1024)
+def _range_prefixes(start: str, end: str) -> tuple[str, ...]:
+    """The prefixes that make up an address range (a selector's), as text."""
+    return tuple(
+        str(net)
+        for net in ipaddress.summarize_address_range(codec.ip_address(start), codec.ip_address(end))
+    )
 
 
 class SaState(enum.StrEnum):
@@ -630,7 +634,7 @@ class IkeSa:
         conn = self.conn
         if conn is None or not conn.fragment_size or not self.peer_fragments:
             return 0
-        ip_header = 20 if ipaddress.ip_address(self.remote[0]).version == 4 else 40
+        ip_header = 20 if codec.ip_address(self.remote[0]).version == 4 else 40
         marker = 4 if self.nat_t else 0  # the non-ESP marker on the NAT-T port
         return conn.fragment_size - ip_header - 8 - marker
 
@@ -756,8 +760,9 @@ class IkeSa:
             self._fail(f"cannot use the negotiated suite: {exc}")
             return
         self.chosen_ike = chosen
-        log.debug("%s: selected IKE proposal %s %s", self.trace_name, describe(chosen),
-                  f"{self.spi_i.hex()}_i {self.spi_r.hex()}_r")  # fmt: skip
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: selected IKE proposal %s %s", self.trace_name, describe(chosen),
+                      f"{self.spi_i.hex()}_i {self.spi_r.hex()}_r")  # fmt: skip
         self.keys = crypto.derive_ike_keys(
             self.prf, encr, integ, shared, self.nonce_i, self.nonce_r, self.spi_i, self.spi_r
         )
@@ -1043,12 +1048,13 @@ class IkeSa:
         keys = crypto.derive_child_keys(self.prf, self.keys.sk_d, encr, integ, ni, nr, shared)
         esn = by_type.get(TransformType.ESN)
         local, remote = (tsi, tsr) if i_side else (tsr, tsi)
-        log.debug(
-            "%s: selected %s proposal %s, TS %s === %s %s", self.trace_name,
-            _protocol_name(chosen.protocol).upper(), describe(chosen),
-            ", ".join(ts_to_prefixes(local)), ", ".join(ts_to_prefixes(remote)),
-            f"{self.spi_i.hex()}_i {self.spi_r.hex()}_r",
-        )  # fmt: skip
+        if log.isEnabledFor(logging.DEBUG):  # the trace's arguments cost more than a setup's HMACs
+            log.debug(
+                "%s: selected %s proposal %s, TS %s === %s %s", self.trace_name,
+                _protocol_name(chosen.protocol).upper(), describe(chosen),
+                ", ".join(ts_to_prefixes(local)), ", ".join(ts_to_prefixes(remote)),
+                f"{self.spi_i.hex()}_i {self.spi_r.hex()}_r",
+            )  # fmt: skip
         key_out, ik_out, key_in, ik_in = (
             (keys.encr_i, keys.integ_i, keys.encr_r, keys.integ_r)
             if i_side
@@ -3069,7 +3075,7 @@ class Engine:
         should carry."""
 
         def digest(address: Address) -> bytes:
-            packed = ipaddress.ip_address(address[0]).packed
+            packed = codec.ip_address(address[0]).packed
             # SHA-1 is what RFC 7296 2.23 prescribes here (not a security function).
             return hashlib.sha1(spi_i + spi_r + packed + struct.pack("!H", address[1])).digest()
 
