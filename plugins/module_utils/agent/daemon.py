@@ -253,6 +253,7 @@ def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> 
         keepalive=agent.keepalive,
         nat_traversal=conn.encap != "no",
         mobike=conn.mobike,
+        dpd_delay=conn.dpd_delay,
         peer_ranges=peer_ranges(conn.remote_addrs),
         retransmit=RetransmitPolicy(
             agent.retransmit_timeout, agent.retransmit_base, agent.retransmit_tries
@@ -380,8 +381,6 @@ class Agent:
         self._init_queue: dict[str, None] = {}  # initiations waiting for a slot, in order
         self._waiters: dict[str, list[asyncio.Future]] = collections.defaultdict(list)
         self._watchers: set[asyncio.Queue] = set()
-        self._dpd_next: dict[bytes, float] = {}
-        self._dpd_task: asyncio.Task | None = None
         self.stats: collections.Counter[str] = collections.Counter()
         self.control: ControlServer | None = None
         self._instance: InstanceLock | None = None
@@ -437,7 +436,6 @@ class Agent:
                 raise AgentError(f"metrics_listen {address} port {port}: {exc}") from None
         for conn in self.config.connections:
             await self._add_connection(conn)
-        self._dpd_task = asyncio.create_task(self._dpd_loop())
         log.info(
             "keywayd running: %d connection(s), data plane %s, control %s",
             len(self.config.connections),
@@ -477,8 +475,6 @@ class Agent:
             sa.state == "established" for e in self.engines.values() for sa in e.sas()
         ):
             await asyncio.sleep(0.05)  # answers arrive through the runners meanwhile
-        if self._dpd_task:
-            self._dpd_task.cancel()
         for handle in self._late_deletes.values():
             handle.cancel()  # flush_owned below removes them all
         self._late_deletes.clear()
@@ -898,7 +894,6 @@ class Agent:
             self._closing.discard(event.spi_i)
             expired = event.spi_i in self._expired
             self._expired.discard(event.spi_i)
-            self._dpd_next.pop(event.spi_i, None)
             for handle in self._ike_timers.pop(event.spi_i, ()):
                 handle.cancel()
             self._reauth_due.pop(event.spi_i, None)
@@ -1476,31 +1471,6 @@ class Agent:
             except ValueError as exc:  # its rekey or delete is under way already
                 log.info("[%s] %s", sa.conn.name, exc)
         self.runners[sa.engine.local[0]].pump()
-
-    # -- DPD ------------------------------------------------------------------------
-
-    async def _dpd_loop(self) -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            if not any(conn.dpd_delay for conn in self.config.connections):
-                continue  # nothing to probe: do not walk every SA each second
-            self._dpd_round(self._loop.time())
-
-    def _dpd_round(self, now: float) -> None:
-        """A liveness check on each IKE SA whose dpd_delay has passed since the last,
-        unless a request on it is under way (its answer tells as much)."""
-        for engine in self.engines.values():
-            for sa in engine.sas():
-                if sa.state != "established" or sa.conn is None or sa.superseded:
-                    continue  # a surplus SA only waits for its Delete: no probes
-                conn = self._config_of(sa.conn.name)
-                if conn is None or not conn.dpd_delay:
-                    continue
-                due = self._dpd_next.setdefault(sa.spi_i, now + conn.dpd_delay)
-                if now >= due and sa.request is None:
-                    engine.check_liveness(sa, now)
-                    self._dpd_next[sa.spi_i] = now + conn.dpd_delay
-            self.runners[engine.local[0]].pump()
 
     def _change_in_place(self, old: ConnectionConfig, conn: ConnectionConfig) -> bool:
         """Apply a changed connection to the same peer without a gap: new negotiations

@@ -435,29 +435,6 @@ def test_a_start_child_whose_rekeys_the_peer_refused_until_its_hard_lifetime_com
     assert SaId(B[0], IpsecProto.ESP, child.spi_out) in agent.plane.sas
 
 
-def test_a_replaced_ike_sa_waiting_for_the_peer_s_delete_gets_no_liveness_checks(tmp_path):
-    """Issue 14, item 18: an IKE SA kept only until the peer deletes it (here B's Delete
-    after its rekey is lost) is no connection's carrier: keywayd's DPD round skips it
-    (liveness checks on it kept the peer's redundant SA busy, and pluto dropped them)."""
-    pair = established()
-    (old,) = pair.a.sas()
-    agent = agent_of_a(pair, tmp_path)
-    lose = LoseFirst(lambda data, src, dst: src == B and data[18] == ExchangeType.INFORMATIONAL, 9)
-    pair.net.impairment.drop_if = lose
-    pair.b.rekey_ike_sa(pair.b.sas()[0], pair.net.now)
-    pair.pump(until=pair.net.now + 1)
-    new = next(sa for sa in pair.a.sas() if sa is not old)
-    assert old.replaced and old.state == "established" and old.request is None
-    sent: list[bytes] = []
-    pair.net.impairment.drop_if = lambda data, src, dst: src == A and sent.append(data) and False
-    start = pair.net.now
-    agent._dpd_round(start)
-    agent._dpd_round(start + 31)  # dpd_delay 30 s (keywayd's default) later
-    pair.pump(until=start + 31.5)
-    checked = {d[:8] for d in sent if d[18] == ExchangeType.INFORMATIONAL and not d[19] & 0x20}
-    assert checked == {new.spi_i}
-
-
 def test_the_reauthentication_deadline_survives_a_rekey_and_comes_at_the_original_time(tmp_path):
     """Issue 14, item 21, as strongSwan has it ("reauthentication timeout survives a
     rekeying"): A's IKE SA is up at 0 s with reauth_time 300 s and rekey_time 100 s. The

@@ -423,6 +423,82 @@ def test_dead_peer_detection():
     assert gone.reason == down.reason == "peer dead"
 
 
+def test_liveness_checks_come_every_dpd_delay_and_wait_for_a_request_under_way():
+    """dpd_delay is the engine's own schedule (issue 17: protocol policy in the sans-IO
+    layer; keywayd polled every SA each second): an empty INFORMATIONAL every dpd_delay
+    seconds on an established IKE SA, none while another request of ours is unanswered
+    (its answer tells as much), and a peer that stops answering is dead within dpd_delay
+    and the retransmission schedule."""
+    pair = lab_pair(dpd_delay=10)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump()
+    (sa,) = pair.a.sas()
+    up = pair.net.now
+    checks: list[float] = []
+
+    def watch(data: bytes, src, dst) -> bool:
+        request = data[18] == ExchangeType.INFORMATIONAL and not data[19] & 0x20
+        if src == A and request and sa.request is not None and sa.request.kind == "dpd":
+            checks.append(pair.net.now)  # not the Delete of a rekeyed Child SA
+        return False
+
+    pair.net.impairment.drop_if = watch
+    pair.pump(until=up + 25)
+    assert [round(t - up) for t in checks] == [10, 20]
+    # A Child SA rekey at 29 s whose answers are lost until 31 s: the check due at
+    # 30 s waits for it, then goes out.
+    pair.pump(until=up + 29)
+    pair.net.deliver_until(up + 29)  # the clock moves on to 29 s (nothing is due)
+    (spi_in,) = sa.children
+    pair.a.rekey_child_sa(sa, spi_in, pair.net.now)
+    pair.net.impairment.drop_if = lambda data, src, dst: (
+        watch(data, src, dst) or (dst == A and pair.net.now < up + 31)
+    )
+    pair.pump(until=up + 36)
+    assert sa.request is None and len(sa.children) == 1  # the rekey is done
+    # Postponed, not skipped (the next regular one is at 40 s), and not sent meanwhile.
+    (late,) = [t for t in checks if t > up + 25]
+    assert up + 31 <= late < up + 36
+    pair.net.impairment.drop_if = lambda data, src, dst: dst == A  # B goes silent
+    pair.pump(until=up + 200)
+    assert of(pair.events[A], PeerDead)
+    assert not pair.a.sas()
+
+
+def test_a_replaced_ike_sa_waiting_for_the_peer_s_delete_gets_no_liveness_checks():
+    """Issue 14, item 18: an IKE SA kept only until the peer deletes it (here B's Delete
+    after its rekey is lost) is no connection's carrier: it gets no liveness checks
+    (they kept the peer's redundant SA busy, and pluto dropped them); its successor
+    does."""
+    pair = lab_pair(dpd_delay=30)
+    pair.b.add_connection(dataclasses.replace(pair.b.connections["h1-h2"], dpd_delay=0))
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump(until=1)
+    (old,) = pair.a.sas()
+
+    def on_old(data: bytes, src, dst) -> bool:
+        return src == B and data[:8] == old.spi_i and data[18] == ExchangeType.INFORMATIONAL
+
+    lose = LoseFirst(on_old, 9)
+    pair.net.impairment.drop_if = lose
+    pair.b.rekey_ike_sa(pair.b.sas()[0], pair.net.now)
+    pair.pump(until=pair.net.now + 1)
+    new = next(sa for sa in pair.a.sas() if sa is not old)
+    assert old.replaced and old.state == "established" and old.request is None
+    sent: list[bytes] = []
+
+    def watch(data: bytes, src, dst) -> bool:
+        if src == A:
+            sent.append(data)
+        return lose(data, src, dst)  # B's Delete and its retransmissions stay lost
+
+    pair.net.impairment.drop_if = watch
+    pair.pump(until=pair.net.now + 31)  # dpd_delay from either SA's start
+    assert len(lose.lost) == 5 and old.state == "established"  # B gave up on its Delete
+    checked = {d[:8] for d in sent if d[18] == ExchangeType.INFORMATIONAL and not d[19] & 0x20}
+    assert checked == {new.spi_i}
+
+
 def test_queued_requests_wait_for_the_window():
     pair = established()
     sa = pair.a.sas()[0]

@@ -216,6 +216,9 @@ class IkeConnection:
     # MOBIKE (RFC 4555): MOBIKE_SUPPORTED sent in IKE_AUTH; when the peer sends it too,
     # the peer may move its addresses with UPDATE_SA_ADDRESSES (we follow, as responder).
     mobike: bool = True
+    # Seconds between liveness checks (an empty INFORMATIONAL) on each established IKE
+    # SA; PeerDead when one goes unanswered. 0: none (swanctl's dpd_delay).
+    dpd_delay: float = 0.0
 
     @property
     def psks(self) -> tuple[bytes, ...]:
@@ -476,6 +479,7 @@ class IkeSa:
         self.nat = False  # a NAT between the peers: Child SAs are UDP-encapsulated
         self.behind_nat = False  # our own address is translated: we send keepalives
         self.keepalive_at: float | None = None
+        self.dpd_at: float | None = None  # the next liveness check (conn.dpd_delay)
         # We send from the NAT-T port (with the non-ESP marker): we floated there, or
         # the peer's last request came to it.
         self.nat_t = False
@@ -2329,6 +2333,22 @@ class IkeSa:
             log.error("%s: IKE SA state %s -> %s is not in its state machine (a bug)",
                       self.trace_name, old, new)  # fmt: skip
         self.state = new
+        if new == SaState.ESTABLISHED and self.conn.dpd_delay:
+            self.dpd_at = self.engine.now + self.conn.dpd_delay
+
+    def _liveness_due(self, now: float) -> None:
+        """dpd_delay has passed since the last liveness check: another, unless a request
+        is under way (its answer tells as much: looked at again in a second) or the SA
+        is surplus (it only waits for its Delete: checks on it kept the peer's redundant
+        SA busy, and pluto dropped them)."""
+        delay = self.conn.dpd_delay
+        if self.superseded or not delay:
+            self.dpd_at = None
+        elif self.request is None:
+            self.engine.check_liveness(self, now)
+            self.dpd_at = now + delay
+        else:
+            self.dpd_at = now + 1.0
 
     def _up(self, now: float) -> None:
         self._set_state(SaState.ESTABLISHED)
@@ -2428,6 +2448,7 @@ class IkeSa:
             self.delete_at,
             self.wait_until,
             self.keepalive_at,
+            self.dpd_at,
             retry,
         ):
             if at is not None and self.state == "established":
@@ -2459,6 +2480,8 @@ class IkeSa:
                     self._create_again(child, now)
             if self.wait_until is not None and now >= self.wait_until:
                 self._release(now)
+            if self.dpd_at is not None and now >= self.dpd_at:
+                self._liveness_due(now)
             if self.keepalive_at is not None and now >= self.keepalive_at:
                 if self.superseded:  # its successor keeps the mapping alive
                     self.keepalive_at = None
