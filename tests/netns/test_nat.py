@@ -13,7 +13,7 @@ from pathlib import Path
 from tests.fixtures.capture import Capture
 from tests.fixtures.keywayd import site_connection
 from tests.fixtures.nat import flush_mappings, renumber_nat
-from tests.fixtures.netns import udp_exchange
+from tests.fixtures.netns import in_netns, udp_exchange
 
 
 def hub_connection(hub, spoke, nat_address: str) -> dict:
@@ -152,6 +152,44 @@ def test_an_initiator_whose_first_remote_address_is_down_tries_the_next(netns_ho
     assert agent.sas("ab")[0]["remote"] == f"{b.ipv4}:500"
     log = agent.log()
     assert log.index("initiating to 192.0.2.99") < log.index(f"initiating to {b.ipv4}")
+    assert both_ways(a, b)
+
+
+def test_an_initiator_whose_own_address_changes_comes_back_from_the_new_one(netns_hosts, agents):
+    """A host without a configured local address (%any: DHCP, a cloud instance) gets a
+    new one: its IKE SA, bound to the old, goes silent; DPD finds the peer unreachable,
+    and the restart moves the connection to the address routing picks now and
+    initiates from there (it initiated from the vanished address for good). The peer
+    takes it from anywhere, by identity, and its INITIAL_CONTACT clears the old SA."""
+    a, b = netns_hosts(2).hosts
+    fast = {"retransmit_timeout": 0.3, "retransmit_base": 1.5, "retransmit_tries": 2}
+    hub_conn = site_connection(b, a, start=False)
+    hub_conn["remote_addrs"] = ["%any"]
+    agent_b = agents(b, {"ab": hub_conn}, **fast)
+    conn = site_connection(a, b, start=True, dpd_action="restart")
+    del conn["local_addrs"]  # %any: the address routing picks towards b
+    agent_a = agents(a, {"ab": {**conn, "dpd_delay": "1s"}}, **fast)
+    agent_a.wait_for(lambda: up(agent_a, "ab"), "ab up")
+    assert both_ways(a, b)
+    moved = "192.0.2.31"
+    for netns, argv in (
+        (a.netns, ["address", "del", f"{a.ipv4}/{a.prefix4}", "dev", "eth0"]),
+        (a.netns, ["address", "add", f"{moved}/{a.prefix4}", "dev", "eth0"]),
+        # The old address is gone from the network too (the lab's neighbour entries are
+        # static: without this b would still reach a's port there).
+        (b.netns, ["neigh", "replace", a.ipv4, "lladdr", "02:00:00:00:00:99", "dev", "eth0",
+                   "nud", "permanent"]),
+    ):  # fmt: skip
+        assert in_netns(netns, "ip", *argv).returncode == 0
+    agent_a.wait_for(
+        lambda: [sa["local"] for sa in agent_a.sas("ab")] == [moved],
+        "ab up again from the new address", timeout=30,
+    )  # fmt: skip
+    assert f"our address towards the peer is {moved} now (was {a.ipv4}): moving" in agent_a.log()
+    agent_b.wait_for(
+        lambda: [sa["remote"] for sa in agent_b.sas("ab")] == [f"{moved}:500"],
+        "b holds only the IKE SA from the new address",
+    )
     assert both_ways(a, b)
 
 

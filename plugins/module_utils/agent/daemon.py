@@ -150,10 +150,10 @@ def _same_policies(a: ChildConfig, b: ChildConfig) -> bool:
 
 
 def resolve_local_address(conn: ConnectionConfig) -> str:
-    """The connection's local address: the configured one, or for %any the source
-    address the kernel's routing picks towards the first remote address."""
+    """The connection's local address: the configured one, or for %any (%any4, %any6)
+    the source address the kernel's routing picks towards the first remote address."""
     for address in conn.local_addrs:
-        if address != "%any":
+        if not address.startswith("%any"):
             return address
     remote = initiation_addresses(conn.remote_addrs)[0]  # the parser saw to that
     family = socket.AF_INET6 if ":" in remote else socket.AF_INET
@@ -342,7 +342,9 @@ class Agent:
         # (connection, DNS name) -> the address it resolved to last: a peer may come
         # from there (and no longer from where the name pointed before).
         self._resolved: dict[tuple[str, str], ipaddress.IPv4Network | ipaddress.IPv6Network] = {}
-        self._resolving: set[asyncio.Task] = set()  # DNS lookups of peers being initiated
+        # What an initiation waits on (a DNS lookup, a move to a new local address), held
+        # until done: the loop keeps only weak references to tasks.
+        self._initiation_tasks: set[asyncio.Task] = set()
         # CRLs and OCSP responses: one cache for every engine, filled by
         # _fetch_revocation while IKE_AUTH waits (the peer retransmits meanwhile).
         self._revocation_cache = RevocationCache()
@@ -701,6 +703,8 @@ class Agent:
                 self._cancel_retry(name)  # a retry that finds it up counts no failure
             return
         self._terminated.discard(name)
+        if self._local_address_moved(name):
+            return  # it initiates from the new address once it has moved there
         if len(self._initiating) >= MAX_INITIATING:
             # Paced: a burst of thousands of IKE_SA_INITs would overflow socket buffers
             # and the peer's half-open limits, and cost retransmission timeouts.
@@ -711,12 +715,44 @@ class Agent:
         host, port = self._initiation_address(self.config.connection(name))
         if is_dns_name(host):
             task = self._loop.create_task(self._resolve_and_initiate(name, host, port))
-            self._resolving.add(task)
-            task.add_done_callback(self._resolving.discard)
+            self._initiation_tasks.add(task)
+            task.add_done_callback(self._initiation_tasks.discard)
             return
         log.info("[%s] initiating to %s", name, host)
         self.stats["initiations"] += 1
         self.runners[self.local_of[name]].initiate(name, (host, port))
+
+    def _local_address_moved(self, name: str) -> bool:
+        """A connection without a configured local address (%any) uses the one routing
+        picks towards the peer; when that is another now (DHCP gave the host a new one,
+        a route moved), the connection moves to it before it initiates: from the old
+        one, gone or unreachable, no initiation would ever get through. True if it is
+        moving (_move_connection initiates once it is there)."""
+        conn = self.config.connection(name)
+        if not all(a.startswith("%any") for a in conn.local_addrs):
+            return False
+        try:
+            local = resolve_local_address(conn)
+        except AgentError:
+            return False  # no route now: this initiation fails and is retried
+        old = self.local_of[name]
+        if local == old:
+            return False
+        log.info("[%s] our address towards the peer is %s now (was %s): moving there",
+                 name, local, old)  # fmt: skip
+        task = self._loop.create_task(self._move_connection(conn))
+        self._initiation_tasks.add(task)
+        task.add_done_callback(self._initiation_tasks.discard)
+        return True
+
+    async def _move_connection(self, conn: ConnectionConfig) -> None:
+        self._remove_connection(conn.name)
+        try:
+            await self._add_connection(conn)
+        except AgentError as exc:  # the new address cannot be bound
+            log.error("[%s] %s", conn.name, exc)
+            return
+        self._initiate(conn.name)  # unless its start children did already
 
     async def _fetch_revocation(self, name: str, fetch) -> None:
         """A CRL from a distribution point, or an OCSP response, a peer's certificate

@@ -256,3 +256,18 @@ def test_policies_follow_the_selectors_negotiated_and_a_trap_keeps_its_own(agent
     assert trapped < set(plane.policies) and len(plane.policies) == len(trapped) + 3
     agent._on_engine_event(ChildSaDeleted("ab", "sites", 0x101, 0x201, "deleted by us"))
     assert set(plane.policies) == trapped
+
+
+@pytest.mark.parametrize(
+    ("any_", "peer"), [("%any", "127.0.0.1"), ("%any4", "127.0.0.1"), ("%any6", "::1")]
+)
+def test_a_local_address_of_any_is_the_one_routing_picks_towards_the_peer(any_, peer):
+    """%any4 and %any6 were taken for addresses: keywayd tried to bind "%any4"."""
+    from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import parse_config
+
+    config = parse_config({"connections": {"c": {
+        "local_addrs": [any_], "remote_addrs": [peer], "local": {"id": "a"},
+        "remote": {"id": "b"}, "psk": "p" * 32,
+        "children": {"s": {"local_ts": ["10.1.0.0/24"], "remote_ts": ["10.2.0.0/24"]}},
+    }}})  # fmt: skip
+    assert daemon.resolve_local_address(config.connections[0]) == peer
