@@ -706,3 +706,20 @@ def test_metrics_over_http_parse_as_prometheus_text_and_match_keywayctl(netns_ho
     # The same text as keywayctl metrics (counters may have moved in between: names only).
     assert {f.name for f in text_string_to_metric_families(agent_a.ctl("metrics"))} == set(families)
     assert get("/")[0] == 404 and get("/metrics", "POST")[0] == 405
+
+
+def test_a_burst_of_esp_in_udp_leaves_as_gso_sends_and_arrives_whole(netns_hosts, agents):
+    """Issue 18: what one TUN read batch protects for one peer leaves as one UDP GSO
+    send (the kernel cuts it into the ESP-in-UDP datagrams); each arrives, authenticated,
+    at the other agent, which decrypts every one."""
+    a, b = netns_hosts(2).hosts
+    conn_b, conn_a = site_connection(b, a, start=False), site_connection(a, b, start=True)
+    conn_a["encap"] = conn_b["encap"] = "force"  # ESP in UDP without a NAT
+    agent_b = agents(b, {"ab": conn_b}, log_level="info")
+    agent_a = agents(a, {"ab": conn_a}, log_level="info")
+    agent_a.wait_for(lambda: agent_b.sas("ab") and agent_a.sas("ab"), "ab established")
+    assert stream(a, b, 150, 0.0, size=1000) == 150  # back to back: the TUN queues them
+    events = agent_a.ctl("stats")["events"]
+    assert events.get("esp_udp_gso_sends", 0) >= 1
+    assert events["esp_udp_gso_datagrams"] > events["esp_udp_gso_sends"]
+    assert agent_b.ctl("stats").get("dataplane_drops", {}).get("icv", 0) == 0

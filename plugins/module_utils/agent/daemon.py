@@ -415,7 +415,9 @@ class Agent:
         except ControlError as exc:
             raise AgentError(str(exc)) from None
         if self.plane is None:
-            self.plane = await choose_plane(self.config, self._send_encapsulated)
+            self.plane = await choose_plane(
+                self.config, self._send_encapsulated, self._send_encapsulated_burst
+            )
         self._udp_encap_handler = getattr(self.plane, "handle_udp_encap", None)
         try:
             await self.plane.start(self._on_plane_event)
@@ -519,6 +521,8 @@ class Agent:
                 esp_handler=self._on_esp_in_udp,
                 prepare_socket=self.plane.prepare_ike_socket,
                 prepare_nat_t_socket=self.plane.prepare_nat_t_socket,
+                # The userspace plane reads ESP in UDP there: the kernel may coalesce it.
+                udp_gro=self.plane.name == "userspace",
             )
             try:
                 await runner.start()
@@ -1423,6 +1427,12 @@ class Agent:
         if runner is not None:
             runner.send_nat_t(esp, (dst, dport))
 
+    def _send_encapsulated_burst(self, datagrams: list[bytes], dst: str, dport: int) -> None:
+        runner = self._runner_towards(dst)
+        if runner is not None and runner.send_nat_t_burst(datagrams, (dst, dport)):
+            self.stats["esp_udp_gso_sends"] += 1  # `keywayctl stats`: bursts the kernel cut
+            self.stats["esp_udp_gso_datagrams"] += len(datagrams)
+
     def _runner_towards(self, remote: str) -> UdpRunner | None:
         # Per outbound packet: a lookup, not a scan of the connections.
         local = self._local_towards.get(remote)
@@ -1978,7 +1988,7 @@ _COMMANDS = {
 }
 
 
-async def choose_plane(config: AgentConfig, udp_sender) -> base.DataPlane:
+async def choose_plane(config: AgentConfig, udp_sender, udp_burst_sender=None) -> base.DataPlane:
     """The configured data plane; `auto` takes the kernel's when it accepts ESP SAs and
     falls back to the userspace plane, saying why."""
     reason = ""
@@ -1998,4 +2008,6 @@ async def choose_plane(config: AgentConfig, udp_sender) -> base.DataPlane:
 
     if reason:
         log.info("data plane: userspace, because %s", reason)
-    return UserspacePlane(tun_name="kw-esp0", udp_sender=udp_sender)
+    return UserspacePlane(
+        tun_name="kw-esp0", udp_sender=udp_sender, udp_burst_sender=udp_burst_sender
+    )

@@ -71,6 +71,11 @@ UNKNOWN_SPI_MEMORY = 4096  # (sender, SPI) pairs remembered for that
 SEQ_OVERFLOW_MARGIN = 1 << 16
 
 UdpSender = Callable[[bytes, str, int], None]  # (esp, peer address, peer port)
+# (datagrams of one length but maybe the last, peer address, peer port): sent as one
+# UDP GSO super-datagram where the kernel takes it (far less per-packet work).
+UdpBurstSender = Callable[[list[bytes], str, int], None]
+GSO_MAX_SEGMENTS = 64  # the kernel's UDP_MAX_SEGMENTS on older kernels
+GSO_MAX_BYTES = 65000  # a UDP datagram's payload, with room for the headers
 
 
 @dataclass
@@ -160,10 +165,15 @@ class UserspacePlane(DataPlane):
         own_udp_port: int | None = None,
         udp_sender: UdpSender | None = None,
         clock: Callable[[], float] = time.time,
+        udp_burst_sender: UdpBurstSender | None = None,
     ) -> None:
         self.tun_name = tun_name
         self.own_udp_port = own_udp_port
         self.udp_sender = udp_sender
+        self.udp_burst_sender = udp_burst_sender
+        # While a TUN batch is read: the ESP-in-UDP datagrams it made, sent at its end
+        # in runs to one peer (udp_burst_sender); None outside a batch.
+        self._burst: list[tuple[str, int, bytes]] | None = None
         self.clock = clock
         self.drops: collections.Counter[str] = collections.Counter()
         self._sas: dict[SaId, _Sa] = {}
@@ -435,15 +445,44 @@ class UserspacePlane(DataPlane):
     # -- outbound ----------------------------------------------------------------------
 
     def _on_tun(self) -> None:
-        for _unused in range(BATCH):
-            try:
-                data = os.read(self._tun_fd, 65535)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.drops["tun_read"] += 1
-                return
-            self.handle_outbound(data)
+        if self.udp_burst_sender is not None:
+            self._burst = []
+        try:
+            for _unused in range(BATCH):
+                try:
+                    data = os.read(self._tun_fd, 65535)
+                except BlockingIOError:
+                    return
+                except OSError:
+                    self.drops["tun_read"] += 1
+                    return
+                self.handle_outbound(data)
+        finally:
+            burst, self._burst = self._burst, None
+            if burst:
+                self._send_burst(burst)
+
+    def _send_burst(self, burst: list[tuple[str, int, bytes]]) -> None:
+        """The batch's ESP-in-UDP datagrams in order, each run to one peer of one length
+        (the last may be shorter, as UDP GSO allows) as one burst."""
+        i = 0
+        while i < len(burst):
+            dst, port, first = burst[i]
+            run, size, total = [first], len(first), len(first)
+            i += 1
+            while i < len(burst) and len(run) < GSO_MAX_SEGMENTS and len(run[-1]) == size:
+                next_dst, next_port, esp = burst[i]
+                if (next_dst, next_port) != (dst, port) or len(esp) > size:
+                    break
+                if total + len(esp) > GSO_MAX_BYTES:
+                    break
+                run.append(esp)
+                total += len(esp)
+                i += 1
+            if len(run) == 1:
+                self.udp_sender(first, dst, port)
+            else:
+                self.udp_burst_sender(run, dst, port)
 
     def handle_outbound(self, data: bytes) -> None:
         """One packet the kernel routed into the TUN device: protect, pass or drop."""
@@ -515,7 +554,10 @@ class UserspacePlane(DataPlane):
             return
         self._account(entry, len(data))
         if udp_send is not None:
-            udp_send(out, spec.dst, encap.dport)
+            if self._burst is not None and udp_send is self.udp_sender:
+                self._burst.append((spec.dst, encap.dport, out))
+            else:
+                udp_send(out, spec.dst, encap.dport)
         else:
             self._send_raw(out, spec.dst, entry.family)
 

@@ -380,3 +380,42 @@ def test_an_sa_moved_off_udp_sends_plain_esp_from_and_to_its_new_addresses(pair:
     ip = pk.IpPacket(outer)
     assert (ip.proto, ip.src, ip.dst, addr) == (pk.IPPROTO_ESP, pk._addr(A), pk._addr(c), (c, 0))
     assert pair.wire == []
+
+
+def test_a_tun_batch_s_esp_in_udp_leaves_in_runs_to_one_peer_of_one_length() -> None:
+    """What one TUN readiness callback read goes out at its end, in order: each run of
+    datagrams to one peer whose lengths UDP GSO takes (equal, the last maybe shorter)
+    as one burst, anything else one by one."""
+    single: list[tuple] = []
+    bursts: list[tuple] = []
+    plane = UserspacePlane(
+        udp_sender=lambda *x: single.append(x),
+        udp_burst_sender=lambda datagrams, dst, port: bursts.append((datagrams, dst)),
+    )
+    c = "192.0.2.13"
+    for peer, site, spi, reqid in (
+        (B, "10.2.0.0/24", 0x1001, REQID),
+        (c, "10.3.0.0/24", 0x1002, REQID + 1),
+    ):
+        plane.install_sa(
+            dataclasses.replace(sa(A, peer, spi, os.urandom(20), "10.1.0.0/24", site), reqid=reqid)
+        )
+        plane.install_policy(
+            PolicySpec(Selector("10.1.0.0/24", site), Direction.OUT,
+                       templates=(Template(IpsecProto.ESP, Mode.TUNNEL, reqid, A, peer),))
+        )  # fmt: skip
+    tun, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    tun.setblocking(False)
+    plane._tun_fd = tun.fileno()
+    to_b = [udp_packet("10.1.0.1", "10.2.0.1", bytes(n)) for n in (100, 100, 100, 60, 100)]
+    for packet in [*to_b, udp_packet("10.1.0.1", "10.3.0.1", bytes(100)), to_b[0]]:
+        kernel.send(packet)
+    plane._on_tun()
+    # Three of one length and a shorter one end a run; the next starts another, of one.
+    ((run, dst),) = bursts
+    assert dst == B and [int.from_bytes(esp[4:8], "big") for esp in run] == [1, 2, 3, 4]
+    assert len(run[0]) == len(run[1]) == len(run[2]) > len(run[3])
+    assert [dst for _esp, dst, _port in single] == [B, c, B]
+    assert [int.from_bytes(esp[4:8], "big") for esp, dst, _port in single] == [5, 1, 6]
+    tun.close()
+    kernel.close()
