@@ -499,6 +499,25 @@ def test_a_replaced_ike_sa_waiting_for_the_peer_s_delete_gets_no_liveness_checks
     assert checked == {new.spi_i}
 
 
+def test_a_responder_s_answer_to_an_address_is_worked_out_once_and_again_after_a_change():
+    """Issue 18: an IKE_SA_INIT was answered from every connection the address may be
+    for, walked per request (a hub with 10,000 connections to one address spent 62% of
+    its time there; bench/keywayd_setup.py). Now once per address, and anew when a
+    connection changes: a proposal the reloaded connection has is what B offers."""
+    pair = lab_pair()
+    first = pair.b._answering_for(A)
+    assert pair.b._answering_for(A) is first
+    assert first.proposals == (("aes256gcm16-prfsha384-x25519", False),)
+    other = ("aes128gcm16-prfsha256-ecp256",)
+    for engine in (pair.a, pair.b):
+        engine.add_connection(dataclasses.replace(engine.connections["h1-h2"], proposals=other))
+    assert pair.b._answering_for(A).proposals == ((other[0], False),)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump(until=5)
+    (sa,) = pair.b.sas()
+    assert sa.state == "established" and describe(sa.chosen_ike) == "aes128gcm16-prfsha256-ecp256"
+
+
 def test_queued_requests_wait_for_the_window():
     pair = established()
     sa = pair.a.sas()[0]

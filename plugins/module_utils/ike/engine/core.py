@@ -225,6 +225,34 @@ class IkeConnection:
         return (self.psk, *self.previous_psks)
 
 
+@dataclass(frozen=True)
+class _Answering:
+    """How a responder answers an IKE_SA_INIT from one address, before the peer's
+    identity tells its connection: from every connection the address may be for. Worked
+    out once per address (Engine._answering_for): a hub may hold thousands of
+    connections to one address, or to any, and this was work per request for each."""
+
+    proposals: tuple[tuple[str, bool], ...]  # (proposal, allow_weak), each offered once
+    conn: IkeConnection  # the SA's connection until IKE_AUTH (a weak-allowing one first)
+    nat_traversal: bool  # unless every connection says encap: no
+    fragments: bool
+    cas: tuple  # the CAs a pubkey connection trusts (CERTREQ)
+
+    @classmethod
+    def of(cls, candidates: list[IkeConnection]) -> _Answering:
+        return cls(
+            # Many connections to one peer usually share their proposals.
+            tuple(dict.fromkeys((p, c.allow_weak) for c in candidates for p in c.proposals)),
+            next((c for c in candidates if c.allow_weak), candidates[0]),
+            any(c.nat_traversal for c in candidates),
+            any(c.fragment_size for c in candidates),
+            tuple(ca for c in candidates if c.auth == "pubkey" for ca in c.cacerts),
+        )
+
+
+ANSWERING_CACHE = 4096  # addresses whose _Answering is kept (a flood of sources clears it)
+
+
 def _peer_addresses(conn: IkeConnection) -> list[str]:
     """The single addresses a connection's peer may come from (indexed)."""
     singles = [str(r.network_address) for r in conn.peer_ranges if r.num_addresses == 1]
@@ -1763,11 +1791,10 @@ class IkeSa:
         if not (sa and ke and nonce):
             self._answer_init_error(msg, NotifyType.INVALID_SYNTAX)
             return
-        candidates = self.engine._connections_for(self.remote)
-        # Many connections to one peer usually share their proposals: offer each once.
-        distinct = dict.fromkeys((p, c.allow_weak) for c in candidates for p in c.proposals)
+        answering = self.engine._answering_for(self.remote)
         ours = [
-            _ike_proposal(text, weak).to_proposal(n) for n, (text, weak) in enumerate(distinct, 1)
+            _ike_proposal(text, weak).to_proposal(n)
+            for n, (text, weak) in enumerate(answering.proposals, 1)
         ]
         chosen = select_proposal(ours, sa.proposals)
         if chosen is None:
@@ -1782,9 +1809,8 @@ class IkeSa:
         if ke.group != group:
             self._answer_init_error(msg, NotifyType.INVALID_KE_PAYLOAD, struct.pack("!H", group))
             return
-        self.conn = next((c for c in candidates if c.allow_weak), candidates[0])
-        # NAT traversal unless every connection to this address says encap: no.
-        nat_traversal = any(c.nat_traversal for c in candidates)
+        self.conn = answering.conn
+        nat_traversal = answering.nat_traversal
         if nat_traversal:  # the initiator's hashes: over SPIi and a zero SPIr (2.23)
             self._detect_nat(msg, bytes(8))
         self.kx = crypto.key_exchange(group, allow_weak=True)
@@ -1807,16 +1833,17 @@ class IkeSa:
         if self.peer_childless:  # RFC 6023: we accept IKE_AUTH without a Child SA
             payloads.append(codec.Notify(type=NotifyType.CHILDLESS_IKEV2_SUPPORTED))
         # RFC 7383 2.3: the responder says it supports fragments only if asked.
-        self.peer_fragments = bool(msg.notifies(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED)) and any(
-            c.fragment_size for c in candidates
+        self.peer_fragments = (
+            bool(msg.notifies(NotifyType.IKEV2_FRAGMENTATION_SUPPORTED)) and answering.fragments
         )
         if self.peer_fragments:
             payloads.append(codec.Notify(type=NotifyType.IKEV2_FRAGMENTATION_SUPPORTED))
         # Ask for the initiator's certificate when a connection to it trusts CAs: peers
         # like strongSwan send theirs only when asked (RFC 7296 3.7).
-        cas = [ca for c in candidates if c.auth == "pubkey" for ca in c.cacerts]
-        if cas:
-            payloads.append(codec.CERTREQ(kind=certs.X509_SIGNATURE, data=certs.certreq_data(cas)))
+        if answering.cas:
+            payloads.append(
+                codec.CERTREQ(kind=certs.X509_SIGNATURE, data=certs.certreq_data(answering.cas))
+            )
         header = self._header(ExchangeType.IKE_SA_INIT, 0, True)
         _trace(self.trace_name, True, header, payloads)
         data_out = codec.encode_message(codec.Message(header, payloads))
@@ -2555,6 +2582,7 @@ class Engine:
         self._by_identity: dict[tuple[str, str], list[IkeConnection]] = {}
         # Connections whose peer may come from a range: checked after the indexes.
         self._ranged: list[IkeConnection] = []
+        self._answering: dict[str, _Answering] = {}  # by peer address; see _answering_for
         self._by_conn: dict[str, dict[int, IkeSa]] = {}
         self._timers: list[tuple[float, int, IkeSa]] = []  # heap of (deadline, seq, sa)
         self._timer_of: dict[int, float] = {}  # id(sa) -> its live deadline in the heap
@@ -2583,6 +2611,7 @@ class Engine:
     # public API
     def add_connection(self, conn: IkeConnection) -> None:
         self.remove_connection(conn.name)
+        self._answering.clear()
         self.connections[conn.name] = conn
         for address in _peer_addresses(conn):
             self._by_address.setdefault(address, []).append(conn)
@@ -2596,6 +2625,7 @@ class Engine:
         conn = self.connections.pop(name, None)
         if conn is None:
             return
+        self._answering.clear()
         for address in _peer_addresses(conn):
             for index, key in (
                 (self._by_address, address),
@@ -3063,6 +3093,15 @@ class Engine:
             for sa in self.sas_of(name)
             if sa is not besides and sa.state == "established" and sa.remote_id == remote_id
         ]
+
+    def _answering_for(self, remote: Address) -> _Answering:
+        """How to answer an IKE_SA_INIT from `remote` (it matches a connection)."""
+        found = self._answering.get(remote[0])
+        if found is None:
+            if len(self._answering) >= ANSWERING_CACHE:
+                self._answering.clear()
+            found = self._answering[remote[0]] = _Answering.of(self._connections_for(remote))
+        return found
 
     def _connections_for(
         self, remote: Address, remote_id: str | None = None
