@@ -285,9 +285,7 @@ class UserspacePlane(DataPlane):
                 integ_key=sa.integ_key,
                 esn=sa.esn,
                 replay_window=max(sa.replay_window, 32),
-                outer_src=sa.src,
-                outer_dst=sa.dst,
-                icv_bits=sa.icv_bits,
+                icv_bits=sa.icv_bits,  # the outer addresses: _Sa.addressed, once
             )
         except pk.SaConfigError as exc:
             raise DataPlaneError(f"SA 0x{sa.spi:08x}: {exc}") from None
