@@ -27,6 +27,16 @@ at home), in YAML:
             remote_ts: [10.2.0.0/24]
             esp_proposals: [aes256gcm16]
             start_action: start
+      mesh:                              # a mesh defined by policy: every host of the
+        opportunistic: private-or-clear  # prefixes, on its first packet (or private)
+        local_addrs: [192.0.2.11]        # the host's address is its identity, and each
+        remote_addrs: [192.0.2.0/24]     # peer's is theirs (certificates carry them)
+        local: {auth: pubkey, certs: [h1.pem], key: h1.key}
+        remote: {auth: pubkey, cacerts: [ca.pem]}
+        shunt_lifetime: 15m              # a failed peer: in the clear (or dropped) so long
+        children:
+          host: {}                       # transport, trapped, between the two hosts
+          gateway: {mode: pass, remote_ts: [192.0.2.1/32]}   # an exception
 
 The same parser serves the agent (load and reload) and the Ansible module that writes
 the file (validate before it replaces anything), so both agree on what is valid. Every
@@ -101,6 +111,10 @@ DPD_ACTIONS = ("clear", "trap", "restart")
 # auto: UDP-encapsulate ESP when a NAT is detected; force: always; no: never (no NAT
 # detection at all: for peers that must speak plain ESP, a NAT between them breaks it).
 ENCAP_MODES = ("auto", "force", "no")
+# A mesh defined by policy (Libreswan's opportunistic encryption): any host in
+# remote_addrs is negotiated with on its first packet. private: never in the clear;
+# private-or-clear: in the clear with a host that does not answer IKE.
+OPPORTUNISTIC_POLICIES = ("private", "private-or-clear")
 ANY_ADDRESS = {"%any": ("0.0.0.0/0", "::/0"), "%any4": ("0.0.0.0/0",), "%any6": ("::/0",)}
 
 
@@ -261,6 +275,14 @@ class ConnectionConfig:
     mark_in: tuple[int, int] | None = None
     mark_out: tuple[int, int] | None = None
     allow_weak: bool = False
+    # "" (a connection to the peer of remote_addrs), or the policy of an opportunistic
+    # one: a template from which keywayd makes one connection per peer address in
+    # remote_addrs, on that peer's first packet or IKE_SA_INIT (agent/opportunistic.py).
+    opportunistic: str = ""
+    # How long a negotiation that failed leaves its peer alone (opportunistic only;
+    # Libreswan's shuntlifetime): in the clear (private-or-clear) or dropped (private),
+    # then the next packet negotiates again.
+    shunt_lifetime: int = 900
 
 
 @dataclass(frozen=True)
@@ -530,18 +552,29 @@ class _Reader:
         return Secret(data)
 
 
-def _auth(reader: _Reader, raw: Any, path: str, remote: bool) -> AuthConfig:
+def _auth(
+    reader: _Reader, raw: Any, path: str, remote: bool, opportunistic: bool = False
+) -> AuthConfig:
     raw = reader.mapping(
         raw,
         path,
         {"id", "auth", "certs", "key", "key_passphrase_file", "cacerts", "crls", "revocation"},
     )
     ident = raw.get("id")
-    if not isinstance(ident, str) or not ident:
+    if opportunistic:
+        # Each end is known by its address, which its certificate must carry.
+        if "id" in raw:
+            reader.problem(
+                f"{path}.id",
+                "an opportunistic connection's ends are identified by their addresses "
+                "(the certificates carry them): leave id out",
+            )
+        ident = ""
+    elif not isinstance(ident, str) or not ident:
         reader.problem(f"{path}.id", "is required (an IP address, FQDN, user@FQDN or DN)")
         ident = ""
     try:  # a DN in one spelling, the one keywayd compares the peer's with
-        ident = identity.canonical(ident)
+        ident = identity.canonical(ident) if ident else ident
     except identity.IdentityError as exc:
         reader.problem(f"{path}.id", str(exc))
     auth = reader.choice(
@@ -616,6 +649,8 @@ _CONNECTION_KEYS = {
     "mark_out",
     "children",
     "allow_weak",
+    "opportunistic",
+    "shunt_lifetime",
 }
 _AGENT_KEYS = {
     "connections",
@@ -634,9 +669,19 @@ _AGENT_KEYS = {
 }
 
 
-def _child(reader: _Reader, name: str, raw: Any, path: str, allow_weak: bool) -> ChildConfig:
+def _child(
+    reader: _Reader, name: str, raw: Any, path: str, allow_weak: bool, opportunistic: bool
+) -> ChildConfig:
     raw = reader.mapping(raw, path, _CHILD_KEYS)
-    mode = reader.choice(raw, "mode", path, CHILD_MODES, _default(ChildConfig, "mode"))
+    if opportunistic:
+        _opportunistic_child(reader, raw, path)
+    # An opportunistic child is host to host and trapped unless it says otherwise.
+    defaults = {"mode": "transport", "start_action": "trap"} if opportunistic else {}
+
+    def choice(key: str, choices: tuple[str, ...]) -> str:
+        return reader.choice(raw, key, path, choices, defaults.get(key, _default(ChildConfig, key)))
+
+    mode = choice("mode", CHILD_MODES)
     if "esp_proposals" in raw and "ah_proposals" in raw:
         reader.problem(path, "esp_proposals and ah_proposals exclude each other")
     ah = reader.proposals(raw, "ah_proposals", path, "ah", (), allow_weak)
@@ -662,8 +707,12 @@ def _child(reader: _Reader, name: str, raw: Any, path: str, allow_weak: bool) ->
         reader.problem(f"{path}.life_packets", "must be above rekey_packets")
     return ChildConfig(
         name=name,
-        local_ts=reader.selectors(raw, "local_ts", path),
-        remote_ts=reader.selectors(raw, "remote_ts", path),
+        # An opportunistic child's: filled in by its connection (_opportunistic), but
+        # for the hosts a pass or drop one exempts.
+        local_ts=() if opportunistic else reader.selectors(raw, "local_ts", path),
+        remote_ts=()
+        if opportunistic and mode not in ("pass", "drop")
+        else reader.selectors(raw, "remote_ts", path),
         mode=mode,
         esp_proposals=esp,
         ah_proposals=ah,
@@ -674,20 +723,109 @@ def _child(reader: _Reader, name: str, raw: Any, path: str, allow_weak: bool) ->
         life_bytes=life_bytes,
         rekey_packets=rekey_packets,
         life_packets=life_packets,
-        start_action=reader.choice(
-            raw, "start_action", path, START_ACTIONS, _default(ChildConfig, "start_action")
-        ),
-        close_action=reader.choice(
-            raw, "close_action", path, START_ACTIONS, _default(ChildConfig, "close_action")
-        ),
-        dpd_action=reader.choice(
-            raw, "dpd_action", path, DPD_ACTIONS, _default(ChildConfig, "dpd_action")
-        ),
+        start_action=choice("start_action", START_ACTIONS),
+        close_action=choice("close_action", START_ACTIONS),
+        dpd_action=choice("dpd_action", DPD_ACTIONS),
         replay_window=reader.integer(
             raw, "replay_window", path, _default(ChildConfig, "replay_window"), 0, 4096
         ),
         updown=raw.get("updown", "") if isinstance(raw.get("updown", ""), str) else "",
     )
+
+
+def _opportunistic_child(reader: _Reader, raw: dict, path: str) -> None:
+    """What an opportunistic child cannot be: anything but host to host, in transport
+    mode, negotiated on the first packet (its connection's one trap policy per prefix
+    finds each peer's SAs by the packet's destination). A pass or drop child is an
+    exception for the hosts of its remote_ts (Libreswan's clear and block groups)."""
+    selectors = (
+        "an opportunistic child protects the traffic of the two hosts: its selectors are "
+        "the local address and each peer's; leave it out"
+    )
+    actions = (
+        "an opportunistic child comes back on the next packet to its peer (the prefix's "
+        "trap policy), whatever ended it: leave it out"
+    )
+    refused = {"local_ts": selectors, "remote_ts": selectors, "close_action": actions,
+               "dpd_action": actions}  # fmt: skip
+    if raw.get("mode") in ("pass", "drop"):
+        refused = {
+            "local_ts": "an opportunistic connection's pass and drop children hold for the "
+            "local address: leave it out"
+        }
+    for key, why in refused.items():
+        if key in raw:
+            reader.problem(_join(path, key), why)
+    if raw.get("mode", "transport") not in ("transport", "pass", "drop"):
+        reader.problem(
+            _join(path, "mode"),
+            f"{raw['mode']!r}: an opportunistic child is host to host, in transport mode "
+            "(one policy per prefix serves every peer in it; a tunnel's names its peer), "
+            "or a pass or drop exception with its remote_ts",
+        )
+    if raw.get("start_action", "trap") != "trap":
+        reader.problem(
+            _join(path, "start_action"),
+            f"{raw['start_action']!r}: an opportunistic child is negotiated on the first "
+            "packet to a peer (trap); there is no peer to start before",
+        )
+
+
+def _opportunistic(
+    reader: _Reader,
+    path: str,
+    local_addrs: tuple[str, ...],
+    remote_addrs: tuple[str, ...],
+    local: AuthConfig,
+    children: list[ChildConfig],
+) -> tuple[AuthConfig, list[ChildConfig]]:
+    """Check an opportunistic connection; its local id and its children's selectors."""
+    if len(local_addrs) != 1 or local_addrs[0] in ANY_ADDRESS:
+        reader.problem(
+            _join(path, "local_addrs"),
+            "an opportunistic connection needs the host's one address: its identity, "
+            "and the source of every SA it makes",
+        )
+        return local, children
+    if local.method != "pubkey":
+        reader.problem(
+            path,
+            "an opportunistic connection authenticates by certificates (auth: pubkey): a "
+            "PSK shared across a mesh would let any member pose as any other",
+        )
+    me = ipaddress.ip_address(local_addrs[0])
+    ranges = []
+    names = [value for value in remote_addrs if is_dns_name(value)]
+    for value in remote_addrs:
+        if is_dns_name(value):
+            reader.problem(
+                _join(path, "remote_addrs"),
+                f"{value}: an opportunistic connection's remote_addrs are prefixes (and "
+                "addresses) whose hosts it protects, not names",
+            )
+            continue
+        for prefix in ANY_ADDRESS.get(value, (value,)):
+            network = ipaddress.ip_network(prefix)
+            if network.version == me.version:
+                ranges.append(str(network))
+    if remote_addrs and not ranges and not names:
+        reader.problem(
+            _join(path, "remote_addrs"),
+            f"holds no prefix of the local address's family (IPv{me.version})",
+        )
+    if not any(c.mode == "transport" for c in children):
+        reader.problem(
+            _join(path, "children"), "an opportunistic connection needs a transport child"
+        )
+    host = str(ipaddress.ip_network(me))
+    local = dataclasses.replace(local, id=str(me))
+    children = [
+        dataclasses.replace(c, local_ts=(host,))
+        if c.mode in ("pass", "drop")
+        else dataclasses.replace(c, local_ts=(host,), remote_ts=tuple(ranges))
+        for c in children
+    ]
+    return local, children
 
 
 def _mark(reader: _Reader, raw: dict, key: str, path: str) -> tuple[int, int] | None:
@@ -744,8 +882,20 @@ def _connection(
         reader.problem(path, "connection names use letters, digits, '_', '.', '-' (64 at most)")
     raw = reader.mapping(raw, path, _CONNECTION_KEYS)
     allow_weak = reader.boolean(raw, "allow_weak", path, _default(ConnectionConfig, "allow_weak"))
-    local = _auth(reader, raw.get("local"), f"{path}.local", remote=False)
-    remote = _auth(reader, raw.get("remote"), f"{path}.remote", remote=True)
+    opportunistic = (
+        reader.choice(raw, "opportunistic", path, OPPORTUNISTIC_POLICIES, "private")
+        if "opportunistic" in raw
+        else ""
+    )
+    if "shunt_lifetime" in raw and not opportunistic:
+        reader.problem(
+            f"{path}.shunt_lifetime", "is how long an opportunistic negotiation's failure holds"
+            ": set opportunistic, or leave it out",
+        )  # fmt: skip
+    local = _auth(reader, raw.get("local"), f"{path}.local", remote=False,
+                  opportunistic=bool(opportunistic))  # fmt: skip
+    remote = _auth(reader, raw.get("remote"), f"{path}.remote", remote=True,
+                   opportunistic=bool(opportunistic))  # fmt: skip
     if local.method != remote.method:
         reader.problem(
             path,
@@ -798,7 +948,9 @@ def _connection(
             if not isinstance(child_name, str) or not _NAME.match(child_name):
                 reader.problem(child_path, "child names use letters, digits, '_', '.', '-'")
                 continue
-            children.append(_child(reader, child_name, child_raw, child_path, allow_weak))
+            children.append(
+                _child(reader, child_name, child_raw, child_path, allow_weak, bool(opportunistic))
+            )
     version = raw.get("version", 2)
     if version != 2:
         reader.problem(f"{path}.version", f"{version!r}: keywayd speaks IKEv2 only (2)")
@@ -826,7 +978,9 @@ def _connection(
         )
     remote_addrs = reader.peer_addresses(raw, "remote_addrs", path)
     local_addrs = reader.addresses(raw, "local_addrs", path, required=False) or ("%any",)
-    if remote_addrs and not initiation_addresses(remote_addrs):
+    if opportunistic:
+        local, children = _opportunistic(reader, path, local_addrs, remote_addrs, local, children)
+    elif remote_addrs and not initiation_addresses(remote_addrs):
         # A peer of unknown address: it initiates, we answer (as strongSwan's %any).
         starting = [
             f"{c.name}: {key} {getattr(c, key)}"
@@ -847,7 +1001,7 @@ def _connection(
                 "a local address by)",
             )
     first = next(iter(initiation_addresses(remote_addrs)), "")
-    if is_dns_name(first):
+    if is_dns_name(first) and not opportunistic:
         # Names are resolved when initiating, never while keywayd loads its config.
         if all(a.startswith("%any") for a in local_addrs):
             reader.problem(
@@ -895,6 +1049,10 @@ def _connection(
         mark_in=_mark(reader, raw, "mark_in", path),
         mark_out=_mark(reader, raw, "mark_out", path),
         allow_weak=allow_weak,
+        opportunistic=opportunistic,
+        shunt_lifetime=reader.duration(
+            raw, "shunt_lifetime", path, _default(ConnectionConfig, "shunt_lifetime")
+        ),
     )
 
 

@@ -63,6 +63,7 @@ from ..ike.engine.core import (
     untrusted,
 )
 from ..ike.engine.events import (
+    Address,
     AuthFailed,
     ChildSaDeleted,
     ChildSaReady,
@@ -78,7 +79,7 @@ from ..ike.engine.events import (
 )
 from ..ike.engine.retransmit import RetransmitPolicy
 from ..ike.proposals import describe
-from . import install, library
+from . import install, library, opportunistic
 from .config import (
     PEER_SIGNATURES,
     AgentConfig,
@@ -255,6 +256,7 @@ def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> 
         mobike=conn.mobike,
         dpd_delay=conn.dpd_delay,
         peer_ranges=peer_ranges(conn.remote_addrs),
+        opportunistic=bool(conn.opportunistic),
         retransmit=RetransmitPolicy(
             agent.retransmit_timeout, agent.retransmit_base, agent.retransmit_tries
         ),
@@ -353,6 +355,14 @@ class Agent:
         self.runners: dict[str, UdpRunner] = {}
         self.local_of: dict[str, str] = {}  # connection -> local address
         self.children: dict[tuple[str, str], _ChildState] = {}
+        # Opportunistic connections' instances, one per peer (agent/opportunistic.py):
+        # by name, and the template each was made from.
+        self._instances: dict[str, ConnectionConfig] = {}
+        self._template_of: dict[str, str] = {}
+        # (template, peer) -> the pass or drop policies a failed negotiation left for
+        # that peer, and when they go
+        self._shunts: dict[tuple[str, str], tuple[list[base.PolicySpec], asyncio.TimerHandle]]
+        self._shunts = {}
         # spi_in -> (out, in) as installed; out is None while deferred or never to be sent on
         self.sa_pairs: dict[int, tuple[base.SaId | None, base.SaId]] = {}
         self._child_since: dict[int, float] = {}  # spi_in -> when it was installed
@@ -512,6 +522,7 @@ class Agent:
                 nat_t_port=self.config.nat_t_port,
             )
             engine.revocation_cache = self._revocation_cache
+            engine.instantiate = self._answer_instance
             runner = UdpRunner(
                 engine,
                 local,
@@ -550,6 +561,10 @@ class Agent:
             self._initiate(conn.name)
 
     def _remove_connection(self, name: str) -> None:
+        for instance in [n for n, t in self._template_of.items() if t == name]:
+            self._drop_instance(instance)
+        for key in [k for k in self._shunts if k[0] == name]:
+            self._end_shunt(key)
         for sa in self._ike_sas(name):
             if sa.state == "established":
                 self._close_ike(sa)
@@ -697,6 +712,12 @@ class Agent:
     def _initiate(self, name: str) -> None:
         if name not in self.local_of:
             raise ControlError(f"no connection {name!r}")
+        if self._connection(name).opportunistic:
+            raise ControlError(
+                f"{name} is opportunistic: each peer is negotiated with on its first packet "
+                "(or initiate its instance, such as "
+                f"{opportunistic.instance_name(name, 'ADDRESS')})"
+            )
         live = [
             sa
             for sa in self._ike_sas(name)
@@ -716,7 +737,7 @@ class Agent:
             return
         self._initiating.add(name)
         self._attempts[name] = self._attempts.get(name, 0) + 1
-        host, port = self._initiation_address(self.config.connection(name))
+        host, port = self._initiation_address(self._connection(name))
         if is_dns_name(host):
             task = self._loop.create_task(self._resolve_and_initiate(name, host, port))
             self._initiation_tasks.add(task)
@@ -732,7 +753,7 @@ class Agent:
         a route moved), the connection moves to it before it initiates: from the old
         one, gone or unreachable, no initiation would ever get through. True if it is
         moving (_move_connection initiates once it is there)."""
-        conn = self.config.connection(name)
+        conn = self._connection(name)
         if not all(a.startswith("%any") for a in conn.local_addrs):
             return False
         try:
@@ -814,7 +835,7 @@ class Agent:
         # Where the name points now; the address it pointed to before is dropped (a new
         # IKE_SA_INIT from there no longer matches; SAs up stay).
         self._resolved[(name, host)] = ipaddress.ip_network(address)
-        remote_addrs = self.config.connection(name).remote_addrs
+        remote_addrs = self._connection(name).remote_addrs
         configured = peer_ranges(remote_addrs)
         resolved = {v for (n, h), v in self._resolved.items() if n == name and h in remote_addrs}
         ranges = (*configured, *sorted(resolved - set(configured), key=str))
@@ -844,7 +865,7 @@ class Agent:
         the operator or a trap asked for."""
         if self._stopping or name in self._terminated or name not in self.local_of:
             return
-        conn = self.config.connection(name)
+        conn = self._connection(name)
         attempts = self._attempts.get(name, 0)
         wanted = always or any(c.start_action == "start" for c in conn.children)
         if not wanted and attempts and (conn.keyingtries == 0 or attempts < conn.keyingtries):
@@ -892,6 +913,7 @@ class Agent:
         self.stats[type(event).__name__] += 1
         self._publish(event_record(event))
         name = event.connection
+        initiating = name in self._initiating
         if isinstance(event, AuthFailed) and not event.initiator:
             # A peer's IKE_AUTH we refused (the engine logged why): it neither ends nor
             # retries an initiation of ours, whoever sent it.
@@ -958,6 +980,135 @@ class Agent:
             error = f"{event.reason} (the IKE SA is up)" if up else event.reason
             self._wake(name, {"up": False, "error": error})
             self._schedule_retry(name, "negotiation failed")
+        if name in self._instances:
+            self._instance_event(name, event, initiating)
+
+    # -- opportunistic connections (agent/opportunistic.py) ---------------------------
+
+    def _instantiate(self, template: str, peer: str) -> str:
+        """The template's connection to `peer` (made now, unless it exists): added to the
+        template's engine, its children sharing the template's reqids."""
+        name = opportunistic.instance_name(template, peer)
+        if name in self._instances:
+            return name
+        conn = opportunistic.instance_config(self._connection(template), peer)
+        local = self.local_of[template]
+        engine = self.engines[local]
+        engine.add_connection(opportunistic.instance_ike(engine.connections[template], conn))
+        self._instances[name] = conn
+        self._template_of[name] = template
+        self.local_of[name] = local
+        self._local_towards[peer] = local
+        for child in conn.children:
+            self._reqids[(name, child.name)] = self._reqid(template, child.name)
+            self._child_state(name, child.name)
+        return name
+
+    def _answer_instance(self, template: IkeConnection, remote: Address) -> IkeConnection | None:
+        """The engine's instantiate: a peer authenticated for an opportunistic template."""
+        if template.name not in self.local_of or self._stopping:
+            return None
+        name = self._instantiate(template.name, remote[0])
+        log.info("[%s] %s authenticated by its address: answering as %s",
+                 template.name, remote[0], name)  # fmt: skip
+        return self.engines[self.local_of[name]].connections.get(name)
+
+    def _drop_instance(self, name: str) -> None:
+        """Forget an instance (its IKE SAs are gone, or its template is): the next packet
+        to the peer, or the peer's next IKE_SA_INIT, makes it again."""
+        conn = self._instances.get(name)
+        if conn is None:
+            return
+        self._remove_connection(name)
+        del self._instances[name]
+        del self._template_of[name]
+        for child in conn.children:
+            self._reqids.pop((name, child.name), None)
+        for table in (self._attempts, self._last_error, self._address_turn):
+            table.pop(name, None)
+
+    def _acquire_peer(self, template: str, child: str, event: base.AcquireEvent) -> None:
+        """A packet for a peer in an opportunistic template's prefixes: its instance is
+        made and negotiated, or its lost child made again."""
+        peer = event.dst
+        if not peer or (template, peer) in self._shunts:
+            return  # a packet that met the trap as the shunt went in
+        name = self._instantiate(template, peer)
+        sa = self._carrier(name)
+        if sa is not None:
+            self._recreate_child(sa, child)
+        elif not any(sa.state not in ("failed", "deleted") for sa in self._ike_sas(name)):
+            log.info("[%s/%s] acquire for %s: initiating", name, child, event.selector)
+            self._initiate(name)
+
+    def _instance_event(self, name: str, event: Event, initiating: bool) -> None:
+        """After the engine's event for an instance was handled as for any connection:
+        its shunt goes when a Child SA is up; a negotiation of ours that failed leaves
+        one (unless keyingtries retries it); an instance without IKE SAs goes."""
+        template, peer = self._template_of[name], self._instances[name].remote_addrs[0]
+        if isinstance(event, ChildSaReady):
+            self._end_shunt((template, peer))
+            return
+        if not isinstance(event, AuthFailed | NegotiationFailed | PeerDead | IkeSaDown):
+            return
+        if self._retry_in(name) is not None:
+            return  # keyingtries: tried again first
+        if any(sa.state not in ("failed", "deleted") for sa in self._ike_sas(name)):
+            return  # another IKE SA carries it, or is on its way
+        if initiating and not isinstance(event, IkeSaDown):
+            self._shunt(template, peer, getattr(event, "reason", "no answer"))
+        self._drop_instance(name)
+
+    def _shunt(self, template: str, peer: str, why: str) -> None:
+        """Leave `peer` alone for the template's shunt_lifetime: pass or drop."""
+        key = (template, peer)
+        if key in self._shunts:
+            return
+        conn = self._connection(template)
+        local = self.local_of[template]
+        action = opportunistic.shunt_action(conn.opportunistic)
+        policies = install.child_policies(
+            (opportunistic.host_prefix(local),),
+            (opportunistic.host_prefix(peer),),
+            reqid=0,
+            local_address=local,
+            remote_address=peer,
+            mode="transport",
+            action=action,
+            mark_in=conn.mark_in,
+            mark_out=conn.mark_out,
+            if_id_in=conn.if_id_in,
+            if_id_out=conn.if_id_out,
+        )
+        failed = {id(p) for p, exc in self.plane.install_policies(policies)}
+        for policy in policies:
+            if id(policy) in failed:
+                log.error("[%s] %s: shunt policy %s not installed", template, peer, policy.selector)
+        installed = [p for p in policies if id(p) not in failed]
+        handle = self._loop.call_later(conn.shunt_lifetime, self._end_shunt, key)
+        self._shunts[key] = (installed, handle)
+        self.stats["opportunistic_shunts"] += 1
+        log.warning(
+            "[%s] %s: negotiation failed (%s): its traffic %s for %d s",
+            template,
+            peer,
+            why,
+            "goes in the clear" if action == base.PolicyAction.PASS else "is dropped",
+            conn.shunt_lifetime,
+        )
+
+    def _end_shunt(self, key: tuple[str, str]) -> None:
+        found = self._shunts.pop(key, None)
+        if found is None:
+            return
+        policies, handle = found
+        handle.cancel()
+        for policy in policies:
+            try:
+                self.plane.remove_policy(policy.id)
+            except base.DataPlaneError as exc:
+                log.warning("shunt %s not removed: %s", policy.selector, exc)
+        log.info("[%s] %s: shunt removed", *key)
 
     # -- IKE SA schedules ------------------------------------------------------------
 
@@ -1047,7 +1198,7 @@ class Agent:
         self._schedule_retry(name, why, always=restart)
 
     def _child_ready(self, event: ChildSaReady) -> None:
-        conn = self.config.connection(event.connection)
+        conn = self._connection(event.connection)
         child = next(c for c in conn.children if c.name == event.child)
         state = self._child_state(conn.name, child.name)
         try:
@@ -1115,9 +1266,10 @@ class Agent:
         first = not state.spis  # not a rekey nor a reauthentication's twin
         state.spis.add(event.spi_in)
         self._local_towards.setdefault(event.remote_address, self.local_of[conn.name])
-        self._sync_policies(
-            conn, child, state, (event.local_ts, event.remote_ts), event.remote_address
-        )
+        if conn.name not in self._instances:  # an instance's: its template's one policy
+            self._sync_policies(
+                conn, child, state, (event.local_ts, event.remote_ts), event.remote_address
+            )
         if first:
             self._updown("up", event.connection, event.child, event)
         log.info(
@@ -1488,6 +1640,9 @@ class Agent:
         if isinstance(event, base.AcquireEvent):
             for (name, child), state in self.children.items():
                 if state.reqid == event.reqid and state.trap:
+                    if self._connection(name).opportunistic:
+                        self._acquire_peer(name, child, event)
+                        return
                     sa = self._carrier(name)
                     if sa is None:
                         log.info("[%s/%s] acquire for %s: initiating", name, child, event.selector)
@@ -1576,9 +1731,15 @@ class Agent:
             except base.DataPlaneError as exc:
                 log.info("[%s/%s] stale policy already gone: %s", conn.name, child.name, exc)
 
+    def _connection(self, name: str) -> ConnectionConfig:
+        """A configured connection, or an opportunistic one's instance (KeyError if
+        neither)."""
+        instance = self._instances.get(name)
+        return instance if instance is not None else self.config.connection(name)
+
     def _config_of(self, name: str) -> ConnectionConfig | None:
         try:
-            return self.config.connection(name)
+            return self._connection(name)
         except KeyError:
             return None
 
@@ -1611,10 +1772,13 @@ class Agent:
         # A connection to the same peer under the same identities changes make-before-
         # break (reauthenticated with the new settings); any other change, or one to a
         # connection that is not up, is a close and a new start.
+        # An opportunistic template changed is closed and started again with its
+        # instances (they come back on the next packet, with the new settings).
         in_place = [
             n
             for n in changes.changed
             if _same_peer(old.connection(n), new.connection(n))
+            and not (old.connection(n).opportunistic or new.connection(n).opportunistic)
             and n in self.local_of
             and resolve_local_address(new.connection(n)) == self.local_of[n]
         ]
@@ -1681,11 +1845,15 @@ class Agent:
 
     async def _cmd_list_conns(self, args: dict) -> list:
         result = []
-        for conn in self.config.connections:
+        for conn in (*self.config.connections, *self._instances.values()):
             states = [sa.state for sa in self._ike_sas(conn.name)]
             result.append(
                 {
                     "name": conn.name,
+                    # private | private-or-clear for an opportunistic template; the
+                    # template an instance (one peer's connection) was made from
+                    "opportunistic": conn.opportunistic or None,
+                    "instance_of": self._template_of.get(conn.name),
                     "local_addrs": list(conn.local_addrs),
                     "remote_addrs": list(conn.remote_addrs),
                     "local_id": conn.local.id,
@@ -1746,6 +1914,18 @@ class Agent:
             }
             for (name, child), state in sorted(self.children.items())
             for policy in state.policies
+        ] + [
+            {
+                "connection": template,
+                "child": f"shunt for {peer}",
+                "direction": policy.direction.value,
+                "action": policy.action.value,
+                "src": policy.selector.src,
+                "dst": policy.selector.dst,
+                "templates": [],
+            }
+            for (template, peer), (policies, _unused) in sorted(self._shunts.items())
+            for policy in policies
         ]
 
     async def _cmd_list_sas(self, args: dict) -> list:

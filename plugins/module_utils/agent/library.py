@@ -32,6 +32,7 @@ def _shipped_library() -> None:
         install,
         keywayctl,
         keywayd,
+        opportunistic,
         requirements,
         udp,
     )

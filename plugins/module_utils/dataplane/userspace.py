@@ -67,6 +67,7 @@ from .base import (
 BATCH = 64  # packets handled per readiness callback before yielding to the loop
 UNKNOWN_SPI_INTERVAL = 10.0  # seconds between reports of one unknown SPI from one sender
 UNKNOWN_SPI_MEMORY = 4096  # (sender, SPI) pairs remembered for that
+ACQUIRED_KEPT = 4096  # (reqid, peer) pairs whose last acquire is remembered
 # Rekey this many sequence numbers before the counter would run out (RFC 4303 3.3.3).
 SEQ_OVERFLOW_MARGIN = 1 << 16
 
@@ -186,7 +187,7 @@ class UserspacePlane(DataPlane):
         self._route_users: collections.Counter[str] = collections.Counter()
         self._events: EventSink = lambda event: None
         self._unknown_spi: dict[tuple[bytes, int, int], float] = {}  # last report times
-        self._acquired: dict[int, float] = {}
+        self._acquired: dict[tuple[int, str], float] = {}
         # (reqid, proto, template dst) -> outbound SA; cleared whenever SAs change.
         self._out_cache: dict[tuple[int, IpsecProto, str], _Sa] = {}
         self._encap_by_spi: dict[int, _Sa] = {}  # for ESP-in-UDP handed in without dst
@@ -515,8 +516,12 @@ class UserspacePlane(DataPlane):
         if entry is None:
             self.drops["no_sa"] += 1
             now = self.clock()
-            if now - self._acquired.get(tmpl.reqid, -1e9) > 1.0:  # rate-limited like XFRM
-                self._acquired[tmpl.reqid] = now
+            # Rate-limited like XFRM's larval states: per policy template and peer (one
+            # opportunistic policy serves every peer in its prefix).
+            if now - self._acquired.get((tmpl.reqid, sa_dst), -1e9) > 1.0:
+                if len(self._acquired) > ACQUIRED_KEPT:
+                    self._acquired.clear()
+                self._acquired[(tmpl.reqid, sa_dst)] = now
                 # As XFRM's acquire: the packet's flow, and the SA's endpoints.
                 src = socket.inet_ntop(_fam(ip.src), ip.src)
                 dst = socket.inet_ntop(_fam(ip.dst), ip.dst)

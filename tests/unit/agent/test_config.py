@@ -523,3 +523,81 @@ def test_a_dns_name_in_remote_addrs_is_tried_in_its_turn_and_needs_a_local_addre
     assert problems["connections.h1-h2.remote_addrs"].startswith(
         "gw.example.net is a DNS name: a trap policy needs the peer's address"
     )
+
+
+OPPORTUNISTIC = """
+connections:
+  mesh:
+    opportunistic: private-or-clear
+    local_addrs: [192.0.2.11]
+    remote_addrs: [192.0.2.0/24, 198.51.100.0/24, "2001:db8::/64"]
+    local: {auth: pubkey, certs: [h1.pem], key: h1.key}
+    remote: {auth: pubkey, cacerts: [ca.pem]}
+    shunt_lifetime: 5m
+    children:
+      host: {esp_proposals: [aes256gcm16]}
+      gateway: {mode: pass, remote_ts: [192.0.2.1/32]}
+"""
+
+
+def test_an_opportunistic_connection_is_a_template_for_the_hosts_of_its_prefixes():
+    (conn,) = parse_config(conf(OPPORTUNISTIC), validate_proposal=accept_all).connections
+    assert (conn.opportunistic, conn.shunt_lifetime) == ("private-or-clear", 300)
+    # Identified by the address; its peers by theirs (no id of their own).
+    assert (conn.local.id, conn.remote.id) == ("192.0.2.11", "")
+    host, gateway = conn.children
+    # One transport policy pair per prefix of the local address's family, trapped.
+    assert (host.mode, host.start_action) == ("transport", "trap")
+    assert host.local_ts == ("192.0.2.11/32",)
+    assert host.remote_ts == ("192.0.2.0/24", "198.51.100.0/24")
+    # A pass child exempts its hosts, from the local address.
+    assert (gateway.mode, gateway.local_ts, gateway.remote_ts) == (
+        "pass", ("192.0.2.11/32",), ("192.0.2.1/32",)
+    )  # fmt: skip
+    private = conf(OPPORTUNISTIC)
+    private["connections"]["mesh"]["opportunistic"] = "private"
+    del private["connections"]["mesh"]["shunt_lifetime"]
+    (conn,) = parse_config(private, validate_proposal=accept_all).connections
+    assert (conn.opportunistic, conn.shunt_lifetime) == ("private", 900)
+
+
+@pytest.mark.parametrize(
+    "change, path, reason",
+    [
+        ({"local_addrs": ["%any"]}, "local_addrs", "the host's one address"),
+        ({"local_addrs": ["192.0.2.11", "192.0.2.99"]}, "local_addrs", "the host's one address"),
+        ({"remote": {"auth": "pubkey", "cacerts": ["ca.pem"], "id": "h2"}}, "remote.id",
+         "identified by their addresses"),
+        ({"local": {"auth": "psk", "id": "x"}, "remote": {"auth": "psk"}, "psk": PSK}, "",
+         "authenticates by certificates"),
+        ({"remote_addrs": ["peer.example"]}, "remote_addrs", "not names"),
+        ({"remote_addrs": ["2001:db8::/64"]}, "remote_addrs", "no prefix of the local"),
+        ({"opportunistic": "sometimes"}, "opportunistic", "not one of private"),
+        ({"children": {"h": {"mode": "tunnel"}}}, "children.h.mode", "transport mode"),
+        ({"children": {"h": {"remote_ts": ["10.0.0.0/8"]}}}, "children.h.remote_ts",
+         "leave it out"),
+        ({"children": {"h": {"start_action": "start"}}}, "children.h.start_action",
+         "first packet"),
+        ({"children": {"h": {"dpd_action": "restart"}}}, "children.h.dpd_action",
+         "next packet"),
+        ({"children": {"g": {"mode": "pass", "remote_ts": ["192.0.2.1/32"]}}}, "children",
+         "needs a transport child"),
+    ],
+)  # fmt: skip
+def test_what_an_opportunistic_connection_cannot_hold_is_refused_with_the_reason(
+    change, path, reason
+):
+    raw = conf(OPPORTUNISTIC)
+    raw["connections"]["mesh"].update(change)
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, validate_proposal=accept_all)
+    where = "connections.mesh" + (f".{path}" if path else "")
+    assert any(p == where and reason in m for p, m in caught.value.problems), caught.value
+
+
+def test_shunt_lifetime_belongs_to_opportunistic_connections():
+    raw = conf(GOOD)
+    raw["connections"]["h1-h2"]["shunt_lifetime"] = 60
+    with pytest.raises(ConfigError) as caught:
+        parse_config(raw, validate_proposal=accept_all)
+    assert "set opportunistic" in dict(caught.value.problems)["connections.h1-h2.shunt_lifetime"]

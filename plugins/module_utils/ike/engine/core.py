@@ -219,6 +219,10 @@ class IkeConnection:
     # Seconds between liveness checks (an empty INFORMATIONAL) on each established IKE
     # SA; PeerDead when one goes unanswered. 0: none (swanctl's dpd_delay).
     dpd_delay: float = 0.0
+    # A template for a mesh defined by policy (opportunistic encryption): a peer from
+    # peer_ranges whose identity is its own address (its certificate says so) is
+    # answered, and Engine.instantiate makes it a connection of its own. Never initiated.
+    opportunistic: bool = False
 
     @property
     def psks(self) -> tuple[bytes, ...]:
@@ -251,6 +255,17 @@ class _Answering:
 
 
 ANSWERING_CACHE = 4096  # addresses whose _Answering is kept (a flood of sources clears it)
+
+
+_ADDRESS_IDS = (IdType.IPV4_ADDR, IdType.IPV6_ADDR)
+
+
+def _is_address(identity_text: str, address: str) -> bool:
+    """Whether an identity (as text) is this IP address."""
+    try:
+        return ipaddress.ip_address(identity_text) == ipaddress.ip_address(address)
+    except ValueError:
+        return False
 
 
 def _peer_addresses(conn: IkeConnection) -> list[str]:
@@ -1871,7 +1886,9 @@ class IkeSa:
             return
         peer_id = idi.to_text()
         named = [
-            c for c in self.engine._connections_for(self.remote, peer_id) if c.remote_id == peer_id
+            c
+            for c in self.engine._connections_for(self.remote, peer_id)
+            if c.remote_id == peer_id or (c.opportunistic and idi.id_type in _ADDRESS_IDS)
         ]
         if not named:
             self._respond_auth_failed(mid, f"no connection for peer identity {peer_id!r}")
@@ -1900,6 +1917,13 @@ class IkeSa:
         if reason:
             self._respond_auth_failed(mid, f"{peer_id!r}: {reason}")
             return
+        if conn.opportunistic:
+            # Authenticated as the address it came from: the peer's own connection now.
+            instance = self.engine.instantiate(conn, self.remote)
+            if instance is None:
+                self._respond_auth_failed(mid, f"{peer_id!r}: {conn.name} takes no new peer")
+                return
+            self.conn = conn = instance
         self.remote_id = peer_id
         older = self._older_with_peer()
         if older and conn.unique == "keep":
@@ -2607,6 +2631,11 @@ class Engine:
         # CRLs from the peers' distribution points and OCSP responses, fetched by the
         # shell (one cache may serve several engines).
         self.revocation_cache = certs.RevocationCache()
+        # An opportunistic connection's peer authenticated: the shell makes (and adds)
+        # the peer's own connection from the template and returns it; None refuses.
+        self.instantiate: Callable[[IkeConnection, Address], IkeConnection | None] = (
+            lambda _template, _remote: None
+        )
 
     # public API
     def add_connection(self, conn: IkeConnection) -> None:
@@ -3108,8 +3137,12 @@ class Engine:
     ) -> list[IkeConnection]:
         """Connections to this peer address (and identity): indexed, since one agent may
         hold thousands of connections; then those whose peer may come from a range."""
+        # An opportunistic template takes the peer whose identity is its address.
+        own_address = remote_id is not None and _is_address(remote_id, remote[0])
         if remote_id is not None:
             exact = self._by_identity.get((remote[0], remote_id), [])
+            if own_address:
+                exact = exact + [c for c in self._by_address.get(remote[0], []) if c.opportunistic]
         else:
             exact = self._by_address.get(remote[0], [])
         if not self._ranged:
@@ -3118,7 +3151,7 @@ class Engine:
         ranged = [
             c
             for c in self._ranged
-            if (remote_id is None or c.remote_id == remote_id)
+            if (remote_id is None or c.remote_id == remote_id or (c.opportunistic and own_address))
             and c not in exact
             and any(address in r for r in c.peer_ranges if r.version == address.version)
         ]
