@@ -11,11 +11,14 @@ import sys
 
 import pytest
 
+from ansible_collections.keyway.ipsec.plugins.module_utils import pki
 from ansible_collections.keyway.ipsec.plugins.module_utils.esp.tun import ROUTE_TABLE
 from tests.fixtures.capture import Capture
 from tests.fixtures.keywayd import ENTRY, ROOT, Keywayd, site_connection
 from tests.fixtures.nat import flush_mappings, renumber_nat
 from tests.fixtures.netns import in_netns, udp_exchange
+from tests.fixtures.opportunistic import FAST, credentials, mesh
+from tests.fixtures.traffic import echo_servers, first_answers
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("KEYWAY_IN_VM") != "1", reason="runs inside the VM tier (tools/vm_run.py)"
@@ -253,3 +256,44 @@ def test_a_nat_that_gets_another_public_address_is_followed_on_the_kernel_plane(
     finally:
         for agent in agents:
             agent.stop()
+
+
+def test_a_mesh_defined_by_policy_on_the_kernel_plane(netns_hosts, tmp_path):
+    """Issue 16: opportunistic connections on the kernel's XFRM: one transport policy
+    pair for the prefix, without template addresses; the kernel's acquire names the
+    peer, both ends' SAs share the prefix policy's reqid, traffic is ESP on the wire; a
+    host without keywayd gets a pass shunt (private-or-clear) and is reached in the
+    clear."""
+    h1, h2, h3 = netns_hosts(3).hosts
+    ca = pki.CertificateAuthority(tmp_path / "ca")
+    ca.create("Keyway CA", 3650)
+    agents = []
+    try:
+        for host in (h2, h1):
+            config = mesh(host, credentials(ca, host, tmp_path), "private-or-clear")
+            agents.append(Keywayd(host.netns, tmp_path / host.name / "agent", config,
+                                  dataplane="kernel", timeout=SLOW, **FAST))  # fmt: skip
+        agent2, agent1 = agents
+        policies = in_netns(h1.netns, "ip", "xfrm", "policy").stdout
+        assert "src 192.0.2.11/32 dst 192.0.2.0/24" in policies, policies
+        with echo_servers((h2, h3)), Capture(h1.netns, "eth0") as cap:
+            [to_h2] = first_answers(h1, [h2.ipv4], timeout=SLOW)
+            assert to_h2 is not None
+            # h3 speaks no IKE: h1 gives up within the retransmissions, then the clear.
+            [to_h3] = first_answers(h1, [h3.ipv4], timeout=SLOW)
+            assert to_h3 is not None
+        sent = [f for f in cap.frames if f.outgoing]
+        assert any(f.ip_proto == 50 for f in sent)  # to h2: h3 has no SA
+        assert not any(f.udp_payload() == h2.ipv4.encode() for f in sent)  # none in clear
+        assert any(f.udp_payload() == h3.ipv4.encode() for f in sent)  # the shunt's clear
+        agent1.wait_for(lambda: agent1.sas(f"mesh[{h2.ipv4}]"), "h1's instance up", SLOW)
+        agent2.wait_for(lambda: agent2.sas(f"mesh[{h1.ipv4}]"), "h2's instance up", SLOW)
+        [child] = agent1.sas(f"mesh[{h2.ipv4}]")[0]["children"]
+        states = in_netns(h1.netns, "ip", "xfrm", "state").stdout
+        assert f"spi 0x{child['spi_out']}" in states and "mode transport" in states
+        policies = in_netns(h1.netns, "ip", "xfrm", "policy").stdout
+        assert f"src 192.0.2.11/32 dst {h3.ipv4}/32" in policies  # the pass shunt
+        assert f"dst {h2.ipv4}/32" not in policies  # no policy per peer
+    finally:
+        for agent in agents:
+            agent.stop(timeout=SLOW)
