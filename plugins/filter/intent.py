@@ -111,7 +111,7 @@ def _render(links, hosts, compromised=()) -> dict:
         "pki_identities": {},
         "compromised": list(compromised),
     }
-    for name in sorted(links.by_host):
+    for name in sorted(links.hosts):
         if name not in hosts:
             continue  # an external peer
         mine = links.of(name)

@@ -13,6 +13,10 @@ The model (README: "The inventory model"):
                                                     (default), by direct trap links, or not
     {name, type: site_to_site, pairs: [[a, b]...]}   gateway pairs, each protecting its sites
     {name, type: links, links: [{ends: [a, b], <overrides>}]}
+    {name, type: opportunistic, members, prefixes,   no links: one keywayd connection
+     policy: private-or-clear | private,             per member for every host of the
+     clear: [prefixes], shunt_lifetime}              prefixes, on its first packet (by
+                                                    certificates for the addresses)
   Members, hubs and spokes are a group name or a list of host names (a group with no
   hosts yet makes no links); topologies also take `overrides`. A host in no topology
   is left alone.
@@ -43,6 +47,7 @@ The model (README: "The inventory model"):
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import hmac
 import ipaddress
@@ -53,7 +58,16 @@ from typing import Any
 
 from ..agent.config import CONNECTION_NAME, MIN_PSK_LENGTH, ConfigError, parse_config
 
-TOPOLOGY_TYPES = ("mesh", "hub_spoke", "site_to_site", "links")
+TOPOLOGY_TYPES = ("mesh", "hub_spoke", "site_to_site", "links", "opportunistic")
+OPPORTUNISTIC_POLICIES = ("private-or-clear", "private")
+# The override keys an opportunistic topology takes (the rest shape links: modes,
+# initiators, PSKs); from a host's, a group's or the defaults' overrides only these
+# apply to it, and every member must agree on each.
+OPPORTUNISTIC_KEYS = frozenset(
+    {"proposals", "allow_weak", "ike_rekey_time", "reauth_time", "dpd_delay", "encap"}
+    | {"esp_proposals", "ah_proposals", "rekey_time", "life_time", "rekey_bytes"}
+    | {"life_bytes", "rekey_packets", "life_packets"}
+)
 SPOKE_TO_SPOKE = ("hub", "direct", "none")
 MIN_MASTER_SECRET = 32
 PSK_SALT = b"keyway link psk"
@@ -172,9 +186,39 @@ class Link:
         }
 
 
+@dataclass
+class PolicyMesh:
+    """An opportunistic topology: on each member one keywayd connection for every host
+    of `prefixes`, negotiated on its first packet, authenticated by certificates for
+    the hosts' addresses (Keyway's CA certifies each member's keyway_address)."""
+
+    name: str
+    members: tuple[str, ...]
+    prefixes: tuple[str, ...]
+    policy: str
+    clear: tuple[str, ...]  # exempted: in the clear, never negotiated
+    shunt_lifetime: Any  # as written (keywayd's parser checks it); None: its default
+    settings: dict[str, Any]
+    source: dict[str, str]
+    endpoints: dict[str, Endpoint]
+
+
 class Intent(dict):
     """Every link by name, and each host's links (the index built once: per-host work
-    must not scan half a million links of a large mesh)."""
+    must not scan half a million links of a large mesh); the opportunistic topologies
+    in `meshes`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.meshes: dict[str, PolicyMesh] = {}
+
+    def meshes_of(self, host: str) -> list[PolicyMesh]:
+        return [m for m in self.meshes.values() if host in m.members]
+
+    @property
+    def hosts(self) -> set[str]:
+        """Every host with a link or in an opportunistic topology."""
+        return set(self.by_host) | {h for m in self.meshes.values() for h in m.members}
 
     @functools.cached_property
     def by_host(self) -> dict[str, list[Link]]:
@@ -424,6 +468,7 @@ def _links_of_topology(
         "hub_spoke": {"hubs", "spokes", "spoke_to_spoke"},
         "site_to_site": {"pairs"},
         "links": {"links"},
+        "opportunistic": {"members", "prefixes", "policy", "clear", "shunt_lifetime"},
     }.get(kind, set())
     if kind not in TOPOLOGY_TYPES:
         p.add(where, f"type {kind!r} is not one of {TOPOLOGY_TYPES}")
@@ -473,6 +518,8 @@ def _links_of_topology(
                 if end is not None and not end.sites:
                     p.add(at, f"gateway {gateway} protects no sites (keyway_sites)")
             pair(*gateways, at)
+    elif kind == "opportunistic":
+        pass  # no links: _policy_mesh
     elif kind == "links":
         links = topology.get("links")
         if not isinstance(links, list):
@@ -638,6 +685,12 @@ def compute_intent(
             problems.add(f"topology {topology['name']}", "two topologies have this name")
         where = f"topology {topology['name']}"
         overrides = _overrides(topology.get("overrides"), f"{where}.overrides", problems)
+        if topology.get("type") == "opportunistic":
+            _links_of_topology(topology, index, inv)  # its keys checked
+            mesh = _policy_mesh(topology, inv, by_group, overrides, defaults)
+            if mesh is not None:
+                links.meshes[mesh.name] = mesh
+            continue
         for ends, ts, link_overrides, initiators in _links_of_topology(topology, index, inv):
             name = link_name(*ends)
             at = f"{where}: link {name}"
@@ -706,6 +759,7 @@ def compute_intent(
             )  # fmt: skip
     _check_unique(links, problems)
     _check_selectors(links, problems)
+    _check_meshes(links, problems)
     derived = any(
         all(e.managed for e in link.endpoints.values()) and link.auth == "psk"
         for link in links.values()
@@ -721,6 +775,101 @@ def compute_intent(
     if problems.items:
         raise IntentError(problems.items)
     return links
+
+
+def _policy_mesh(
+    topology: Mapping[str, Any],
+    inv: _Inventory,
+    group_overrides: Mapping[str, dict],
+    overrides: dict,
+    defaults: dict,
+) -> PolicyMesh | None:
+    """An opportunistic topology, checked: managed members not behind NAT, prefixes, a
+    policy, and the overrides every member agrees on."""
+    p = inv.problems
+    name = topology["name"]
+    where = f"topology {name}"
+    before = len(p.items)
+    for key in sorted(set(overrides) - OPPORTUNISTIC_KEYS):
+        p.add(
+            f"{where}.overrides.{key}",
+            "does not apply to an opportunistic topology (host to host in transport mode, "
+            "on the first packet, by certificates)",
+        )
+    members = [
+        m for m in inv.members(topology.get("members"), f"{where}.members") if m not in inv.excluded
+    ]
+    endpoints = {}
+    for member in members:
+        end = inv.endpoint(member)
+        if end is None:
+            continue
+        if not end.managed:
+            p.add(where, f"{member} is an external peer: Keyway's CA certifies managed hosts only")
+        elif end.behind_nat:
+            p.add(
+                where,
+                f"{member} is behind NAT (keyway_behind_nat): an opportunistic peer must come "
+                "from the address its certificate names",
+            )
+        endpoints[member] = end
+    prefixes = _prefixes(topology.get("prefixes"), f"{where}.prefixes", p)
+    if not prefixes:
+        p.add(f"{where}.prefixes", "is required: the prefixes whose hosts are protected")
+    policy = topology.get("policy", "private-or-clear")
+    if policy not in OPPORTUNISTIC_POLICIES:
+        p.add(f"{where}.policy", f"{policy!r} is not one of {OPPORTUNISTIC_POLICIES}")
+    clear = _prefixes(topology.get("clear"), f"{where}.clear", p)
+    # Only the keys that shape it, from every level; all members must agree.
+    settings, source = _resolve(
+        {},
+        tuple(dataclasses.replace(e, overrides={
+            k: v for k, v in e.overrides.items() if k in OPPORTUNISTIC_KEYS
+        }) for e in endpoints.values()),
+        {g: {k: v for k, v in o.items() if k in OPPORTUNISTIC_KEYS}
+         for g, o in group_overrides.items()},
+        name,
+        {k: v for k, v in overrides.items() if k in OPPORTUNISTIC_KEYS},
+        {k: v for k, v in defaults.items() if k in OPPORTUNISTIC_KEYS},
+        where,
+        p,
+    )  # fmt: skip
+    if len(p.items) != before:
+        return None
+    return PolicyMesh(
+        name, tuple(members), prefixes, policy, clear, topology.get("shunt_lifetime"),
+        settings, source, endpoints,
+    )  # fmt: skip
+
+
+def _check_meshes(links: Intent, problems: _Problems) -> None:
+    """A mesh's connection name is free on each member, a member's meshes do not cover
+    one host twice, and a member's certificate can name its address."""
+    for mesh in links.meshes.values():
+        where = f"topology {mesh.name}"
+        if not CONNECTION_NAME.match(mesh.name):
+            problems.add(where, "is not a valid keywayd connection name (letters, digits, "
+                         "'_', '.', '-', 64 at most): rename the topology")  # fmt: skip
+        if mesh.name in links:
+            problems.add(where, f"has the name of link {mesh.name}: rename the topology")
+    for host in sorted({h for m in links.meshes.values() for h in m.members}):
+        tagged = [(prefix, m.name) for m in links.meshes_of(host) for prefix in m.prefixes]
+        for (x, a), (y, b) in _overlapping(tagged):
+            if a != b:
+                problems.add(
+                    f"host {host}",
+                    f"opportunistic topologies {a} ({x}) and {b} ({y}) overlap: a host there "
+                    "would have two policies",
+                )
+        end = links.meshes_of(host)[0].endpoints[host]
+        certified = [link.name for link in links.of(host) if link.auth == "pubkey"]
+        if certified and end.ike_id != end.address:
+            problems.add(
+                f"host {host}",
+                f"its opportunistic topologies identify it by its address ({end.address}) and "
+                f"its links on certificates ({', '.join(certified)}) by keyway_ike_id "
+                f"({end.ike_id}); one certificate names one: set keyway_ike_id: {end.address}",
+            )
 
 
 def _initiators(
@@ -782,16 +931,46 @@ def _check_selectors(links: Intent, problems: _Problems) -> None:
 
 def host_connections(host: str, links: Intent) -> dict[str, dict]:
     """keywayd `connections` for `host`, without secrets (see `host_psks`)."""
-    return {link.name: _connection(host, link) for link in links.of(host)}
+    connections = {link.name: _connection(host, link) for link in links.of(host)}
+    for mesh in links.meshes_of(host):
+        connections[mesh.name] = _mesh_connection(host, mesh)
+    return connections
 
 
 def host_pki(host: str, links: Intent) -> dict | None:
     """What Keyway's CA certifies for `host` (its IKE identity) if a link of its
-    authenticates with certificates, else None."""
+    authenticates with certificates, or it is in an opportunistic topology (its
+    address), else None."""
     for link in links.of(host):
         if link.auth == "pubkey":
             return {"identity": link.endpoints[host].ike_id}
+    for mesh in links.meshes_of(host):
+        return {"identity": mesh.endpoints[host].address}
     return None
+
+
+def _mesh_connection(host: str, mesh: PolicyMesh) -> dict:
+    """A member's opportunistic connection (its certificate files filled in by the
+    agent_config module, as for links on certificates)."""
+    conn: dict[str, Any] = {
+        "opportunistic": mesh.policy,
+        "local_addrs": [mesh.endpoints[host].address],
+        "remote_addrs": list(mesh.prefixes),
+        "local": {"auth": "pubkey"},
+        "remote": {"auth": "pubkey"},
+    }
+    if mesh.shunt_lifetime is not None:
+        conn["shunt_lifetime"] = mesh.shunt_lifetime
+    child: dict[str, Any] = {}
+    for key, value in mesh.settings.items():
+        if key in CONNECTION_KEYS:
+            conn[CONNECTION_KEYS[key]] = value
+        elif key in CHILD_KEYS:
+            child[CHILD_KEYS[key]] = value
+    conn["children"] = {"host": child}
+    if mesh.clear:
+        conn["children"]["clear"] = {"mode": "pass", "remote_ts": list(mesh.clear)}
+    return conn
 
 
 def _connection(host: str, link: Link) -> dict:
@@ -882,6 +1061,18 @@ def validate_with_agent(links: Intent) -> None:
         if shape not in seen:
             seen[shape] = (next(e.name for e in ends if e.managed), link)
     problems = []
+    for mesh in links.meshes.values():
+        host = mesh.members[0] if mesh.members else None
+        if host is None:
+            continue
+        connection = _mesh_connection(host, mesh)
+        connection["local"].update(certs=[PKI_PLACEHOLDER], key=PKI_PLACEHOLDER)
+        connection["remote"]["cacerts"] = [PKI_PLACEHOLDER]
+        try:
+            parse_config({"connections": {mesh.name: connection}}, source=f"host {host}")
+        except ConfigError as exc:
+            problems += [f"topology {mesh.name} on host {host}: {path}: {message}"
+                         for path, message in exc.problems]  # fmt: skip
     for host, link in seen.values():
         connection = _connection(host, link)
         if link.auth == "pubkey":  # the files come with the host's certificate

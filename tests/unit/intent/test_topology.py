@@ -589,3 +589,82 @@ def test_encap_no_is_plain_esp_and_refused_for_a_host_behind_nat():
         "topology n: link h1-h3: encap no (from topology n: link h1-h3 (link)): h3 is behind "
         "NAT, and ESP crosses a NAT only UDP-encapsulated; use auto"
     )
+
+
+def test_an_opportunistic_topology_gives_each_member_one_connection_for_its_prefixes():
+    """Issue 16: a mesh defined by policy in the inventory: no links, one keywayd
+    connection per member (the same but for its address), certificates for the members'
+    addresses, no master secret; the keys that shape it from every override level."""
+    hostvars, groups = inventory(3)
+    hostvars["h3"]["keyway_overrides"] = {"start_action": "trap", "dpd_delay": 10}
+    topologies = [{
+        "name": "oe", "type": "opportunistic", "members": "lab",
+        "prefixes": ["192.0.2.0/24"], "clear": ["192.0.2.1/32"], "shunt_lifetime": "5m",
+        "overrides": {"esp_proposals": ["aes128gcm16"], "ike_rekey_time": "2h"},
+    }]  # fmt: skip
+    links = intent(topologies, hostvars, groups, master_secret_length=0, defaults={
+        "dpd_delay": 10, "mode": "tunnel"})  # fmt: skip
+    assert dict(links) == {}  # no links
+    conns = {h: host_connections(h, links) for h in ("h1", "h2", "h3")}
+    assert conns["h1"] == {
+        "oe": {
+            "opportunistic": "private-or-clear",
+            "local_addrs": ["192.0.2.11"],
+            "remote_addrs": ["192.0.2.0/24"],
+            "local": {"auth": "pubkey"},
+            "remote": {"auth": "pubkey"},
+            "shunt_lifetime": "5m",
+            "rekey_time": "2h",
+            "dpd_delay": 10,  # keyway_defaults' (its mode shapes links only)
+            "children": {
+                "host": {"esp_proposals": ["aes128gcm16"]},
+                "clear": {"mode": "pass", "remote_ts": ["192.0.2.1/32"]},
+            },
+        }
+    }
+    assert conns["h3"]["oe"]["local_addrs"] == ["192.0.2.13"]
+    assert {h: host_pki(h, links) for h in conns} == {
+        f"h{n}": {"identity": f"192.0.2.1{n}"} for n in (1, 2, 3)
+    }
+    assert psk_refs("h1", links) == {}
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"prefixes": None}, "topology oe.prefixes: is required"),
+        ({"policy": "maybe"}, "topology oe.policy: 'maybe' is not one of"),
+        ({"overrides": {"mode": "tunnel"}}, "topology oe.overrides.mode: does not apply"),
+        ({"members": ["h1", "cloud"]}, "cloud is an external peer"),
+        ({"members": ["h1", "h4"]}, "h4 is behind NAT"),
+        ({"name": "h1-h2"}, "topology h1-h2: has the name of link h1-h2"),
+        ({"prefixes": ["2001:db8::/64"]}, "holds no prefix of the local address's family"),
+    ],
+)  # fmt: skip
+def test_what_an_opportunistic_topology_cannot_hold_is_refused_with_where(change, expected):
+    hostvars, groups = inventory(3, h4={**host(4), "keyway_behind_nat": True})
+    external = {"cloud": {"address": "192.0.2.99", "psk": "p" * 30}}
+    oe = {"name": "oe", "type": "opportunistic", "members": "lab", "prefixes": ["192.0.2.0/24"]}
+    oe.update(change)
+    topologies = [oe, {"name": "pair", "type": "links", "links": [{"ends": ["h1", "h2"]}]}]
+    problems = problems_of(topologies, hostvars, groups, external_peers=external)
+    assert any(expected in p for p in problems), problems
+
+
+def test_a_member_s_certificate_names_its_address_or_its_links_identity_not_both():
+    hostvars, groups = inventory(3)
+    topologies = [
+        {"name": "oe", "type": "opportunistic", "members": "lab", "prefixes": ["192.0.2.0/24"]},
+        {"name": "pair", "type": "links", "links": [{"ends": ["h1", "h2"], "auth": "pubkey"}]},
+    ]
+    problems = problems_of(topologies, hostvars, groups)
+    assert any("set keyway_ike_id: 192.0.2.11" in p for p in problems), problems
+    for name in ("h1", "h2"):
+        hostvars[name]["keyway_ike_id"] = hostvars[name]["keyway_address"]
+    links = intent(topologies, hostvars, groups)
+    assert host_pki("h1", links) == {"identity": "192.0.2.11"}
+    assert set(host_connections("h1", links)) == {"oe", "h1-h2"}
+    topologies.append({"name": "oe2", "type": "opportunistic", "members": ["h1"],
+                       "prefixes": ["192.0.2.128/25"]})  # fmt: skip
+    problems = problems_of(topologies, hostvars, groups)
+    assert any("oe (192.0.2.0/24) and oe2 (192.0.2.128/25) overlap" in p for p in problems)
