@@ -49,6 +49,7 @@ from ..dataplane import base
 from ..ike.certs import RevocationCache
 from ..ike.engine.core import (
     DUPLICATE_IKE,
+    EXPIRED,
     HARD_LIFETIME,
     PEER_DEAD,
     REDUNDANT_IKE,
@@ -120,7 +121,6 @@ REPLACED = (
 # ChildSaDeleted reasons that show the peer holds the SA that replaces the one deleted:
 # it deleted the old one, or a twin went once the peer was known to hold the other.
 PEER_HOLDS_SUCCESSOR = ("deleted by peer", DUPLICATE_IKE)
-REAUTH_RECHECK = 5.0  # seconds: a reauthentication due during a rekey looks again
 SHUTDOWN_GRACE = 2.0  # seconds to wait for the peers' answers to our Deletes
 # Seconds an inbound SA outlives its replacement (a rekey, a reauthentication, a
 # collision): packets the peer sent on it just before switching are still on their way
@@ -255,6 +255,10 @@ def ike_connection(conn: ConnectionConfig, agent: AgentConfig | None = None) -> 
         nat_traversal=conn.encap != "no",
         mobike=conn.mobike,
         dpd_delay=conn.dpd_delay,
+        rekey_time=conn.rekey_time,
+        reauth_time=conn.reauth_time,
+        over_time=conn.over_time,
+        rand_time=conn.rand_time,
         peer_ranges=peer_ranges(conn.remote_addrs),
         opportunistic=bool(conn.opportunistic),
         retransmit=RetransmitPolicy(
@@ -376,7 +380,6 @@ class Agent:
         self._next_reqid = base.KEYWAY_REQID_MIN + 1
         self._reqids: dict[tuple[str, str], int] = {}
         self._closing: set[bytes] = set()  # spi_i of IKE SAs we asked to delete
-        self._expired: set[bytes] = set()  # of those, the ones over_time ended
         # spi_in of a Child SA our rekey replaced -> the rekey's SA, until the old goes
         self._rekeyed_by_us: dict[int, int] = {}
         self._terminated: set[str] = set()  # closed by the operator: no restart
@@ -384,11 +387,6 @@ class Agent:
         self._attempts: dict[str, int] = {}
         self._last_error: dict[str, str] = {}  # why the connection's last attempt failed
         self._initiating: set[str] = set()  # our IKE SAs on their way up
-        self._ike_timers: dict[bytes, list[asyncio.TimerHandle]] = {}  # by spi_i
-        # When each IKE SA reauthenticates (loop time), by spi_i: set when one comes up
-        # from IKE_AUTH, handed on to the SA a rekey makes (strongSwan: "reauthentication
-        # timeout survives a rekeying").
-        self._reauth_due: dict[bytes, float] = {}
         self._updown_running: set[subprocess.Popen] = set()
         self._init_queue: dict[str, None] = {}  # initiations waiting for a slot, in order
         self._waiters: dict[str, list[asyncio.Future]] = collections.defaultdict(list)
@@ -929,7 +927,6 @@ class Agent:
             log.info("[%s] IKE SA up with %s (%s)", name, event.remote_id, event.proposal)
             self._cancel_retry(name)
             self._attempts.pop(name, None)
-            self._schedule_ike(name, event.spi_i, event.spi_r)
             conn = self._config_of(name)
             negotiated = [c for c in conn.children if c.mode in ("tunnel", "transport")]
             if not negotiated:
@@ -949,19 +946,12 @@ class Agent:
                 task.add_done_callback(self._fetching.discard)
         elif isinstance(event, IkeSaRekeyed):
             log.info("[%s] IKE SA rekeyed (%s)", name, event.proposal)
-            due = self._reauth_due.pop(event.old_spi_i, None)
-            self._schedule_ike(name, event.spi_i, event.spi_r, reauth_due=due)
         elif isinstance(event, IkeSaDown):
             ours = event.spi_i in self._closing
             self._closing.discard(event.spi_i)
-            expired = event.spi_i in self._expired
-            self._expired.discard(event.spi_i)
-            for handle in self._ike_timers.pop(event.spi_i, ()):
-                handle.cancel()
-            self._reauth_due.pop(event.spi_i, None)
             log.info("[%s] IKE SA down: %s", name, event.reason)
             # A dead peer was reported (PeerDead) and handled by dpd_action already.
-            if expired:
+            if event.reason == EXPIRED:
                 self._after_loss(name, "IKE SA expired (not rekeyed within over_time)",
                                  "close_action")  # fmt: skip
             elif not ours and event.reason not in (*REPLACED, PEER_DEAD):
@@ -1109,80 +1099,6 @@ class Agent:
             except base.DataPlaneError as exc:
                 log.warning("shunt %s not removed: %s", policy.selector, exc)
         log.info("[%s] %s: shunt removed", *key)
-
-    # -- IKE SA schedules ------------------------------------------------------------
-
-    def _schedule_ike(
-        self, name: str, spi_i: bytes, spi_r: bytes, reauth_due: float | None = None
-    ) -> None:
-        """On both ends: rekey before rekey_time and reauthenticate before reauth_time,
-        each jittered by rand_time (whichever end comes first does it; the engine
-        settles the rare collisions); the reauthentication deadline of an SA a rekey
-        replaced carries over (`reauth_due`). The SA is deleted once the earlier of the
-        two passes by over_time without either."""
-        conn = self._config_of(name)
-        local = self.local_of.get(name)
-        if conn is None or local is None:
-            return
-        engine = self.engines[local]
-        sa = engine.sa_by_spi(spi_i) or engine.sa_by_spi(spi_r)
-        if sa is None or sa.spi_i != spi_i:
-            return
-        now = self._loop.time()
-        handles = []
-        deadlines = []
-        jitter = random.uniform(0, conn.rand_time) if conn.rand_time > 0 else 0.0
-        if conn.reauth_time:
-            due = now + conn.reauth_time - jitter if reauth_due is None else reauth_due
-            self._reauth_due[spi_i] = due
-            handles.append(self._loop.call_at(max(due, now), self._reauth, sa))
-            deadlines.append(due)
-        if conn.rekey_time and (not conn.reauth_time or conn.rekey_time < conn.reauth_time):
-            handles.append(self._loop.call_later(conn.rekey_time - jitter, self._rekey_ike, sa))
-            deadlines.append(now + conn.rekey_time)
-        if deadlines:
-            expiry = min(deadlines) + conn.over_time
-            handles.append(self._loop.call_at(max(expiry, now), self._expire_ike, sa))
-        self._ike_timers[spi_i] = handles
-
-    def _rekey_ike(self, sa: IkeSa) -> None:
-        if sa.state == "established":
-            log.info("[%s] IKE SA rekey due", sa.conn.name)
-            sa.engine.rekey_ike_sa(sa, self._loop.time())
-            self.runners[sa.engine.local[0]].pump()
-
-    def _reauth(self, sa: IkeSa) -> None:
-        """Make-before-break: a new IKE SA with its children first, then the old goes."""
-        if sa.state != "established" or sa.conn is None or sa.conn.name not in self.local_of:
-            return
-        if sa.superseded or any(o.reauth_of is sa for o in sa.engine.sas_of(sa.conn.name)):
-            return  # already being replaced (a rekey, or a reauthentication under way)
-        if sa.request is not None and sa.request.kind == "rekey_ike":
-            # Its rekey awaits an answer: the new SA inherits this deadline (past, so it
-            # reauthenticates at once). Reauthenticating this one too would leave two.
-            # Looked at again later, in case the rekey fails and this SA stays.
-            self._loop.call_later(REAUTH_RECHECK, self._reauth, sa)
-            return
-        if sa.newer_with_peer():
-            # The peer's reauthentication of this SA came first: its Delete is on the
-            # way. Another one now would leave two IKE SAs, neither a twin of the other.
-            return
-        name = sa.conn.name
-        log.info("[%s] reauthentication due: a new IKE SA first", name)
-        runner = self.runners[self.local_of[name]]
-        sa.engine.reauthenticate(sa, runner.now())
-        runner.pump()
-
-    def _expire_ike(self, sa: IkeSa) -> None:
-        """Past over_time: the SA goes, and the connection comes back as after any loss
-        (a start child is up again after the backoff; the operator did not close it)."""
-        if sa.state == "established":
-            log.warning("[%s] IKE SA not rekeyed within over_time: deleting it", sa.conn.name)
-            self._expired.add(sa.spi_i)
-            self._closing.add(sa.spi_i)
-            engine = sa.engine
-            engine.expire_ike_sa(sa, self._loop.time())
-            self.runners[engine.local[0]].pump()
 
     def _after_loss(self, name: str, why: str, action: str) -> None:
         """An established IKE SA is gone without our asking: the children's close_action

@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+from typing import TYPE_CHECKING
 
 from ..dataplane import base
-from ..ike.engine.core import IkeConnection
 from .config import ConnectionConfig
+
+if TYPE_CHECKING:  # the engine needs cryptography; this module is imported without it
+    from ..ike.engine.core import IkeConnection
 
 
 def instance_name(template: str, peer: str) -> str:

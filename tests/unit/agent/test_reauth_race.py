@@ -7,10 +7,7 @@ showed."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
-
-import yaml
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent.config import parse_config
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent.daemon import Agent
@@ -29,6 +26,9 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.events imp
     IkeSaConfirmed,
     IkeSaDown,
     IkeSaUp,
+)
+from ansible_collections.keyway.ipsec.plugins.module_utils.ike.engine.retransmit import (
+    RetransmitPolicy,
 )
 from tests.fixtures.fakenet import LoseFirst
 from tests.unit.agent.test_daemon_install import Timers
@@ -89,16 +89,7 @@ def test_no_reauthentication_of_an_ike_sa_the_peer_already_reauthenticated(tmp_p
     assert lose.lost and new_b.state == "established"
     assert old_a.state == "established" and len(pair.a.sas()) == 2
 
-    path = tmp_path / "keywayd.yml"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        yaml.safe_dump({"connections": {}}, handle)
-    agent = Agent(path, plane=RecordingPlane())  # A's keywayd, around A's engine
-
-    agent.engines, agent.runners = {A[0]: pair.a}, {A[0]: NoRunner(pair)}
-    agent.local_of["h1-h2"] = A[0]
-    agent._loop = Timers()
-    agent._reauth(old_a)  # A's own reauthentication comes due now
+    old_a._reauthentication_due(pair.net.now)  # A's own reauthentication comes due now
     assert not [sa for sa in pair.a.sas() if sa.reauth_of is old_a]
 
     pair.pump(until=pair.net.now + 30)  # the Delete is retransmitted
@@ -160,18 +151,17 @@ def test_a_reauthentication_due_while_the_ike_sa_s_rekey_is_under_way_waits(tmp_
     waits: the rekey's SA inherits the deadline and reauthenticates when it is up."""
     pair = established()
     (old,) = pair.a.sas()
-    agent = agent_of_a(pair, tmp_path)
     pair.net.impairment.drop_if = lambda data, src, dst: src == B and data[18] == 36
     pair.a.rekey_ike_sa(old, pair.net.now)
     pair.pump(until=pair.net.now + 0.1)
     assert old.request is not None and old.request.kind == "rekey_ike"
-    agent._reauth(old)
+    old._reauthentication_due(pair.net.now)
     assert not [sa for sa in pair.a.sas() if sa.reauth_of is old]
-    assert [entry[1] for entry in agent._loop.pending] == [agent._reauth]  # looks again
+    assert old.reauth_at == pair.net.now + core.REAUTH_RECHECK  # looks again
     pair.net.impairment.drop_if = None
     pair.pump(until=pair.net.now + 30)
     assert old.superseded  # rekeyed: the look again finds nothing to do
-    agent._loop.advance(10)
+    pair.pump(until=pair.net.now + 10)
     assert len(pair.a.sas()) == len(pair.b.sas()) == 1
 
 
@@ -183,7 +173,6 @@ def test_an_sa_the_peer_reauthenticated_while_our_rekey_was_unanswered_is_left_a
     (a rekey authenticates nothing), whenever the rekey ended."""
     pair = established()
     (old,) = pair.a.sas()
-    agent = agent_of_a(pair, tmp_path)
     lose = LoseFirst(lambda data, src, dst: src == B and data[18] == ExchangeType.CREATE_CHILD_SA)
     pair.net.impairment.drop_if = lose
     start = pair.net.now
@@ -199,7 +188,7 @@ def test_an_sa_the_peer_reauthenticated_while_our_rekey_was_unanswered_is_left_a
         pair.pump(until=min(t for t in due if t is not None))  # gets the answer, one step
         rekeyed_a = next((sa for sa in pair.a.sas() if sa.spi_i == rekeyed_b.spi_i), None)
     assert rekeyed_a is not None and rekeyed_a.state == "established"
-    agent._reauth(rekeyed_a)  # its inherited deadline has passed
+    rekeyed_a._reauthentication_due(pair.net.now)  # its inherited deadline has passed
     assert not [sa for sa in pair.a.sas() if sa.reauth_of is rekeyed_a]
     pair.pump(until=start + 60)
     assert [sa.spi_i for sa in pair.a.sas()] == [reauth_b.spi_i]
@@ -435,50 +424,58 @@ def test_a_start_child_whose_rekeys_the_peer_refused_until_its_hard_lifetime_com
     assert SaId(B[0], IpsecProto.ESP, child.spi_out) in agent.plane.sas
 
 
-def test_the_reauthentication_deadline_survives_a_rekey_and_comes_at_the_original_time(tmp_path):
+def _only_a_schedules(pair) -> None:
+    """B keeps no IKE lifetimes: what A's schedule does is all that happens."""
+    conn = pair.b.connections["h1-h2"]
+    pair.b.add_connection(dataclasses.replace(conn, rekey_time=0, reauth_time=0, over_time=0))
+
+
+def test_the_reauthentication_deadline_survives_a_rekey_and_comes_at_the_original_time():
     """Issue 14, item 21, as strongSwan has it ("reauthentication timeout survives a
     rekeying"): A's IKE SA is up at 0 s with reauth_time 300 s and rekey_time 100 s. The
     rekey at 100 s makes a new SA; its reauthentication is still due at 300 s, not 400 s,
-    and at 300 s A reauthenticates it. over_time ends an SA neither renewed in time."""
-    pair = lab_pair()
+    and at 300 s A reauthenticates it. over_time ends an SA neither renewed in time.
+    (The engine keeps these schedules since issue 17; the agent did before.)"""
+    pair = lab_pair(rekey_time=100, reauth_time=300, over_time=30)
+    _only_a_schedules(pair)
     pair.a.initiate("h1-h2", 0.0)
-    pair.pump()
-    agent = agent_of_a(pair, tmp_path)
-    conn = agent.config.connections[0]
-    timed = dataclasses.replace(conn, reauth_time=300, rekey_time=100, over_time=30, rand_time=0)
-    agent.config = dataclasses.replace(agent.config, connections=(timed,))
-    for event in pair.events[A]:
-        agent._on_engine_event(event)
-    pair.events[A] = []
+    pair.pump(until=1)
     (first,) = pair.a.sas()
-    assert agent._reauth_due[first.spi_i] == 300
+    due = first.reauth_at
+    assert due == first.established_at + 300
+    assert first.expire_at == first.established_at + 100 + 30
 
-    def at(seconds: float) -> None:
-        """Run on to `seconds`: the agent's timers and the engines' clock together."""
-        while agent._loop.now < seconds:
-            step = min(seconds, agent._loop.now + 0.5)
-            pair.pump(until=step)
-            pair.net.deliver_until(step)
-            agent._loop.advance(step - agent._loop.now)
-            for event in pair.events[A]:
-                agent._on_engine_event(event)
-            pair.events[A] = []
-
-    at(101)  # the rekey at 100 s
+    pair.pump(until=101)  # the rekey at 100 s
     (rekeyed,) = pair.a.sas()
-    assert rekeyed is not first
-    assert agent._reauth_due == {rekeyed.spi_i: 300}
-    due = {(e[0], e[1].__name__) for e in agent._loop.pending if not e[3]}
-    assert (300, "_reauth") in due
+    assert rekeyed is not first and first.reauth_at is None  # the old one goes
+    assert rekeyed.reauth_at == due
     # Unless renewed, it ends over_time after the earlier of its rekey and its reauth.
-    (expiry,) = [t for t, what in due if what == "_expire_ike"]
-    assert abs(expiry - (rekeyed.established_at + 100 + 30)) < 0.6
-    at(299.5)  # its own rekey at 200 s carried the deadline on again
+    assert rekeyed.expire_at == rekeyed.established_at + 100 + 30
+    pair.pump(until=due - 0.5)  # its own rekey at 200 s carried it on again
     (current,) = pair.a.sas()
-    assert agent._reauth_due == {current.spi_i: 300}
-    at(301)  # 300 s: A reauthenticates
+    assert current.reauth_at == due and current is not rekeyed
+    pair.pump(until=due + 1)  # A reauthenticates
     ups = [sa for sa in pair.a.sas() if sa.authenticated_at and sa.authenticated_at >= 300]
     assert len(ups) == 1 and ups[0].initiator
+
+
+def test_an_ike_sa_renewed_neither_way_within_over_time_expires():
+    """over_time passed with the rekey unanswered all along (retransmitted for longer):
+    the SA goes, without a Delete behind the unanswered request, and IkeSaDown says it
+    expired, which keywayd's close_action acts on."""
+    patient = RetransmitPolicy(5.0, 1.0, 10)  # 50 s of retransmissions
+    pair = lab_pair(rekey_time=100, over_time=30, retransmit=patient)
+    _only_a_schedules(pair)
+    pair.a.initiate("h1-h2", 0.0)
+    pair.pump(until=1)
+    (first,) = pair.a.sas()
+    pair.net.impairment.drop_if = lambda data, src, dst: src == A and data[18] == 36
+    pair.pump(until=first.established_at + 129)
+    assert first.state == "established" and first.request.kind == "rekey_ike"
+    pair.pump(until=first.established_at + 131)
+    assert first.state == "deleted"
+    downs = [e for e in pair.events[A] if isinstance(e, IkeSaDown)]
+    assert [d.reason for d in downs] == [core.EXPIRED]
 
 
 def test_the_peer_s_rekey_then_its_reauthentication_each_release_their_own_outbound_half(tmp_path):

@@ -141,6 +141,7 @@ REDUNDANT_GRACE = 10.0  # seconds a collision's loser has to delete its redundan
 # Seconds the maker of an IKE rekey we answered has to delete the SA it replaced before
 # we do (strongSwan's 90): libreswan's pluto, confused by crossed rekeys, may keep it.
 REKEYED_DELETE_TIMEOUT = 90.0
+REAUTH_RECHECK = 5.0  # seconds: a reauthentication due during a rekey looks again
 MAX_HALF_OPEN = 1024  # responder state for unauthenticated peers is bounded
 INVALID_SPI_ANSWERS_PER_SECOND = 20
 MAX_QUEUED_INVALID_SPI = 8  # INVALID_SPI notifications waiting on one IKE SA
@@ -219,6 +220,13 @@ class IkeConnection:
     # Seconds between liveness checks (an empty INFORMATIONAL) on each established IKE
     # SA; PeerDead when one goes unanswered. 0: none (swanctl's dpd_delay).
     dpd_delay: float = 0.0
+    # The IKE SA's lifetimes, as swanctl's (seconds; 0: none): both ends rekey before
+    # rekey_time and reauthenticate before reauth_time, each up to rand_time earlier;
+    # an SA neither renewed over_time past the earlier of the two is deleted.
+    rekey_time: float = 0.0
+    reauth_time: float = 0.0
+    over_time: float = 0.0
+    rand_time: float = 0.0
     # A template for a mesh defined by policy (opportunistic encryption): a peer from
     # peer_ranges whose identity is its own address (its certificate says so) is
     # answered, and Engine.instantiate makes it a connection of its own. Never initiated.
@@ -523,6 +531,11 @@ class IkeSa:
         self.behind_nat = False  # our own address is translated: we send keepalives
         self.keepalive_at: float | None = None
         self.dpd_at: float | None = None  # the next liveness check (conn.dpd_delay)
+        # Its lifetimes (_schedule_lifetimes): when it rekeys, reauthenticates, expires.
+        self.rekey_at: float | None = None
+        self.reauth_at: float | None = None
+        self.expire_at: float | None = None
+        self.expiring = False  # over_time passed: its deletion is an expiry
         # We send from the NAT-T port (with the non-ESP marker): we floated there, or
         # the peer's last request came to it.
         self.nat_t = False
@@ -1478,6 +1491,8 @@ class IkeSa:
         self.pending = []
         self.replaced = True
         self.successor = new
+        new._schedule_lifetimes(now, reauth_at=self.reauth_at)
+        self.rekey_at = self.reauth_at = self.expire_at = None  # on its way out
         for sa in self.engine.sas_of(self.conn.name):
             if sa.reauth_of is self:  # under way still (its IKE_AUTH answer lost, say)
                 sa.reauth_of = new  # it replaces whatever carries the role by then
@@ -2340,6 +2355,8 @@ class IkeSa:
             # The peer deletes the SA its colliding rekey made before we learned who
             # won: it lost, so this SA was redundant.
             reason = REDUNDANT_IKE
+        elif self.expiring:
+            reason = EXPIRED
         for child in list(self.children.values()):
             if child.spi_in in self.expired_children:
                 continue  # announced at its hard lifetime
@@ -2401,9 +2418,49 @@ class IkeSa:
         else:
             self.dpd_at = now + 1.0
 
+    def _schedule_lifetimes(self, now: float, reauth_at: float | None = None) -> None:
+        """On both ends: rekey before rekey_time and reauthenticate before reauth_time,
+        each jittered by rand_time (whichever end comes first does it; collisions are
+        settled); a rekey's successor keeps the reauthentication deadline (`reauth_at`;
+        strongSwan: "reauthentication timeout survives a rekeying"). The SA is deleted
+        once the earlier of the two passes by over_time without either."""
+        conn = self.conn
+        jitter = self.engine.rng.uniform(0, conn.rand_time) if conn.rand_time > 0 else 0.0
+        deadlines = []
+        if conn.reauth_time:
+            self.reauth_at = now + conn.reauth_time - jitter if reauth_at is None else reauth_at
+            deadlines.append(self.reauth_at)
+        if conn.rekey_time and (not conn.reauth_time or conn.rekey_time < conn.reauth_time):
+            self.rekey_at = now + conn.rekey_time - jitter
+            deadlines.append(now + conn.rekey_time)
+        self.expire_at = min(deadlines) + conn.over_time if deadlines else None
+
+    def _reauthentication_due(self, now: float) -> None:
+        """Make-before-break: a new IKE SA with its children first, then this one goes;
+        unless it is being replaced already (a rekey, a reauthentication of ours or the
+        peer's under way), or its connection is gone."""
+        self.reauth_at = None
+        if self.superseded or self.conn.name not in self.engine.connections:
+            return
+        if any(o.reauth_of is self for o in self.engine.sas_of(self.conn.name)):
+            return
+        if self.request is not None and self.request.kind == "rekey_ike":
+            # Its rekey awaits an answer: the new SA inherits this deadline (past, so it
+            # reauthenticates at once). Reauthenticating this one too would leave two.
+            # Looked at again later, in case the rekey fails and this SA stays.
+            self.reauth_at = now + REAUTH_RECHECK
+            return
+        if self.newer_with_peer():
+            # The peer's reauthentication of this SA came first: its Delete is on the
+            # way. Another one now would leave two IKE SAs, neither a twin of the other.
+            return
+        log.info("%s: reauthentication due: a new IKE SA first", self.conn.name)
+        self.engine.reauthenticate(self, now)
+
     def _up(self, now: float) -> None:
         self._set_state(SaState.ESTABLISHED)
         self.established_at = self.authenticated_at = now
+        self._schedule_lifetimes(now)
         self.peer_holds = self.initiator
         self.engine._event(
             IkeSaUp(
@@ -2495,6 +2552,9 @@ class IkeSa:
         life = self.lifetime_deadline() if self.state == "established" else None
         retry = min(self.create_retry.values(), default=None)
         for at in (
+            self.rekey_at,
+            self.reauth_at,
+            self.expire_at,
             self.ike_rekey_retry_at,
             self.delete_at,
             self.wait_until,
@@ -2521,6 +2581,20 @@ class IkeSa:
                 self._discard()
             return
         if self.state == "established":
+            if self.expire_at is not None and now >= self.expire_at:
+                self.expire_at = None
+                log.warning("%s: IKE SA not rekeyed within over_time: deleting it",
+                            self.conn.name)  # fmt: skip
+                self.expiring = True
+                self.engine.expire_ike_sa(self, now)
+                if self.state != "established":
+                    return
+            if self.rekey_at is not None and now >= self.rekey_at:
+                self.rekey_at = None
+                log.info("%s: IKE SA rekey due", self.conn.name)
+                self.queue("rekey_ike", now)
+            if self.reauth_at is not None and now >= self.reauth_at:
+                self._reauthentication_due(now)
             self._lifetime_actions(now)
             if self.ike_rekey_retry_at is not None and now >= self.ike_rekey_retry_at:
                 self.ike_rekey_retry_at = None
