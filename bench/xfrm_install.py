@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / ".collections"))
 from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane import (
     base,
 )
-from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm import (
+from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm.plane import (
     KernelPlane,
     probe_kernel_esp,
 )

@@ -51,7 +51,9 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.params impo
 def main() -> None:
     module = AnsibleModule(argument_spec=dict(netns=dict(type="str")), supports_check_mode=True)
     try:  # pyroute2 (the netlink library) is only needed here
-        from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm import KernelPlane
+        from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm.plane import (
+            KernelPlane,
+        )
     except ImportError as exc:
         package = (exc.name or "pyroute2").partition(".")[0]
         module.fail_json(msg=missing_required_lib(package), exception=str(exc))

@@ -207,9 +207,11 @@ def main() -> None:
     except ValueError as exc:
         module.fail_json(msg=f"bad policy parameters: {exc}")
     try:  # pyroute2 (the netlink library) is only needed here
-        from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm import (
-            KernelPlane,
+        from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm.codec import (
             effective_priority,
+        )
+        from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm.plane import (
+            KernelPlane,
         )
     except ImportError as exc:
         package = (exc.name or "pyroute2").partition(".")[0]

@@ -276,9 +276,11 @@ def main() -> None:
     except ValueError as exc:
         module.fail_json(msg=f"bad SA parameters: {exc}")
     try:  # pyroute2 (the netlink library) is only needed here
-        from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm import (
-            KernelPlane,
+        from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm.codec import (
             as_kernel_holds,
+        )
+        from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm.plane import (
+            KernelPlane,
         )
     except ImportError as exc:
         package = (exc.name or "pyroute2").partition(".")[0]

@@ -18,11 +18,11 @@ import pytest
 
 from ansible_collections.keyway.ipsec.plugins.module_utils.agent import install
 from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane import base
-from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm import (
+from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm.messages import (
     SPI_MAX,
     SPI_MIN,
-    KernelPlane,
 )
+from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm.plane import KernelPlane
 from tests.fixtures.capture import Capture
 from tests.fixtures.netns import in_netns, udp_exchange
 

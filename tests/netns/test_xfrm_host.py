@@ -33,11 +33,15 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.base import
     Selector,
     Template,
 )
-from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm import (
+from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm.codec import (
+    effective_priority,
+)
+from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm.messages import (
     SPI_MAX,
     SPI_MIN,
+)
+from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm.plane import (
     KernelPlane,
-    effective_priority,
     ike_socket_bypass,
     socket_in_netns,
     udp_encap_socket,

@@ -17,7 +17,8 @@ XFRM = "ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm"
 def no_pyroute2(monkeypatch):
     for name in [n for n in sys.modules if n.split(".")[0] == "pyroute2"] + ["pyroute2"]:
         monkeypatch.setitem(sys.modules, name, None)  # import pyroute2[.x] -> ImportError
-    monkeypatch.delitem(sys.modules, XFRM, raising=False)
+    for name in [n for n in sys.modules if n == XFRM or n.startswith(f"{XFRM}.")]:
+        monkeypatch.delitem(sys.modules, name)
 
 
 @pytest.mark.parametrize(

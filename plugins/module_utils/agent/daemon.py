@@ -2090,7 +2090,7 @@ async def choose_plane(config: AgentConfig, udp_sender, udp_burst_sender=None) -
     reason = ""
     if config.dataplane in ("kernel", "auto"):
         try:
-            from ..dataplane.xfrm import KernelPlane, probe_kernel_esp
+            from ..dataplane.xfrm.plane import KernelPlane, probe_kernel_esp
 
             problem = probe_kernel_esp()
         except ImportError as exc:

@@ -41,7 +41,14 @@ def _shipped_library() -> None:
         fake,
         params,
         userspace,
-        xfrm,
+    )
+    from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm import (  # noqa: F401
+        codec as xfrm_codec,
+    )
+    from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm import (  # noqa: F401
+        messages,
+        plane,
+        routes,
     )
     from ansible_collections.keyway.ipsec.plugins.module_utils.esp import (  # noqa: F401
         packet,

@@ -10,7 +10,6 @@ from dataclasses import replace
 
 import pytest
 
-from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane import xfrm
 from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.base import (
     KEYWAY_REQID_MIN,
     AcquireEvent,
@@ -30,13 +29,14 @@ from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.base import
     UdpEncap,
 )
 from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.fake import RecordingPlane
+from ansible_collections.keyway.ipsec.plugins.module_utils.dataplane.xfrm import codec, messages
 
 REQID = KEYWAY_REQID_MIN + 3
 HDR = 16  # struct nlmsghdr
 
 
 def test_struct_sizes_match_xfrm_h():
-    assert xfrm.STRUCT_SIZES == {
+    assert messages.STRUCT_SIZES == {
         "xfrm_usersa_info": 224,
         "xfrm_usersa_id": 24,
         "xfrm_userpolicy_info": 168,
@@ -78,12 +78,12 @@ SAS = [
 
 @pytest.mark.parametrize("sa", SAS, ids=lambda s: f"{s.proto}-{s.enc_alg}-{s.integ_alg}")
 def test_sa_round_trip(sa):
-    data = xfrm.to_bytes(xfrm.encode_sa(sa), xfrm.XFRM_MSG_NEWSA, seq=42)
-    (msg,) = xfrm.from_bytes(data)
-    assert msg["header"]["type"] == xfrm.XFRM_MSG_NEWSA
+    data = codec.to_bytes(codec.encode_sa(sa), messages.XFRM_MSG_NEWSA, seq=42)
+    (msg,) = codec.from_bytes(data)
+    assert msg["header"]["type"] == messages.XFRM_MSG_NEWSA
     assert msg["header"]["sequence_number"] == 42
     assert msg["header"]["length"] == len(data)
-    assert xfrm.decode_sa(msg) == sa
+    assert codec.decode_sa(msg) == sa
 
 
 @pytest.mark.parametrize(
@@ -93,24 +93,27 @@ def test_sa_round_trip(sa):
 )
 def test_the_fast_sa_packer_writes_the_generic_encoder_s_bytes(sa):
     """pack_sa (the install fast path) against pyroute2's encoder, byte for byte."""
-    for msg_type, flags, seq in ((xfrm.XFRM_MSG_NEWSA, 0x605, 3), (xfrm.XFRM_MSG_UPDSA, 5, 9)):
-        generic = xfrm.to_bytes(xfrm.encode_sa(sa), msg_type, flags, seq)
-        assert xfrm.pack_sa(sa, msg_type, flags, seq) == generic
+    for msg_type, flags, seq in (
+        (messages.XFRM_MSG_NEWSA, 0x605, 3),
+        (messages.XFRM_MSG_UPDSA, 5, 9),
+    ):
+        generic = codec.to_bytes(codec.encode_sa(sa), msg_type, flags, seq)
+        assert codec.pack_sa(sa, msg_type, flags, seq) == generic
 
 
 def test_sa_byte_layout():
     sa = SAS[0]
-    data = xfrm.to_bytes(xfrm.encode_sa(sa), xfrm.XFRM_MSG_NEWSA)
+    data = codec.to_bytes(codec.encode_sa(sa), messages.XFRM_MSG_NEWSA)
     body = data[HDR:]
     assert body[56:60] == bytes([192, 0, 2, 12])  # id.daddr
     assert body[72:76] == struct.pack(">I", sa.spi)  # id.spi, network order
     assert body[76] == socket.IPPROTO_ESP
     assert body[80:84] == bytes([192, 0, 2, 11])  # saddr
     assert struct.unpack_from("=Q", body, 96)[0] == 1 << 30  # lft.soft_byte_limit
-    assert struct.unpack_from("=Q", body, 112)[0] == xfrm.XFRM_INF  # no packet limit
+    assert struct.unpack_from("=Q", body, 112)[0] == messages.XFRM_INF  # no packet limit
     reqid, family, mode, window, flags = struct.unpack_from("=IHBBB", body, 208)
-    assert (reqid, family, mode) == (REQID, socket.AF_INET, xfrm.XFRM_MODE_TUNNEL)
-    assert window == 0 and flags == xfrm.XFRM_STATE_ESN  # ESN: window in the attribute
+    assert (reqid, family, mode) == (REQID, socket.AF_INET, messages.XFRM_MODE_TUNNEL)
+    assert window == 0 and flags == messages.XFRM_STATE_ESN  # ESN: window in the attribute
     # first attribute: XFRMA_ALG_AEAD, name, key bits (salt counted), ICV bits, key
     length, atype = struct.unpack_from("=HH", body, 224)
     assert atype == 18 and length == 4 + 72 + 36
@@ -120,21 +123,21 @@ def test_sa_byte_layout():
 
 
 def test_no_esn_puts_window_in_header():
-    data = xfrm.to_bytes(xfrm.encode_sa(SAS[1]), xfrm.XFRM_MSG_NEWSA)
+    data = codec.to_bytes(codec.encode_sa(SAS[1]), messages.XFRM_MSG_NEWSA)
     assert data[HDR + 215] == 64 and data[HDR + 216] == 0
-    (msg,) = xfrm.from_bytes(data)
+    (msg,) = codec.from_bytes(data)
     assert msg.get_attr("XFRMA_REPLAY_ESN_VAL") is None
 
 
 def test_esn_bitmap_sized_to_window():
-    (msg,) = xfrm.from_bytes(xfrm.to_bytes(xfrm.encode_sa(SAS[2]), xfrm.XFRM_MSG_NEWSA))
+    (msg,) = codec.from_bytes(codec.to_bytes(codec.encode_sa(SAS[2]), messages.XFRM_MSG_NEWSA))
     esn = msg.get_attr("XFRMA_REPLAY_ESN_VAL")
     assert esn["bmp_len"] == 32 and esn["replay_window"] == 1024 and len(esn["bmp"]) == 128
 
 
 def test_unknown_algorithm_refused():
     with pytest.raises(DataPlaneError, match="unknown enc_alg 'des'"):
-        xfrm.encode_sa(replace(SAS[0], enc_alg="des"))
+        codec.encode_sa(replace(SAS[0], enc_alg="des"))
 
 
 POLICIES = [
@@ -155,9 +158,9 @@ POLICIES = [
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: f"{p.direction}-{p.action}")
 def test_policy_round_trip(policy):
-    data = xfrm.to_bytes(xfrm.encode_policy(policy), xfrm.XFRM_MSG_NEWPOLICY)
-    (msg,) = xfrm.from_bytes(data)
-    assert xfrm.decode_policy(msg) == policy
+    data = codec.to_bytes(codec.encode_policy(policy), messages.XFRM_MSG_NEWPOLICY)
+    (msg,) = codec.from_bytes(data)
+    assert codec.decode_policy(msg) == policy
 
 
 @pytest.mark.parametrize(
@@ -167,97 +170,97 @@ def test_policy_round_trip(policy):
 )
 def test_the_fast_policy_packer_writes_the_generic_encoder_s_bytes(policy):
     """pack_policy (the install fast path) against pyroute2's encoder, byte for byte."""
-    for msg_type, flags, seq in ((xfrm.XFRM_MSG_NEWPOLICY, 0x605, 7),
-                                 (xfrm.XFRM_MSG_UPDPOLICY, 0x5, 0xFFFFFFFF)):  # fmt: skip
-        generic = xfrm.to_bytes(xfrm.encode_policy(policy), msg_type, flags, seq)
-        assert xfrm.pack_policy(policy, msg_type, flags, seq) == generic
+    for msg_type, flags, seq in ((messages.XFRM_MSG_NEWPOLICY, 0x605, 7),
+                                 (messages.XFRM_MSG_UPDPOLICY, 0x5, 0xFFFFFFFF)):  # fmt: skip
+        generic = codec.to_bytes(codec.encode_policy(policy), msg_type, flags, seq)
+        assert codec.pack_policy(policy, msg_type, flags, seq) == generic
 
 
 def test_policy_byte_layout():
     policy = POLICIES[1]
-    body = xfrm.to_bytes(xfrm.encode_policy(policy), xfrm.XFRM_MSG_NEWPOLICY)[HDR:]
+    body = codec.to_bytes(codec.encode_policy(policy), messages.XFRM_MSG_NEWPOLICY)[HDR:]
     sport, sport_mask, _family, plen_d, plen_s, proto = struct.unpack_from(">HHHBBB", body, 36)
     assert (sport, sport_mask, plen_d, plen_s, proto) == (80, 0xFFFF, 64, 64, 6)
     assert struct.unpack_from("=H", body, 40)[0] == socket.AF_INET6
     priority, index, direction, action = struct.unpack_from("=IIBB", body, 152)
-    assert (priority, index, direction, action) == (99, 0, xfrm.XFRM_POLICY_IN, 0)
+    assert (priority, index, direction, action) == (99, 0, messages.XFRM_POLICY_IN, 0)
     length, atype = struct.unpack_from("=HH", body, 168)
     assert atype == 5 and length == 4 + 2 * 64  # XFRMA_TMPL: two bare xfrm_user_tmpl
     reqid, mode = struct.unpack_from("=IB", body, 172 + 64 + 44)
-    assert (reqid, mode) == (REQID + 1, xfrm.XFRM_MODE_TUNNEL)
+    assert (reqid, mode) == (REQID + 1, messages.XFRM_MODE_TUNNEL)
 
 
 def test_policy_id_layout():
     pid = POLICIES[0].id
-    data = xfrm.to_bytes(xfrm.encode_policy_id(pid), xfrm.XFRM_MSG_DELPOLICY)
+    data = codec.to_bytes(codec.encode_policy_id(pid), messages.XFRM_MSG_DELPOLICY)
     assert len(data) == HDR + 64
-    assert data[HDR + 60] == xfrm.XFRM_POLICY_OUT
+    assert data[HDR + 60] == messages.XFRM_POLICY_OUT
 
 
 def test_derived_priority_prefers_specific_selectors():
     broad = PolicySpec(Selector("10.0.0.0/8", "10.2.0.0/16"), Direction.OUT)
     narrow = PolicySpec(Selector("10.1.0.0/24", "10.2.0.0/24", proto=17, dport=53), Direction.OUT)
-    assert xfrm.effective_priority(narrow) < xfrm.effective_priority(broad) <= xfrm.PRIO_BASE
+    assert codec.effective_priority(narrow) < codec.effective_priority(broad) <= messages.PRIO_BASE
     pass_ = replace(broad, action=PolicyAction.PASS)
     drop = replace(broad, action=PolicyAction.DROP)
-    assert xfrm.effective_priority(pass_) < xfrm.effective_priority(narrow)
-    assert xfrm.effective_priority(drop) > xfrm.effective_priority(broad)
+    assert codec.effective_priority(pass_) < codec.effective_priority(narrow)
+    assert codec.effective_priority(drop) > codec.effective_priority(broad)
     host6 = PolicySpec(Selector("::/0", "::/0"), Direction.OUT, PolicyAction.PASS)
-    assert xfrm.is_keyway_policy(replace(host6, priority=xfrm.effective_priority(host6)))
+    assert codec.is_keyway_policy(replace(host6, priority=codec.effective_priority(host6)))
     full6 = replace(host6, selector=Selector("::1/128", "::2/128", 6, 1, 2))
-    assert xfrm.is_keyway_policy(replace(full6, priority=xfrm.effective_priority(full6)))
+    assert codec.is_keyway_policy(replace(full6, priority=codec.effective_priority(full6)))
 
 
 def test_ownership_rule():
-    assert xfrm.is_keyway_policy(POLICIES[0])
+    assert codec.is_keyway_policy(POLICIES[0])
     foreign = replace(POLICIES[0], templates=(replace(POLICIES[0].templates[0], reqid=7),))
-    assert not xfrm.is_keyway_policy(foreign)
+    assert not codec.is_keyway_policy(foreign)
     mixed = replace(POLICIES[1], templates=(*POLICIES[1].templates, foreign.templates[0]))
-    assert not xfrm.is_keyway_policy(mixed)
-    assert xfrm.is_keyway_policy(POLICIES[2]) and xfrm.is_keyway_policy(POLICIES[3])
-    assert not xfrm.is_keyway_policy(replace(POLICIES[2], priority=1000))
+    assert not codec.is_keyway_policy(mixed)
+    assert codec.is_keyway_policy(POLICIES[2]) and codec.is_keyway_policy(POLICIES[3])
+    assert not codec.is_keyway_policy(replace(POLICIES[2], priority=1000))
 
 
 def _acquire_bytes() -> bytes:
-    msg = xfrm.xfrm_user_acquire()
+    msg = messages.xfrm_user_acquire()
     msg.update({
-        "id_daddr": xfrm._pack_addr("192.0.2.50"),
+        "id_daddr": codec._pack_addr("192.0.2.50"),
         "id_proto": socket.IPPROTO_ESP,
-        "saddr": xfrm._pack_addr("192.0.2.1"),
-        **xfrm._selector_values(Selector("192.0.2.1/32", "192.0.2.50/32", 17, 4000, 53)),
-        **xfrm._selector_values(Selector("192.0.2.1/32", "192.0.2.50/32"), "policy_sel_"),
+        "saddr": codec._pack_addr("192.0.2.1"),
+        **codec._selector_values(Selector("192.0.2.1/32", "192.0.2.50/32", 17, 4000, 53)),
+        **codec._selector_values(Selector("192.0.2.1/32", "192.0.2.50/32"), "policy_sel_"),
     })  # fmt: skip
-    tmpl = xfrm._tmpl_values(Template(IpsecProto.ESP, Mode.TRANSPORT, REQID), socket.AF_INET)
+    tmpl = codec._tmpl_values(Template(IpsecProto.ESP, Mode.TRANSPORT, REQID), socket.AF_INET)
     msg["attrs"] = [["XFRMA_TMPL", {"templates": [tmpl]}]]
-    return xfrm.to_bytes(msg, xfrm.XFRM_MSG_ACQUIRE)
+    return codec.to_bytes(msg, messages.XFRM_MSG_ACQUIRE)
 
 
 def _expire_bytes(hard: bool) -> bytes:
-    sa = xfrm.encode_sa(SAS[1])
-    msg = xfrm.xfrm_user_expire()
+    sa = codec.encode_sa(SAS[1])
+    msg = messages.xfrm_user_expire()
     msg.update({f"state_{k}": v for k, v in sa.items() if k not in ("header", "attrs")})
     msg.update({"hard": int(hard), "attrs": []})
-    return xfrm.to_bytes(msg, xfrm.XFRM_MSG_EXPIRE)
+    return codec.to_bytes(msg, messages.XFRM_MSG_EXPIRE)
 
 
 def _mapping_bytes() -> bytes:
     """XFRM_MSG_MAPPING as the kernel sends it: SA 1's peer now at [2001:db8::77]:40001."""
     v6 = socket.AF_INET6
-    msg = xfrm.xfrm_user_mapping()
+    msg = messages.xfrm_user_mapping()
     msg.update({
         "id_daddr": socket.inet_pton(v6, SAS[1].dst), "id_spi": SAS[1].spi, "id_family": v6,
         "id_proto": 50, "reqid": REQID, "old_saddr": socket.inet_pton(v6, SAS[1].src),
         "new_saddr": socket.inet_pton(v6, "2001:db8::77"), "old_sport": 4500,
         "new_sport": 40001, "attrs": [],
     })  # fmt: skip
-    return xfrm.to_bytes(msg, xfrm.XFRM_MSG_MAPPING)
+    return codec.to_bytes(msg, messages.XFRM_MSG_MAPPING)
 
 
 def test_parse_events():
     data = _acquire_bytes() + _expire_bytes(False) + _expire_bytes(True) + _mapping_bytes()
     assert len(_mapping_bytes()) == HDR + 64
     assert len(_acquire_bytes()) == HDR + 280 + 4 + 64
-    assert xfrm.parse_events(data) == [
+    assert codec.parse_events(data) == [
         AcquireEvent(Selector("192.0.2.1/32", "192.0.2.50/32", 17, 4000, 53), REQID,
                      "192.0.2.1", "192.0.2.50"),
         ExpireEvent(SAS[1].id, hard=False, reqid=REQID),
@@ -280,11 +283,11 @@ def _error_reply(request: bytes, errno_: int, echo: bytes, tlv_text: bytes = b""
 
 
 def test_error_reply_becomes_netlink_error():
-    req = xfrm.to_bytes(xfrm.encode_sa(SAS[3]), xfrm.XFRM_MSG_NEWSA, seq=5)
-    (msg,) = xfrm.from_bytes(_error_reply(req, 93, req, b"Requested type not found"))
+    req = codec.to_bytes(codec.encode_sa(SAS[3]), messages.XFRM_MSG_NEWSA, seq=5)
+    (msg,) = codec.from_bytes(_error_reply(req, 93, req, b"Requested type not found"))
     exc = msg["header"]["error"]
     assert exc.code == 93
-    text = str(xfrm._refused("install_sa", xfrm._sa_str(SAS[3]), exc))
+    text = str(codec._refused("install_sa", codec._sa_str(SAS[3]), exc))
     assert text == (
         "install_sa esp spi 0x00000778 192.0.2.12: kernel refused: "
         "Protocol not supported (errno 93): Requested type not found"
@@ -294,8 +297,8 @@ def test_error_reply_becomes_netlink_error():
 def test_error_reply_with_capped_echo_keeps_errno():
     # With NETLINK_CAP_ACK only the request's header comes back: pyroute2 alone would
     # fail decoding it as a whole NEWSA; the errno must survive.
-    req = xfrm.to_bytes(xfrm.encode_sa(SAS[3]), xfrm.XFRM_MSG_NEWSA, seq=5)
-    (msg,) = xfrm.from_bytes(_error_reply(req, 22, req[:16]))
+    req = codec.to_bytes(codec.encode_sa(SAS[3]), messages.XFRM_MSG_NEWSA, seq=5)
+    (msg,) = codec.from_bytes(_error_reply(req, 22, req[:16]))
     assert msg["header"]["error"].code == 22
     assert msg["header"]["sequence_number"] == 5
 
